@@ -1,0 +1,126 @@
+"""`shardtune train | validate | render | demo` (also `python -m shardtune ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+
+from shardtune.errors import ShardtuneError
+
+COMMANDS = ("train", "validate", "render", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardtune", description="Supervised fine-tuning of causal LMs (FSDP2).")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value",
+                        help="an optional YAML config followed by key=value overrides")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+        return sp
+
+    train = with_config("train", "train a model")
+    train.add_argument("--nproc", type=int, default=0,
+                       help="launch this many local processes with torchrun (default: run in this process)")
+    with_config("validate", "check the config and the data, then exit")
+    render = with_config("render", "print one tokenized sample with its trained spans marked")
+    render.add_argument("--index", type=int, default=0, help="0-based sample index in data.train_files")
+    render.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    demo = sub.add_parser("demo", help="train a tiny model on a generated task and show it learned")
+    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the tuned demo length)")
+    demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    return p
+
+
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        return _dispatch(args)
+    except ShardtuneError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"shardtune: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("shardtune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from shardtune.demo import run_demo
+
+        run_demo(args.out, steps=args.steps)
+        return 0
+    from shardtune.config import load_config, validate
+
+    path, overrides = split_config_args(args.args)
+    if args.command == "train" and args.nproc > 1:
+        return _launch_torchrun(args.nproc, path, overrides, args.debug)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = validate(load_config(path, overrides), world_size=world_size)
+    from shardtune.model import check_model_path
+
+    check_model_path(cfg.model)
+    if args.command == "validate":
+        from shardtune.preview import validate_data
+
+        validate_data(cfg)
+        return 0
+    if args.command == "render":
+        from shardtune.preview import render_sample
+
+        render_sample(cfg, args.index, args.color)
+        return 0
+    return _train(cfg, args.debug)
+
+
+def _train(cfg, debug: bool) -> int:
+    from shardtune import parallel
+    from shardtune.trainer import Trainer
+
+    world = parallel.init_world()
+    if not world.distributed:
+        Trainer(cfg, world).fit()
+        return 0
+    # Under torchrun: report this rank's error, then leave without a hang (torchrun stops the other ranks).
+    code = 0
+    try:
+        Trainer(cfg, world).fit()
+    except ShardtuneError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"shardtune: error (rank {world.rank}): {e}", file=sys.stderr)
+        code = e.exit_code
+    except BaseException:
+        print(f"shardtune: rank {world.rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+        code = 1
+    parallel.shutdown(code)
+    return code  # not reached
+
+
+def _launch_torchrun(nproc: int, path: str | None, overrides: list[str], debug: bool) -> int:
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--standalone", f"--nproc-per-node={nproc}", "-m", "shardtune"]
+    cmd += (["--debug"] if debug else []) + ["train"] + ([path] if path else []) + overrides
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Typed, strict configuration.
+
+A run is described by a tree of frozen dataclasses. It is built from an optional YAML file plus
+`key=value` overrides (the syntax verl users type), checked key by key (unknown keys get a
+did-you-mean, values are checked against the field types) and then across fields by `validate`,
+all before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from shardtune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    format: Literal["auto", "messages", "prompt_response", "alpaca", "sharegpt"] = "auto"
+    messages_key: str = "messages"
+    tools_key: str = "tools"
+    enable_thinking_key: str = "enable_thinking"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    prompt_dict_keys: list[str] = field(default_factory=list)
+    response_dict_keys: list[str] = field(default_factory=list)
+    system_prompt: str | None = None
+    chat_template: str | None = None  # a Jinja string or a path to a .jinja file; default: the tokenizer's
+    apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    ignore_input_ids_mismatch: bool = False
+    max_length: int = 1024
+    truncation: Literal["error", "left", "right", "drop"] = "error"
+    on_bad_row: Literal["error", "skip"] = "error"
+    train_max_samples: int = -1
+    val_max_samples: int = -1
+    train_batch_size: int = 64
+    micro_batch_size_per_gpu: int = 4
+    shuffle: bool = True
+    drop_last: bool = False
+    cache_dir: str | None = "~/.cache/shardtune"
+    num_proc: int = 0  # tokenization processes; 0 = automatic
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    tokenizer_path: str | None = None
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    enable_gradient_checkpointing: bool = False
+    use_remove_padding: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_scheduler_type: Literal["constant", "cosine", "linear", "wsd"] = "cosine"
+    lr_warmup_steps_ratio: float = 0.03
+    lr_warmup_steps: int = -1  # >= 0 overrides the ratio
+    min_lr_ratio: float = 0.0
+    num_cycles: float = 0.5
+    wsd_decay_ratio: float = 0.1  # fraction of the steps spent decaying at the end of a wsd schedule
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    strategy: str = "fsdp2"
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    total_epochs: int = 1
+    total_training_steps: int | None = None
+    test_freq: int = -1  # validate every N steps (and always at the end); -1 = only at the end
+    save_freq: int = -1
+    default_local_dir: str = "checkpoints/{project_name}/{experiment_name}"
+    project_name: str = "shardtune"
+    experiment_name: str = "run"
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    seed: int = 42
+    early_stopping_patience: int = 0  # validations without improvement before stopping; 0 = off
+    early_stopping_min_delta: float = 0.0
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        t = self.trainer
+        return Path(t.default_local_dir.format(project_name=t.project_name, experiment_name=t.experiment_name))
+
+
+LOGGERS = ("console", "jsonl", "file")
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> nested dict -> typed dataclasses
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=[x,y]"]` -> `{"a.b": 1, "c": ["x", "y"]}` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("+")
+        if not sep or not key:
+            raise ConfigError(f"Cannot parse the override '{item}'. Fix: write it as key=value, e.g. optim.lr=2e-5.")
+        out[key] = _parse_value(raw)
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Config key '{dotted}': '{p}' is a value, not a section.")
+        node = child
+    node[leaf] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a `Config` from an optional YAML file and `key=value` overrides, strictly."""
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist. Fix: pass the path of a YAML file.")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping of sections (data:, model:, ...).")
+    for key, value in parse_overrides(overrides or []).items():
+        set_dotted(tree, key, value)
+    return from_dict(Config, tree)
+
+
+def from_dict(cls: type, tree: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"Config key '{prefix.rstrip('.')}' must be a section (a mapping), got {tree!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in tree.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + key, cls, prefix))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, prefix + key + ".")
+        else:
+            kwargs[key] = coerce(prefix + key, value, hint)
+    return cls(**kwargs)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key_message(key: str, cls: type, prefix: str) -> str:
+    candidates = all_keys()
+    leaf = key.rsplit(".", 1)[-1]  # a right leaf under a wrong section, e.g. `trainer.lr`
+    close = [k for k in candidates if k.rsplit(".", 1)[-1] == leaf][:1]
+    close = close or difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    section = prefix.rstrip(".") or "the top level"
+    valid = ", ".join(f.name for f in dataclasses.fields(cls))
+    return f"Unknown config key '{key}'.{hint} Valid keys in {section}: {valid}."
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the type `hint`, converting only where it is lossless and unsurprising."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint_txt = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Config key '{key}' must be one of {list(args)}, got {value!r}.{hint_txt}")
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a bare value where a list is expected, e.g. trainer.logger=console
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"Config key '{key}' must be a list, got {value!r}. Fix: write {key}=[a,b].")
+        return [coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"Config key '{key}' must be a mapping, got {value!r}. Fix: {key}={{k: v}}.")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"Config key '{key}' must be true or false, got {value!r}.")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"Config key '{key}' must be an integer, got {value!r}.")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"Config key '{key}' must be a number, got {value!r}.")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"Config key '{key}' must be a string, got {value!r}.")
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-field rules
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Check rules that involve several keys (or the world size). Raises `ConfigError`; returns `cfg`."""
+    d, t, o = cfg.data, cfg.trainer, cfg.optim
+    rules: list[tuple[bool, str]] = [
+        (bool(cfg.model.path), "model.path is required. Fix: model.path=/path/to/hf_model_folder."),
+        (bool(d.train_files), "data.train_files is required. Fix: data.train_files=train.parquet (or [a,b])."),
+        (d.max_length > 1, f"data.max_length must be > 1, got {d.max_length}."),
+        (d.train_batch_size >= 1, f"data.train_batch_size must be >= 1, got {d.train_batch_size}."),
+        (d.micro_batch_size_per_gpu >= 1, f"data.micro_batch_size_per_gpu must be >= 1, got {d.micro_batch_size_per_gpu}."),
+        (d.train_batch_size % world_size == 0,
+         f"data.train_batch_size={d.train_batch_size} must be divisible by the number of data-parallel "
+         f"ranks ({world_size}). Fix: pick a multiple of {world_size}."),
+        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}."),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}."),
+        (0 <= o.lr_warmup_steps_ratio < 1, f"optim.lr_warmup_steps_ratio must be in [0, 1), got {o.lr_warmup_steps_ratio}."),
+        (0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}."),
+        (0 < o.wsd_decay_ratio <= 1, f"optim.wsd_decay_ratio must be in (0, 1], got {o.wsd_decay_ratio}."),
+        (o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 = no clipping), got {o.clip_grad}."),
+        (t.total_epochs >= 1, f"trainer.total_epochs must be >= 1, got {t.total_epochs}."),
+        (t.total_training_steps is None or t.total_training_steps >= 1,
+         f"trainer.total_training_steps must be >= 1 or null, got {t.total_training_steps}."),
+        (t.test_freq == -1 or t.test_freq >= 1, f"trainer.test_freq must be -1 or >= 1, got {t.test_freq}."),
+        (t.test_freq == -1 or bool(d.val_files),
+         f"trainer.test_freq={t.test_freq} asks for validation but data.val_files is empty. "
+         "Fix: set data.val_files or trainer.test_freq=-1."),
+        (t.early_stopping_patience == 0 or bool(d.val_files),
+         "trainer.early_stopping_patience needs validation data. Fix: set data.val_files."),
+        (t.early_stopping_patience >= 0, "trainer.early_stopping_patience must be >= 0."),
+        (all(x in LOGGERS for x in t.logger), f"trainer.logger entries must be among {list(LOGGERS)}, got {t.logger}."),
+        (d.system_prompt is None or d.format in ("auto", "prompt_response", "alpaca"),
+         "data.system_prompt applies to prompt/response and alpaca rows only."),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    if "{" in t.default_local_dir:
+        try:
+            _ = cfg.run_dir
+        except (KeyError, IndexError):
+            raise ConfigError(
+                f"trainer.default_local_dir='{t.default_local_dir}' uses an unknown placeholder. "
+                "Fix: only {project_name} and {experiment_name} are filled in."
+            ) from None
+    from shardtune.engine import check_strategy
+
+    check_strategy(cfg.engine.strategy)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

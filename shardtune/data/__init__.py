@@ -1,0 +1,5 @@
+"""The data pipeline: readers -> row formats -> conversations -> tokens -> micro-batches (pure, no torch.distributed)."""
+
+from shardtune.data.chat import IGNORE_INDEX, TemplateMismatch, Tokenized, tokenize_conversation
+
+__all__ = ["IGNORE_INDEX", "TemplateMismatch", "Tokenized", "tokenize_conversation"]

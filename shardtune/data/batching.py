@@ -1,0 +1,144 @@
+"""Global batches -> per-rank shares -> micro-batches -> tensors.
+
+Everything here is a pure function of (seed, epoch, data), so every rank computes the same plan for
+every rank without talking to the others. The set of samples in a global step does not depend on the
+number of processes, which is what makes 1-process and N-process runs comparable step by step.
+
+Labels are shifted to next-token targets here, once, per sequence, before sequences are packed: a
+packed row never asks a token to predict the first token of the next document.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from shardtune.data.chat import IGNORE_INDEX
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [rows, T]
+    targets: torch.Tensor  # [rows, T], next-token targets, IGNORE_INDEX where nothing is trained
+    position_ids: torch.Tensor  # [rows, T], restarting at 0 per sequence
+    attention_mask: torch.Tensor | None  # [rows, T] for padded batches; None when packed
+    cu_seqlens: torch.Tensor | None  # int32 [n_seq + 1] for packed batches
+    max_seqlen: int
+    num_tokens: int  # real (non-pad) tokens
+    num_targets: int  # supervised tokens
+    num_padded: int  # pad tokens processed
+    seq_lengths: list[int]
+
+
+class GlobalBatchSampler:
+    """Which samples make up each global step: a seeded permutation per epoch, cut into global batches.
+
+    Stateful: `state_dict()` holds (epoch, step in epoch), so a resumed run continues with the same order.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, shuffle: bool = True, drop_last: bool = False):
+        if num_samples < global_batch and drop_last:
+            raise ValueError("fewer samples than one global batch with drop_last")
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.step_in_epoch = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(self.num_samples, self.global_batch)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_samples, generator=g).numpy()
+
+    def batch(self, epoch: int, step: int) -> np.ndarray:
+        return self.order(epoch)[step * self.global_batch : (step + 1) * self.global_batch]
+
+    def __iter__(self):
+        """Yield (epoch, step_in_epoch, indices) from the current position on, forever (epochs roll over)."""
+        while True:
+            order = self.order(self.epoch)
+            while self.step_in_epoch < self.steps_per_epoch:
+                s = self.step_in_epoch
+                self.step_in_epoch += 1
+                yield self.epoch, s, order[s * self.global_batch : (s + 1) * self.global_batch]
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+
+
+def split_across_ranks(indices: np.ndarray, lengths: np.ndarray, dp_size: int) -> list[list[int]]:
+    """Balance a global batch over data-parallel ranks by tokens (longest first onto the lightest rank),
+    with at most ceil(n / dp_size) samples per rank. Each rank's share keeps the global order."""
+    cap = -(-len(indices) // dp_size)
+    heap = [(0, r) for r in range(dp_size)]
+    shares: list[list[int]] = [[] for _ in range(dp_size)]
+    for pos in sorted(range(len(indices)), key=lambda p: (-int(lengths[indices[p]]), p)):
+        full = []
+        while True:
+            load, r = heapq.heappop(heap)
+            if len(shares[r]) < cap:
+                break
+            full.append((load, r))
+        shares[r].append(pos)
+        heapq.heappush(heap, (load + int(lengths[indices[pos]]), r))
+        for item in full:
+            heapq.heappush(heap, item)
+    return [[int(indices[p]) for p in sorted(share)] for share in shares]
+
+
+def fixed_micro_batches(share: list[int], micro_batch_size: int) -> list[list[int]]:
+    return [share[i : i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
+
+
+def equalize(plans: list[list[list[int]]]) -> list[list[list[int]]]:
+    """Give every rank the same number of micro-batches (FSDP needs every rank in every collective):
+    ranks with fewer get empty micro-batches, which contribute nothing to the loss."""
+    n = max(1, max(len(p) for p in plans))
+    return [p + [[] for _ in range(n - len(p))] for p in plans]
+
+
+def collate(samples: list[tuple[Any, Any]], packed: bool, pad_id: int) -> MicroBatch:
+    """Sequences (input_ids, labels) -> one packed row (padding-free) or a right-padded batch."""
+    if not samples:  # an empty micro-batch: one pad token with no target
+        samples = [(np.array([pad_id]), np.array([IGNORE_INDEX]))]
+        real = 0
+    else:
+        real = sum(len(s[0]) for s in samples)
+    ids = [torch.as_tensor(np.asarray(s[0]), dtype=torch.long) for s in samples]
+    targets = [_shift(torch.as_tensor(np.asarray(s[1]), dtype=torch.long)) for s in samples]
+    lengths = [len(x) for x in ids]
+    num_targets = int(sum(int((t != IGNORE_INDEX).sum()) for t in targets))
+    positions = [torch.arange(n) for n in lengths]
+    if packed:
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+        return MicroBatch(torch.cat(ids)[None], torch.cat(targets)[None], torch.cat(positions)[None], None, cu,
+                          max(lengths), real, num_targets, 0, lengths if real else [])
+    width = max(lengths)
+    batch = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    tgt = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(ids), width), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, (x, t, p) in enumerate(zip(ids, targets, positions)):
+        batch[r, : len(x)], tgt[r, : len(x)], pos[r, : len(x)], mask[r, : len(x)] = x, t, p, 1
+    return MicroBatch(batch, tgt, pos, mask, None, width, real, num_targets, len(ids) * width - real,
+                      lengths if real else [])
+
+
+def _shift(labels: torch.Tensor) -> torch.Tensor:
+    """labels aligned with input_ids -> targets: position t predicts labels[t + 1]; the last predicts nothing."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:-1] = labels[1:]
+    return out

@@ -1,0 +1,45 @@
+"""The engine boundary: everything the training loop may ask of a model + optimizer + parallelism.
+
+The loop hands over micro-batches and gets back plain numbers; it never touches torch.distributed,
+FSDP or the optimizer itself, so another backend only has to implement this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from shardtune.data.batching import MicroBatch
+
+
+@dataclass
+class StepResult:
+    loss: float  # global token-mean loss of the optimizer step
+    grad_norm: float  # total norm before clipping
+    lr: float  # learning rate the step used
+    skipped: bool  # non-finite gradient norm: no update on any rank
+
+
+class Engine(ABC):
+    @abstractmethod
+    def train_batch(self, micro_batches: list[MicroBatch]) -> StepResult:
+        """One optimizer step over this rank's micro-batches (every rank passes the same number)."""
+
+    @abstractmethod
+    def eval_batch(self, micro_batches: list[MicroBatch]) -> tuple[float, float]:
+        """(sum of token losses, number of supervised tokens) over all ranks."""
+
+    @abstractmethod
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum per-rank numbers (token counts for metrics) over all ranks."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def export(self, path: str) -> None:
+        """Write the model as a Hugging Face folder (safetensors)."""

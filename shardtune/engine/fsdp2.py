@@ -1,0 +1,137 @@
+"""The FSDP2 engine: a Hugging Face causal LM, AdamW and a schedule, sharded with `fully_shard`.
+
+Loss normalisation (DESIGN.md, "Global token mean"): the supervised tokens of the whole optimizer step
+are counted over all micro-batches and ranks before the first backward; each micro-batch adds
+sum(token losses) / that count to the gradient, and FSDP sums (not averages) gradients over ranks. The
+result is the gradient of the global token-mean loss, however the step is split.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from shardtune import parallel
+from shardtune.data.batching import MicroBatch
+from shardtune.data.chat import IGNORE_INDEX
+from shardtune.engine.base import Engine, StepResult
+from shardtune.model import build_from_config, load_config, load_model
+from shardtune.optim import build_optimizer, build_scheduler
+
+
+class FSDP2Engine(Engine):
+    def __init__(self, cfg: Any, world: parallel.World, total_steps: int, tokenizer: Any):
+        self.cfg, self.world, self.tokenizer = cfg, world, tokenizer
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------------------
+    def _build_model(self) -> torch.nn.Module:
+        mcfg, world = self.cfg.model, self.world
+        if not world.distributed:
+            return load_model(mcfg, world.device)
+        # Only rank 0 reads the weights; the others build the model on the meta device and receive theirs
+        # shard by shard from rank 0, so no host holds one full copy per process.
+        if world.is_main:
+            model = load_model(mcfg, "cpu")
+            full_state = model.state_dict()
+        else:
+            with torch.device("meta"):
+                model = build_from_config(load_config(mcfg), mcfg)
+            full_state = {}
+        parallel.apply_fsdp2(model, world.mesh)
+        _load_full_state_from_rank0(model, full_state, world)
+        return model
+
+    # ------------------------------------------------------------------------------------------------------
+    def _loss_sum(self, mb: MicroBatch) -> torch.Tensor:
+        """Sum of next-token cross-entropy over the supervised tokens of one micro-batch."""
+        dev = self.world.device
+        out = self.model(
+            input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev),
+            attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev), use_cache=False,
+        )
+        logits = out.logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), mb.targets.to(dev).flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def train_batch(self, micro_batches: list[MicroBatch]) -> StepResult:
+        self.model.train()
+        (global_targets,) = self.reduce_sum([sum(mb.num_targets for mb in micro_batches)])
+        denom = max(global_targets, 1.0)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        for mb in micro_batches:
+            loss = self._loss_sum(mb)
+            (loss / denom).backward()
+            loss_sum += loss.detach()
+        max_norm = self.cfg.optim.clip_grad or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)  # the step's one host sync; identical on every rank
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        (total_loss,) = self.reduce_sum([float(loss_sum)])
+        return StepResult(total_loss / denom, grad_norm, lr, skipped)
+
+    @torch.no_grad()
+    def eval_batch(self, micro_batches: list[MicroBatch]) -> tuple[float, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        for mb in micro_batches:
+            loss_sum += self._loss_sum(mb)
+        loss, count = self.reduce_sum([float(loss_sum), float(sum(mb.num_targets for mb in micro_batches))])
+        return loss, count
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        return parallel.all_reduce_sum(values, self.world)
+
+    # ------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded weights, on rank 0 only (empty elsewhere)."""
+        if not self.world.distributed:
+            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def export(self, path: str) -> None:
+        state = self.full_state_dict()
+        if self.world.is_main:
+            model = self.model
+            model.save_pretrained(path, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
+        parallel.barrier(self.world)
+
+
+def _load_full_state_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
+                                world: parallel.World) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not world.is_main:
+        model.to_empty(device=world.device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Buffers that are not in the state dict (rotary inv_freq) are garbage after to_empty: take rank 0's.
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)

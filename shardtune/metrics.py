@@ -1,0 +1,107 @@
+"""Metric sinks: console (progress bar or plain lines) and jsonl. Only the main rank writes.
+
+`metrics.jsonl` holds one JSON object per optimizer step (`step` from 1) with the metric names of
+DESIGN.md; it is appended to, never truncated, so a continued run extends the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def max_memory_gb(device: torch.device) -> float:
+    """CUDA max allocated on GPU; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class JsonlSink:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def event(self, kind: str, info: dict[str, Any]) -> None:
+        self.file.write(json.dumps({"event": kind, "time": time.time(), **info}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ConsoleSink:
+    """A tqdm bar with loss, lr and tokens/s (ETA from tqdm) on a terminal; one line per step otherwise."""
+
+    def __init__(self, total_steps: int, initial: int, progress_bar: bool):
+        self.bar = None
+        if progress_bar and sys.stderr.isatty() and not os.environ.get("CI"):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self.total = total_steps
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}",
+                                 lr=f"{metrics.get('train/lr', 0):.2e}",
+                                 tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}", refresh=False)
+            if "val/loss" in metrics:
+                self.bar.write(f"step {step}: val/loss {metrics['val/loss']:.4f}")
+            return
+        parts = [f"step {step}/{self.total}"]
+        for key, fmt in (("train/loss", ".4f"), ("val/loss", ".4f"), ("train/grad_norm", ".3f"),
+                         ("train/lr", ".2e"), ("perf/tokens_per_s", ".0f")):
+            if key in metrics:
+                parts.append(f"{key} {metrics[key]:{fmt}}")
+        print("  ".join(parts), flush=True)
+
+    def event(self, kind: str, info: dict[str, Any]) -> None:
+        text = f"[{kind}] " + " ".join(f"{k}={v}" for k, v in info.items())
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Metrics:
+    """Fan-out to the configured sinks; a no-op on every rank but the main one."""
+
+    def __init__(self, run_dir: Path, loggers: list[str], is_main: bool, total_steps: int, initial_step: int,
+                 progress_bar: bool):
+        self.sinks: list[Any] = []
+        if not is_main:
+            return
+        if "console" in loggers:
+            self.sinks.append(ConsoleSink(total_steps, initial_step, progress_bar))
+        # metrics.jsonl is always written: it is the run's record (verl calls this sink `file`)
+        self.sinks.append(JsonlSink(run_dir))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for s in self.sinks:
+            s.log(step, metrics)
+
+    def event(self, kind: str, **info: Any) -> None:
+        for s in self.sinks:
+            s.event(kind, info)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()

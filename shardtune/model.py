@@ -1,0 +1,81 @@
+"""Load a Hugging Face causal LM and its tokenizer from a local folder.
+
+Weights come from safetensors (or GGUF with `model.gguf_file`); pickled `.bin` weights are refused, since
+unpickling runs code. The KV cache is always off during training: with packed rows, transformers' sdpa
+path isolates sequences by `position_ids` only when no cache is built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shardtune.config import ModelConfig
+from shardtune.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_model_path(cfg: ModelConfig) -> None:
+    """Fail early, before anything heavy, when the model folder cannot be loaded."""
+    path = Path(os.path.expanduser(cfg.path))
+    if not path.is_dir():
+        raise ConfigError(f"model.path='{cfg.path}' is not a folder. Fix: point it at a local Hugging Face model "
+                          "folder (config.json + *.safetensors); hub downloads are not used.")
+    if cfg.gguf_file:
+        if not (path / cfg.gguf_file).is_file():
+            raise ConfigError(f"model.gguf_file='{cfg.gguf_file}' is not in {path}.")
+        return
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} has no config.json. Fix: point model.path at a Hugging Face model folder.")
+    if not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
+        raise ConfigError(f"{path} holds only pickled .bin weights, which shardtune refuses to load (unpickling "
+                          "runs code). Fix: convert them to safetensors.")
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = os.path.expanduser(cfg.tokenizer_path or cfg.path)
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_path else {}
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_config(cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    return AutoConfig.from_pretrained(os.path.expanduser(cfg.path), trust_remote_code=cfg.trust_remote_code, **kwargs)
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {"use_safetensors": True}
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code, **kwargs,
+    )
+    return prepare_for_training(model, cfg).to(device)
+
+
+def build_from_config(hf_config: Any, cfg: ModelConfig) -> torch.nn.Module:
+    """An uninitialised model of the right shape (used on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    return prepare_for_training(AutoModelForCausalLM.from_config(
+        hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code), cfg)
+
+
+def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    model.config.use_cache = False
+    if cfg.enable_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -1,0 +1,134 @@
+"""Process group, device mesh and FSDP2, applied by small functions on a plain model.
+
+Backend: nccl when CUDA is present, gloo otherwise. One process (no torchrun) needs no process group at
+all: every collective below is then the identity.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: Any = None  # DeviceMesh over the data-parallel ranks, None on one process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # data-parallel view (sequence parallelism will split this further)
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
+
+
+def init_world() -> World:
+    """Join the torchrun job described by the environment, or stay a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size == 1:
+        return World(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+    return World(dist.get_rank(), world_size, local_rank, device, mesh)
+
+
+def all_reduce_sum(values: list[float], world: World) -> list[float]:
+    """Sum a few numbers over all ranks in one collective (identity on one process)."""
+    if not world.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=world.device if world.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_max(values: list[float], world: World) -> list[float]:
+    if not world.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=world.device if world.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(code: int) -> None:
+    """End a worker: flush, destroy the group, then exit without interpreter teardown.
+
+    gloo can abort in its destructors at interpreter exit after destroy_process_group() ("terminate called
+    without an active exception"); `os._exit` skips those destructors, so the exit code is the one we chose.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # the group may be broken after a failure on another rank
+            pass
+    os._exit(code)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks, found by the classes the model declares unsplittable."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder layers")
+    return layers
+
+
+def apply_fsdp2(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | None = None,
+                reduce_dtype: torch.dtype = torch.float32, offload: bool = False,
+                reshard_after_forward: bool = True) -> torch.nn.Module:
+    """`fully_shard` each decoder layer, the untied embeddings and head, then the root.
+
+    The gradient divide factor is set to 1: the loss is already divided by the global number of supervised
+    tokens, so gradients must be summed over ranks, not averaged.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kwargs = {"mesh": mesh, "mp_policy": mp, "reshard_after_forward": reshard_after_forward}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if not tied:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+    return model

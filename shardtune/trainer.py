@@ -1,0 +1,165 @@
+"""The training loop: epochs and steps, the cadence of validation and logging, early stopping.
+
+It sees data plans and plain numbers; the model, optimizer and every collective live behind the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from shardtune import parallel
+from shardtune.config import Config, dump_yaml
+from shardtune.data.batching import (
+    GlobalBatchSampler,
+    MicroBatch,
+    collate,
+    equalize,
+    fixed_micro_batches,
+    split_across_ranks,
+)
+from shardtune.data.dataset import TokenizedDataset, build_dataset
+from shardtune.engine import build_engine
+from shardtune.metrics import Metrics, max_memory_gb
+from shardtune.model import load_tokenizer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache."""
+    d = cfg.data
+
+    def build() -> tuple[TokenizedDataset, TokenizedDataset | None]:
+        train = build_dataset(d.train_files, d, tokenizer, d.train_max_samples, progress=world.is_main)
+        val = build_dataset(d.val_files, d, tokenizer, d.val_max_samples, progress=world.is_main) if d.val_files else None
+        return train, val
+
+    if world.is_main:
+        out = build()
+        parallel.barrier(world)
+    else:
+        parallel.barrier(world)
+        out = build()
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: parallel.World | None = None):
+        self.cfg = cfg
+        self.world = world or parallel.World()
+        seed_everything(cfg.trainer.seed)
+        self.run_dir = cfg.run_dir
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
+        d = cfg.data
+        self.sampler = GlobalBatchSampler(len(self.train_data), d.train_batch_size, cfg.trainer.seed, d.shuffle,
+                                          d.drop_last)
+        t = cfg.trainer
+        self.total_steps = t.total_training_steps or t.total_epochs * self.sampler.steps_per_epoch
+        seed_everything(cfg.trainer.seed)  # model init and dropout do not depend on how data was built
+        self.engine = build_engine(cfg, self.world, self.total_steps, self.tokenizer)
+        self.step = 0
+        self.skipped_steps = 0
+        self.best_val = math.inf
+        self.bad_validations = 0
+        self.metrics = Metrics(self.run_dir, t.logger, self.world.is_main, self.total_steps, self.step,
+                               t.progress_bar)
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------------------
+    def plan(self, indices: np.ndarray, data: TokenizedDataset) -> list[list[list[int]]]:
+        """Micro-batches (lists of sample indices) for every data-parallel rank."""
+        shares = split_across_ranks(indices, data.lengths, self.world.dp_size)
+        return equalize([fixed_micro_batches(s, self.cfg.data.micro_batch_size_per_gpu) for s in shares])
+
+    def collate(self, micro: list[int], data: TokenizedDataset) -> MicroBatch:
+        return collate([data[i] for i in micro], self.cfg.model.use_remove_padding, self.tokenizer.pad_token_id)
+
+    def fit(self) -> list[dict[str, Any]]:
+        self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.sampler.steps_per_epoch,
+                           samples=len(self.train_data), world_size=self.world.world_size,
+                           run_dir=str(self.run_dir))
+        try:
+            for epoch, step_in_epoch, indices in self.sampler:
+                if self.step >= self.total_steps:
+                    break
+                metrics = self.train_step(epoch, step_in_epoch, indices)
+                stop = False
+                if self._validate_now():
+                    metrics["val/loss"] = self.validate()
+                    stop = self._early_stop(metrics["val/loss"])
+                self.metrics.log(self.step, metrics)
+                self.history.append({"step": self.step, **metrics})
+                if stop:
+                    self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val)
+                    break
+        finally:
+            self.metrics.close()
+        return self.history
+
+    def train_step(self, epoch: int, step_in_epoch: int, indices: np.ndarray) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        plans = self.plan(indices, self.train_data)
+        micro_batches = [self.collate(m, self.train_data) for m in plans[self.world.dp_rank]]
+        t_data = time.perf_counter() - t0
+        result = self.engine.train_batch(micro_batches)
+        elapsed = time.perf_counter() - t0
+        self.step += 1
+        self.skipped_steps += int(result.skipped)
+        lengths = self.train_data.lengths[indices]
+        tokens = int(lengths.sum())
+        padded = 0 if self.cfg.model.use_remove_padding else sum(
+            len(m) * int(self.train_data.lengths[m].max()) - int(self.train_data.lengths[m].sum())
+            for plan in plans for m in plan if m)
+        devices = self.world.world_size
+        dropped = sum(self.train_data.stats.get("dropped", {}).values())
+        return {
+            "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
+            "train/epoch": epoch + (step_in_epoch + 1) / self.sampler.steps_per_epoch,
+            "train/global_tokens": tokens, "train/skipped_steps": self.skipped_steps,
+            "perf/step_time_s": elapsed, "perf/data_s": t_data,
+            "perf/tokens_per_s": tokens / elapsed, "perf/tokens_per_s_per_device": tokens / elapsed / devices,
+            "perf/padding_ratio": padded / (padded + tokens), "perf/micro_batches": len(plans[0]),
+            "perf/max_memory_gb": max_memory_gb(self.world.device),
+            "data/mean_seq_len": float(lengths.mean()), "data/max_seq_len": int(lengths.max()),
+            "data/dropped_rows": dropped,
+        }
+
+    def _validate_now(self) -> bool:
+        if self.val_data is None:
+            return False
+        freq = self.cfg.trainer.test_freq
+        return self.step == self.total_steps or (freq > 0 and self.step % freq == 0)
+
+    def validate(self) -> float:
+        """Token-weighted loss over every validation sample (none dropped, none repeated across ranks)."""
+        data = self.val_data
+        chunk = self.cfg.data.train_batch_size
+        loss_sum = count = 0.0
+        for start in range(0, len(data), chunk):
+            indices = np.arange(start, min(start + chunk, len(data)))
+            plan = self.plan(indices, data)[self.world.dp_rank]
+            s, n = self.engine.eval_batch([self.collate(m, data) for m in plan])
+            loss_sum, count = loss_sum + s, count + n
+        return loss_sum / max(count, 1.0)
+
+    def _early_stop(self, val_loss: float) -> bool:
+        t = self.cfg.trainer
+        if val_loss < self.best_val - t.early_stopping_min_delta:
+            self.best_val, self.bad_validations = val_loss, 0
+        else:
+            self.bad_validations += 1
+        return t.early_stopping_patience > 0 and self.bad_validations >= t.early_stopping_patience

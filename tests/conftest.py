@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny model folder, byte-level tokenizers for several chat templates, data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+SPECIAL_TOKENS = [
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eot_id|>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<s>", "</s>", "[INST]", "[/INST]",
+    "<|user|>", "<|assistant|>", "<|end|>", "<|system|>", "<tool_call>", "</tool_call>", "<think>", "</think>",
+]
+# (bos, eos) as the real families set them
+TEMPLATE_TOKENS = {
+    "chatml_generation": (None, "<|im_end|>"),
+    "chatml": (None, "<|im_end|>"),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "qwen25_default_system": (None, "<|im_end|>"),
+    "gemma_no_system": ("<bos>", "<end_of_turn>"),
+    "mistral_inst": ("<s>", "</s>"),
+    "qwen3_thinking": (None, "<|im_end|>"),
+    "phi3": ("<s>", "<|end|>"),
+}
+
+
+def template_tokenizer(name: str):
+    from shardtune.tiny import byte_tokenizer
+
+    bos, eos = TEMPLATE_TOKENS[name]
+    return byte_tokenizer((TEMPLATES / f"{name}.jinja").read_text(), SPECIAL_TOKENS, eos_token=eos,
+                          pad_token="<|endoftext|>", bos_token=bos)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from shardtune.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), seed=0)
+
+
+def arithmetic_rows(n: int, seed: int = 0, multi_turn: bool = False) -> list[dict]:
+    """Chat rows of varied length: sums, sometimes with a system prompt or a second turn."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        msgs = [{"role": "system", "content": "Answer tersely."}] if rng.random() < 0.3 else []
+        msgs += [{"role": "user", "content": f"What is {a}+{b}?" + " please" * rng.randint(0, 6)},
+                 {"role": "assistant", "content": str(a + b)}]
+        if multi_turn or rng.random() < 0.3:
+            msgs += [{"role": "user", "content": "And doubled?"}, {"role": "assistant", "content": str(2 * (a + b))}]
+        rows.append({"messages": msgs})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+    """Run `python -m shardtune ...` in a subprocess; returns the CompletedProcess."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "shardtune", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "step" in r]

@@ -1,0 +1,152 @@
+"""Assistant-only masks from chat templates: exact trained text, whole-render parity, hard cases."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TEMPLATE_TOKENS, template_tokenizer
+
+from shardtune.data.chat import IGNORE_INDEX, TemplateMismatch, tokenize_conversation
+from shardtune.errors import DataError
+
+MULTI = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4, since 2+2=4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6\nDone."},
+]
+# What each family renders around an assistant turn's content: the trained text is prefix+content+end.
+TURN_FORMAT = {
+    "chatml_generation": "{c}<|im_end|>", "chatml": "{c}<|im_end|>", "qwen25_default_system": "{c}<|im_end|>",
+    "llama3": "{c}<|eot_id|>", "gemma_no_system": "{c}<end_of_turn>", "mistral_inst": " {c}</s>",
+    "phi3": "{c}<|end|>", "qwen3_thinking": "{c}<|im_end|>",
+}
+
+
+def trained_texts(tok, ids, labels) -> list[str]:
+    out, cur = [], []
+    for i, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == i, "labels must be aligned with input_ids"
+            cur.append(i)
+        elif cur:
+            out.append(tok.decode(cur))
+            cur = []
+    if cur:
+        out.append(tok.decode(cur))
+    return out
+
+
+def whole_render_ids(tok, msgs, tools=None, **kw) -> list[int]:
+    text = tok.apply_chat_template(msgs, tools=tools, tokenize=False, **kw)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_TOKENS))
+def test_masks_exact_on_every_template(name):
+    tok = template_tokenizer(name)
+    msgs = MULTI[1:] if name == "gemma_no_system" else MULTI
+    ids, labels = tokenize_conversation(msgs, tok)
+    assert ids == whole_render_ids(tok, msgs)
+    expected = [TURN_FORMAT[name].format(c=m["content"]) for m in msgs if m["role"] == "assistant"]
+    if name == "qwen3_thinking":  # Qwen3 gives the turn after the last user message an (empty) think block
+        expected[-1] = "<think>\n\n</think>\n\n" + expected[-1]
+    assert trained_texts(tok, ids, labels) == expected
+    # the end-of-turn token is trained for every assistant turn
+    assert sum(1 for i, lab in zip(ids, labels) if lab != IGNORE_INDEX and i == tok.eos_token_id) == 2
+
+
+def test_generation_markers_agree_with_prefix_diffs():
+    marked, plain = template_tokenizer("chatml_generation"), template_tokenizer("chatml")
+    assert tokenize_conversation(MULTI, marked) == tokenize_conversation(MULTI, plain)
+
+
+def test_default_system_prompt_is_rendered_not_trained():
+    tok = template_tokenizer("qwen25_default_system")
+    msgs = MULTI[1:]
+    ids, labels = tokenize_conversation(msgs, tok)
+    assert "You are a helpful assistant." in tok.decode(ids)
+    assert trained_texts(tok, ids, labels) == ["4, since 2+2=4.<|im_end|>", "6\nDone.<|im_end|>"]
+
+
+def test_per_message_train_flag():
+    tok = template_tokenizer("chatml")
+    msgs = [dict(m) for m in MULTI]
+    msgs[2]["train"] = False
+    ids, labels = tokenize_conversation(msgs, tok)
+    assert trained_texts(tok, ids, labels) == ["6\nDone.<|im_end|>"]
+    assert ids == whole_render_ids(tok, MULTI)  # the flag never reaches the template
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOL_CONV = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "18C, sunny"},
+    {"role": "assistant", "content": "It is 18C and sunny."},
+]
+
+
+@pytest.mark.parametrize("name", ["qwen25_default_system", "qwen3_thinking"])
+def test_tools_and_tool_calls(name):
+    tok = template_tokenizer(name)
+    ids, labels = tokenize_conversation(TOOL_CONV, tok, tools=TOOLS)
+    assert ids == whole_render_ids(tok, TOOL_CONV, tools=TOOLS)
+    texts = trained_texts(tok, ids, labels)
+    assert len(texts) == 2
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in texts[0]
+    assert texts[1].endswith("It is 18C and sunny.<|im_end|>")
+    decoded_untrained = tok.decode([i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX])
+    assert "18C, sunny" in decoded_untrained and "get_weather" in decoded_untrained  # tool result + schema
+
+
+def test_qwen3_history_reasoning_is_stripped_as_the_template_does():
+    tok = template_tokenizer("qwen3_thinking")
+    msgs = [dict(m) for m in MULTI]
+    msgs[2]["reasoning_content"] = "two plus two"
+    msgs[4]["reasoning_content"] = "three and three"
+    ids, labels = tokenize_conversation(msgs, tok)
+    assert ids == whole_render_ids(tok, msgs)
+    assert trained_texts(tok, ids, labels) == [
+        "4, since 2+2=4.<|im_end|>", "<think>\nthree and three\n</think>\n\n6\nDone.<|im_end|>"]
+
+
+def test_qwen3_enable_thinking_false():
+    tok = template_tokenizer("qwen3_thinking")
+    ids, labels = tokenize_conversation(MULTI, tok, enable_thinking=False)
+    assert ids == whole_render_ids(tok, MULTI, enable_thinking=False)
+    texts = trained_texts(tok, ids, labels)
+    assert texts[0] == "4, since 2+2=4.<|im_end|>"
+    assert texts[1].endswith("6\nDone.<|im_end|>")
+
+
+def test_template_that_raises_gives_a_data_error():
+    tok = template_tokenizer("gemma_no_system")
+    with pytest.raises(DataError, match="System role not supported"):
+        tokenize_conversation(MULTI, tok)
+
+
+def test_non_prefix_stable_template_is_refused_naming_the_turn():
+    from shardtune.tiny import CHATML_TEMPLATE, byte_tokenizer
+
+    tok = byte_tokenizer("{{ messages | length }} messages\n" + CHATML_TEMPLATE)
+    with pytest.raises(TemplateMismatch, match="Turn 2 \\(assistant\\)"):
+        tokenize_conversation(MULTI, tok)
+
+
+def test_no_template_is_a_clear_error():
+    from shardtune.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        tokenize_conversation(MULTI, tok)
+
+
+def test_unicode_content_round_trips():
+    tok = template_tokenizer("chatml")
+    msgs = [{"role": "user", "content": "Übersetze: 猫"}, {"role": "assistant", "content": "cat 🐱 — Katze"}]
+    ids, labels = tokenize_conversation(msgs, tok)
+    assert trained_texts(tok, ids, labels) == ["cat 🐱 — Katze<|im_end|>"]

@@ -1,0 +1,173 @@
+"""Readers, row formats, truncation, bad-row policy and the tokenization cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import arithmetic_rows, write_jsonl, write_parquet
+
+from shardtune.config import DataConfig
+from shardtune.data.chat import IGNORE_INDEX
+from shardtune.data.dataset import build_dataset
+from shardtune.data.formats import detect_format, to_conversation
+from shardtune.data.readers import Row, expand_paths, read_rows
+from shardtune.errors import DataError
+from shardtune.tiny import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(cache_dir=None, num_proc=1, **kw)
+
+
+def conv_of(data: dict, **kw):
+    c = cfg(**kw)
+    row = Row("f.jsonl", 0, data)
+    return to_conversation(row, c.format if c.format != "auto" else detect_format(row, c), c)
+
+
+def test_messages_format_with_tools_thinking_and_parquet_nones():
+    row = {"messages": [{"role": "user", "content": "hi", "tool_calls": None},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+                        {"role": "tool", "content": "r"}, {"role": "assistant", "content": "ok", "train": False}],
+           "tools": json.dumps([{"type": "function", "function": {"name": "f"}}]), "enable_thinking": False}
+    conv = conv_of(row)
+    assert conv.messages[0] == {"role": "user", "content": "hi"}
+    assert conv.messages[1]["content"] == "" and conv.messages[1]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
+    assert conv.messages[3]["train"] is False
+    assert conv.tools[0]["function"]["name"] == "f" and conv.template_kwargs == {"enable_thinking": False}
+
+
+def test_prompt_response_nested_like_verl_gsm8k():
+    row = {"extra_info": {"question": "2+2?", "answer": "4", "split": "train"}, "data_source": "gsm8k"}
+    conv = conv_of(row, format="prompt_response", prompt_key="extra_info", response_key="extra_info",
+                   prompt_dict_keys=["question"], response_dict_keys=["answer"], system_prompt="Be brief.")
+    assert conv.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                             {"role": "assistant", "content": "4"}]
+
+
+def test_prompt_response_auto_detected_with_chat_list_prompt():
+    conv = conv_of({"prompt": [{"role": "user", "content": "q"}], "response": "a"})
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"]
+
+
+def test_alpaca_and_sharegpt():
+    a = conv_of({"instruction": "Add", "input": "2 and 2", "output": "4"})
+    assert a.messages == [{"role": "user", "content": "Add\n\n2 and 2"}, {"role": "assistant", "content": "4"}]
+    s = conv_of({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                                   {"from": "gpt", "value": "a"}]})
+    assert [m["role"] for m in s.messages] == ["system", "user", "assistant"]
+
+
+@pytest.mark.parametrize("data,key,needle", [
+    ({"messages": "nope"}, "messages", "not valid JSON"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "unknown role"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content", "expected a string"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no assistant turn"),
+    ({"messages": []}, "messages", "empty"),
+    ({"other": 1}, None, "cannot tell the row format"),
+])
+def test_bad_rows_name_file_row_and_key(data, key, needle):
+    with pytest.raises(DataError) as e:
+        conv_of(data)
+    msg = str(e.value)
+    assert msg.startswith("f.jsonl, row 0") and needle in msg and "Fix:" in msg
+    if key:
+        assert f"key '{key}'" in msg
+
+
+def test_missing_nested_key():
+    with pytest.raises(DataError, match="key 'extra_info.question'"):
+        conv_of({"extra_info": {"q": 1}, "r": "a"}, format="prompt_response", prompt_key="extra_info",
+                prompt_dict_keys=["question"], response_key="r")
+
+
+def test_readers_parquet_jsonl_json_glob_and_hf_folder(tmp_path):
+    rows = arithmetic_rows(6)
+    write_parquet(tmp_path / "a.parquet", rows[:2])
+    write_jsonl(tmp_path / "b.jsonl", rows[2:4])
+    (tmp_path / "c.json").write_text(json.dumps(rows[4:]))
+    paths = expand_paths(str(tmp_path / "*"))
+    got = [r.data["messages"][-1]["content"] for r in read_rows(paths)]
+    assert sorted(got) == sorted(r["messages"][-1]["content"] for r in rows)
+    assert len(list(read_rows(paths, max_rows=3))) == 3
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    hf_rows = list(read_rows(expand_paths(str(tmp_path / "hf"))))
+    assert [r.data["messages"] for r in hf_rows] == [r["messages"] for r in rows]
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p.with_suffix(".jsonl"), "does not exist"),
+    (lambda p: (p.with_suffix(".jsonl").write_text(""), p.with_suffix(".jsonl"))[1], "is empty"),
+    (lambda p: (p.with_suffix(".parquet").write_bytes(b"PAR1garbage" * 10), p.with_suffix(".parquet"))[1],
+     "cannot be read as parquet"),
+    (lambda p: (p.with_suffix(".jsonl").write_text('{"a": 1}\n{oops\n'), p.with_suffix(".jsonl"))[1], "line 2"),
+    (lambda p: (p.with_suffix(".csv").write_text("a,b\n"), p.with_suffix(".csv"))[1], "unsupported type"),
+])
+def test_bad_files(tmp_path, make, needle):
+    path = make(tmp_path / "data")
+    with pytest.raises(DataError, match=needle):
+        list(read_rows(expand_paths(str(path))))
+
+
+def test_truncation_modes(tmp_path, tok):
+    rows = [{"messages": [{"role": "user", "content": "q" * 30}, {"role": "assistant", "content": "a" * 30}]},
+            {"messages": [{"role": "user", "content": "short"}, {"role": "assistant", "content": "ok"}]}]
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError, match=r"t.jsonl, row 0: the conversation is \d+ tokens, longer than data.max_length=60"):
+        build_dataset([str(f)], cfg(max_length=60, truncation="error"), tok)
+    right = build_dataset([str(f)], cfg(max_length=60, truncation="right"), tok)
+    left = build_dataset([str(f)], cfg(max_length=60, truncation="left"), tok)
+    drop = build_dataset([str(f)], cfg(max_length=60, truncation="drop"), tok)
+    full = build_dataset([str(f)], cfg(max_length=4096), tok)
+    ids_full, lab_full = full[0]
+    assert len(ids_full) > 60
+    assert list(right[0][0]) == list(ids_full[:60]) and list(left[0][0]) == list(ids_full[-60:])
+    assert list(right[0][1]) == list(lab_full[:60]) and list(left[0][1]) == list(lab_full[-60:])
+    assert right.stats["truncated"] == 1 and len(drop) == 1 and drop.stats["dropped"] == {"too_long": 1}
+    # right truncation inside the prompt leaves nothing to train: such rows are dropped and counted
+    tiny = build_dataset([str(f)], cfg(max_length=35, truncation="right"), tok)
+    assert len(tiny) == 1 and tiny.stats["dropped"] == {"no_trained_tokens": 1}
+
+
+def test_bad_row_policy_skip_counts(tmp_path, tok):
+    rows = arithmetic_rows(4) + [{"messages": [{"role": "user", "content": "no answer"}]}]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d.jsonl, row 4, key 'messages'"):
+        build_dataset([str(f)], cfg(), tok)
+    ds = build_dataset([str(f)], cfg(on_bad_row="skip"), tok)
+    assert len(ds) == 4 and ds.stats["dropped"] == {"bad_row": 1}
+
+
+def test_cache_is_reused_and_keyed(tmp_path, tok, monkeypatch):
+    f = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(20))
+    c = DataConfig(cache_dir=str(tmp_path / "cache"), num_proc=1)
+    first = build_dataset([str(f)], c, tok)
+    assert "cache_hit" not in first.stats
+    import shardtune.data.dataset as dataset_mod
+
+    def boom(*a, **k):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(dataset_mod, "_tokenize_all", boom)
+    second = build_dataset([str(f)], c, tok)
+    assert second.stats["cache_hit"] and np.array_equal(first.input_ids, second.input_ids)
+    assert np.array_equal(first.labels, second.labels) and np.array_equal(first.offsets, second.offsets)
+    with pytest.raises(AssertionError, match="tokenized again"):  # another max_length is another cache entry
+        build_dataset([str(f)], DataConfig(cache_dir=str(tmp_path / "cache"), num_proc=1, max_length=512), tok)
+
+
+def test_multiprocess_tokenization_matches_single(tmp_path, tok):
+    f = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(600))
+    one = build_dataset([str(f)], cfg(), tok)
+    two = build_dataset([str(f)], DataConfig(cache_dir=None, num_proc=2), tok)
+    assert np.array_equal(one.input_ids, two.input_ids) and np.array_equal(one.labels, two.labels)
+    assert (one.labels != IGNORE_INDEX).sum() > 0

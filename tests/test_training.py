@@ -1,0 +1,163 @@
+"""The loop on one process: loss normalisation parity, packing, seeds, schedules, validation, early stop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import arithmetic_rows, read_metrics, write_jsonl
+
+from shardtune.config import OptimConfig, load_config, validate
+from shardtune.data.chat import IGNORE_INDEX
+from shardtune.optim import lr_factor
+from shardtune.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(d / "train.jsonl", arithmetic_rows(40, seed=1)), write_jsonl(d / "val.jsonl", arithmetic_rows(10, seed=2))
+
+
+def run(tiny_model, data_files, tmp_path, *overrides, fit=True):
+    train, val = data_files
+    cfg = validate(load_config(None, [
+        f"model.path={tiny_model}", f"data.train_files={train}", f"data.val_files={val}", "data.cache_dir=null",
+        "data.num_proc=1", "data.train_batch_size=8", "optim.lr=1e-3", "optim.lr_warmup_steps=1",
+        f"trainer.default_local_dir={tmp_path}/run", "trainer.total_training_steps=5", "trainer.logger=[jsonl]",
+        *overrides]))
+    trainer = Trainer(cfg)
+    return (trainer, trainer.fit()) if fit else trainer
+
+
+def losses(history, key="train/loss"):
+    return [h[key] for h in history]
+
+
+def assert_close(a, b, rel):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=rel), (a, b)
+
+
+def test_micro_batch_split_does_not_change_the_step(tiny_model, data_files, tmp_path):
+    """1 micro-batch of 8 == 8 micro-batches of 1 == 2 of 4, at every step (global token-mean loss)."""
+    _, h8 = run(tiny_model, data_files, tmp_path / "a", "data.micro_batch_size_per_gpu=8")
+    _, h1 = run(tiny_model, data_files, tmp_path / "b", "data.micro_batch_size_per_gpu=1")
+    _, h4 = run(tiny_model, data_files, tmp_path / "c", "data.micro_batch_size_per_gpu=4")
+    assert_close(losses(h8), losses(h1), 1e-6)
+    assert_close(losses(h8), losses(h4), 1e-6)
+    assert_close(losses(h8, "train/grad_norm"), losses(h1, "train/grad_norm"), 1e-5)
+    assert losses(h8)[-1] < losses(h8)[0]
+
+
+def test_first_step_loss_equals_a_plain_transformers_forward(tiny_model, data_files, tmp_path):
+    trainer = run(tiny_model, data_files, tmp_path, "data.micro_batch_size_per_gpu=3", fit=False)
+    indices = trainer.sampler.batch(0, 0)
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in indices:  # one unpadded sequence at a time, the textbook way
+            ids, labels = (torch.as_tensor(x.astype("int64"))[None] for x in trainer.train_data[i])
+            logits = ref(input_ids=ids).logits[0, :-1]
+            target = labels[0, 1:]
+            total += F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((target != IGNORE_INDEX).sum())
+    history = trainer.fit()
+    assert math.isclose(history[0]["train/loss"], total / count, rel_tol=1e-6)
+
+
+def test_padded_and_packed_batches_agree(tiny_model, data_files, tmp_path):
+    _, packed = run(tiny_model, data_files, tmp_path / "p", "model.use_remove_padding=true",
+                    "data.micro_batch_size_per_gpu=4")
+    _, padded = run(tiny_model, data_files, tmp_path / "q", "model.use_remove_padding=false",
+                    "data.micro_batch_size_per_gpu=4")
+    assert_close(losses(packed), losses(padded), 1e-5)
+    assert_close(losses(packed, "train/grad_norm"), losses(padded, "train/grad_norm"), 1e-5)
+    assert all(h["perf/padding_ratio"] == 0 for h in packed) and all(h["perf/padding_ratio"] > 0 for h in padded)
+
+
+def test_packed_logits_equal_each_sequence_alone(tiny_model, data_files, tmp_path):
+    trainer = run(tiny_model, data_files, tmp_path, fit=False)
+    model = trainer.engine.model.eval()
+    samples = [trainer.train_data[i] for i in range(3)]
+    mb = trainer.collate([0, 1, 2], trainer.train_data)
+    with torch.no_grad():
+        packed = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
+        start = 0
+        for ids, _ in samples:
+            alone = model(input_ids=torch.as_tensor(ids.astype("int64"))[None], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start : start + len(ids)], alone, rtol=1e-5, atol=1e-5)
+            start += len(ids)
+
+
+def test_same_seed_same_run_and_metrics_file(tiny_model, data_files, tmp_path):
+    _, a = run(tiny_model, data_files, tmp_path / "a", "trainer.test_freq=2")
+    _, b = run(tiny_model, data_files, tmp_path / "b", "trainer.test_freq=2")
+    assert losses(a) == losses(b)
+    rows = read_metrics(tmp_path / "a" / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows if "val/loss" in r] == [2, 4, 5]  # every test_freq steps and at the end
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/global_tokens", "perf/tokens_per_s",
+                "perf/step_time_s", "perf/max_memory_gb", "perf/padding_ratio", "data/dropped_rows"):
+        assert key in rows[0], key
+    assert (tmp_path / "a" / "run" / "config.yaml").is_file()
+
+
+def test_metrics_jsonl_is_appended_not_truncated(tiny_model, data_files, tmp_path):
+    run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=2")
+    run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=2")
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 1, 2]
+
+
+def test_validation_loss_is_token_weighted_over_every_sample(tiny_model, data_files, tmp_path):
+    trainer = run(tiny_model, data_files, tmp_path, "data.micro_batch_size_per_gpu=3", fit=False)
+    val = trainer.val_data
+    model = trainer.engine.model.eval()
+    total = count = 0
+    with torch.no_grad():
+        for i in range(len(val)):
+            ids, labels = (torch.as_tensor(x.astype("int64")) for x in val[i])
+            logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
+            total += F.cross_entropy(logits, labels[1:], ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((labels[1:] != IGNORE_INDEX).sum())
+    assert math.isclose(trainer.validate(), total / count, rel_tol=1e-6)
+
+
+def test_early_stopping(tiny_model, data_files, tmp_path):
+    # a huge lr makes validation worse after the first check; patience 1 stops at the next check
+    _, h = run(tiny_model, data_files, tmp_path, "optim.lr=0.5", "optim.clip_grad=0", "trainer.test_freq=1",
+               "trainer.early_stopping_patience=1", "trainer.total_training_steps=20",
+               "optim.lr_scheduler_type=constant")
+    vals = losses(h, "val/loss")
+    assert len(h) < 20 and vals[-1] >= min(vals[:-1])
+
+
+def test_non_finite_gradients_skip_the_step(tiny_model, data_files, tmp_path):
+    trainer = run(tiny_model, data_files, tmp_path, fit=False)
+    before = {k: v.clone() for k, v in trainer.engine.model.state_dict().items()}
+    p = next(trainer.engine.model.parameters())
+    handle = p.register_hook(lambda g: torch.full_like(g, float("nan")))
+    history = trainer.fit()
+    handle.remove()
+    assert all(h["train/skipped_steps"] == i + 1 for i, h in enumerate(history))
+    after = trainer.engine.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "linear", "wsd"])
+def test_schedules(kind):
+    cfg = OptimConfig(lr_scheduler_type=kind, lr_warmup_steps=4, min_lr_ratio=0.1, wsd_decay_ratio=0.25)
+    f = [lr_factor(s, cfg, 20) for s in range(20)]
+    assert f[:4] == [0.2, 0.4, 0.6, 0.8]  # linear warmup that never starts at 0
+    assert f[4] == 1.0
+    if kind == "constant":
+        assert set(f[4:]) == {1.0}
+    else:
+        assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[-1] >= 0.1 and f[-1] < 0.5
+    if kind == "wsd":
+        assert f[4:15] == [1.0] * 11 and f[15] == 1.0 and f[16] < 1.0
