@@ -47,7 +47,13 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if "=" not in x or x.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:  # overrides written after a flag, e.g. `train a=1 --nproc 2 b=2`
+        args.args = [*getattr(args, "args", []), *extra]
     try:
         return _dispatch(args)
     except ShardtuneError as e:

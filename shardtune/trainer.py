@@ -58,12 +58,13 @@ class Trainer:
         self.cfg = cfg
         self.world = world or parallel.World()
         seed_everything(cfg.trainer.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        # data problems surface before anything is written to the run directory
+        self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
         self.run_dir = cfg.run_dir
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
         d = cfg.data
         self.sampler = GlobalBatchSampler(len(self.train_data), d.train_batch_size, cfg.trainer.seed, d.shuffle,
                                           d.drop_last)
