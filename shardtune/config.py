@@ -78,8 +78,19 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class MixedPrecisionConfig:
+    param_dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype of parameters (FSDP2) / autocast (1 process)
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduction dtype
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     strategy: str = "fsdp2"
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    param_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients and the optimizer step on CPU
+    optimizer_offload: bool = False  # the same policy (FSDP2 offloads parameters and optimizer together)
+    reshard_after_forward: bool = True
+    fsdp_size: int = -1  # shard over groups of this many ranks and replicate across groups (-1 = all ranks)
 
 
 @dataclass(frozen=True)
@@ -305,6 +316,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    e = cfg.engine
+    if e.fsdp_size not in (-1, world_size) and (e.fsdp_size < 1 or world_size % e.fsdp_size):
+        raise ConfigError(f"engine.fsdp_size={e.fsdp_size} must divide the number of processes ({world_size}). "
+                          "Fix: -1 shards over all ranks; a divisor gives hybrid sharding (replicate x shard).")
     if "{" in t.default_local_dir:
         try:
             _ = cfg.run_dir

@@ -21,7 +21,6 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mesh: Any = None  # DeviceMesh over the data-parallel ranks, None on one process
 
     @property
     def is_main(self) -> bool:
@@ -53,10 +52,17 @@ def init_world() -> World:
         return World(device=device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return World(dist.get_rank(), world_size, local_rank, device)
+
+
+def build_mesh(world: World, fsdp_size: int = -1):
+    """A 1-D mesh over all ranks, or a 2-D (replicate, shard) mesh for hybrid sharding."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
-    return World(dist.get_rank(), world_size, local_rank, device, mesh)
+    if fsdp_size in (-1, world.world_size):
+        return init_device_mesh(world.device.type, (world.world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(world.device.type, (world.world_size // fsdp_size, fsdp_size),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def all_reduce_sum(values: list[float], world: World) -> list[float]:
@@ -119,7 +125,7 @@ def apply_fsdp2(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | No
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kwargs = {"mesh": mesh, "mp_policy": mp, "reshard_after_forward": reshard_after_forward}
     if offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -131,4 +137,5 @@ def apply_fsdp2(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | No
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
     return model

@@ -116,8 +116,8 @@ def collate(samples: list[tuple[Any, Any]], packed: bool, pad_id: int) -> MicroB
         real = 0
     else:
         real = sum(len(s[0]) for s in samples)
-    ids = [torch.as_tensor(np.asarray(s[0]), dtype=torch.long) for s in samples]
-    targets = [_shift(torch.as_tensor(np.asarray(s[1]), dtype=torch.long)) for s in samples]
+    ids = [torch.from_numpy(np.array(s[0], dtype=np.int64)) for s in samples]  # copies out of the mmap
+    targets = [_shift(torch.from_numpy(np.array(s[1], dtype=np.int64))) for s in samples]
     lengths = [len(x) for x in ids]
     num_targets = int(sum(int((t != IGNORE_INDEX).sum()) for t in targets))
     positions = [torch.arange(n) for n in lengths]

@@ -18,7 +18,7 @@ from shardtune import parallel
 from shardtune.data.batching import MicroBatch
 from shardtune.data.chat import IGNORE_INDEX
 from shardtune.engine.base import Engine, StepResult
-from shardtune.model import build_from_config, load_config, load_model
+from shardtune.model import DTYPES, build_from_config, load_config, load_model
 from shardtune.optim import build_optimizer, build_scheduler
 
 
@@ -32,7 +32,7 @@ class FSDP2Engine(Engine):
 
     # ------------------------------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
-        mcfg, world = self.cfg.model, self.world
+        mcfg, ecfg, world = self.cfg.model, self.cfg.engine, self.world
         if not world.distributed:
             return load_model(mcfg, world.device)
         # Only rank 0 reads the weights; the others build the model on the meta device and receive theirs
@@ -44,19 +44,34 @@ class FSDP2Engine(Engine):
             with torch.device("meta"):
                 model = build_from_config(load_config(mcfg), mcfg)
             full_state = {}
-        parallel.apply_fsdp2(model, world.mesh)
+        offload = ecfg.param_offload or ecfg.optimizer_offload
+        parallel.apply_fsdp2(
+            model, parallel.build_mesh(world, ecfg.fsdp_size), param_dtype=DTYPES[ecfg.mixed_precision.param_dtype],
+            reduce_dtype=DTYPES[ecfg.mixed_precision.reduce_dtype], offload=offload,
+            reshard_after_forward=ecfg.reshard_after_forward,
+        )
+        device = torch.device("cpu") if offload else world.device
+        if world.is_main:
+            model.to(device)
+        else:
+            model.to_empty(device=device)
         _load_full_state_from_rank0(model, full_state, world)
         return model
+
+    def _autocast(self):
+        """bf16 autocast on one process (FSDP2's MixedPrecisionPolicy does this job when sharded)."""
+        bf16 = self.cfg.engine.mixed_precision.param_dtype == "bf16" and not self.world.distributed
+        return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ------------------------------------------------------------------------------------------------------
     def _loss_sum(self, mb: MicroBatch) -> torch.Tensor:
         """Sum of next-token cross-entropy over the supervised tokens of one micro-batch."""
         dev = self.world.device
-        out = self.model(
-            input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev),
-            attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev), use_cache=False,
-        )
-        logits = out.logits
+        with self._autocast():
+            logits = self.model(
+                input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev),
+                attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev), use_cache=False,
+            ).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), mb.targets.to(dev).flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -129,8 +144,6 @@ def _load_full_state_from_rank0(model: torch.nn.Module, full_state: dict[str, to
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if not world.is_main:
-        model.to_empty(device=world.device)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Buffers that are not in the state dict (rotary inv_freq) are garbage after to_empty: take rank 0's.
     for buf in model.buffers():

@@ -1,0 +1,99 @@
+"""FSDP2 for real on CPU: torchrun with gloo, compared step by step with one process."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_jsonl
+
+pytestmark = pytest.mark.dist
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    # 44 rows at a global batch of 8: 6 steps per epoch, the last one holds 4 samples (uneven)
+    return write_jsonl(d / "train.jsonl", arithmetic_rows(44, seed=5)), write_jsonl(d / "val.jsonl", arithmetic_rows(9, seed=6))
+
+
+def args(tiny_model, data, run_dir, *extra):
+    train, val = data
+    return [f"model.path={tiny_model}", f"data.train_files={train}", f"data.val_files={val}",
+            f"trainer.default_local_dir={run_dir}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2",
+            "optim.lr=2e-3", "optim.lr_warmup_steps=1", "trainer.test_freq=3", "trainer.logger=[jsonl]",
+            f"data.cache_dir={run_dir}_cache", *extra]
+
+
+def assert_steps_close(a, b, loss_rel=1e-5, norm_rel=1e-5):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert math.isclose(x["train/loss"], y["train/loss"], rel_tol=loss_rel), (x, y)
+        assert math.isclose(x["train/grad_norm"], y["train/grad_norm"], rel_tol=norm_rel), (x, y)
+        assert ("val/loss" in x) == ("val/loss" in y)
+        if "val/loss" in x:
+            assert math.isclose(x["val/loss"], y["val/loss"], rel_tol=loss_rel)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    r = run_cli("train", *args(tiny_model, data, run_dir))
+    assert r.returncode == 0, r.stderr
+    return read_metrics(run_dir)
+
+
+def test_two_processes_equal_one(tiny_model, data, tmp_path, one_process):
+    """Gradient accumulation (2 micro-batches per rank), an uneven last batch, validation on both ranks."""
+    r = torchrun(2, "train", *args(tiny_model, data, tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = read_metrics(tmp_path / "run")
+    assert len(two) == 6 and one_process[-1]["train/global_tokens"] < one_process[0]["train/global_tokens"]
+    assert_steps_close(one_process, two)
+    assert two[-1]["perf/tokens_per_s_per_device"] == pytest.approx(two[-1]["perf/tokens_per_s"] / 2)
+
+
+def test_offload_equals_no_offload_and_cli_nproc(tiny_model, data, tmp_path, one_process):
+    r = run_cli("train", "--nproc", "2", *args(tiny_model, data, tmp_path / "run", "engine.param_offload=true"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_steps_close(one_process, read_metrics(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_four_processes(tiny_model, data, tmp_path, one_process):
+    r = torchrun(4, "train", *args(tiny_model, data, tmp_path / "run", "engine.fsdp_size=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_steps_close(one_process, read_metrics(tmp_path / "run"))
+
+
+def test_bf16_mixed_precision_trains(tiny_model, data, tmp_path):
+    r = torchrun(2, "train", *args(tiny_model, data, tmp_path / "run", "engine.mixed_precision.param_dtype=bf16",
+                                   "trainer.total_epochs=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.3
+
+
+def test_meta_device_init_matches_eager_loading(tiny_model, tmp_path):
+    r = torchrun(2, f"model.path={tiny_model}", script=str(SCRIPTS / "meta_init_check.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("meta init OK") == 2
+
+
+def test_a_failing_rank_ends_the_job_with_its_message(tiny_model, data, tmp_path):
+    start = time.monotonic()
+    r = torchrun(2, "train", *args(tiny_model, data, tmp_path / "run"), script=str(SCRIPTS / "fail_on_rank1.py"),
+                 timeout=120)
+    assert r.returncode != 0
+    assert "injected failure on rank 1" in r.stderr and "rank 1 failed" in r.stderr
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_two_process_runs_exit_zero_repeatedly(tiny_model, data, tmp_path):
+    for i in range(5):
+        r = torchrun(2, "train", *args(tiny_model, data, tmp_path / f"run{i}", "trainer.total_training_steps=1"))
+        assert r.returncode == 0, (i, r.stderr[-3000:])
