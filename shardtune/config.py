@@ -98,7 +98,10 @@ class TrainerConfig:
     total_epochs: int = 1
     total_training_steps: int | None = None
     test_freq: int = -1  # validate every N steps (and always at the end); -1 = only at the end
-    save_freq: int = -1
+    save_freq: int = -1  # save every N steps (-1 = only at the end; a checkpoint is always saved at the end)
+    max_ckpt_to_keep: int | None = None  # keep the newest N complete checkpoints (null = all)
+    resume_mode: Literal["auto", "disable", "resume_path"] = "auto"
+    resume_from_path: str | None = None
     default_local_dir: str = "checkpoints/{project_name}/{experiment_name}"
     project_name: str = "shardtune"
     experiment_name: str = "run"
@@ -303,6 +306,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         (t.total_training_steps is None or t.total_training_steps >= 1,
          f"trainer.total_training_steps must be >= 1 or null, got {t.total_training_steps}."),
         (t.test_freq == -1 or t.test_freq >= 1, f"trainer.test_freq must be -1 or >= 1, got {t.test_freq}."),
+        (t.save_freq == -1 or t.save_freq >= 1, f"trainer.save_freq must be -1 or >= 1, got {t.save_freq}."),
+        (t.resume_mode != "resume_path" or bool(t.resume_from_path),
+         "trainer.resume_mode=resume_path needs trainer.resume_from_path=/path/to/global_step_N."),
         (t.test_freq == -1 or bool(d.val_files),
          f"trainer.test_freq={t.test_freq} asks for validation but data.val_files is empty. "
          "Fix: set data.val_files or trainer.test_freq=-1."),

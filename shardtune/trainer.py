@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shardtune import parallel
+from shardtune import checkpoint, parallel
 from shardtune.config import Config, dump_yaml
 from shardtune.data.batching import (
     GlobalBatchSampler,
@@ -62,6 +62,8 @@ class Trainer:
         # data problems surface before anything is written to the run directory
         self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
         self.run_dir = cfg.run_dir
+        # a wrong resume path is reported before anything in the run directory is touched
+        resume_from = checkpoint.find_resume_path(self.run_dir, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
@@ -76,9 +78,39 @@ class Trainer:
         self.skipped_steps = 0
         self.best_val = math.inf
         self.bad_validations = 0
+        self.last_saved = 0
+        self.resumed: dict[str, Any] | None = None
+        if resume_from is not None:
+            self._resume(resume_from)
         self.metrics = Metrics(self.run_dir, t.logger, self.world.is_main, self.total_steps, self.step,
                                t.progress_bar)
         self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "best_val": self.best_val,
+                "bad_validations": self.bad_validations, "sampler": self.sampler.state_dict(),
+                "schedule": self.engine.schedule_state(), "world_size": self.world.world_size}
+
+    def _resume(self, path) -> None:
+        state = checkpoint.load(path, self.engine, self.world)
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.best_val, self.bad_validations = state["best_val"], state["bad_validations"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.engine.load_schedule_state(state["schedule"])
+        self.last_saved = self.step
+        self.resumed = {"path": str(path), "step": self.step, "saved_world_size": state["world_size"],
+                        "world_size": self.world.world_size,
+                        "skipped_incomplete": [str(p) for p in checkpoint.incomplete_after(self.run_dir, self.step)]}
+        if state["world_size"] != self.world.world_size:
+            self.resumed["note"] = (f"resharded from {state['world_size']} to {self.world.world_size} processes; "
+                                    "RNG streams restart from the seed")
+
+    def save(self) -> None:
+        info = checkpoint.save(self.run_dir, self.step, self.engine, self.trainer_state(), self.world,
+                               self.tokenizer, self.cfg.trainer.max_ckpt_to_keep)
+        self.last_saved = self.step
+        self.metrics.event("checkpoint", **info)
 
     # ------------------------------------------------------------------------------------------------------
     def plan(self, indices: np.ndarray, data: TokenizedDataset) -> list[list[list[int]]]:
@@ -93,20 +125,26 @@ class Trainer:
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.sampler.steps_per_epoch,
                            samples=len(self.train_data), world_size=self.world.world_size,
                            run_dir=str(self.run_dir))
+        if self.resumed:
+            self.metrics.event("resume", **self.resumed)
+        batches = iter(self.sampler)
+        save_freq = self.cfg.trainer.save_freq
         try:
-            for epoch, step_in_epoch, indices in self.sampler:
-                if self.step >= self.total_steps:
-                    break
-                metrics = self.train_step(epoch, step_in_epoch, indices)
+            while self.step < self.total_steps:  # checked before drawing, so the sampler stops at the step
+                metrics = self.train_step(*next(batches))
                 stop = False
                 if self._validate_now():
                     metrics["val/loss"] = self.validate()
                     stop = self._early_stop(metrics["val/loss"])
                 self.metrics.log(self.step, metrics)
                 self.history.append({"step": self.step, **metrics})
+                if save_freq > 0 and self.step % save_freq == 0:
+                    self.save()
                 if stop:
                     self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val)
                     break
+            if self.step > self.last_saved:
+                self.save()
         finally:
             self.metrics.close()
         return self.history

@@ -84,7 +84,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 def read_metrics(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "step" in r]
+    return [r for r in rows if "step" in r and "event" not in r]
 
 
 def torchrun(nproc: int, *args: str, script: str | None = None, timeout: int = 300, env: dict | None = None):

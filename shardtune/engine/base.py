@@ -35,10 +35,22 @@ class Engine(ABC):
         """Sum per-rank numbers (token counts for metrics) over all ranks."""
 
     @abstractmethod
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """Model and optimizer state in a form torch.distributed.checkpoint can save and reshard."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def schedule_state(self) -> dict[str, Any]:
+        """The learning-rate schedule's position (plain JSON-able values)."""
+
+    @abstractmethod
+    def load_schedule_state(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def model_config(self) -> Any:
+        """The Hugging Face config of the model (saved beside every checkpoint)."""
 
     @abstractmethod
     def export(self, path: str) -> None:

@@ -114,13 +114,26 @@ class FSDP2Engine(Engine):
 
     # ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        """Model and optimizer state for DCP (sharded DTensors under FSDP2, reshardable on load)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optim_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def schedule_state(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+
+    def model_config(self) -> Any:
+        return self.model.config
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded weights, on rank 0 only (empty elsewhere)."""

@@ -1,0 +1,130 @@
+"""Checkpoints: SIGKILL + resume is bitwise identical, resharding across world sizes, rotation, bad paths."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_jsonl
+
+from shardtune.checkpoint import TRACKER, complete_checkpoints, find_resume_path, rotate
+from shardtune.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 40 rows at a global batch of 8: 5 steps per epoch, so 16 steps cross three epoch boundaries
+    return write_jsonl(tmp_path_factory.mktemp("ckpt") / "train.jsonl", arithmetic_rows(40, seed=7))
+
+
+def args(tiny_model, data, run_dir, *extra):
+    return [f"model.path={tiny_model}", f"data.train_files={data}", f"trainer.default_local_dir={run_dir}",
+            "data.train_batch_size=8", "data.micro_batch_size_per_gpu=4", "optim.lr=2e-3", "trainer.total_training_steps=16",
+            "trainer.logger=[jsonl]", f"data.cache_dir={run_dir}_cache", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    r = run_cli("train", *args(tiny_model, data, run_dir))
+    assert r.returncode == 0, r.stderr
+    return {row["step"]: row["train/loss"] for row in read_metrics(run_dir)}
+
+
+def kill_after(cmd_args, run_dir, steps: int):
+    """Start training, SIGKILL it once `steps` steps are logged."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "shardtune", "train", *cmd_args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and sum('"train/loss"' in line for line in metrics.read_text().splitlines()) >= steps:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+@pytest.mark.parametrize("save_freq,resume_step", [(3, 6), (5, 5)], ids=["mid-epoch", "epoch-boundary"])
+def test_sigkill_then_auto_resume_is_bitwise_identical(tiny_model, data, tmp_path, uninterrupted, save_freq,
+                                                       resume_step):
+    run_dir = tmp_path / "run"
+    cmd = args(tiny_model, data, run_dir, f"trainer.save_freq={save_freq}")
+    kill_after(cmd, run_dir, steps=8)
+    r = run_cli("train", *cmd, "trainer.resume_mode=auto")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resume = [x for x in lines if x.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] >= resume_step
+    after = [x for x in lines[lines.index(resume[0]) :] if "step" in x and "event" not in x]
+    assert [x["step"] for x in after] == list(range(resume[0]["step"] + 1, 17))
+    for x in after:
+        assert x["train/loss"] == uninterrupted[x["step"]], x["step"]  # bitwise
+    assert (run_dir / TRACKER).read_text() == "16"
+    first_run = [x["step"] for x in lines[: lines.index(resume[0])] if "train/loss" in x]
+    assert first_run[:8] == list(range(1, 9))  # the killed run's rows are kept: the file is appended to
+
+
+def test_reshard_two_processes_to_one_and_back(tiny_model, data, tmp_path):
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    r = torchrun(2, "train", *args(tiny_model, data, a, "trainer.save_freq=5", "trainer.total_training_steps=10"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train", *args(tiny_model, data, b, "trainer.total_training_steps=10", "trainer.resume_mode=resume_path",
+                               f"trainer.resume_from_path={a / 'global_step_5'}"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", *args(tiny_model, data, c, "trainer.save_freq=5", "trainer.total_training_steps=10"))
+    assert r.returncode == 0, r.stderr
+    r = torchrun(2, "train", *args(tiny_model, data, d, "trainer.total_training_steps=10",
+                                   f"trainer.resume_from_path={c / 'global_step_5'}"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for full, resumed in ((a, b), (c, d)):
+        ref = {x["step"]: x["train/loss"] for x in read_metrics(full)}
+        got = read_metrics(resumed)
+        assert [x["step"] for x in got] == [6, 7, 8, 9, 10]
+        for x in got:
+            assert math.isclose(x["train/loss"], ref[x["step"]], rel_tol=1e-5)
+    events = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines() if '"event": "resume"' in x]
+    assert "resharded from 2 to 1" in events[0]["note"]
+
+
+def test_rotation_keeps_newest_complete_and_skips_incomplete(tiny_model, data, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run_cli("train", *args(tiny_model, data, run_dir, "trainer.save_freq=2", "trainer.total_training_steps=7",
+                               "trainer.max_ckpt_to_keep=2"))
+    assert r.returncode == 0, r.stderr
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [6, 7]
+    # a save killed half-way: the folder exists without DCP's .metadata / trainer_state.json
+    broken = run_dir / "global_step_9"
+    shutil.copytree(run_dir / "global_step_7", broken)
+    (broken / "trainer_state.json").unlink()
+    assert find_resume_path(run_dir, "auto", None) == run_dir / "global_step_7"
+    rotate(run_dir, 1)
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [7] and broken.exists()
+    (run_dir / TRACKER).write_text("9")  # even a tracker pointing at it does not make it resumable
+    assert find_resume_path(run_dir, "auto", None) == run_dir / "global_step_7"
+
+
+@pytest.mark.parametrize("path", ["does/not/exist/global_step_3", "{run}/config.yaml"])
+def test_bad_resume_path_is_a_clear_error_and_touches_nothing(tiny_model, data, tmp_path, path):
+    run_dir = tmp_path / "run"
+    r = run_cli("train", *args(tiny_model, data, run_dir, "trainer.total_training_steps=1"))
+    assert r.returncode == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    r = run_cli("train", *args(tiny_model, data, run_dir, "trainer.resume_mode=resume_path",
+                               f"trainer.resume_from_path={path.format(run=run_dir)}"))
+    assert r.returncode == 2 and "trainer.resume_from_path" in r.stderr and "Traceback" not in r.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_resume_path_mode_needs_a_path():
+    with pytest.raises(ConfigError, match="needs trainer.resume_from_path"):
+        find_resume_path(__import__("pathlib").Path("."), "resume_path", None)
