@@ -15,12 +15,14 @@ A checkpoint is complete once the tracker names it; a folder without `trainer_st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,8 @@ def save(run_dir: Path, step: int, engine: Any, trainer_state: dict[str, Any], w
     if world.is_main and path.exists():  # a leftover of a crashed save at the same step
         shutil.rmtree(path)
     parallel.barrier(world)
-    dcp.save(engine.state_dict(), checkpoint_id=str(path))
+    with single_process_ok():
+        dcp.save(engine.state_dict(), checkpoint_id=str(path))
     (path / f"rng_rank_{world.rank}.json").write_text(json.dumps(rng_state()))
     parallel.barrier(world)
     if world.is_main:
@@ -94,6 +97,14 @@ def save(run_dir: Path, step: int, engine: Any, trainer_state: dict[str, Any], w
     parallel.barrier(world)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {"step": step, "path": str(path), "seconds": round(time.perf_counter() - t0, 3), "bytes": size}
+
+
+@contextlib.contextmanager
+def single_process_ok():
+    """DCP warns when used without a process group; one process is a supported, intended case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -158,7 +169,8 @@ def load(path: Path, engine: Any, world: Any) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
     state = engine.state_dict()
-    dcp.load(state, checkpoint_id=str(path))
+    with single_process_ok():
+        dcp.load(state, checkpoint_id=str(path))
     engine.load_state_dict(state)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     rng_file = path / f"rng_rank_{world.rank}.json"

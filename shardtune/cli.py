@@ -1,4 +1,4 @@
-"""`shardtune train | validate | render | demo` (also `python -m shardtune ...`)."""
+"""`shardtune train | validate | render | export | demo` (also `python -m shardtune ...`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import sys
 import traceback
 
 from shardtune.errors import ShardtuneError
-
-COMMANDS = ("train", "validate", "render", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     render = with_config("render", "print one tokenized sample with its trained spans marked")
     render.add_argument("--index", type=int, default=0, help="0-based sample index in data.train_files")
     render.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    export = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (safetensors)")
+    export.add_argument("checkpoint", help="a global_step_N folder")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--dtype", default="bf16", choices=("bf16", "fp32", "fp16"))
+    export.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     demo = sub.add_parser("demo", help="train a tiny model on a generated task and show it learned")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the tuned demo length)")
@@ -71,6 +75,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from shardtune.demo import run_demo
 
         run_demo(args.out, steps=args.steps)
+        return 0
+    if args.command == "export":
+        from shardtune.export import export_checkpoint
+
+        export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size)
         return 0
     from shardtune.config import load_config, validate
 

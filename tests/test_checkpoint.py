@@ -128,3 +128,37 @@ def test_bad_resume_path_is_a_clear_error_and_touches_nothing(tiny_model, data, 
 def test_resume_path_mode_needs_a_path():
     with pytest.raises(ConfigError, match="needs trainer.resume_from_path"):
         find_resume_path(__import__("pathlib").Path("."), "resume_path", None)
+
+
+def test_export_matches_the_live_model_and_round_trips_the_tokenizer(tiny_model, data, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shardtune.config import load_config, validate
+    from shardtune.data.chat import tokenize_conversation
+    from shardtune.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    trainer = Trainer(validate(load_config(None, args(tiny_model, data, run_dir, "trainer.total_training_steps=3"))))
+    trainer.fit()
+    r = run_cli("export", str(run_dir / "global_step_3"), "--out", str(tmp_path / "hf"), "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    live = trainer.engine.model.eval()
+    ids = torch.tensor([list(range(5, 60))])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, live(input_ids=ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-6)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.chat_template == trainer.tokenizer.chat_template
+    conv = arithmetic_rows(1)[0]["messages"]
+    assert tokenize_conversation(conv, tok) == tokenize_conversation(conv, trainer.tokenizer)
+    out = exported.generate(ids[:, :8], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 12)
+    bf16 = run_cli("export", str(run_dir / "global_step_3"), "--out", str(tmp_path / "hf16"))
+    assert bf16.returncode == 0 and AutoModelForCausalLM.from_pretrained(tmp_path / "hf16").dtype == torch.bfloat16
+
+
+def test_export_refuses_what_is_not_a_checkpoint(tmp_path):
+    r = run_cli("export", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "not a complete shardtune checkpoint" in r.stderr and "Traceback" not in r.stderr
