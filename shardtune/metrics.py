@@ -43,7 +43,8 @@ class JsonlSink:
 
 
 class ConsoleSink:
-    """A tqdm bar with loss, lr and tokens/s (ETA from tqdm) on a terminal; one line per step otherwise."""
+    """A tqdm bar with loss, lr and tokens/s (ETA from tqdm) on a terminal; otherwise plain lines for about
+    50 evenly spaced steps, the first, the last and every validation step."""
 
     def __init__(self, total_steps: int, initial: int, progress_bar: bool):
         self.bar = None
@@ -61,6 +62,9 @@ class ConsoleSink:
                                  tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}", refresh=False)
             if "val/loss" in metrics:
                 self.bar.write(f"step {step}: val/loss {metrics['val/loss']:.4f}")
+            return
+        every = max(1, -(-self.total // 50))  # about 50 lines for a whole run
+        if step % every and step not in (1, self.total) and "val/loss" not in metrics:
             return
         parts = [f"step {step}/{self.total}"]
         for key, fmt in (("train/loss", ".4f"), ("val/loss", ".4f"), ("train/grad_norm", ".3f"),
