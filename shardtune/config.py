@@ -44,6 +44,8 @@ class DataConfig:
     val_max_samples: int = -1
     train_batch_size: int = 64
     micro_batch_size_per_gpu: int = 4
+    use_dynamic_bsz: bool = False  # micro-batches by token budget instead of by count
+    max_token_len_per_gpu: int = 8192  # the token budget of one micro-batch on one rank
     shuffle: bool = True
     drop_last: bool = False
     cache_dir: str | None = "~/.cache/shardtune"
@@ -56,7 +58,7 @@ class ModelConfig:
     tokenizer_path: str | None = None
     gguf_file: str | None = None
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | shardtune_varlen_sdpa | ...
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     enable_gradient_checkpointing: bool = False
     use_remove_padding: bool = True
@@ -293,6 +295,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         (d.max_length > 1, f"data.max_length must be > 1, got {d.max_length}."),
         (d.train_batch_size >= 1, f"data.train_batch_size must be >= 1, got {d.train_batch_size}."),
         (d.micro_batch_size_per_gpu >= 1, f"data.micro_batch_size_per_gpu must be >= 1, got {d.micro_batch_size_per_gpu}."),
+        (not d.use_dynamic_bsz or d.max_token_len_per_gpu >= d.max_length,
+         f"data.max_token_len_per_gpu={d.max_token_len_per_gpu} is below data.max_length={d.max_length}, so a "
+         "sample could exceed the budget. Fix: raise data.max_token_len_per_gpu or lower data.max_length."),
         (d.train_batch_size % world_size == 0,
          f"data.train_batch_size={d.train_batch_size} must be divisible by the number of data-parallel "
          f"ranks ({world_size}). Fix: pick a multiple of {world_size}."),

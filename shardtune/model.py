@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from shardtune import attention
 from shardtune.config import ModelConfig
 from shardtune.errors import ConfigError
 
@@ -59,18 +60,22 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn
 
     kwargs: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {"use_safetensors": True}
     model = AutoModelForCausalLM.from_pretrained(
-        os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+        os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device),
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
     return prepare_for_training(model, cfg).to(device)
 
 
-def build_from_config(hf_config: Any, cfg: ModelConfig) -> torch.nn.Module:
+def attention_for(cfg: ModelConfig, device: torch.device | str) -> str:
+    return attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device))
+
+
+def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str) -> torch.nn.Module:
     """An uninitialised model of the right shape (used on the meta device)."""
     from transformers import AutoModelForCausalLM
 
     return prepare_for_training(AutoModelForCausalLM.from_config(
-        hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation,
+        hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device),
         trust_remote_code=cfg.trust_remote_code), cfg)
 
 

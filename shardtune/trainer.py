@@ -22,6 +22,8 @@ from shardtune.data.batching import (
     equalize,
     fixed_micro_batches,
     split_across_ranks,
+    split_to,
+    token_budget_micro_batches,
 )
 from shardtune.data.dataset import TokenizedDataset, build_dataset
 from shardtune.engine import build_engine
@@ -115,8 +117,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     def plan(self, indices: np.ndarray, data: TokenizedDataset) -> list[list[list[int]]]:
         """Micro-batches (lists of sample indices) for every data-parallel rank."""
+        d = self.cfg.data
         shares = split_across_ranks(indices, data.lengths, self.world.dp_size)
-        return equalize([fixed_micro_batches(s, self.cfg.data.micro_batch_size_per_gpu) for s in shares])
+        if not d.use_dynamic_bsz:
+            return equalize([fixed_micro_batches(s, d.micro_batch_size_per_gpu) for s in shares])
+        plans = [token_budget_micro_batches(s, data.lengths, d.max_token_len_per_gpu) for s in shares]
+        n = max(len(p) for p in plans)
+        return equalize([split_to(p, n, data.lengths) for p in plans])
 
     def collate(self, micro: list[int], data: TokenizedDataset) -> MicroBatch:
         return collate([data[i] for i in micro], self.cfg.model.use_remove_padding, self.tokenizer.pad_token_id)

@@ -86,12 +86,18 @@ def test_packed_logits_equal_each_sequence_alone(tiny_model, data_files, tmp_pat
     model = trainer.engine.model.eval()
     samples = [trainer.train_data[i] for i in range(3)]
     mb = trainer.collate([0, 1, 2], trainer.train_data)
+    assert model.config._attn_implementation == "shardtune_varlen_sdpa"  # auto on CPU with packed rows
     with torch.no_grad():
-        packed = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
+        by_cu = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
+                      cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens).logits[0]
+        by_positions = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
+        model.set_attn_implementation("sdpa")  # transformers' own packed path (block mask from position_ids)
+        by_hf_sdpa = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits[0]
         start = 0
         for ids, _ in samples:
             alone = model(input_ids=torch.as_tensor(ids.astype("int64"))[None], use_cache=False).logits[0]
-            torch.testing.assert_close(packed[start : start + len(ids)], alone, rtol=1e-5, atol=1e-5)
+            for packed in (by_cu, by_positions, by_hf_sdpa):
+                torch.testing.assert_close(packed[start : start + len(ids)], alone, rtol=1e-5, atol=1e-5)
             start += len(ids)
 
 
@@ -110,8 +116,9 @@ def test_same_seed_same_run_and_metrics_file(tiny_model, data_files, tmp_path):
 
 def test_metrics_jsonl_is_appended_not_truncated(tiny_model, data_files, tmp_path):
     run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=2")
-    run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=2")
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 1, 2]
+    run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=2", "trainer.resume_mode=disable")
+    run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=3")  # auto: continues at step 3
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 1, 2, 3]
 
 
 def test_validation_loss_is_token_weighted_over_every_sample(tiny_model, data_files, tmp_path):
@@ -161,3 +168,19 @@ def test_schedules(kind):
         assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[-1] >= 0.1 and f[-1] < 0.5
     if kind == "wsd":
         assert f[4:15] == [1.0] * 11 and f[15] == 1.0 and f[16] < 1.0
+
+
+def test_token_budget_micro_batches_equal_fixed_ones(tiny_model, data_files, tmp_path):
+    _, fixed = run(tiny_model, data_files, tmp_path / "f", "data.micro_batch_size_per_gpu=8")
+    _, dynamic = run(tiny_model, data_files, tmp_path / "d", "data.use_dynamic_bsz=true",
+                     "data.max_token_len_per_gpu=256", "data.max_length=256")
+    assert_close(losses(fixed), losses(dynamic), 1e-5)
+    assert all(h["perf/micro_batches"] > 1 for h in dynamic)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tiny_model, data_files, tmp_path):
+    _, plain = run(tiny_model, data_files, tmp_path / "a", "trainer.total_training_steps=3")
+    _, ckpt = run(tiny_model, data_files, tmp_path / "b", "trainer.total_training_steps=3",
+                  "model.enable_gradient_checkpointing=true")
+    assert_close(losses(plain), losses(ckpt), 1e-6)
+    assert_close(losses(plain, "train/grad_norm"), losses(ckpt, "train/grad_norm"), 1e-5)

@@ -102,6 +102,45 @@ def fixed_micro_batches(share: list[int], micro_batch_size: int) -> list[list[in
     return [share[i : i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
 
 
+def token_budget_micro_batches(share: list[int], lengths: np.ndarray, budget: int) -> list[list[int]]:
+    """Pack a rank's samples into as few micro-batches of at most `budget` tokens as best-fit-decreasing
+    finds (longest first, each into the fullest micro-batch it still fits). Samples keep their order."""
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(share, key=lambda i: -int(lengths[i])):
+        n = int(lengths[i])
+        if n > budget:
+            raise ValueError(f"sample {i} has {n} tokens, more than the budget data.max_token_len_per_gpu={budget}")
+        fits = [b for b in range(len(bins)) if loads[b] + n <= budget]
+        if fits:
+            b = max(fits, key=lambda b: loads[b])
+            bins[b].append(i)
+            loads[b] += n
+        else:
+            bins.append([i])
+            loads.append(n)
+    order = {i: k for k, i in enumerate(share)}
+    return sorted((sorted(b, key=order.__getitem__) for b in bins), key=lambda b: order[b[0]])
+
+
+def split_to(micro: list[list[int]], n: int, lengths: np.ndarray) -> list[list[int]]:
+    """Split the heaviest micro-batches in two until there are `n` (every rank must run the same number);
+    splitting never breaks the token budget."""
+    micro = [list(m) for m in micro]
+    while len(micro) < n:
+        splittable = [m for m in micro if len(m) > 1]
+        if not splittable:
+            break
+        heaviest = max(splittable, key=lambda m: int(lengths[m].sum()))
+        micro.remove(heaviest)
+        halves: list[list[int]] = [[], []]
+        for i in sorted(heaviest, key=lambda i: -int(lengths[i])):
+            min(halves, key=lambda h: int(lengths[h].sum()) if h else 0).append(i)
+        order = {i: k for k, i in enumerate(heaviest)}
+        micro += [sorted(h, key=order.__getitem__) for h in halves]
+    return micro
+
+
 def equalize(plans: list[list[list[int]]]) -> list[list[list[int]]]:
     """Give every rank the same number of micro-batches (FSDP needs every rank in every collective):
     ranks with fewer get empty micro-batches, which contribute nothing to the loss."""

@@ -9,6 +9,7 @@ result is the gradient of the global token-mean loss, however the step is split.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ class FSDP2Engine(Engine):
             full_state = model.state_dict()
         else:
             with torch.device("meta"):
-                model = build_from_config(load_config(mcfg), mcfg)
+                model = build_from_config(load_config(mcfg), mcfg, world.device)
             full_state = {}
         offload = ecfg.param_offload or ecfg.optimizer_offload
         parallel.apply_fsdp2(
@@ -67,10 +68,16 @@ class FSDP2Engine(Engine):
     def _loss_sum(self, mb: MicroBatch) -> torch.Tensor:
         """Sum of next-token cross-entropy over the supervised tokens of one micro-batch."""
         dev = self.world.device
+        packed = {}
+        if mb.cu_seqlens is not None:  # sequence boundaries for varlen attention kernels
+            cu = mb.cu_seqlens.to(dev)
+            packed = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": mb.max_seqlen,
+                      "max_length_k": mb.max_seqlen}
         with self._autocast():
             logits = self.model(
                 input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev),
                 attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev), use_cache=False,
+                **packed,
             ).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), mb.targets.to(dev).flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
@@ -96,7 +103,9 @@ class FSDP2Engine(Engine):
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         (total_loss,) = self.reduce_sum([float(loss_sum)])
         return StepResult(total_loss / denom, grad_norm, lr, skipped)
 

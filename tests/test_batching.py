@@ -1,0 +1,85 @@
+"""Data plans: global batches, rank shares, micro-batches (count and token budget), packing and shifting."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardtune.data.batching import (
+    GlobalBatchSampler,
+    collate,
+    equalize,
+    split_across_ranks,
+    split_to,
+    token_budget_micro_batches,
+)
+from shardtune.data.chat import IGNORE_INDEX
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=60), batch=st.integers(1, 16),
+       dp=st.sampled_from([1, 2, 3, 4]), budget=st.integers(64, 200), seed=st.integers(0, 5))
+def test_token_budget_plans(lengths, batch, dp, budget, seed):
+    """No micro-batch over budget, every rank the same count, every sample exactly once per epoch."""
+    lengths = np.array(lengths)
+    sampler = GlobalBatchSampler(len(lengths), batch * dp, seed)
+    seen = []
+    for step in range(sampler.steps_per_epoch):
+        indices = sampler.batch(0, step)
+        shares = split_across_ranks(indices, lengths, dp)
+        assert sorted(i for s in shares for i in s) == sorted(indices.tolist())
+        plans = [token_budget_micro_batches(s, lengths, budget) for s in shares]
+        n = max(len(p) for p in plans)
+        plans = equalize([split_to(p, n, lengths) for p in plans])
+        assert len({len(p) for p in plans}) == 1
+        for plan in plans:
+            for micro in plan:
+                assert lengths[micro].sum() <= budget if micro else True
+                seen += micro
+    assert sorted(seen) == list(range(len(lengths)))
+
+
+def test_best_fit_decreasing_fills_bins():
+    lengths = np.array([60, 50, 40, 30, 20, 10, 5, 5])
+    micro = token_budget_micro_batches(list(range(8)), lengths, 110)
+    assert sorted(int(lengths[m].sum()) for m in micro) == [110, 110]
+
+
+def test_ranks_are_balanced_by_tokens():
+    lengths = np.array([100, 90, 10, 10, 10, 10, 5, 5])
+    shares = split_across_ranks(np.arange(8), lengths, 2)
+    loads = [int(lengths[s].sum()) for s in shares]
+    assert max(loads) - min(loads) <= 20 and all(len(s) <= 4 for s in shares)
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch_and_resumes():
+    a = GlobalBatchSampler(10, 4, seed=3)
+    first = [(e, s, b.tolist()) for (e, s, b), _ in zip(a, range(5))]
+    assert [x[:2] for x in first] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]  # last batch of 2 is kept
+    assert first[2][2] and len(first[2][2]) == 2
+    b = GlobalBatchSampler(10, 4, seed=3)
+    b.load_state_dict({"epoch": 0, "step_in_epoch": 3})  # saved right after the epoch's last step
+    assert [(e, s, x.tolist()) for (e, s, x), _ in zip(b, range(2))] == first[3:]
+    assert sorted(sum((x[2] for x in first[:3]), [])) == list(range(10))
+
+
+def test_packed_collate_shifts_per_sequence():
+    s1 = (np.array([1, 2, 3]), np.array([IGNORE_INDEX, 2, 3]))
+    s2 = (np.array([4, 5]), np.array([IGNORE_INDEX, 5]))
+    mb = collate([s1, s2], packed=True, pad_id=0)
+    assert mb.input_ids.tolist() == [[1, 2, 3, 4, 5]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    # token 3 (end of the first sequence) predicts nothing: it never learns to predict the next document
+    assert mb.targets.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
+    assert mb.cu_seqlens.tolist() == [0, 3, 5] and mb.num_targets == 3 and mb.num_tokens == 5
+    padded = collate([s1, s2], packed=False, pad_id=0)
+    assert padded.input_ids.tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert padded.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]] and padded.num_padded == 1
+    assert torch.equal(padded.targets[1], torch.tensor([5, IGNORE_INDEX, IGNORE_INDEX]))
+
+
+def test_empty_micro_batch_has_nothing_to_train():
+    mb = collate([], packed=True, pad_id=7)
+    assert mb.num_targets == 0 and mb.num_tokens == 0 and mb.input_ids.tolist() == [[7]]
