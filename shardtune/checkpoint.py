@@ -72,31 +72,75 @@ def _tupled(x: Any) -> Any:
     return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
-def save(run_dir: Path, step: int, engine: Any, trainer_state: dict[str, Any], world: Any, tokenizer: Any,
-         max_to_keep: int | None) -> dict[str, Any]:
-    """Write global_step_{step}/ on every rank, then (rank 0, after all ranks finished) the tracker."""
-    import torch.distributed.checkpoint as dcp
+class Checkpointer:
+    """Saves `global_step_N/` (optionally in the background) and finalises it: side files, tracker, rotation.
 
-    from shardtune import parallel
+    With `checkpoint.async_save`, DCP stages the shards in host memory and writes them on a background
+    thread over a separate gloo group while training goes on; the folder is finalised (tracker last) before
+    the next save and at the end of the run, so the tracker never names a folder still being written.
+    """
 
-    t0 = time.perf_counter()
-    path = step_dir(run_dir, step)
-    if world.is_main and path.exists():  # a leftover of a crashed save at the same step
-        shutil.rmtree(path)
-    parallel.barrier(world)
-    with single_process_ok():
-        dcp.save(engine.state_dict(), checkpoint_id=str(path))
-    (path / f"rng_rank_{world.rank}.json").write_text(json.dumps(rng_state()))
-    parallel.barrier(world)
-    if world.is_main:
-        engine.model_config().save_pretrained(path / "huggingface")
-        tokenizer.save_pretrained(path / "huggingface")
-        _atomic_write(path / "trainer_state.json", json.dumps(trainer_state))
-        _atomic_write(run_dir / TRACKER, str(step))
-        rotate(run_dir, max_to_keep)
-    parallel.barrier(world)
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return {"step": step, "path": str(path), "seconds": round(time.perf_counter() - t0, 3), "bytes": size}
+    def __init__(self, run_dir: Path, cfg: Any, world: Any, tokenizer: Any, max_to_keep: int | None):
+        self.run_dir, self.cfg, self.world, self.tokenizer, self.max_to_keep = run_dir, cfg, world, tokenizer, max_to_keep
+        self.pending: tuple[Any, Any] | None = None
+        self.group = None
+        if cfg.async_save and world.distributed:
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo")
+
+    def save(self, step: int, engine: Any, trainer_state: dict[str, Any], hf_weights: bool = False) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+
+        from shardtune import parallel
+
+        self.wait()
+        t0 = time.perf_counter()
+        path = step_dir(self.run_dir, step)
+        if self.world.is_main and path.exists():  # a leftover of a crashed save at the same step
+            shutil.rmtree(path)
+        parallel.barrier(self.world)
+        state = {k: v for k, v in engine.state_dict().items() if k in self.cfg.save_contents}
+        if hf_weights or "hf_model" in self.cfg.save_contents:
+            engine.export(str(path / "huggingface"))  # collective: every rank takes part
+        rng = rng_state()
+        with single_process_ok():
+            if self.cfg.async_save:
+                future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group)
+            else:
+                dcp.save(state, checkpoint_id=str(path))
+                future = None
+        info = {"step": step, "path": str(path), "async": future is not None}
+        self.pending = (future, lambda: self._finalize(path, engine, trainer_state, rng, info, t0))
+        if future is None:
+            self.wait()
+        return info
+
+    def wait(self) -> None:
+        """Finish the pending save, if any: every rank's shards written, then side files and the tracker."""
+        if self.pending is None:
+            return
+        future, finalize = self.pending
+        self.pending = None
+        if future is not None:
+            future.result()
+        finalize()
+
+    def _finalize(self, path: Path, engine: Any, trainer_state: dict[str, Any], rng: dict[str, Any],
+                  info: dict[str, Any], t0: float) -> None:
+        from shardtune import parallel
+
+        (path / f"rng_rank_{self.world.rank}.json").write_text(json.dumps(rng))
+        parallel.barrier(self.world)
+        if self.world.is_main:
+            engine.model_config().save_pretrained(path / "huggingface")
+            self.tokenizer.save_pretrained(path / "huggingface")
+            _atomic_write(path / "trainer_state.json", json.dumps({**trainer_state, "contents": self.cfg.save_contents}))
+            _atomic_write(self.run_dir / TRACKER, str(trainer_state["step"]))
+            rotate(self.run_dir, self.max_to_keep)
+        parallel.barrier(self.world)
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        info["bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 @contextlib.contextmanager
@@ -164,16 +208,23 @@ def find_resume_path(run_dir: Path, mode: str, resume_from: str | None) -> Path 
     return candidates[-1][1] if candidates else None
 
 
-def load(path: Path, engine: Any, world: Any) -> dict[str, Any]:
-    """Load model + optimizer (resharded by DCP to this world size) and return the trainer state."""
+def load(path: Path, engine: Any, world: Any, contents: list[str] | None) -> dict[str, Any]:
+    """Load what `contents` names (default: all that was saved) and return the trainer state.
+
+    Model and optimizer are resharded by DCP to this world size; RNG streams are restored when the world
+    size is the same (they are per rank).
+    """
     import torch.distributed.checkpoint as dcp
 
-    state = engine.state_dict()
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    saved = trainer_state.get("contents", ["model", "optimizer", "extra"])
+    wanted = [c for c in (contents or saved) if c in saved]
+    state = {k: v for k, v in engine.state_dict().items() if k in wanted}
     with single_process_ok():
         dcp.load(state, checkpoint_id=str(path))
     engine.load_state_dict(state)
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    trainer_state["loaded"] = wanted
     rng_file = path / f"rng_rank_{world.rank}.json"
-    if rng_file.is_file() and trainer_state.get("world_size") == world.world_size:
+    if "extra" in wanted and rng_file.is_file() and trainer_state.get("world_size") == world.world_size:
         set_rng_state(json.loads(rng_file.read_text()))
     return trainer_state

@@ -99,11 +99,12 @@ class EngineConfig:
 class TrainerConfig:
     total_epochs: int = 1
     total_training_steps: int | None = None
-    test_freq: int = -1  # validate every N steps (and always at the end); -1 = only at the end
-    save_freq: int = -1  # save every N steps (-1 = only at the end; a checkpoint is always saved at the end)
+    test_freq: int | Literal["after_each_epoch"] = -1  # validate every N steps (and always at the end)
+    save_freq: int | Literal["after_each_epoch"] = -1  # save every N steps (a checkpoint is always saved at the end)
     max_ckpt_to_keep: int | None = None  # keep the newest N complete checkpoints (null = all)
     resume_mode: Literal["auto", "disable", "resume_path"] = "auto"
     resume_from_path: str | None = None
+    save_hf_at_end: bool = False  # also write full safetensors weights into the last checkpoint's huggingface/
     default_local_dir: str = "checkpoints/{project_name}/{experiment_name}"
     project_name: str = "shardtune"
     experiment_name: str = "run"
@@ -114,6 +115,18 @@ class TrainerConfig:
     progress_bar: bool = True
 
 
+CHECKPOINT_CONTENTS = Literal["model", "optimizer", "extra", "hf_model"]
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # model/optimizer: DCP shards; extra: data position, lr schedule, RNG, early stopping; hf_model: full
+    # safetensors weights under global_step_N/huggingface/ (config and tokenizer are always there)
+    save_contents: list[CHECKPOINT_CONTENTS] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+    load_contents: list[CHECKPOINT_CONTENTS] | None = None  # null = everything that was saved
+    async_save: bool = False  # write DCP shards in the background while training continues
+
+
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,6 +134,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -229,13 +243,13 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        errors = []
+        reasons = []
         for a in non_none:
             try:
                 return coerce(key, value, a)
             except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
+                reasons.append(str(e).split(" must be ", 1)[-1].split(", got ")[0])
+        raise ConfigError(f"Config key '{key}' must be {' or '.join(reasons)}, got {value!r}.")
     if origin is Literal:
         if value in args:
             return value
@@ -310,8 +324,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         (t.total_epochs >= 1, f"trainer.total_epochs must be >= 1, got {t.total_epochs}."),
         (t.total_training_steps is None or t.total_training_steps >= 1,
          f"trainer.total_training_steps must be >= 1 or null, got {t.total_training_steps}."),
-        (t.test_freq == -1 or t.test_freq >= 1, f"trainer.test_freq must be -1 or >= 1, got {t.test_freq}."),
-        (t.save_freq == -1 or t.save_freq >= 1, f"trainer.save_freq must be -1 or >= 1, got {t.save_freq}."),
+        (_is_freq(t.test_freq), f"trainer.test_freq must be -1, >= 1 or after_each_epoch, got {t.test_freq}."),
+        (_is_freq(t.save_freq), f"trainer.save_freq must be -1, >= 1 or after_each_epoch, got {t.save_freq}."),
+        (cfg.checkpoint.load_contents is None or set(cfg.checkpoint.load_contents) <= set(cfg.checkpoint.save_contents) | {"hf_model"},
+         "checkpoint.load_contents must be a subset of checkpoint.save_contents."),
+        ("model" in cfg.checkpoint.save_contents, "checkpoint.save_contents must include model."),
         (t.resume_mode != "resume_path" or bool(t.resume_from_path),
          "trainer.resume_mode=resume_path needs trainer.resume_from_path=/path/to/global_step_N."),
         (t.test_freq == -1 or bool(d.val_files),
@@ -343,6 +360,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 
     check_strategy(cfg.engine.strategy)
     return cfg
+
+
+def _is_freq(x: int | str) -> bool:
+    return x == "after_each_epoch" or x == -1 or (isinstance(x, int) and x >= 1)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -81,6 +81,8 @@ class Trainer:
         self.best_val = math.inf
         self.bad_validations = 0
         self.last_saved = 0
+        self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint, self.world, self.tokenizer,
+                                                    t.max_ckpt_to_keep)
         self.resumed: dict[str, Any] | None = None
         if resume_from is not None:
             self._resume(resume_from)
@@ -95,22 +97,29 @@ class Trainer:
                 "schedule": self.engine.schedule_state(), "world_size": self.world.world_size}
 
     def _resume(self, path) -> None:
-        state = checkpoint.load(path, self.engine, self.world)
-        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        self.best_val, self.bad_validations = state["best_val"], state["bad_validations"]
-        self.sampler.load_state_dict(state["sampler"])
-        self.engine.load_schedule_state(state["schedule"])
+        state = checkpoint.load(path, self.engine, self.world, self.cfg.checkpoint.load_contents)
+        self.step = state["step"]
+        if "extra" in state["loaded"]:  # without it: the weights continue, data and schedule restart
+            self.skipped_steps = state["skipped_steps"]
+            self.best_val, self.bad_validations = state["best_val"], state["bad_validations"]
+            self.sampler.load_state_dict(state["sampler"])
+            self.engine.load_schedule_state(state["schedule"])
+        else:
+            self.step = 0
         self.last_saved = self.step
-        self.resumed = {"path": str(path), "step": self.step, "saved_world_size": state["world_size"],
+        self.resumed = {"path": str(path), "step": self.step, "loaded": state["loaded"],
+                        "saved_world_size": state["world_size"],
                         "world_size": self.world.world_size,
                         "skipped_incomplete": [str(p) for p in checkpoint.incomplete_after(self.run_dir, self.step)]}
         if state["world_size"] != self.world.world_size:
             self.resumed["note"] = (f"resharded from {state['world_size']} to {self.world.world_size} processes; "
                                     "RNG streams restart from the seed")
 
-    def save(self) -> None:
-        info = checkpoint.save(self.run_dir, self.step, self.engine, self.trainer_state(), self.world,
-                               self.tokenizer, self.cfg.trainer.max_ckpt_to_keep)
+    def save(self, final: bool = False) -> None:
+        hf_weights = final and self.cfg.trainer.save_hf_at_end
+        info = self.checkpointer.save(self.step, self.engine, self.trainer_state(), hf_weights=hf_weights)
+        if final:
+            self.checkpointer.wait()
         self.last_saved = self.step
         self.metrics.event("checkpoint", **info)
 
@@ -135,23 +144,23 @@ class Trainer:
         if self.resumed:
             self.metrics.event("resume", **self.resumed)
         batches = iter(self.sampler)
-        save_freq = self.cfg.trainer.save_freq
         try:
             while self.step < self.total_steps:  # checked before drawing, so the sampler stops at the step
                 metrics = self.train_step(*next(batches))
                 stop = False
-                if self._validate_now():
+                if self.val_data is not None and (self._due(self.cfg.trainer.test_freq) or self.step == self.total_steps):
                     metrics["val/loss"] = self.validate()
                     stop = self._early_stop(metrics["val/loss"])
                 self.metrics.log(self.step, metrics)
                 self.history.append({"step": self.step, **metrics})
-                if save_freq > 0 and self.step % save_freq == 0:
+                if self._due(self.cfg.trainer.save_freq) and self.step < self.total_steps and not stop:
                     self.save()
                 if stop:
                     self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val)
                     break
-            if self.step > self.last_saved:
-                self.save()
+            if self.step > self.last_saved:  # always a checkpoint after the last step
+                self.save(final=True)
+            self.checkpointer.wait()
         finally:
             self.metrics.close()
         return self.history
@@ -184,11 +193,11 @@ class Trainer:
             "data/dropped_rows": dropped,
         }
 
-    def _validate_now(self) -> bool:
-        if self.val_data is None:
-            return False
-        freq = self.cfg.trainer.test_freq
-        return self.step == self.total_steps or (freq > 0 and self.step % freq == 0)
+    def _due(self, freq: int | str) -> bool:
+        """Whether a cadence of N steps, or `after_each_epoch`, falls on the step just taken."""
+        if freq == "after_each_epoch":
+            return self.sampler.step_in_epoch == self.sampler.steps_per_epoch
+        return freq > 0 and self.step % freq == 0
 
     def validate(self) -> float:
         """Token-weighted loss over every validation sample (none dropped, none repeated across ranks)."""

@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_jsonl
 
 from shardtune.checkpoint import TRACKER, complete_checkpoints, find_resume_path, rotate
 from shardtune.errors import ConfigError
+
+SLOW_STEPS = Path(__file__).parent / "scripts" / "slow_steps.py"
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +41,38 @@ def uninterrupted(tiny_model, data, tmp_path_factory):
     return {row["step"]: row["train/loss"] for row in read_metrics(run_dir)}
 
 
-def kill_after(cmd_args, run_dir, steps: int):
-    """Start training, SIGKILL it once `steps` steps are logged."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "shardtune", "train", *cmd_args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_after(cmd_args, run_dir, steps: int, nproc: int = 1):
+    """Start training (torchrun when nproc > 1), SIGKILL all its processes once `steps` steps are logged."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "")}
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    proc = subprocess.Popen([sys.executable, *launch, str(SLOW_STEPS), "train", *cmd_args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and sum('"train/loss"' in line for line in metrics.read_text().splitlines()) >= steps:
-            proc.send_signal(signal.SIGKILL)
+            kill_everything_mentioning(str(run_dir))  # the launcher and every worker, as a node failure would
             break
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def kill_everything_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line contains `text` (torchrun's workers live in their own
+    process groups, so killing the launcher's group is not enough)."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            try:
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.parametrize("save_freq,resume_step", [(3, 6), (5, 5)], ids=["mid-epoch", "epoch-boundary"])
@@ -162,3 +183,44 @@ def test_export_matches_the_live_model_and_round_trips_the_tokenizer(tiny_model,
 def test_export_refuses_what_is_not_a_checkpoint(tmp_path):
     r = run_cli("export", str(tmp_path), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "not a complete shardtune checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_epoch_cadence_contents_and_hf_weights(tiny_model, data, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run_cli("train", *args(tiny_model, data, run_dir, "trainer.total_training_steps=12",
+                               "trainer.save_freq=after_each_epoch", "trainer.save_hf_at_end=true",
+                               "checkpoint.save_contents=[model,extra]", f"data.val_files={data}",
+                               "trainer.test_freq=after_each_epoch"))
+    assert r.returncode == 0, r.stderr
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [5, 10, 12]  # 5 steps per epoch, and the end
+    assert [x["step"] for x in read_metrics(run_dir) if "val/loss" in x] == [5, 10, 12]
+    assert (run_dir / "global_step_12" / "huggingface" / "model.safetensors").is_file()
+    assert not (run_dir / "global_step_10" / "huggingface" / "model.safetensors").exists()
+    assert b"optimizer" not in (run_dir / "global_step_5" / ".metadata").read_bytes()  # saved without optimizer
+    # weights only: the model continues from step 10 but data, schedule and step count start over
+    r = run_cli("train", *args(tiny_model, data, tmp_path / "w", "trainer.total_training_steps=2",
+                               f"trainer.resume_from_path={run_dir / 'global_step_10'}",
+                               "checkpoint.load_contents=[model]"))
+    assert r.returncode == 0, r.stderr
+    fresh = {x["step"]: x["train/loss"] for x in read_metrics(run_dir)}
+    warm = read_metrics(tmp_path / "w")
+    assert [x["step"] for x in warm] == [1, 2] and warm[0]["train/loss"] < fresh[1] - 0.5
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_async_save_then_sigkill_resume(tiny_model, data, tmp_path, uninterrupted, nproc):
+    run_dir = tmp_path / "run"
+    cmd = args(tiny_model, data, run_dir, "trainer.save_freq=3", "checkpoint.async_save=true")
+    kill_after(cmd, run_dir, steps=8, nproc=nproc)
+    assert (run_dir / TRACKER).is_file()
+    r = (torchrun(2, "train", *cmd) if nproc == 2 else run_cli("train", *cmd))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resume = next(x for x in lines if x.get("event") == "resume")
+    after = [x for x in lines[lines.index(resume) :] if "train/loss" in x]
+    assert after and after[-1]["step"] == 16
+    for x in after:
+        if nproc == 1:
+            assert x["train/loss"] == uninterrupted[x["step"]]  # bitwise
+        else:
+            assert math.isclose(x["train/loss"], uninterrupted[x["step"]], rel_tol=1e-5)

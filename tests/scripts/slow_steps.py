@@ -1,0 +1,19 @@
+"""Run the shardtune CLI with a pause after every optimizer step, so a test can kill it at a known point."""
+
+import sys
+import time
+
+from shardtune import cli
+from shardtune.trainer import Trainer
+
+_train_step = Trainer.train_step
+
+
+def slow_train_step(self, *args):
+    out = _train_step(self, *args)
+    time.sleep(0.25)
+    return out
+
+
+Trainer.train_step = slow_train_step
+sys.exit(cli.main(sys.argv[1:]))
