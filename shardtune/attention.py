@@ -11,6 +11,8 @@ Because the name is not a transformers mask type, transformers builds no mask at
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -65,3 +67,74 @@ def choose(requested: str, packed: bool, device: torch.device) -> str:
         except ImportError:
             pass
     return register()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ulysses sequence parallelism: each rank of a sequence-parallel group holds a slice of the packed row. Around
+# attention, an all-to-all trades the sequence slices for head slices (every rank then sees the whole row for
+# H/sp heads), the per-sequence kernel runs, and a second all-to-all trades back.
+
+ULYSSES = "shardtune_ulysses"
+_SP_GROUP = None
+
+
+def set_sequence_parallel_group(group) -> None:
+    global _SP_GROUP
+    _SP_GROUP = group
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """Autograd-aware all-to-all of equal chunks along dim 0."""
+    from torch.distributed.nn.functional import all_to_all_single
+
+    x = x.contiguous()  # (empty_like of a permuted view would keep its strides and scramble the result)
+    with warnings.catch_warnings():  # the autograd-aware version is the one that is documented to work on gloo
+        warnings.filterwarnings("ignore", message=".*all_to_all_single is deprecated")
+        return all_to_all_single(torch.empty_like(x), x, group=group)
+
+
+def seq_to_heads(x: torch.Tensor, sp: int, group) -> torch.Tensor:
+    """[1, H, S/sp, D] (my sequence slice, all heads) -> [1, H/sp, S, D] (all positions, my heads)."""
+    _, h, s_local, d = x.shape
+    out = _all_to_all(x[0].reshape(sp, h // sp, s_local, d), group)  # out[i]: rank i's slice of my heads
+    return out.permute(1, 0, 2, 3).reshape(1, h // sp, sp * s_local, d)
+
+
+def heads_to_seq(x: torch.Tensor, sp: int, group) -> torch.Tensor:
+    """[1, H/sp, S, D] -> [1, H, S/sp, D], the inverse of `seq_to_heads`."""
+    _, h_local, s, d = x.shape
+    chunks = x[0].reshape(h_local, sp, s // sp, d).permute(1, 0, 2, 3)  # chunk i: rank i's positions
+    return _all_to_all(chunks, group).reshape(1, sp * h_local, s // sp, d)
+
+
+def repeat_kv_for(kv: torch.Tensor, sp: int) -> torch.Tensor:
+    """Repeat key/value heads so their count divides by sp (grouped-query attention with fewer KV heads
+    than sequence-parallel ranks); each query head keeps its original KV head."""
+    import math
+
+    n = kv.shape[1]
+    factor = sp // math.gcd(n, sp)
+    return kv if factor == 1 else kv.repeat_interleave(factor, dim=1)
+
+
+def ulysses_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    import torch.distributed as dist
+
+    group = _SP_GROUP
+    sp = dist.get_world_size(group)
+    q = seq_to_heads(query, sp, group)
+    k = seq_to_heads(repeat_kv_for(key, sp), sp, group)
+    v = seq_to_heads(repeat_kv_for(value, sp), sp, group)
+    kwargs.pop("position_ids", None)  # local slice; the full row's boundaries come in cu_seq_lens_q
+    out, _ = varlen_sdpa_forward(module, q, k, v, attention_mask, **kwargs)  # [1, S, H/sp, D]
+    out = heads_to_seq(out.transpose(1, 2), sp, group)  # [1, H, S/sp, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_ulysses(group) -> str:
+    from transformers import AttentionInterface
+
+    set_sequence_parallel_group(group)
+    AttentionInterface.register(ULYSSES, ulysses_forward)
+    return ULYSSES

@@ -88,9 +88,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _launch_torchrun(args.nproc, path, overrides, args.debug)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = validate(load_config(path, overrides), world_size=world_size)
-    from shardtune.model import check_model_path
+    from shardtune.model import check_model_path, check_sequence_parallel
 
     check_model_path(cfg.model)
+    check_sequence_parallel(cfg.model, cfg.sp_size)
     if args.command == "validate":
         from shardtune.preview import validate_data
 
@@ -108,7 +109,7 @@ def _train(cfg, debug: bool) -> int:
     from shardtune import parallel
     from shardtune.trainer import Trainer
 
-    world = parallel.init_world()
+    world = parallel.init_world(cfg.sp_size)
     if not world.distributed:
         Trainer(cfg, world).fit()
         return 0

@@ -93,6 +93,7 @@ class EngineConfig:
     optimizer_offload: bool = False  # the same policy (FSDP2 offloads parameters and optimizer together)
     reshard_after_forward: bool = True
     fsdp_size: int = -1  # shard over groups of this many ranks and replicate across groups (-1 = all ranks)
+    ulysses_sequence_parallel_size: int = 1  # ranks that split each packed row along the sequence (Ulysses)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,12 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # verl's legacy spelling of engine.ulysses_sequence_parallel_size (the larger of the two wins)
+    ulysses_sequence_parallel_size: int = 1
+
+    @property
+    def sp_size(self) -> int:
+        return max(self.engine.ulysses_sequence_parallel_size, self.ulysses_sequence_parallel_size)
 
     @property
     def run_dir(self) -> Path:
@@ -312,9 +319,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         (not d.use_dynamic_bsz or d.max_token_len_per_gpu >= d.max_length,
          f"data.max_token_len_per_gpu={d.max_token_len_per_gpu} is below data.max_length={d.max_length}, so a "
          "sample could exceed the budget. Fix: raise data.max_token_len_per_gpu or lower data.max_length."),
-        (d.train_batch_size % world_size == 0,
+        (d.train_batch_size % max(1, world_size // cfg.sp_size) == 0 or world_size % cfg.sp_size != 0,
          f"data.train_batch_size={d.train_batch_size} must be divisible by the number of data-parallel "
-         f"ranks ({world_size}). Fix: pick a multiple of {world_size}."),
+         f"ranks ({world_size // cfg.sp_size}). Fix: pick a multiple of {world_size // cfg.sp_size}."),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}."),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}."),
         (0 <= o.lr_warmup_steps_ratio < 1, f"optim.lr_warmup_steps_ratio must be in [0, 1), got {o.lr_warmup_steps_ratio}."),
@@ -344,6 +351,14 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    sp = cfg.sp_size
+    if sp > 1:
+        if not cfg.model.use_remove_padding:
+            raise ConfigError(f"Ulysses sequence parallelism (size {sp}) needs padding-free batches. "
+                              "Fix: model.use_remove_padding=true.")
+        if world_size % sp:
+            raise ConfigError(f"engine.ulysses_sequence_parallel_size={sp} must divide the number of processes "
+                              f"({world_size}). Fix: launch a multiple of {sp} processes.")
     e = cfg.engine
     if e.fsdp_size not in (-1, world_size) and (e.fsdp_size < 1 or world_size % e.fsdp_size):
         raise ConfigError(f"engine.fsdp_size={e.fsdp_size} must divide the number of processes ({world_size}). "

@@ -37,6 +37,16 @@ def check_model_path(cfg: ModelConfig) -> None:
                           "runs code). Fix: convert them to safetensors.")
 
 
+def check_sequence_parallel(cfg: ModelConfig, sp_size: int) -> None:
+    """Ulysses splits attention heads over the sequence-parallel ranks: heads must divide evenly."""
+    if sp_size == 1:
+        return
+    heads = load_config(cfg).num_attention_heads
+    if heads % sp_size:
+        raise ConfigError(f"The model has {heads} attention heads, not divisible by the sequence-parallel size "
+                          f"{sp_size}. Fix: pick an engine.ulysses_sequence_parallel_size that divides {heads}.")
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 

@@ -30,17 +30,25 @@ class World:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    # data-parallel view (sequence parallelism will split this further)
+    # Ranks form a (dp, sp) grid: the sp ranks of one data-parallel group share the same samples and split
+    # each packed row along the sequence (Ulysses). Without sequence parallelism sp_size is 1.
+    sp_size: int = 1
+    sp_group: Any = None
+
     @property
     def dp_rank(self) -> int:
-        return self.rank
+        return self.rank // self.sp_size
 
     @property
     def dp_size(self) -> int:
-        return self.world_size
+        return self.world_size // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_size
 
 
-def init_world() -> World:
+def init_world(sp_size: int = 1) -> World:
     """Join the torchrun job described by the environment, or stay a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
@@ -52,7 +60,14 @@ def init_world() -> World:
         return World(device=device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return World(dist.get_rank(), world_size, local_rank, device)
+    world = World(dist.get_rank(), world_size, local_rank, device, sp_size)
+    if sp_size > 1:
+        # consecutive ranks form one sequence-parallel group; every rank creates every group, in order
+        for start in range(0, world_size, sp_size):
+            group = dist.new_group(list(range(start, start + sp_size)))
+            if start <= world.rank < start + sp_size:
+                world.sp_group = group
+    return world
 
 
 def build_mesh(world: World, fsdp_size: int = -1):

@@ -83,3 +83,17 @@ def test_packed_collate_shifts_per_sequence():
 def test_empty_micro_batch_has_nothing_to_train():
     mb = collate([], packed=True, pad_id=7)
     assert mb.num_targets == 0 and mb.num_tokens == 0 and mb.input_ids.tolist() == [[7]]
+
+
+def test_sequence_parallel_slices_cover_the_padded_row():
+    from shardtune.data.batching import slice_for_sequence_parallel
+
+    s1 = (np.array([1, 2, 3, 4]), np.array([IGNORE_INDEX, 2, 3, 4]))
+    s2 = (np.array([5, 6, 7]), np.array([IGNORE_INDEX, 6, 7]))
+    mb = collate([s1, s2], packed=True, pad_id=0)
+    parts = [slice_for_sequence_parallel(mb, 3, r, pad_id=0) for r in range(3)]
+    assert [p.input_ids.tolist()[0] for p in parts] == [[1, 2, 3], [4, 5, 6], [7, 0, 0]]
+    # the padding is its own sequence with no targets, and every slice keeps the whole row's boundaries
+    assert all(p.cu_seqlens.tolist() == [0, 4, 7, 9] for p in parts)
+    assert torch.cat([p.position_ids for p in parts], 1).tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert sum(p.num_targets for p in parts) == mb.num_targets == 4

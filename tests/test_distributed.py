@@ -97,3 +97,37 @@ def test_two_process_runs_exit_zero_repeatedly(tiny_model, data, tmp_path):
     for i in range(5):
         r = torchrun(2, "train", *args(tiny_model, data, tmp_path / f"run{i}", "trainer.total_training_steps=1"))
         assert r.returncode == 0, (i, r.stderr[-3000:])
+
+
+def test_ulysses_sp2_equals_one_process(tiny_model, data, tmp_path, one_process):
+    r = torchrun(2, "train", *args(tiny_model, data, tmp_path / "run", "engine.ulysses_sequence_parallel_size=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_steps_close(one_process, read_metrics(tmp_path / "run"))
+
+
+def test_ulysses_with_fewer_kv_heads_than_sp_ranks(data, tmp_path):
+    """One KV head shared by 4 query heads, split over 2 sequence-parallel ranks: KV heads are repeated."""
+    from shardtune.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "gqa", seed=1, kv_heads=1)
+    r = run_cli("train", *args(model, data, tmp_path / "one"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, "train", *args(model, data, tmp_path / "sp", "ulysses_sequence_parallel_size=2"))  # verl's key
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_steps_close(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "sp"))
+
+
+@pytest.mark.slow
+def test_dp2_by_sp2_on_four_processes(tiny_model, data, tmp_path, one_process):
+    r = torchrun(4, "train", *args(tiny_model, data, tmp_path / "run", "engine.ulysses_sequence_parallel_size=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_steps_close(one_process, read_metrics(tmp_path / "run"))
+
+
+def test_sequence_parallel_config_errors(tiny_model, data, tmp_path):
+    r = run_cli("train", *args(tiny_model, data, tmp_path / "a", "engine.ulysses_sequence_parallel_size=2",
+                               "model.use_remove_padding=false"), env={"WORLD_SIZE": "2"})
+    assert r.returncode == 2 and "model.use_remove_padding=true" in r.stderr
+    r = run_cli("train", *args(tiny_model, data, tmp_path / "b", "engine.ulysses_sequence_parallel_size=3"),
+                env={"WORLD_SIZE": "3"})
+    assert r.returncode == 2 and "4 attention heads, not divisible" in r.stderr

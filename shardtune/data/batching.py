@@ -181,3 +181,27 @@ def _shift(labels: torch.Tensor) -> torch.Tensor:
     out = torch.full_like(labels, IGNORE_INDEX)
     out[:-1] = labels[1:]
     return out
+
+
+def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: int) -> MicroBatch:
+    """This rank's 1/sp slice of a packed row for Ulysses sequence parallelism.
+
+    The row is first padded to a multiple of sp with a separate dummy sequence (pad tokens, no targets), so
+    padding never attends to or is attended by real tokens. `cu_seqlens` and `max_seqlen` stay those of the
+    whole padded row: attention runs over all positions after the all-to-all.
+    """
+    assert mb.cu_seqlens is not None, "sequence parallelism needs packed rows"
+    total = mb.input_ids.shape[1]
+    pad = -total % sp
+    ids, targets, positions, cu = mb.input_ids, mb.targets, mb.position_ids, mb.cu_seqlens
+    if pad:
+        ids = torch.cat([ids, torch.full((1, pad), pad_id, dtype=ids.dtype)], dim=1)
+        targets = torch.cat([targets, torch.full((1, pad), IGNORE_INDEX, dtype=targets.dtype)], dim=1)
+        positions = torch.cat([positions, torch.arange(pad)[None]], dim=1)
+        cu = torch.cat([cu, torch.tensor([total + pad], dtype=cu.dtype)])
+    width = (total + pad) // sp
+    part = slice(sp_rank * width, (sp_rank + 1) * width)
+    local_targets = targets[:, part]
+    return MicroBatch(ids[:, part], local_targets, positions[:, part], None, cu, max(mb.max_seqlen, pad),
+                      mb.num_tokens, int((local_targets != IGNORE_INDEX).sum()), mb.num_padded + pad,
+                      mb.seq_lengths)

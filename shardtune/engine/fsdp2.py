@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from shardtune import parallel
-from shardtune.data.batching import MicroBatch
+from shardtune import attention, parallel
+from shardtune.data.batching import MicroBatch, slice_for_sequence_parallel
 from shardtune.data.chat import IGNORE_INDEX
 from shardtune.engine.base import Engine, StepResult
 from shardtune.model import DTYPES, build_from_config, load_config, load_model
@@ -45,6 +45,8 @@ class FSDP2Engine(Engine):
             with torch.device("meta"):
                 model = build_from_config(load_config(mcfg), mcfg, world.device)
             full_state = {}
+        if world.sp_size > 1:
+            model.set_attn_implementation(attention.register_ulysses(world.sp_group))
         offload = ecfg.param_offload or ecfg.optimizer_offload
         parallel.apply_fsdp2(
             model, parallel.build_mesh(world, ecfg.fsdp_size), param_dtype=DTYPES[ecfg.mixed_precision.param_dtype],
@@ -66,8 +68,11 @@ class FSDP2Engine(Engine):
 
     # ------------------------------------------------------------------------------------------------------
     def _loss_sum(self, mb: MicroBatch) -> torch.Tensor:
-        """Sum of next-token cross-entropy over the supervised tokens of one micro-batch."""
+        """Sum of next-token cross-entropy over the supervised tokens of one micro-batch (of this rank's
+        slice of it under sequence parallelism: the slices of a group add up to the whole)."""
         dev = self.world.device
+        if self.world.sp_size > 1:
+            mb = slice_for_sequence_parallel(mb, self.world.sp_size, self.world.sp_rank, self.tokenizer.pad_token_id)
         packed = {}
         if mb.cu_seqlens is not None:  # sequence boundaries for varlen attention kernels
             cu = mb.cu_seqlens.to(dev)
@@ -84,7 +89,9 @@ class FSDP2Engine(Engine):
 
     def train_batch(self, micro_batches: list[MicroBatch]) -> StepResult:
         self.model.train()
-        (global_targets,) = self.reduce_sum([sum(mb.num_targets for mb in micro_batches)])
+        # every rank of a sequence-parallel group holds the same micro-batches: count them once
+        local = sum(mb.num_targets for mb in micro_batches) / self.world.sp_size
+        (global_targets,) = self.reduce_sum([local])
         denom = max(global_targets, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -115,7 +122,8 @@ class FSDP2Engine(Engine):
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
         for mb in micro_batches:
             loss_sum += self._loss_sum(mb)
-        loss, count = self.reduce_sum([float(loss_sum), float(sum(mb.num_targets for mb in micro_batches))])
+        count = sum(mb.num_targets for mb in micro_batches) / self.world.sp_size
+        loss, count = self.reduce_sum([float(loss_sum), count])
         return loss, count
 
     def reduce_sum(self, values: list[float]) -> list[float]:
