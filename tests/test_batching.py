@@ -96,4 +96,4 @@ def test_sequence_parallel_slices_cover_the_padded_row():
     # the padding is its own sequence with no targets, and every slice keeps the whole row's boundaries
     assert all(p.cu_seqlens.tolist() == [0, 4, 7, 9] for p in parts)
     assert torch.cat([p.position_ids for p in parts], 1).tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
-    assert sum(p.num_targets for p in parts) == mb.num_targets == 4
+    assert sum(p.num_targets for p in parts) == mb.num_targets == 5
