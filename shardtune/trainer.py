@@ -184,7 +184,8 @@ class Trainer:
         return {
             "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
             "train/epoch": epoch + (step_in_epoch + 1) / self.sampler.steps_per_epoch,
-            "train/global_tokens": tokens, "train/skipped_steps": self.skipped_steps,
+            "train/global_tokens": tokens, "train/supervised_tokens": result.num_targets,
+            "train/skipped_steps": self.skipped_steps,
             "perf/step_time_s": elapsed, "perf/data_s": t_data,
             "perf/tokens_per_s": tokens / elapsed, "perf/tokens_per_s_per_device": tokens / elapsed / devices,
             "perf/padding_ratio": padded / (padded + tokens), "perf/micro_batches": len(plans[0]),

@@ -19,6 +19,7 @@ class StepResult:
     grad_norm: float  # total norm before clipping
     lr: float  # learning rate the step used
     skipped: bool  # non-finite gradient norm: no update on any rank
+    num_targets: int  # supervised tokens of the whole step (all ranks)
 
 
 class Engine(ABC):

@@ -114,7 +114,7 @@ class FSDP2Engine(Engine):
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             self.scheduler.step()
         (total_loss,) = self.reduce_sum([float(loss_sum)])
-        return StepResult(total_loss / denom, grad_norm, lr, skipped)
+        return StepResult(total_loss / denom, grad_norm, lr, skipped, int(global_targets))
 
     @torch.no_grad()
     def eval_batch(self, micro_batches: list[MicroBatch]) -> tuple[float, float]:
