@@ -45,18 +45,51 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def register() -> str:
+TORCH_VARLEN = "shardtune_torch_varlen"
+
+
+def torch_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+                         **kwargs) -> tuple[torch.Tensor, None]:
+    """PyTorch's flash-attention varlen kernel (CUDA only) on a packed row; same contract as above."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        return varlen_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                   cu_seq_lens_q=cu_seq_lens_q, **kwargs)
+    cu = cu_seq_lens_q.to(torch.int32)
+    max_len = int(max_length_q or int((cu[1:] - cu[:-1]).max()))
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
+                      enable_gqa=q.shape[1] != k.shape[1])
+    return out[None], None
+
+
+KERNELS = {VARLEN_SDPA: varlen_sdpa_forward, TORCH_VARLEN: torch_varlen_forward}
+
+
+def register(name: str = VARLEN_SDPA) -> str:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_forward)
-    return VARLEN_SDPA
+    AttentionInterface.register(name, KERNELS[name])
+    return name
+
+
+def _torch_varlen_available() -> bool:
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def choose(requested: str, packed: bool, device: torch.device) -> str:
-    """`auto`: flash-attn varlen on GPU when installed, else shardtune's per-sequence sdpa for packed rows,
-    plain sdpa for padded ones. Any other value is passed to transformers unchanged."""
+    """`auto` for packed rows: flash-attn's varlen kernel on GPU when installed, else PyTorch's own varlen kernel
+    (`torch.nn.attention.varlen`, CUDA), else shardtune's per-sequence sdpa; plain sdpa for padded rows. Any
+    other value is passed to transformers unchanged."""
     if requested != "auto":
-        return register() if requested == VARLEN_SDPA else requested
+        return register(requested) if requested in KERNELS else requested
     if not packed:
         return "sdpa"
     if device.type == "cuda":
@@ -65,7 +98,8 @@ def choose(requested: str, packed: bool, device: torch.device) -> str:
 
             return "flash_attention_2"
         except ImportError:
-            pass
+            if _torch_varlen_available():
+                return register(TORCH_VARLEN)
     return register()
 
 
@@ -127,7 +161,8 @@ def ulysses_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     k = seq_to_heads(repeat_kv_for(key, sp), sp, group)
     v = seq_to_heads(repeat_kv_for(value, sp), sp, group)
     kwargs.pop("position_ids", None)  # local slice; the full row's boundaries come in cu_seq_lens_q
-    out, _ = varlen_sdpa_forward(module, q, k, v, attention_mask, **kwargs)  # [1, S, H/sp, D]
+    inner = torch_varlen_forward if query.is_cuda and _torch_varlen_available() else varlen_sdpa_forward
+    out, _ = inner(module, q, k, v, attention_mask, **kwargs)  # [1, S, H/sp, D]
     out = heads_to_seq(out.transpose(1, 2), sp, group)  # [1, H, S/sp, D]
     return out.transpose(1, 2).contiguous(), None
 
