@@ -19,12 +19,19 @@ import torch.nn.functional as F
 VARLEN_SDPA = "shardtune_varlen_sdpa"
 
 
+def _check_supported(module: torch.nn.Module, kwargs: dict) -> None:
+    if kwargs.get("sliding_window") or kwargs.get("softcap") or getattr(module, "sinks", None) is not None:
+        raise ValueError("shardtune's varlen kernels do not implement sliding windows, soft-capping or sinks. "
+                         "Fix: model.attn_implementation=sdpa (or flash_attention_2 on GPU).")
+
+
 def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         cu_seq_lens_q: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                         **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, H, T, D], key/value [B, Hkv, T, D] -> [B, T, H, D]. Packed rows have B == 1; their sequence
     boundaries come from `cu_seq_lens_q`, else from `position_ids` restarting at 0."""
+    _check_supported(module, kwargs)
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         raise ValueError(f"{VARLEN_SDPA} is a training kernel for packed or unpadded rows without a KV cache. "
                          "Fix: model.set_attn_implementation('sdpa') before generating.")
@@ -55,6 +62,7 @@ def torch_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     """PyTorch's flash-attention varlen kernel (CUDA only) on a packed row; same contract as above."""
     from torch.nn.attention.varlen import varlen_attn
 
+    _check_supported(module, kwargs)
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return varlen_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                    cu_seq_lens_q=cu_seq_lens_q, **kwargs)
@@ -84,15 +92,24 @@ def _torch_varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
-def choose(requested: str, packed: bool, device: torch.device) -> str:
+def needs_masked_attention(hf_config) -> bool:
+    """Sliding windows, logit soft-capping and attention sinks are not implemented by the per-sequence
+    kernels here; transformers' sdpa path applies them through its mask."""
+    window = getattr(hf_config, "sliding_window", None) and getattr(hf_config, "use_sliding_window", True)
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    return bool(window or "sliding_attention" in layer_types or getattr(hf_config, "attn_logit_softcapping", None))
+
+
+def choose(requested: str, packed: bool, device: torch.device, compute_dtype: torch.dtype = torch.float32,
+           hf_config=None) -> str:
     """`auto` for packed rows: flash-attn's varlen kernel on GPU when installed, else PyTorch's own varlen kernel
     (`torch.nn.attention.varlen`, CUDA), else shardtune's per-sequence sdpa; plain sdpa for padded rows. Any
     other value is passed to transformers unchanged."""
     if requested != "auto":
         return register(requested) if requested in KERNELS else requested
-    if not packed:
+    if not packed or (hf_config is not None and needs_masked_attention(hf_config)):
         return "sdpa"
-    if device.type == "cuda":
+    if device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):  # flash kernels: 16-bit only
         try:
             import flash_attn  # noqa: F401
 

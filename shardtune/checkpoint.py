@@ -16,6 +16,7 @@ A checkpoint is complete once the tracker names it; a folder without `trainer_st
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -80,8 +81,11 @@ class Checkpointer:
     the next save and at the end of the run, so the tracker never names a folder still being written.
     """
 
-    def __init__(self, run_dir: Path, cfg: Any, world: Any, tokenizer: Any, max_to_keep: int | None):
+    def __init__(self, run_dir: Path, cfg: Any, world: Any, tokenizer: Any, max_to_keep: int | None,
+                 model_path: str, on_saved: Any = None):
         self.run_dir, self.cfg, self.world, self.tokenizer, self.max_to_keep = run_dir, cfg, world, tokenizer, max_to_keep
+        self.model_path = Path(os.path.expanduser(model_path))
+        self.on_saved = on_saved or (lambda info: None)  # called on every rank once a checkpoint is complete
         self.pending: tuple[Any, Any] | None = None
         self.group = None
         if cfg.async_save and world.distributed:
@@ -133,14 +137,27 @@ class Checkpointer:
         (path / f"rng_rank_{self.world.rank}.json").write_text(json.dumps(rng))
         parallel.barrier(self.world)
         if self.world.is_main:
-            engine.model_config().save_pretrained(path / "huggingface")
-            self.tokenizer.save_pretrained(path / "huggingface")
+            self._save_hf_side_files(engine, path / "huggingface")
             _atomic_write(path / "trainer_state.json", json.dumps({**trainer_state, "contents": self.cfg.save_contents}))
             _atomic_write(self.run_dir / TRACKER, str(trainer_state["step"]))
-            rotate(self.run_dir, self.max_to_keep)
+            rotate(self.run_dir, self.max_to_keep, protect=path)
         parallel.barrier(self.world)
         info["seconds"] = round(time.perf_counter() - t0, 3)
         info["bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        self.on_saved(info)
+
+    def _save_hf_side_files(self, engine: Any, out: Path) -> None:
+        """Config (with the KV cache back on, for inference), the base model's generation config, tokenizer."""
+        from transformers import GenerationConfig
+
+        config = copy.deepcopy(engine.model_config())
+        config.use_cache = True
+        config.save_pretrained(out)
+        try:
+            GenerationConfig.from_pretrained(self.model_path).save_pretrained(out)
+        except OSError:  # the base model has none: derive one from its config
+            GenerationConfig.from_model_config(config).save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
 
 
 @contextlib.contextmanager
@@ -176,12 +193,14 @@ def incomplete_after(run_dir: Path, step: int) -> list[Path]:
     return sorted(out)
 
 
-def rotate(run_dir: Path, max_to_keep: int | None) -> None:
-    """Keep the newest `max_to_keep` complete checkpoints; incomplete folders are left alone."""
+def rotate(run_dir: Path, max_to_keep: int | None, protect: Path | None = None) -> None:
+    """Keep the newest `max_to_keep` complete checkpoints (never `protect`, the one just written); incomplete
+    folders are left alone."""
     if not max_to_keep or max_to_keep < 1:
         return
     for _, p in complete_checkpoints(run_dir)[:-max_to_keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        if p != protect:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def find_resume_path(run_dir: Path, mode: str, resume_from: str | None) -> Path | None:

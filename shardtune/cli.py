@@ -109,7 +109,7 @@ def _train(cfg, debug: bool) -> int:
     from shardtune import parallel
     from shardtune.trainer import Trainer
 
-    world = parallel.init_world(cfg.sp_size)
+    world = parallel.init_world(cfg.sp_size, cfg.engine.timeout_minutes)
     if not world.distributed:
         Trainer(cfg, world).fit()
         return 0

@@ -59,7 +59,7 @@ class ModelConfig:
     gguf_file: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | shardtune_varlen_sdpa | ...
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["fp32", "bf16"] = "fp32"  # weights as loaded and updated; bf16 compute: engine.mixed_precision
     enable_gradient_checkpointing: bool = False
     use_remove_padding: bool = True
 
@@ -94,6 +94,7 @@ class EngineConfig:
     reshard_after_forward: bool = True
     fsdp_size: int = -1  # shard over groups of this many ranks and replicate across groups (-1 = all ranks)
     ulysses_sequence_parallel_size: int = 1  # ranks that split each packed row along the sequence (Ulysses)
+    timeout_minutes: int = 60  # how long a collective may wait (rank 0 tokenizing, a large export) before failing
 
 
 @dataclass(frozen=True)
@@ -155,15 +156,24 @@ LOGGERS = ("console", "jsonl", "file")
 # Loading: YAML + overrides -> nested dict -> typed dataclasses
 
 
+@dataclass(frozen=True)
+class Override:
+    """A command-line value: parsed as YAML, except where the field is a string, which takes the text as typed
+    (so `experiment_name=007` stays "007" and `system_prompt=Answer: briefly` is not read as a mapping)."""
+
+    raw: str
+    parsed: Any
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=[x,y]"]` -> `{"a.b": 1, "c": ["x", "y"]}` (values parsed as YAML)."""
+    """`["a.b=1", "c=[x,y]"]` -> `{"a.b": Override("1", 1), "c": Override("[x,y]", ["x", "y"])}`."""
     out: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip().lstrip("+")
         if not sep or not key:
             raise ConfigError(f"Cannot parse the override '{item}'. Fix: write it as key=value, e.g. optim.lr=2e-5.")
-        out[key] = _parse_value(raw)
+        out[key] = Override(raw, _parse_value(raw))
     return out
 
 
@@ -214,6 +224,7 @@ def from_dict(cls: type, tree: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(_unknown_key_message(prefix + key, cls, prefix))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
+            value = value.parsed if isinstance(value, Override) else value
             kwargs[key] = from_dict(hint, value or {}, prefix + key + ".")
         else:
             kwargs[key] = coerce(prefix + key, value, hint)
@@ -246,6 +257,9 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against the type `hint`, converting only where it is lossless and unsurprising."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, Override):
+        text_field = hint is str or (origin in (typing.Union, types.UnionType) and set(args) == {str, type(None)})
+        value = value.raw if text_field and value.raw.strip() not in ("null", "~") else value.parsed
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -316,6 +330,15 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         (d.max_length > 1, f"data.max_length must be > 1, got {d.max_length}."),
         (d.train_batch_size >= 1, f"data.train_batch_size must be >= 1, got {d.train_batch_size}."),
         (d.micro_batch_size_per_gpu >= 1, f"data.micro_batch_size_per_gpu must be >= 1, got {d.micro_batch_size_per_gpu}."),
+        (not d.use_dynamic_bsz or cfg.model.use_remove_padding,
+         "data.use_dynamic_bsz packs by token budget, which bounds memory only for padding-free batches. "
+         "Fix: model.use_remove_padding=true (or fixed micro-batches)."),
+        (not (cfg.engine.param_offload or cfg.engine.optimizer_offload) or world_size > 1,
+         "engine.param_offload / optimizer_offload use FSDP2's CPUOffloadPolicy, which needs a torchrun job of 2+ "
+         "processes. Fix: launch with torchrun (or --nproc), or turn offload off."),
+        (t.max_ckpt_to_keep is None or t.max_ckpt_to_keep >= 1,
+         f"trainer.max_ckpt_to_keep must be >= 1 or null (keep all), got {t.max_ckpt_to_keep}."),
+        (cfg.engine.timeout_minutes >= 1, "engine.timeout_minutes must be >= 1."),
         (not d.use_dynamic_bsz or d.max_token_len_per_gpu >= d.max_length,
          f"data.max_token_len_per_gpu={d.max_token_len_per_gpu} is below data.max_length={d.max_length}, so a "
          "sample could exceed the budget. Fix: raise data.max_token_len_per_gpu or lower data.max_length."),

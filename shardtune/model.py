@@ -65,27 +65,33 @@ def load_config(cfg: ModelConfig) -> Any:
     return AutoConfig.from_pretrained(os.path.expanduser(cfg.path), trust_remote_code=cfg.trust_remote_code, **kwargs)
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_device: torch.device | str | None = None,
+               compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load the weights onto `device`; the attention kernel is chosen for `attention_device` (where the model
+    will run, which differs when rank 0 loads on the CPU before sharding onto a GPU)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {"use_safetensors": True}
+    attn = attention_for(cfg, attention_device or device, compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device),
+        os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
     return prepare_for_training(model, cfg).to(device)
 
 
-def attention_for(cfg: ModelConfig, device: torch.device | str) -> str:
-    return attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device))
+def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype) -> str:
+    return attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device), compute_dtype,
+                            load_config(cfg))
 
 
-def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str) -> torch.nn.Module:
+def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str,
+                      compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An uninitialised model of the right shape (used on the meta device)."""
     from transformers import AutoModelForCausalLM
 
     return prepare_for_training(AutoModelForCausalLM.from_config(
-        hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device),
+        hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype),
         trust_remote_code=cfg.trust_remote_code), cfg)
 
 

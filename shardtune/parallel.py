@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ class World:
         return self.rank % self.sp_size
 
 
-def init_world(sp_size: int = 1) -> World:
+def init_world(sp_size: int = 1, timeout_minutes: int = 60) -> World:
     """Join the torchrun job described by the environment, or stay a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
@@ -59,7 +60,7 @@ def init_world(sp_size: int = 1) -> World:
     if world_size == 1:
         return World(device=device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     world = World(dist.get_rank(), world_size, local_rank, device, sp_size)
     if sp_size > 1:
         # consecutive ranks form one sequence-parallel group; every rank creates every group, in order
@@ -86,14 +87,6 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=world.device if world.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
-    return t.tolist()
-
-
-def all_reduce_max(values: list[float], world: World) -> list[float]:
-    if not world.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=world.device if world.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 

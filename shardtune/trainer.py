@@ -27,6 +27,7 @@ from shardtune.data.batching import (
 )
 from shardtune.data.dataset import TokenizedDataset, build_dataset
 from shardtune.engine import build_engine
+from shardtune.errors import ConfigError
 from shardtune.metrics import Metrics, max_memory_gb
 from shardtune.model import load_tokenizer
 
@@ -66,6 +67,13 @@ class Trainer:
         self.run_dir = cfg.run_dir
         # a wrong resume path is reported before anything in the run directory is touched
         resume_from = checkpoint.find_resume_path(self.run_dir, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
+        restarts_at_zero = resume_from is None or "extra" not in (cfg.checkpoint.load_contents or ["extra"])
+        existing = checkpoint.complete_checkpoints(self.run_dir)
+        if restarts_at_zero and existing:
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints of another run (up to global_step_{existing[-1][0]}), "
+                "and this run starts again at step 0: its checkpoints would mix with them. Fix: set a new "
+                "trainer.default_local_dir, or trainer.resume_mode=auto to continue that run.")
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
@@ -81,8 +89,10 @@ class Trainer:
         self.best_val = math.inf
         self.bad_validations = 0
         self.last_saved = 0
+        self.stopped_early = False
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint, self.world, self.tokenizer,
-                                                    t.max_ckpt_to_keep)
+                                                    t.max_ckpt_to_keep, cfg.model.path,
+                                                    on_saved=lambda info: self.metrics.event("checkpoint", **info))
         self.resumed: dict[str, Any] | None = None
         if resume_from is not None:
             self._resume(resume_from)
@@ -93,7 +103,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "best_val": self.best_val,
-                "bad_validations": self.bad_validations, "sampler": self.sampler.state_dict(),
+                "bad_validations": self.bad_validations, "stopped_early": self.stopped_early,
+                "sampler": self.sampler.state_dict(),
                 "schedule": self.engine.schedule_state(), "world_size": self.world.world_size}
 
     def _resume(self, path) -> None:
@@ -102,6 +113,7 @@ class Trainer:
         if "extra" in state["loaded"]:  # without it: the weights continue, data and schedule restart
             self.skipped_steps = state["skipped_steps"]
             self.best_val, self.bad_validations = state["best_val"], state["bad_validations"]
+            self.stopped_early = state.get("stopped_early", False)
             self.sampler.load_state_dict(state["sampler"])
             self.engine.load_schedule_state(state["schedule"])
         else:
@@ -117,11 +129,10 @@ class Trainer:
 
     def save(self, final: bool = False) -> None:
         hf_weights = final and self.cfg.trainer.save_hf_at_end
-        info = self.checkpointer.save(self.step, self.engine, self.trainer_state(), hf_weights=hf_weights)
+        self.checkpointer.save(self.step, self.engine, self.trainer_state(), hf_weights=hf_weights)
         if final:
             self.checkpointer.wait()
         self.last_saved = self.step
-        self.metrics.event("checkpoint", **info)
 
     # ------------------------------------------------------------------------------------------------------
     def plan(self, indices: np.ndarray, data: TokenizedDataset) -> list[list[list[int]]]:
@@ -144,6 +155,10 @@ class Trainer:
         if self.resumed:
             self.metrics.event("resume", **self.resumed)
         batches = iter(self.sampler)
+        if self.stopped_early:  # a relaunch of a run that already stopped early (e.g. a requeued job)
+            self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val, note="already stopped")
+            self.metrics.close()
+            return self.history
         try:
             while self.step < self.total_steps:  # checked before drawing, so the sampler stops at the step
                 metrics = self.train_step(*next(batches))
@@ -156,6 +171,7 @@ class Trainer:
                 if self._due(self.cfg.trainer.save_freq) and self.step < self.total_steps and not stop:
                     self.save()
                 if stop:
+                    self.stopped_early = True
                     self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val)
                     break
             if self.step > self.last_saved:  # always a checkpoint after the last step

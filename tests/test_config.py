@@ -25,7 +25,14 @@ def test_defaults_and_overrides(tmp_path):
 
 
 def test_list_values_with_quotes():
-    assert parse_overrides(["data.prompt_dict_keys=['question']"]) == {"data.prompt_dict_keys": ["question"]}
+    assert parse_overrides(["data.prompt_dict_keys=['question']"])["data.prompt_dict_keys"].parsed == ["question"]
+
+
+def test_string_fields_take_the_text_as_typed():
+    cfg = load_config(None, ["trainer.experiment_name=007", "data.system_prompt=Answer: briefly",
+                             "trainer.project_name=2024-01-01", "model.tokenizer_path=null"])
+    assert cfg.trainer.experiment_name == "007" and cfg.data.system_prompt == "Answer: briefly"
+    assert cfg.trainer.project_name == "2024-01-01" and cfg.model.tokenizer_path is None
 
 
 def test_unknown_key_names_it_and_suggests_the_nearest():
@@ -62,6 +69,10 @@ def test_wrong_types(override, needle):
     (BASE + ["trainer.logger=[console,slack]"], "trainer.logger"),
     (BASE + ["engine.strategy=deepspeed"], "engine.strategy"),
     (BASE + ["trainer.default_local_dir=runs/{nope}"], "unknown placeholder"),
+    (BASE + ["data.use_dynamic_bsz=true", "model.use_remove_padding=false"], "model.use_remove_padding=true"),
+    (BASE + ["engine.param_offload=true"], "needs a torchrun job"),
+    (BASE + ["trainer.max_ckpt_to_keep=0"], "max_ckpt_to_keep"),
+    (BASE + ["model.dtype=fp16"], "must be one of"),
 ])
 def test_cross_field_rules(overrides, needle):
     with pytest.raises(ConfigError, match=needle):

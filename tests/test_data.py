@@ -171,3 +171,12 @@ def test_multiprocess_tokenization_matches_single(tmp_path, tok):
     two = build_dataset([str(f)], DataConfig(cache_dir=None, num_proc=2), tok)
     assert np.array_equal(one.input_ids, two.input_ids) and np.array_equal(one.labels, two.labels)
     assert (one.labels != IGNORE_INDEX).sum() > 0
+
+
+def test_malformed_first_row_follows_the_bad_row_policy(tmp_path, tok):
+    rows = [{"oops": 1}] + arithmetic_rows(3)
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match="d.jsonl, row 0"):
+        build_dataset([str(f)], cfg(), tok)
+    ds = build_dataset([str(f)], cfg(on_bad_row="skip"), tok)
+    assert len(ds) == 3 and ds.stats["dropped"] == {"bad_row": 1}

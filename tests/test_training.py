@@ -11,6 +11,7 @@ from conftest import arithmetic_rows, read_metrics, write_jsonl
 
 from shardtune.config import OptimConfig, load_config, validate
 from shardtune.data.chat import IGNORE_INDEX
+from shardtune.errors import ConfigError
 from shardtune.optim import lr_factor
 from shardtune.trainer import Trainer
 
@@ -116,9 +117,13 @@ def test_same_seed_same_run_and_metrics_file(tiny_model, data_files, tmp_path):
 
 def test_metrics_jsonl_is_appended_not_truncated(tiny_model, data_files, tmp_path):
     run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=2")
-    run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=2", "trainer.resume_mode=disable")
     run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=3")  # auto: continues at step 3
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 1, 2, 3]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    # starting over at step 0 in a folder of checkpoints would mix two runs: refused, nothing written
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        run(tiny_model, data_files, tmp_path, "trainer.resume_mode=disable")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
 def test_validation_loss_is_token_weighted_over_every_sample(tiny_model, data_files, tmp_path):
@@ -137,11 +142,14 @@ def test_validation_loss_is_token_weighted_over_every_sample(tiny_model, data_fi
 
 def test_early_stopping(tiny_model, data_files, tmp_path):
     # a huge lr makes validation worse after the first check; patience 1 stops at the next check
-    _, h = run(tiny_model, data_files, tmp_path, "optim.lr=0.5", "optim.clip_grad=0", "trainer.test_freq=1",
-               "trainer.early_stopping_patience=1", "trainer.total_training_steps=20",
-               "optim.lr_scheduler_type=constant")
+    args = ("optim.lr=0.5", "optim.clip_grad=0", "trainer.test_freq=1", "trainer.early_stopping_patience=1",
+            "trainer.total_training_steps=20", "optim.lr_scheduler_type=constant")
+    _, h = run(tiny_model, data_files, tmp_path, *args)
     vals = losses(h, "val/loss")
-    assert len(h) < 20 and vals[-1] >= min(vals[:-1])
+    assert len(h) < 20
+    assert all(b < a for a, b in zip(vals, vals[1:-1])) and vals[-1] >= min(vals[:-1])  # first non-improvement
+    _, again = run(tiny_model, data_files, tmp_path, *args)  # relaunching a stopped run trains no further
+    assert again == [] and [r["step"] for r in read_metrics(tmp_path / "run")] == [h_["step"] for h_ in h]
 
 
 def test_non_finite_gradients_skip_the_step(tiny_model, data_files, tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from shardtune.data.chat import IGNORE_INDEX
+from shardtune.errors import ConfigError
 
 
 @dataclass
@@ -42,7 +43,9 @@ class GlobalBatchSampler:
 
     def __init__(self, num_samples: int, global_batch: int, seed: int, shuffle: bool = True, drop_last: bool = False):
         if num_samples < global_batch and drop_last:
-            raise ValueError("fewer samples than one global batch with drop_last")
+            raise ConfigError(f"Only {num_samples} samples, fewer than one global batch ({global_batch}), and "
+                              "data.drop_last=true leaves nothing to train. Fix: lower data.train_batch_size or "
+                              "set data.drop_last=false.")
         self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch, self.step_in_epoch = 0, 0

@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,14 +44,16 @@ class TokenizedDataset:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.input_ids[a:b], self.labels[a:b]
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+    def __post_init__(self) -> None:
+        self.lengths = np.diff(self.offsets)  # read on every step by the batch planner: compute once
 
 
 def build_dataset(files: list[str], cfg: DataConfig, tokenizer: Any, max_samples: int = -1,
                   progress: bool = True) -> TokenizedDataset:
     paths = expand_paths(files)
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("The tokenizer has no fast (Rust) version; shardtune needs its character offsets to "
+                        "place the loss mask. Fix: use a tokenizer folder with tokenizer.json.")
     template = resolve_chat_template(cfg.chat_template, tokenizer)
     cache = _cache_path(paths, cfg, tokenizer, template, max_samples)
     if cache is not None and (cache / "meta.json").is_file():
@@ -121,10 +122,18 @@ def _tokenize_all(paths, cfg, tokenizer, template, max_samples, progress):
 
 
 def _formats_per_file(rows: list[Row], cfg: DataConfig) -> dict[str, str]:
+    """Each file's format, from its first row whose keys tell (a malformed first row is handled by the
+    bad-row policy like any other row, in the tokenization loop)."""
     out: dict[str, str] = {}
     for row in rows:
         if row.path not in out:
-            out[row.path] = cfg.format if cfg.format != "auto" else detect_format(row, cfg)
+            if cfg.format != "auto":
+                out[row.path] = cfg.format
+                continue
+            try:
+                out[row.path] = detect_format(row, cfg)
+            except DataError:
+                pass
     return out
 
 
@@ -148,7 +157,7 @@ def _tokenize_chunk(rows: list[Row], formats: dict[str, str], cfg: DataConfig, t
     samples, drops, n_trunc = [], Counter(), 0
     for row in rows:
         try:
-            conv = to_conversation(row, formats[row.path], cfg)
+            conv = to_conversation(row, formats.get(row.path) or detect_format(row, cfg), cfg)
             tok = tokenize_conversation(conv.messages, _TOKENIZER, conv.tools, chat_template=template,
                                         **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
         except TemplateMismatch as e:
@@ -246,8 +255,3 @@ def _load(cache: Path) -> TokenizedDataset:
     stats["cache_hit"] = True
     arrays = [np.load(cache / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "labels", "offsets")]
     return TokenizedDataset(*arrays, stats=stats)
-
-
-def iter_samples(ds: TokenizedDataset) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for i in range(len(ds)):
-        yield ds[i]

@@ -195,7 +195,10 @@ def _from_sharegpt(row: Row, cfg: DataConfig) -> Conversation:
             raise row_error(row.path, row.index, f"{key}[{i}].from", f"unknown speaker {turn['from']!r}",
                             f"use one of {sorted(SHAREGPT_ROLES)}")
         messages.append({"role": role, "content": turn["value"]})
-    return Conversation(messages, row.data.get("tools") or None)
+    tools = row.data.get(cfg.tools_key)
+    if isinstance(tools, str):
+        tools = _json_or_error(row, cfg.tools_key, tools)
+    return Conversation(messages, tools or None)
 
 
 def _check_messages(row: Row, messages: list[dict[str, Any]], key: str) -> None:

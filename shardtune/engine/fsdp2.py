@@ -26,6 +26,8 @@ from shardtune.optim import build_optimizer, build_scheduler
 class FSDP2Engine(Engine):
     def __init__(self, cfg: Any, world: parallel.World, total_steps: int, tokenizer: Any):
         self.cfg, self.world, self.tokenizer = cfg, world, tokenizer
+        mp = cfg.engine.mixed_precision.param_dtype
+        self.compute_dtype = DTYPES[mp] if mp != "fp32" else DTYPES[cfg.model.dtype]
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
@@ -35,15 +37,15 @@ class FSDP2Engine(Engine):
     def _build_model(self) -> torch.nn.Module:
         mcfg, ecfg, world = self.cfg.model, self.cfg.engine, self.world
         if not world.distributed:
-            return load_model(mcfg, world.device)
+            return load_model(mcfg, world.device, compute_dtype=self.compute_dtype)
         # Only rank 0 reads the weights; the others build the model on the meta device and receive theirs
         # shard by shard from rank 0, so no host holds one full copy per process.
         if world.is_main:
-            model = load_model(mcfg, "cpu")
+            model = load_model(mcfg, "cpu", attention_device=world.device, compute_dtype=self.compute_dtype)
             full_state = model.state_dict()
         else:
             with torch.device("meta"):
-                model = build_from_config(load_config(mcfg), mcfg, world.device)
+                model = build_from_config(load_config(mcfg), mcfg, world.device, self.compute_dtype)
             full_state = {}
         if world.sp_size > 1:
             model.set_attn_implementation(attention.register_ulysses(world.sp_group))
@@ -151,6 +153,9 @@ class FSDP2Engine(Engine):
 
     def load_schedule_state(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state)
+        # LambdaLR does not touch the optimizer's lr on load; without optimizer state it would be stale
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
     def model_config(self) -> Any:
         return self.model.config
@@ -178,6 +183,9 @@ def _load_full_state_from_rank0(model: torch.nn.Module, full_state: dict[str, to
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    # Buffers that are not in the state dict (rotary inv_freq) are garbage after to_empty: take rank 0's.
+    # Buffers that are not in the state dict (rotary inv_freq) are garbage after to_empty: take rank 0's,
+    # sent over the device the process group serves (NCCL cannot send CPU tensors, e.g. under offload).
     for buf in model.buffers():
-        dist.broadcast(buf.data, src=0)
+        staged = buf.data.to(world.device)
+        dist.broadcast(staged, src=0)
+        buf.data.copy_(staged)
