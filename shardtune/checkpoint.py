@@ -158,6 +158,9 @@ class Checkpointer:
         except OSError:  # the base model has none: derive one from its config
             GenerationConfig.from_model_config(config).save_pretrained(out)
         self.tokenizer.save_pretrained(out)
+        adapter = engine.adapter_config()
+        if adapter is not None:  # export rebuilds the adapters from this, then merges them
+            adapter.save_pretrained(out)
 
 
 @contextlib.contextmanager

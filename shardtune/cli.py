@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--dtype", default="bf16", choices=("bf16", "fp32", "fp16"))
     export.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="LoRA checkpoints: write the peft adapter instead of merged weights")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     demo = sub.add_parser("demo", help="train a tiny model on a generated task and show it learned")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
@@ -79,7 +81,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from shardtune.export import export_checkpoint
 
-        export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size)
+        export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.adapter_only)
         return 0
     from shardtune.config import load_config, validate
 

@@ -62,6 +62,12 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # weights as loaded and updated; bf16 compute: engine.mixed_precision
     enable_gradient_checkpointing: bool = False
     use_remove_padding: bool = True
+    lora_rank: int = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank (peft), base weights frozen
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    exclude_modules: list[str] = field(default_factory=list)
+    lora_adapter_path: str | None = None  # continue training this adapter (a peft folder)
 
 
 @dataclass(frozen=True)
@@ -339,6 +345,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         (t.max_ckpt_to_keep is None or t.max_ckpt_to_keep >= 1,
          f"trainer.max_ckpt_to_keep must be >= 1 or null (keep all), got {t.max_ckpt_to_keep}."),
         (cfg.engine.timeout_minutes >= 1, "engine.timeout_minutes must be >= 1."),
+        (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = off), got {cfg.model.lora_rank}."),
+        (cfg.model.lora_adapter_path is None or cfg.model.lora_rank > 0,
+         "model.lora_adapter_path needs model.lora_rank > 0 (LoRA on)."),
         (not d.use_dynamic_bsz or d.max_token_len_per_gpu >= d.max_length,
          f"data.max_token_len_per_gpu={d.max_token_len_per_gpu} is below data.max_length={d.max_length}, so a "
          "sample could exceed the budget. Fix: raise data.max_token_len_per_gpu or lower data.max_length."),

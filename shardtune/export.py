@@ -17,7 +17,10 @@ from shardtune.errors import ShardtuneError
 from shardtune.model import DTYPES
 
 
-def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
+def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB",
+                      adapter_only: bool = False) -> Path:
+    """LoRA checkpoints are merged into the base weights (a plain model folder), or with `adapter_only`
+    written as a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -34,10 +37,26 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_
     config = AutoConfig.from_pretrained(hf)
     with no_init_weights():  # allocate without random init; buffers such as rotary inv_freq are still computed
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lora = (hf / "adapter_config.json").is_file()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig.from_pretrained(hf))
+    elif adapter_only:
+        raise ShardtuneError(f"'{checkpoint}' was not trained with LoRA (no adapter_config.json): there is no "
+                             "adapter to export. Fix: drop --adapter-only.")
     state = {"model": get_model_state_dict(model)}
     with single_process_ok():
         dcp.load(state, checkpoint_id=str(src))  # reads into the model's own tensors: no second copy
     set_model_state_dict(model, state["model"])
+    if lora and adapter_only:
+        dst.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(dst, safe_serialization=True)
+        AutoTokenizer.from_pretrained(hf).save_pretrained(dst)
+        print(f"exported the LoRA adapter of {src} -> {dst}")
+        return dst
+    if lora:
+        model = model.merge_and_unload()  # W + (alpha/r) B A, in place: still one copy
     model.to(DTYPES[dtype])
     model.config.use_cache = True  # inference default for the exported model
     dst.mkdir(parents=True, exist_ok=True)

@@ -99,4 +99,20 @@ def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.M
     model.config.use_cache = False
     if cfg.enable_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return apply_lora(model, cfg)
+
+
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """Wrap the model with peft LoRA adapters (base weights frozen), or load an adapter to continue."""
+    if cfg.lora_rank == 0:
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if cfg.enable_gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    if cfg.lora_adapter_path:
+        return PeftModel.from_pretrained(model, os.path.expanduser(cfg.lora_adapter_path), is_trainable=True)
+    targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    return get_peft_model(model, LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        exclude_modules=cfg.exclude_modules or None, task_type="CAUSAL_LM"))

@@ -54,5 +54,9 @@ class Engine(ABC):
         """The Hugging Face config of the model (saved beside every checkpoint)."""
 
     @abstractmethod
+    def adapter_config(self) -> Any:
+        """The peft adapter config when training LoRA adapters, else None."""
+
+    @abstractmethod
     def export(self, path: str) -> None:
         """Write the model as a Hugging Face folder (safetensors)."""

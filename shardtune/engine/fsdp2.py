@@ -160,6 +160,10 @@ class FSDP2Engine(Engine):
     def model_config(self) -> Any:
         return self.model.config
 
+    def adapter_config(self) -> Any:
+        peft_config = getattr(self.model, "peft_config", None)
+        return peft_config["default"] if peft_config else None
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded weights, on rank 0 only (empty elsewhere)."""
         if not self.world.distributed:
