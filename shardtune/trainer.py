@@ -86,6 +86,7 @@ class Trainer:
         self.engine = build_engine(cfg, self.world, self.total_steps, self.tokenizer)
         self.step = 0
         self.skipped_steps = 0
+        self.tokens_seen = 0
         self.best_val = math.inf
         self.bad_validations = 0
         self.last_saved = 0
@@ -104,6 +105,7 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "best_val": self.best_val,
                 "bad_validations": self.bad_validations, "stopped_early": self.stopped_early,
+                "tokens_seen": self.tokens_seen,
                 "sampler": self.sampler.state_dict(),
                 "schedule": self.engine.schedule_state(), "world_size": self.world.world_size}
 
@@ -114,6 +116,7 @@ class Trainer:
             self.skipped_steps = state["skipped_steps"]
             self.best_val, self.bad_validations = state["best_val"], state["bad_validations"]
             self.stopped_early = state.get("stopped_early", False)
+            self.tokens_seen = state.get("tokens_seen", 0)
             self.sampler.load_state_dict(state["sampler"])
             self.engine.load_schedule_state(state["schedule"])
         else:
@@ -154,6 +157,9 @@ class Trainer:
                            run_dir=str(self.run_dir))
         if self.resumed:
             self.metrics.event("resume", **self.resumed)
+            if self.resumed["skipped_incomplete"]:
+                self.metrics.event("warning", message="skipped checkpoint folders a crash left incomplete",
+                                   paths=self.resumed["skipped_incomplete"])
         batches = iter(self.sampler)
         if self.stopped_early:  # a relaunch of a run that already stopped early (e.g. a requeued job)
             self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val, note="already stopped")
@@ -192,6 +198,7 @@ class Trainer:
         self.skipped_steps += int(result.skipped)
         lengths = self.train_data.lengths[indices]
         tokens = int(lengths.sum())
+        self.tokens_seen += tokens
         padded = 0 if self.cfg.model.use_remove_padding else sum(
             len(m) * int(self.train_data.lengths[m].max()) - int(self.train_data.lengths[m].sum())
             for plan in plans for m in plan if m)
@@ -201,6 +208,7 @@ class Trainer:
             "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
             "train/epoch": epoch + (step_in_epoch + 1) / self.sampler.steps_per_epoch,
             "train/global_tokens": tokens, "train/supervised_tokens": result.num_targets,
+            "train/tokens_seen": self.tokens_seen,
             "train/skipped_steps": self.skipped_steps,
             "perf/step_time_s": elapsed, "perf/data_s": t_data,
             "perf/tokens_per_s": tokens / elapsed, "perf/tokens_per_s_per_device": tokens / elapsed / devices,

@@ -131,3 +131,18 @@ def test_sequence_parallel_config_errors(tiny_model, data, tmp_path):
     r = run_cli("train", *args(tiny_model, data, tmp_path / "b", "engine.ulysses_sequence_parallel_size=3"),
                 env={"WORLD_SIZE": "3"})
     assert r.returncode == 2 and "4 attention heads, not divisible" in r.stderr
+
+
+def test_checkpoint_from_sp2_resumes_on_one_process(tiny_model, data, tmp_path):
+    """DCP state does not depend on the sequence-parallel layout: SP=2 -> 1 process continues the same run."""
+    sp = args(tiny_model, data, tmp_path / "sp", "engine.ulysses_sequence_parallel_size=2", "trainer.save_freq=3")
+    r = torchrun(2, "train", *sp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("train", *args(tiny_model, data, tmp_path / "one", f"trainer.resume_from_path={tmp_path / 'sp' / 'global_step_3'}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = {x["step"]: x for x in read_metrics(tmp_path / "sp")}
+    resumed = read_metrics(tmp_path / "one")
+    assert [x["step"] for x in resumed] == [4, 5, 6]
+    for x in resumed:
+        assert math.isclose(x["train/loss"], full[x["step"]]["train/loss"], rel_tol=1e-5)
+        assert x["train/tokens_seen"] == full[x["step"]]["train/tokens_seen"]
