@@ -293,6 +293,10 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"Config key '{key}' must be a mapping, got {value!r}. Fix: {key}={{k: v}}.")
         return dict(value)
+    return _coerce_scalar(key, value, hint)
+
+
+def _coerce_scalar(key: str, value: Any, hint: Any) -> Any:
     if hint is Any:
         return value
     if hint is bool:
@@ -329,8 +333,28 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
 
 def validate(cfg: Config, world_size: int = 1) -> Config:
     """Check rules that involve several keys (or the world size). Raises `ConfigError`; returns `cfg`."""
-    d, t, o = cfg.data, cfg.trainer, cfg.optim
-    rules: list[tuple[bool, str]] = [
+    for ok, message in _data_model_rules(cfg, world_size) + _optim_trainer_rules(cfg):
+        if not ok:
+            raise ConfigError(message)
+    _check_parallel(cfg, world_size)
+    t = cfg.trainer
+    if "{" in t.default_local_dir:
+        try:
+            _ = cfg.run_dir
+        except (KeyError, IndexError):
+            raise ConfigError(
+                f"trainer.default_local_dir='{t.default_local_dir}' uses an unknown placeholder. "
+                "Fix: only {project_name} and {experiment_name} are filled in."
+            ) from None
+    from shardtune.engine import check_strategy
+
+    check_strategy(cfg.engine.strategy)
+    return cfg
+
+
+def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
+    d = cfg.data
+    return [
         (bool(cfg.model.path), "model.path is required. Fix: model.path=/path/to/hf_model_folder."),
         (bool(d.train_files), "data.train_files is required. Fix: data.train_files=train.parquet (or [a,b])."),
         (d.max_length > 1, f"data.max_length must be > 1, got {d.max_length}."),
@@ -339,21 +363,25 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         (not d.use_dynamic_bsz or cfg.model.use_remove_padding,
          "data.use_dynamic_bsz packs by token budget, which bounds memory only for padding-free batches. "
          "Fix: model.use_remove_padding=true (or fixed micro-batches)."),
-        (not (cfg.engine.param_offload or cfg.engine.optimizer_offload) or world_size > 1,
-         "engine.param_offload / optimizer_offload use FSDP2's CPUOffloadPolicy, which needs a torchrun job of 2+ "
-         "processes. Fix: launch with torchrun (or --nproc), or turn offload off."),
-        (t.max_ckpt_to_keep is None or t.max_ckpt_to_keep >= 1,
-         f"trainer.max_ckpt_to_keep must be >= 1 or null (keep all), got {t.max_ckpt_to_keep}."),
-        (cfg.engine.timeout_minutes >= 1, "engine.timeout_minutes must be >= 1."),
-        (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = off), got {cfg.model.lora_rank}."),
-        (cfg.model.lora_adapter_path is None or cfg.model.lora_rank > 0,
-         "model.lora_adapter_path needs model.lora_rank > 0 (LoRA on)."),
         (not d.use_dynamic_bsz or d.max_token_len_per_gpu >= d.max_length,
          f"data.max_token_len_per_gpu={d.max_token_len_per_gpu} is below data.max_length={d.max_length}, so a "
          "sample could exceed the budget. Fix: raise data.max_token_len_per_gpu or lower data.max_length."),
         (d.train_batch_size % max(1, world_size // cfg.sp_size) == 0 or world_size % cfg.sp_size != 0,
          f"data.train_batch_size={d.train_batch_size} must be divisible by the number of data-parallel "
          f"ranks ({world_size // cfg.sp_size}). Fix: pick a multiple of {world_size // cfg.sp_size}."),
+        (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = off), got {cfg.model.lora_rank}."),
+        (cfg.model.lora_adapter_path is None or cfg.model.lora_rank > 0,
+         "model.lora_adapter_path needs model.lora_rank > 0 (LoRA on)."),
+        (d.system_prompt is None or d.format in ("auto", "prompt_response", "alpaca"),
+         "data.system_prompt applies to prompt/response and alpaca rows only."),
+    ]
+
+
+def _optim_trainer_rules(cfg: Config) -> list[tuple[bool, str]]:
+    d, t, o = cfg.data, cfg.trainer, cfg.optim
+    return [
+        (t.max_ckpt_to_keep is None or t.max_ckpt_to_keep >= 1,
+         f"trainer.max_ckpt_to_keep must be >= 1 or null (keep all), got {t.max_ckpt_to_keep}."),
         (o.lr > 0, f"optim.lr must be > 0, got {o.lr}."),
         (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}."),
         (0 <= o.lr_warmup_steps_ratio < 1, f"optim.lr_warmup_steps_ratio must be in [0, 1), got {o.lr_warmup_steps_ratio}."),
@@ -377,12 +405,16 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          "trainer.early_stopping_patience needs validation data. Fix: set data.val_files."),
         (t.early_stopping_patience >= 0, "trainer.early_stopping_patience must be >= 0."),
         (all(x in LOGGERS for x in t.logger), f"trainer.logger entries must be among {list(LOGGERS)}, got {t.logger}."),
-        (d.system_prompt is None or d.format in ("auto", "prompt_response", "alpaca"),
-         "data.system_prompt applies to prompt/response and alpaca rows only."),
     ]
-    for ok, message in rules:
-        if not ok:
-            raise ConfigError(message)
+
+
+def _check_parallel(cfg: Config, world_size: int) -> None:
+    e = cfg.engine
+    if e.timeout_minutes < 1:
+        raise ConfigError("engine.timeout_minutes must be >= 1.")
+    if (e.param_offload or e.optimizer_offload) and world_size == 1:
+        raise ConfigError("engine.param_offload / optimizer_offload use FSDP2's CPUOffloadPolicy, which needs a "
+                          "torchrun job of 2+ processes. Fix: launch with torchrun (or --nproc), or turn offload off.")
     sp = cfg.sp_size
     if sp > 1:
         if not cfg.model.use_remove_padding:
@@ -391,22 +423,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         if world_size % sp:
             raise ConfigError(f"engine.ulysses_sequence_parallel_size={sp} must divide the number of processes "
                               f"({world_size}). Fix: launch a multiple of {sp} processes.")
-    e = cfg.engine
     if e.fsdp_size not in (-1, world_size) and (e.fsdp_size < 1 or world_size % e.fsdp_size):
         raise ConfigError(f"engine.fsdp_size={e.fsdp_size} must divide the number of processes ({world_size}). "
                           "Fix: -1 shards over all ranks; a divisor gives hybrid sharding (replicate x shard).")
-    if "{" in t.default_local_dir:
-        try:
-            _ = cfg.run_dir
-        except (KeyError, IndexError):
-            raise ConfigError(
-                f"trainer.default_local_dir='{t.default_local_dir}' uses an unknown placeholder. "
-                "Fix: only {project_name} and {experiment_name} are filled in."
-            ) from None
-    from shardtune.engine import check_strategy
-
-    check_strategy(cfg.engine.strategy)
-    return cfg
 
 
 def _is_freq(x: int | str) -> bool:
