@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shardtune import checkpoint, parallel
+from shardtune import checkpoint, flops, parallel
 from shardtune.config import Config, dump_yaml
 from shardtune.data.batching import (
     GlobalBatchSampler,
@@ -99,6 +99,7 @@ class Trainer:
             self._resume(resume_from)
         self.metrics = Metrics(self.run_dir, t.logger, self.world.is_main, self.total_steps, self.step,
                                t.progress_bar)
+        self.peak_flops = flops.device_peak_flops(self.world.device, self.engine.compute_dtype)
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------------------
@@ -203,6 +204,7 @@ class Trainer:
             len(m) * int(self.train_data.lengths[m].max()) - int(self.train_data.lengths[m].sum())
             for plan in plans for m in plan if m)
         devices = self.world.world_size
+        achieved = flops.training_flops(self.engine.model_config(), lengths) / elapsed
         dropped = sum(self.train_data.stats.get("dropped", {}).values())
         return {
             "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
@@ -212,6 +214,7 @@ class Trainer:
             "train/skipped_steps": self.skipped_steps,
             "perf/step_time_s": elapsed, "perf/data_s": t_data,
             "perf/tokens_per_s": tokens / elapsed, "perf/tokens_per_s_per_device": tokens / elapsed / devices,
+            "perf/tflops": achieved / 1e12, "perf/mfu": achieved / (self.peak_flops * devices),
             "perf/padding_ratio": padded / (padded + tokens), "perf/micro_batches": len(plans[0]),
             "perf/max_memory_gb": max_memory_gb(self.world.device),
             "data/mean_seq_len": float(lengths.mean()), "data/max_seq_len": int(lengths.max()),

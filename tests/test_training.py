@@ -192,3 +192,8 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_model, data_files, tmp
                   "model.enable_gradient_checkpointing=true")
     assert_close(losses(plain), losses(ckpt), 1e-6)
     assert_close(losses(plain, "train/grad_norm"), losses(ckpt, "train/grad_norm"), 1e-5)
+
+
+def test_mfu_is_logged_and_plausible(tiny_model, data_files, tmp_path):
+    _, h = run(tiny_model, data_files, tmp_path, "trainer.total_training_steps=3")
+    assert all(0 < r["perf/mfu"] < 1 and r["perf/tflops"] > 0 for r in h)

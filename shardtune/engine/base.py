@@ -23,6 +23,8 @@ class StepResult:
 
 
 class Engine(ABC):
+    compute_dtype: Any  # the dtype matmuls run in (for peak FLOP/s)
+
     @abstractmethod
     def train_batch(self, micro_batches: list[MicroBatch]) -> StepResult:
         """One optimizer step over this rank's micro-batches (every rank passes the same number)."""
