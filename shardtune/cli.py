@@ -1,4 +1,4 @@
-"""`shardtune train | validate | render | export | demo` (also `python -m shardtune ...`)."""
+"""`shardtune train | validate | render | export | plot | demo` (also `python -m shardtune ...`)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter-only", action="store_true",
                         help="LoRA checkpoints: write the peft adapter instead of merged weights")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    plot = sub.add_parser("plot", help="plot loss, lr, tokens/s and MFU of a run to a PNG")
+    plot.add_argument("run_dir", help="the run directory (trainer.default_local_dir)")
+    plot.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/curves.png)")
+    plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     demo = sub.add_parser("demo", help="train a tiny model on a generated task and show it learned")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the tuned demo length)")
@@ -77,6 +81,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from shardtune.demo import run_demo
 
         run_demo(args.out, steps=args.steps)
+        return 0
+    if args.command == "plot":
+        from shardtune.plot import plot_run
+
+        plot_run(args.run_dir, args.out)
         return 0
     if args.command == "export":
         from shardtune.export import export_checkpoint

@@ -156,7 +156,8 @@ class Config:
         return Path(t.default_local_dir.format(project_name=t.project_name, experiment_name=t.experiment_name))
 
 
-LOGGERS = ("console", "jsonl", "file")
+LOGGERS = ("console", "jsonl", "file", "tensorboard", "wandb")
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # sinks that need an optional extra
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading: YAML + overrides -> nested dict -> typed dataclasses
@@ -338,6 +339,13 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             raise ConfigError(message)
     _check_parallel(cfg, world_size)
     t = cfg.trainer
+    import importlib.util
+
+    for sink in t.logger:
+        package = LOGGER_PACKAGES.get(sink)
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"trainer.logger includes {sink}, but the '{package}' package is not installed. "
+                              f"Fix: pip install 'shardtune[{sink}]', or drop {sink} from trainer.logger.")
     if "{" in t.default_local_dir:
         try:
             _ = cfg.run_dir

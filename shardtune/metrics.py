@@ -85,11 +85,52 @@ class ConsoleSink:
             self.bar.close()
 
 
+class TensorBoardSink:
+    """Scalars under {run_dir}/tensorboard (the `tensorboard` extra)."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def event(self, kind: str, info: dict[str, Any]) -> None:
+        self.writer.add_text(f"event/{kind}", json.dumps(info, default=str))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Weights & Biases (the `wandb` extra); offline into {run_dir}/wandb unless WANDB_API_KEY or WANDB_MODE
+    says otherwise, so it works without network."""
+
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict[str, Any]):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.run = wandb.init(project=project, name=name, dir=str(run_dir), config=config, mode=mode, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.run.log(metrics, step=step)
+
+    def event(self, kind: str, info: dict[str, Any]) -> None:
+        pass  # events stay in metrics.jsonl and the console
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class Metrics:
     """Fan-out to the configured sinks; a no-op on every rank but the main one."""
 
     def __init__(self, run_dir: Path, loggers: list[str], is_main: bool, total_steps: int, initial_step: int,
-                 progress_bar: bool):
+                 progress_bar: bool, project: str = "shardtune", name: str = "run", config: dict | None = None):
         self.sinks: list[Any] = []
         if not is_main:
             return
@@ -97,6 +138,10 @@ class Metrics:
             self.sinks.append(ConsoleSink(total_steps, initial_step, progress_bar))
         # metrics.jsonl is always written: it is the run's record (verl calls this sink `file`)
         self.sinks.append(JsonlSink(run_dir))
+        if "tensorboard" in loggers:
+            self.sinks.append(TensorBoardSink(run_dir))
+        if "wandb" in loggers:
+            self.sinks.append(WandbSink(run_dir, project, name, config or {}))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for s in self.sinks:

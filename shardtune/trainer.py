@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from shardtune import checkpoint, flops, parallel
-from shardtune.config import Config, dump_yaml
+from shardtune.config import Config, dump_yaml, to_dict
 from shardtune.data.batching import (
     GlobalBatchSampler,
     MicroBatch,
@@ -98,7 +98,7 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         self.metrics = Metrics(self.run_dir, t.logger, self.world.is_main, self.total_steps, self.step,
-                               t.progress_bar)
+                               t.progress_bar, t.project_name, t.experiment_name, to_dict(cfg))
         self.peak_flops = flops.device_peak_flops(self.world.device, self.engine.compute_dtype)
         self.history: list[dict[str, Any]] = []
 
