@@ -215,6 +215,7 @@ class Trainer:
             "perf/step_time_s": elapsed, "perf/data_s": t_data,
             "perf/tokens_per_s": tokens / elapsed, "perf/tokens_per_s_per_device": tokens / elapsed / devices,
             "perf/tflops": achieved / 1e12, "perf/mfu": achieved / (self.peak_flops * devices),
+            "train/mfu": achieved / (self.peak_flops * devices),  # verl's name for the same number
             "perf/padding_ratio": padded / (padded + tokens), "perf/micro_batches": len(plans[0]),
             "perf/max_memory_gb": max_memory_gb(self.world.device),
             "data/mean_seq_len": float(lengths.mean()), "data/max_seq_len": int(lengths.max()),

@@ -87,9 +87,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in rows if "step" in r and "event" not in r]
 
 
-def torchrun(nproc: int, *args: str, script: str | None = None, timeout: int = 300, env: dict | None = None):
-    """Launch `torchrun --standalone` with `nproc` CPU workers (gloo) running shardtune or a test script."""
-    target = [script] if script else ["-m", "shardtune"]
+def torchrun(nproc: int, *args: str, script: str | None = None, module: str = "shardtune", timeout: int = 300,
+             env: dict | None = None):
+    """Launch `torchrun --standalone` with `nproc` CPU workers (gloo) running a module or a test script."""
+    target = [script] if script else ["-m", module]
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
