@@ -155,3 +155,26 @@ def test_migration_doc_lists_every_key():
     doc = (Path(__file__).parents[1] / "docs" / "migrating-from-verl.md").read_text()
     missing = [k for k in {**LEGACY, **ENGINE} if f"| `{k}` |" not in doc]
     assert not missing
+
+
+@pytest.mark.parametrize("module,model_key,extra", [
+    ("shardtune.verl.fsdp_sft_trainer", "model.partial_pretrain", ["data.multiturn.enable=true", "use_remove_padding=true"]),
+    ("shardtune.verl.sft_trainer", "model.path", ["data.pad_mode=no_padding"]),
+], ids=["legacy", "engine"])
+def test_lora_multiturn_then_resume_under_each_entry_point(tiny_model, tmp_path, module, model_key, extra):
+    import json
+
+    data = write_parquet(tmp_path / "multi.parquet", arithmetic_rows(32, seed=12, multi_turn=True))
+    run_dir = tmp_path / "ckpt"
+    common = [f"{model_key}={tiny_model}", f"data.train_files={data}", "data.train_batch_size=8",
+              f"trainer.default_local_dir={run_dir}", "model.lora_rank=8", "model.lora_alpha=16",
+              "trainer.logger=['console','file']", "model.enable_gradient_checkpointing=false", "optim.lr=1e-3",
+              "trainer.save_freq=2", *extra]
+    r = torchrun(2, *common, "trainer.total_training_steps=2", module=module)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, *common, "trainer.total_training_steps=4", "trainer.resume_mode=auto", module=module)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run_dir / "latest_checkpointed_iteration.txt").read_text() == "4"
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"resume"' in x]
+    assert events and events[0]["step"] == 2
+    assert (run_dir / "global_step_4" / "huggingface" / "adapter_config.json").is_file()
