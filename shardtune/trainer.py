@@ -156,6 +156,9 @@ class Trainer:
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.sampler.steps_per_epoch,
                            samples=len(self.train_data), world_size=self.world.world_size,
                            run_dir=str(self.run_dir))
+        if self.cfg.engine.strategy == "fsdp":
+            self.metrics.event("note", message="engine.strategy=fsdp (verl's name) runs FSDP2 (fully_shard); "
+                                               "shardtune does not offer FSDP1")
         if self.resumed:
             self.metrics.event("resume", **self.resumed)
             if self.resumed["skipped_incomplete"]:
