@@ -80,9 +80,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
     return prepare_for_training(model, cfg).to(device)
 
 
-def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype) -> str:
+def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype,
+                  hf_config: Any = None) -> str:
     return attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device), compute_dtype,
-                            load_config(cfg))
+                            hf_config if hf_config is not None else load_config(cfg))
 
 
 def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str,
@@ -91,7 +92,7 @@ def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | s
     from transformers import AutoModelForCausalLM
 
     return prepare_for_training(AutoModelForCausalLM.from_config(
-        hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype),
+        hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype, hf_config),
         trust_remote_code=cfg.trust_remote_code), cfg)
 
 

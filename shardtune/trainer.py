@@ -165,11 +165,10 @@ class Trainer:
                 self.metrics.event("warning", message="skipped checkpoint folders a crash left incomplete",
                                    paths=self.resumed["skipped_incomplete"])
         batches = iter(self.sampler)
-        if self.stopped_early:  # a relaunch of a run that already stopped early (e.g. a requeued job)
-            self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val, note="already stopped")
-            self.metrics.close()
-            return self.history
         try:
+            if self.stopped_early:  # a relaunch of a run that already stopped early (e.g. a requeued job)
+                self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val, note="already stopped")
+                return self.history
             while self.step < self.total_steps:  # checked before drawing, so the sampler stops at the step
                 metrics = self.train_step(*next(batches))
                 stop = False
@@ -208,6 +207,7 @@ class Trainer:
             for plan in plans for m in plan if m)
         devices = self.world.world_size
         achieved = flops.training_flops(self.engine.model_config(), lengths) / elapsed
+        mfu = achieved / (self.peak_flops * devices)
         dropped = sum(self.train_data.stats.get("dropped", {}).values())
         return {
             "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr,
@@ -217,8 +217,7 @@ class Trainer:
             "train/skipped_steps": self.skipped_steps,
             "perf/step_time_s": elapsed, "perf/data_s": t_data,
             "perf/tokens_per_s": tokens / elapsed, "perf/tokens_per_s_per_device": tokens / elapsed / devices,
-            "perf/tflops": achieved / 1e12, "perf/mfu": achieved / (self.peak_flops * devices),
-            "train/mfu": achieved / (self.peak_flops * devices),  # verl's name for the same number
+            "perf/tflops": achieved / 1e12, "perf/mfu": mfu, "train/mfu": mfu,  # train/mfu: verl's name
             "perf/padding_ratio": padded / (padded + tokens), "perf/micro_batches": len(plans[0]),
             "perf/max_memory_gb": max_memory_gb(self.world.device),
             "data/mean_seq_len": float(lengths.mean()), "data/max_seq_len": int(lengths.max()),

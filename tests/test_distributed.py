@@ -38,6 +38,13 @@ def assert_steps_close(a, b, loss_rel=1e-5, norm_rel=1e-5):
             assert math.isclose(x["val/loss"], y["val/loss"], rel_tol=loss_rel)
 
 
+def assert_run_matches(nproc, reference, tiny_model, data, run_dir, *extra):
+    """Train the common config on `nproc` processes and compare every step with `reference`."""
+    r = torchrun(nproc, "train", *args(tiny_model, data, run_dir, *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_steps_close(reference, read_metrics(run_dir))
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_model, data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one") / "run"
@@ -64,9 +71,7 @@ def test_offload_equals_no_offload_and_cli_nproc(tiny_model, data, tmp_path, one
 
 @pytest.mark.slow
 def test_hybrid_sharding_four_processes(tiny_model, data, tmp_path, one_process):
-    r = torchrun(4, "train", *args(tiny_model, data, tmp_path / "run", "engine.fsdp_size=2"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_steps_close(one_process, read_metrics(tmp_path / "run"))
+    assert_run_matches(4, one_process, tiny_model, data, tmp_path / "run", "engine.fsdp_size=2")
 
 
 def test_bf16_mixed_precision_trains(tiny_model, data, tmp_path):
@@ -100,9 +105,7 @@ def test_two_process_runs_exit_zero_repeatedly(tiny_model, data, tmp_path):
 
 
 def test_ulysses_sp2_equals_one_process(tiny_model, data, tmp_path, one_process):
-    r = torchrun(2, "train", *args(tiny_model, data, tmp_path / "run", "engine.ulysses_sequence_parallel_size=2"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_steps_close(one_process, read_metrics(tmp_path / "run"))
+    assert_run_matches(2, one_process, tiny_model, data, tmp_path / "run", "engine.ulysses_sequence_parallel_size=2")
 
 
 def test_ulysses_with_fewer_kv_heads_than_sp_ranks(data, tmp_path):
@@ -112,16 +115,13 @@ def test_ulysses_with_fewer_kv_heads_than_sp_ranks(data, tmp_path):
     model = save_tiny_model(tmp_path / "gqa", seed=1, kv_heads=1)
     r = run_cli("train", *args(model, data, tmp_path / "one"))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, "train", *args(model, data, tmp_path / "sp", "ulysses_sequence_parallel_size=2"))  # verl's key
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_steps_close(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "sp"))
+    # verl's top-level key
+    assert_run_matches(2, read_metrics(tmp_path / "one"), model, data, tmp_path / "sp", "ulysses_sequence_parallel_size=2")
 
 
 @pytest.mark.slow
 def test_dp2_by_sp2_on_four_processes(tiny_model, data, tmp_path, one_process):
-    r = torchrun(4, "train", *args(tiny_model, data, tmp_path / "run", "engine.ulysses_sequence_parallel_size=2"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_steps_close(one_process, read_metrics(tmp_path / "run"))
+    assert_run_matches(4, one_process, tiny_model, data, tmp_path / "run", "engine.ulysses_sequence_parallel_size=2")
 
 
 def test_sequence_parallel_config_errors(tiny_model, data, tmp_path):
