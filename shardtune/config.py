@@ -156,8 +156,8 @@ class Config:
         return Path(t.default_local_dir.format(project_name=t.project_name, experiment_name=t.experiment_name))
 
 
-LOGGERS = ("console", "jsonl", "file", "tensorboard", "wandb")
-LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # sinks that need an optional extra
+LOGGERS = ("console", "jsonl", "file", "tensorboard", "wandb", "mlflow")
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # sinks that need an optional extra
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading: YAML + overrides -> nested dict -> typed dataclasses

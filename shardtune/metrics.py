@@ -1,4 +1,5 @@
-"""Metric sinks: console (progress bar or plain lines) and jsonl. Only the main rank writes.
+"""Metric sinks: console (progress bar or plain lines), jsonl, TensorBoard, wandb, MLflow. Only the main
+rank writes.
 
 `metrics.jsonl` holds one JSON object per optimizer step (`step` from 1) with the metric names of
 DESIGN.md; it is appended to, never truncated, so a continued run extends the same file.
@@ -126,6 +127,58 @@ class WandbSink:
         self.run.finish()
 
 
+class MlflowSink:
+    """MLflow (the `mlflow` extra). Without MLFLOW_TRACKING_URI it writes a local file store under
+    {run_dir}/mlruns (view it with `mlflow ui --backend-store-uri RUN_DIR/mlruns`). A relaunch of the same
+    run directory continues the same MLflow run (its id is kept in {run_dir}/mlflow_run_id)."""
+
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict[str, Any]):
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            # MLflow 3 keeps the file store in maintenance mode behind this opt-in; it is the one backend that
+            # needs no server or database, which is what a local run wants.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / "mlruns").resolve().as_uri()
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        id_file = run_dir / "mlflow_run_id"
+        self.run_id = id_file.read_text().strip() if id_file.exists() else None
+        if self.run_id is None:
+            experiment = self.client.get_experiment_by_name(project)
+            exp_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
+            self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+            id_file.write_text(self.run_id)
+            params = _flatten(config)
+            from mlflow.entities import Param
+
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def event(self, kind: str, info: dict[str, Any]) -> None:
+        pass  # events stay in metrics.jsonl and the console
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 class Metrics:
     """Fan-out to the configured sinks; a no-op on every rank but the main one."""
 
@@ -142,6 +195,8 @@ class Metrics:
             self.sinks.append(TensorBoardSink(run_dir))
         if "wandb" in loggers:
             self.sinks.append(WandbSink(run_dir, project, name, config or {}))
+        if "mlflow" in loggers:
+            self.sinks.append(MlflowSink(run_dir, project, name, config or {}))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for s in self.sinks:

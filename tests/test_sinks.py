@@ -1,4 +1,4 @@
-"""Metric sinks and plots: TensorBoard events, a wandb offline run, a PNG of the curves."""
+"""Metric sinks and plots: TensorBoard events, a wandb offline run, an MLflow file-store run, a PNG of the curves."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from conftest import arithmetic_rows, read_metrics, run_cli, write_jsonl
 def run_dir(tiny_model, tmp_path_factory):
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
     d = tmp_path_factory.mktemp("sinks")
     data = write_jsonl(d / "train.jsonl", arithmetic_rows(24, seed=4))
     r = run_cli("train", f"model.path={tiny_model}", f"data.train_files={data}", f"data.val_files={data}",
                 f"trainer.default_local_dir={d / 'run'}", "data.train_batch_size=8", "trainer.total_training_steps=4",
-                "trainer.test_freq=2", "trainer.logger=[console,tensorboard,wandb]", "data.cache_dir=null",
+                "trainer.test_freq=2", "trainer.logger=[console,tensorboard,wandb,mlflow]", "data.cache_dir=null",
                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert r.returncode == 0, r.stderr[-3000:]
     return d / "run"
@@ -36,6 +37,21 @@ def test_tensorboard_events_hold_the_scalars(run_dir):
 def test_wandb_offline_run_is_written(run_dir):
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_mlflow_run_holds_the_metrics_and_config(run_dir):
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FINISHED" and run.data.params["data.train_batch_size"] == "8"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    expected = [r["train/loss"] for r in read_metrics(run_dir)]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(expected, rel=1e-6)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [2, 4]
 
 
 def test_plot_writes_a_png(run_dir, tmp_path):
