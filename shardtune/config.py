@@ -68,6 +68,10 @@ class ModelConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     exclude_modules: list[str] = field(default_factory=list)
     lora_adapter_path: str | None = None  # continue training this adapter (a peft folder)
+    # cross-entropy from the hidden states, this many supervised tokens of logits at a time (0 = the plain
+    # lm_head + cross_entropy over full logits); see shardtune/loss.py
+    loss_chunk_size: int = 0
+    use_liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA
 
 
 @dataclass(frozen=True)
@@ -378,11 +382,19 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          f"data.train_batch_size={d.train_batch_size} must be divisible by the number of data-parallel "
          f"ranks ({world_size // cfg.sp_size}). Fix: pick a multiple of {world_size // cfg.sp_size}."),
         (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = off), got {cfg.model.lora_rank}."),
+        (cfg.model.loss_chunk_size >= 0, f"model.loss_chunk_size must be >= 0 (0 = off), got {cfg.model.loss_chunk_size}."),
+        (not (cfg.model.lora_rank and "lm_head" in cfg.model.target_modules and _fused_head(cfg.model)),
+         "LoRA on lm_head cannot be combined with the chunked/fused loss head. Fix: drop lm_head from "
+         "model.target_modules, or set model.loss_chunk_size=0 and model.use_liger=false."),
         (cfg.model.lora_adapter_path is None or cfg.model.lora_rank > 0,
          "model.lora_adapter_path needs model.lora_rank > 0 (LoRA on)."),
         (d.system_prompt is None or d.format in ("auto", "prompt_response", "alpaca"),
          "data.system_prompt applies to prompt/response and alpaca rows only."),
     ]
+
+
+def _fused_head(m: ModelConfig) -> bool:
+    return m.loss_chunk_size > 0 or m.use_liger
 
 
 def _optim_trainer_rules(cfg: Config) -> list[tuple[bool, str]]:

@@ -7,6 +7,7 @@ path isolates sequences by `position_ids` only when no cache is built.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from shardtune import attention
 from shardtune.config import ModelConfig
 from shardtune.errors import ConfigError
+from shardtune.loss import install_loss_head
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,6 +37,19 @@ def check_model_path(cfg: ModelConfig) -> None:
     if not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
         raise ConfigError(f"{path} holds only pickled .bin weights, which shardtune refuses to load (unpickling "
                           "runs code). Fix: convert them to safetensors.")
+
+
+def liger_usable(cfg: ModelConfig, device: torch.device) -> tuple[bool, str]:
+    """Whether `model.use_liger` can take effect here, and if not, the message to show."""
+    if not cfg.use_liger:
+        return False, ""
+    if device.type != "cuda":
+        return False, (f"model.use_liger=true needs a CUDA GPU (Liger's kernels are Triton); running on {device.type} "
+                       "with the PyTorch path" + (" and the chunked loss" if cfg.loss_chunk_size else "") + ".")
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False, ("model.use_liger=true but the liger-kernel package is not installed; running the PyTorch "
+                       "path. Fix: pip install 'shardtune[liger]'.")
+    return True, ""
 
 
 def check_sequence_parallel(cfg: ModelConfig, sp_size: int) -> None:
@@ -66,7 +81,7 @@ def load_config(cfg: ModelConfig) -> Any:
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_device: torch.device | str | None = None,
-               compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+               compute_dtype: torch.dtype = torch.float32, use_liger: bool = False) -> torch.nn.Module:
     """Load the weights onto `device`; the attention kernel is chosen for `attention_device` (where the model
     will run, which differs when rank 0 loads on the CPU before sharding onto a GPU)."""
     from transformers import AutoModelForCausalLM
@@ -77,7 +92,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
         os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
-    return prepare_for_training(model, cfg).to(device)
+    return prepare_for_training(model, cfg, use_liger).to(device)
 
 
 def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype,
@@ -87,17 +102,25 @@ def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: t
 
 
 def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str,
-                      compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+                      compute_dtype: torch.dtype = torch.float32, use_liger: bool = False) -> torch.nn.Module:
     """An uninitialised model of the right shape (used on the meta device)."""
     from transformers import AutoModelForCausalLM
 
     return prepare_for_training(AutoModelForCausalLM.from_config(
         hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype, hf_config),
-        trust_remote_code=cfg.trust_remote_code), cfg)
+        trust_remote_code=cfg.trust_remote_code), cfg, use_liger)
 
 
-def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig, use_liger: bool = False) -> torch.nn.Module:
+    """Training switches, kernels and the loss head, then LoRA (which must wrap the final modules)."""
     model.config.use_cache = False
+    if use_liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # our LossHead calls Liger's fused linear cross-entropy itself, with our normalisation
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    if cfg.loss_chunk_size > 0 or use_liger:
+        install_loss_head(model, cfg.loss_chunk_size, use_liger)
     if cfg.enable_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_lora(model, cfg)

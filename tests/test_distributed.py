@@ -105,18 +105,24 @@ def test_two_process_runs_exit_zero_repeatedly(tiny_model, data, tmp_path):
 
 
 def test_ulysses_sp2_equals_one_process(tiny_model, data, tmp_path, one_process):
-    assert_run_matches(2, one_process, tiny_model, data, tmp_path / "run", "engine.ulysses_sequence_parallel_size=2")
+    """Also runs the chunked loss head (FSDP2-wrapped on its own: the tiny model's head is untied) against the
+    reference's plain head."""
+    assert_run_matches(2, one_process, tiny_model, data, tmp_path / "run", "engine.ulysses_sequence_parallel_size=2",
+                       "model.loss_chunk_size=5")
 
 
 def test_ulysses_with_fewer_kv_heads_than_sp_ranks(data, tmp_path):
-    """One KV head shared by 4 query heads, split over 2 sequence-parallel ranks: KV heads are repeated."""
+    """One KV head shared by 4 query heads, split over 2 sequence-parallel ranks: KV heads are repeated.
+    The model ties its head to the embeddings, and the SP run uses the chunked loss head (in the root's FSDP
+    group then)."""
     from shardtune.tiny import save_tiny_model
 
-    model = save_tiny_model(tmp_path / "gqa", seed=1, kv_heads=1)
+    model = save_tiny_model(tmp_path / "gqa", seed=1, kv_heads=1, tie=True)
     r = run_cli("train", *args(model, data, tmp_path / "one"))
     assert r.returncode == 0, r.stderr[-3000:]
     # verl's top-level key
-    assert_run_matches(2, read_metrics(tmp_path / "one"), model, data, tmp_path / "sp", "ulysses_sequence_parallel_size=2")
+    assert_run_matches(2, read_metrics(tmp_path / "one"), model, data, tmp_path / "sp", "ulysses_sequence_parallel_size=2",
+                       "model.loss_chunk_size=8")
 
 
 @pytest.mark.slow

@@ -23,3 +23,34 @@ def test_torch_varlen_kernel_matches_per_sequence_sdpa(kv_heads):
     got, _ = torch_varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=max(lengths))
     ref, _ = varlen_sdpa_forward(module, q, k, v, None, cu_seq_lens_q=cu)
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_chunked_loss_head_matches_the_plain_loss_in_bf16_on_cuda():
+    from shardtune.loss import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(3000, 256, device="cuda", generator=g, requires_grad=True)
+    weight = torch.randn(32000, 256, device="cuda", generator=g, requires_grad=True)
+    targets = torch.randint(0, 32000, (3000,), device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = linear_cross_entropy(hidden, weight, None, targets, 1024)
+        want = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+
+
+def test_liger_fused_loss_keeps_the_summed_token_loss():
+    """Liger's fused linear cross-entropy, called the way LossHead calls it, returns the plain summed loss."""
+    pytest.importorskip("liger_kernel")
+    from shardtune.loss import LossHead
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 32000, bias=False, device="cuda")
+    head = LossHead(linear, chunk_size=0, use_liger=True)
+    hidden = torch.randn(2, 1500, 256, device="cuda")
+    positions = torch.arange(100, 3000, device="cuda")
+    targets = torch.randint(0, 32000, (2900,), device="cuda")
+    with head.computing_loss(positions, targets):
+        got = head(hidden)
+    want = torch.nn.functional.cross_entropy(linear(hidden.reshape(-1, 256)[positions]).float(), targets,
+                                             reduction="sum")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)

@@ -19,7 +19,9 @@ from shardtune import attention, parallel
 from shardtune.data.batching import MicroBatch, slice_for_sequence_parallel
 from shardtune.data.chat import IGNORE_INDEX
 from shardtune.engine.base import Engine, StepResult
-from shardtune.model import DTYPES, build_from_config, load_config, load_model
+from shardtune.errors import ConfigError
+from shardtune.loss import find_loss_head
+from shardtune.model import DTYPES, build_from_config, liger_usable, load_config, load_model
 from shardtune.optim import build_optimizer, build_scheduler
 
 
@@ -28,7 +30,11 @@ class FSDP2Engine(Engine):
         self.cfg, self.world, self.tokenizer = cfg, world, tokenizer
         mp = cfg.engine.mixed_precision.param_dtype
         self.compute_dtype = DTYPES[mp] if mp != "fp32" else DTYPES[cfg.model.dtype]
+        self.use_liger, liger_message = liger_usable(cfg.model, world.device)
+        if liger_message and world.is_main:
+            warnings.warn(liger_message, stacklevel=1)
         self.model = self._build_model()
+        self.loss_head = find_loss_head(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -37,15 +43,16 @@ class FSDP2Engine(Engine):
     def _build_model(self) -> torch.nn.Module:
         mcfg, ecfg, world = self.cfg.model, self.cfg.engine, self.world
         if not world.distributed:
-            return load_model(mcfg, world.device, compute_dtype=self.compute_dtype)
+            return load_model(mcfg, world.device, compute_dtype=self.compute_dtype, use_liger=self.use_liger)
         # Only rank 0 reads the weights; the others build the model on the meta device and receive theirs
         # shard by shard from rank 0, so no host holds one full copy per process.
         if world.is_main:
-            model = load_model(mcfg, "cpu", attention_device=world.device, compute_dtype=self.compute_dtype)
+            model = load_model(mcfg, "cpu", attention_device=world.device, compute_dtype=self.compute_dtype,
+                               use_liger=self.use_liger)
             full_state = model.state_dict()
         else:
             with torch.device("meta"):
-                model = build_from_config(load_config(mcfg), mcfg, world.device, self.compute_dtype)
+                model = build_from_config(load_config(mcfg), mcfg, world.device, self.compute_dtype, self.use_liger)
             full_state = {}
         if world.sp_size > 1:
             model.set_attn_implementation(attention.register_ulysses(world.sp_group))
@@ -80,14 +87,27 @@ class FSDP2Engine(Engine):
             cu = mb.cu_seqlens.to(dev)
             packed = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": mb.max_seqlen,
                       "max_length_k": mb.max_seqlen}
+        inputs = dict(input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev), use_cache=False,
+                      attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev), **packed)
+        if self.loss_head is not None:
+            return self._fused_loss_sum(inputs, mb.targets.flatten())
         with self._autocast():
-            logits = self.model(
-                input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev),
-                attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev), use_cache=False,
-                **packed,
-            ).logits
+            logits = self.model(**inputs).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), mb.targets.to(dev).flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor) -> torch.Tensor:
+        """The loss head computes the loss of the supervised positions (found on the host, so no sync)."""
+        dev = self.world.device
+        positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        with self._autocast(), self.loss_head.computing_loss(positions.to(dev), targets[positions].to(dev)):
+            loss = self.model(**inputs).logits
+        if loss is not self.loss_head.last_loss:
+            raise ConfigError(
+                f"{type(self.model).__name__} transforms its logits after lm_head (e.g. final soft-capping or "
+                "logit scaling), which the chunked/fused loss head does not model. Fix: model.loss_chunk_size=0 "
+                "and model.use_liger=false for this model.")
+        return loss
 
     def train_batch(self, micro_batches: list[MicroBatch]) -> StepResult:
         self.model.train()
