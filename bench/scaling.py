@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare import GLOBAL_BATCH, LR, MICRO
+from compare import shardtune_overrides
 
 from shardtune import parallel
 from shardtune.config import load_config, validate
@@ -13,12 +13,8 @@ from shardtune.trainer import Trainer
 
 work = Path(sys.argv[1])
 world = parallel.init_world()
-cfg = validate(load_config(None, [
-    f"model.path={work / 'model'}", f"data.train_files={work / 'chats.jsonl'}", f"trainer.default_local_dir={work / 'scale_run'}",
-    f"data.train_batch_size={GLOBAL_BATCH}", f"data.micro_batch_size_per_gpu={MICRO}", "data.max_length=4096",
-    "data.cache_dir=null", f"optim.lr={LR}", "optim.lr_scheduler_type=constant", "optim.lr_warmup_steps=0",
-    "optim.weight_decay=0.0", "trainer.total_epochs=1", "trainer.logger=[jsonl]", "trainer.resume_mode=disable"]),
-    world.world_size)
+cfg = validate(load_config(None, [*shardtune_overrides(work), f"trainer.default_local_dir={work / 'scale_run'}"]),
+               world.world_size)
 trainer = Trainer(cfg, world)
 t0 = time.perf_counter()
 history = trainer.fit()

@@ -50,6 +50,7 @@ class DataConfig:
     drop_last: bool = False
     cache_dir: str | None = "~/.cache/shardtune"
     num_proc: int = 0  # tokenization processes; 0 = automatic
+    prefetch_steps: int = 2  # steps planned and collated ahead in a background thread (0 = in the loop)
 
 
 @dataclass(frozen=True)
@@ -371,6 +372,7 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
         (bool(d.train_files), "data.train_files is required. Fix: data.train_files=train.parquet (or [a,b])."),
         (d.max_length > 1, f"data.max_length must be > 1, got {d.max_length}."),
         (d.train_batch_size >= 1, f"data.train_batch_size must be >= 1, got {d.train_batch_size}."),
+        (d.prefetch_steps >= 0, f"data.prefetch_steps must be >= 0 (0 = no prefetching), got {d.prefetch_steps}."),
         (d.micro_batch_size_per_gpu >= 1, f"data.micro_batch_size_per_gpu must be >= 1, got {d.micro_batch_size_per_gpu}."),
         (not d.use_dynamic_bsz or cfg.model.use_remove_padding,
          "data.use_dynamic_bsz packs by token budget, which bounds memory only for padding-free batches. "

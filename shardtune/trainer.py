@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,18 @@ def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[T
         parallel.barrier(world)
         out = build()
     return out
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step's data: the sampler position, the global batch, every rank's micro-batch plan and
+    this rank's collated micro-batches."""
+
+    epoch: int
+    step_in_epoch: int
+    indices: np.ndarray
+    plans: list[list[list[int]]]
+    micro_batches: list[MicroBatch]
 
 
 class Trainer:
@@ -152,6 +166,22 @@ class Trainer:
     def collate(self, micro: list[int], data: TokenizedDataset) -> MicroBatch:
         return collate([data[i] for i in micro], self.cfg.model.use_remove_padding, self.tokenizer.pad_token_id)
 
+    def prepare(self, epoch: int, step_in_epoch: int, indices: np.ndarray) -> StepBatch:
+        plans = self.plan(indices, self.train_data)
+        micro_batches = [self.collate(m, self.train_data) for m in plans[self.world.dp_rank]]
+        return StepBatch(epoch, step_in_epoch, indices, plans, micro_batches)
+
+    def steps(self) -> Iterator[StepBatch]:
+        """The coming steps, from the sampler's position on. With data.prefetch_steps > 0 a background thread
+        plans and collates them that many steps ahead, so the engine does not wait for its next batch."""
+        steps = (self.prepare(*b) for b in self.sampler)
+        ahead = self.cfg.data.prefetch_steps
+        if ahead == 0:
+            return steps
+        from torchdata.nodes import IterableWrapper, Loader, Prefetcher
+
+        return iter(Loader(Prefetcher(IterableWrapper(steps), prefetch_factor=ahead)))
+
     def fit(self) -> list[dict[str, Any]]:
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.sampler.steps_per_epoch,
                            samples=len(self.train_data), world_size=self.world.world_size,
@@ -164,13 +194,15 @@ class Trainer:
             if self.resumed["skipped_incomplete"]:
                 self.metrics.event("warning", message="skipped checkpoint folders a crash left incomplete",
                                    paths=self.resumed["skipped_incomplete"])
-        batches = iter(self.sampler)
+        steps = self.steps()
         try:
             if self.stopped_early:  # a relaunch of a run that already stopped early (e.g. a requeued job)
                 self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val, note="already stopped")
                 return self.history
             while self.step < self.total_steps:  # checked before drawing, so the sampler stops at the step
-                metrics = self.train_step(*next(batches))
+                t0 = time.perf_counter()
+                batch = next(steps)
+                metrics = self.train_step(batch, data_wait=time.perf_counter() - t0)
                 stop = False
                 if self.val_data is not None and (self._due(self.cfg.trainer.test_freq) or self.step == self.total_steps):
                     metrics["val/loss"] = self.validate()
@@ -190,13 +222,13 @@ class Trainer:
             self.metrics.close()
         return self.history
 
-    def train_step(self, epoch: int, step_in_epoch: int, indices: np.ndarray) -> dict[str, Any]:
+    def train_step(self, batch: StepBatch, data_wait: float = 0.0) -> dict[str, Any]:
+        """One optimizer step; `data_wait` is how long the loop waited for `batch` (counted in the step time)."""
         t0 = time.perf_counter()
-        plans = self.plan(indices, self.train_data)
-        micro_batches = [self.collate(m, self.train_data) for m in plans[self.world.dp_rank]]
-        t_data = time.perf_counter() - t0
-        result = self.engine.train_batch(micro_batches)
-        elapsed = time.perf_counter() - t0
+        result = self.engine.train_batch(batch.micro_batches)
+        elapsed = time.perf_counter() - t0 + data_wait
+        self.sampler.consumed(batch.epoch, batch.step_in_epoch)
+        epoch, step_in_epoch, indices, plans = batch.epoch, batch.step_in_epoch, batch.indices, batch.plans
         self.step += 1
         self.skipped_steps += int(result.skipped)
         lengths = self.train_data.lengths[indices]
@@ -215,7 +247,7 @@ class Trainer:
             "train/global_tokens": tokens, "train/supervised_tokens": result.num_targets,
             "train/tokens_seen": self.tokens_seen,
             "train/skipped_steps": self.skipped_steps,
-            "perf/step_time_s": elapsed, "perf/data_s": t_data,
+            "perf/step_time_s": elapsed, "perf/data_wait_s": data_wait,
             "perf/tokens_per_s": tokens / elapsed, "perf/tokens_per_s_per_device": tokens / elapsed / devices,
             "perf/tflops": achieved / 1e12, "perf/mfu": mfu, "train/mfu": mfu,  # train/mfu: verl's name
             "perf/padding_ratio": padded / (padded + tokens), "perf/micro_batches": len(plans[0]),

@@ -59,6 +59,9 @@ def test_sampler_order_depends_only_on_seed_and_epoch_and_resumes():
     first = [(e, s, b.tolist()) for (e, s, b), _ in zip(a, range(5))]
     assert [x[:2] for x in first] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]  # last batch of 2 is kept
     assert first[2][2] and len(first[2][2]) == 2
+    assert a.state_dict()["step_in_epoch"] == 0  # drawing ahead (a prefetcher) does not move the position
+    a.consumed(0, 2)
+    assert a.state_dict() == {"epoch": 0, "step_in_epoch": 3, "seed": 3}
     b = GlobalBatchSampler(10, 4, seed=3)
     b.load_state_dict({"epoch": 0, "step_in_epoch": 3})  # saved right after the epoch's last step
     assert [(e, s, x.tolist()) for (e, s, x), _ in zip(b, range(2))] == first[3:]

@@ -65,14 +65,19 @@ class GlobalBatchSampler:
         return self.order(epoch)[step * self.global_batch : (step + 1) * self.global_batch]
 
     def __iter__(self):
-        """Yield (epoch, step_in_epoch, indices) from the current position on, forever (epochs roll over)."""
+        """Yield (epoch, step_in_epoch, indices) from the current position on, forever (epochs roll over).
+        Iterating does not move the position, so a prefetcher may run ahead; `consumed` moves it."""
+        epoch, step = self.epoch, self.step_in_epoch
         while True:
-            order = self.order(self.epoch)
-            while self.step_in_epoch < self.steps_per_epoch:
-                s = self.step_in_epoch
-                self.step_in_epoch += 1
-                yield self.epoch, s, order[s * self.global_batch : (s + 1) * self.global_batch]
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            order = self.order(epoch)
+            while step < self.steps_per_epoch:
+                yield epoch, step, order[step * self.global_batch : (step + 1) * self.global_batch]
+                step += 1
+            epoch, step = epoch + 1, 0
+
+    def consumed(self, epoch: int, step_in_epoch: int) -> None:
+        """Mark the step as trained: the position (and a checkpoint's state) moves past it."""
+        self.epoch, self.step_in_epoch = epoch, step_in_epoch + 1
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}

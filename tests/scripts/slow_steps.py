@@ -9,8 +9,8 @@ from shardtune.trainer import Trainer
 _train_step = Trainer.train_step
 
 
-def slow_train_step(self, *args):
-    out = _train_step(self, *args)
+def slow_train_step(self, *args, **kwargs):
+    out = _train_step(self, *args, **kwargs)
     time.sleep(0.25)
     return out
 
