@@ -105,6 +105,7 @@ class EngineConfig:
     reshard_after_forward: bool = True
     fsdp_size: int = -1  # shard over groups of this many ranks and replicate across groups (-1 = all ranks)
     ulysses_sequence_parallel_size: int = 1  # ranks that split each packed row along the sequence (Ulysses)
+    use_torch_compile: bool = False  # torch.compile each decoder layer (dynamic shapes); first step pays the compile
     timeout_minutes: int = 60  # how long a collective may wait (rank 0 tokenizing, a large export) before failing
 
 

@@ -140,3 +140,13 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     return get_peft_model(model, LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
         exclude_modules=cfg.exclude_modules or None, task_type="CAUSAL_LM"))
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer (before FSDP2 wraps it), with dynamic shapes: packed rows change
+    length every step, and one graph serves every length and every layer (they share the code)."""
+    from shardtune.parallel import decoder_layers
+
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True)
+

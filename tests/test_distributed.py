@@ -70,6 +70,11 @@ def test_offload_equals_no_offload_and_cli_nproc(tiny_model, data, tmp_path, one
 
 
 @pytest.mark.slow
+def test_compiled_layers_under_fsdp2_equal_one_eager_process(tiny_model, data, tmp_path, one_process):
+    assert_run_matches(2, one_process, tiny_model, data, tmp_path / "run", "engine.use_torch_compile=true")
+
+
+@pytest.mark.slow
 def test_hybrid_sharding_four_processes(tiny_model, data, tmp_path, one_process):
     assert_run_matches(4, one_process, tiny_model, data, tmp_path / "run", "engine.fsdp_size=2")
 

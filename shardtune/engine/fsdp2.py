@@ -21,7 +21,7 @@ from shardtune.data.chat import IGNORE_INDEX
 from shardtune.engine.base import Engine, StepResult
 from shardtune.errors import ConfigError
 from shardtune.loss import find_loss_head
-from shardtune.model import DTYPES, build_from_config, liger_usable, load_config, load_model
+from shardtune.model import DTYPES, build_from_config, compile_layers, liger_usable, load_config, load_model
 from shardtune.optim import build_optimizer, build_scheduler
 
 
@@ -43,7 +43,10 @@ class FSDP2Engine(Engine):
     def _build_model(self) -> torch.nn.Module:
         mcfg, ecfg, world = self.cfg.model, self.cfg.engine, self.world
         if not world.distributed:
-            return load_model(mcfg, world.device, compute_dtype=self.compute_dtype, use_liger=self.use_liger)
+            model = load_model(mcfg, world.device, compute_dtype=self.compute_dtype, use_liger=self.use_liger)
+            if ecfg.use_torch_compile:
+                compile_layers(model)
+            return model
         # Only rank 0 reads the weights; the others build the model on the meta device and receive theirs
         # shard by shard from rank 0, so no host holds one full copy per process.
         if world.is_main:
@@ -56,6 +59,8 @@ class FSDP2Engine(Engine):
             full_state = {}
         if world.sp_size > 1:
             model.set_attn_implementation(attention.register_ulysses(world.sp_group))
+        if ecfg.use_torch_compile:
+            compile_layers(model)
         offload = ecfg.param_offload or ecfg.optimizer_offload
         parallel.apply_fsdp2(
             model, parallel.build_mesh(world, ecfg.fsdp_size), param_dtype=DTYPES[ecfg.mixed_precision.param_dtype],

@@ -76,7 +76,7 @@ COMMON: dict[str, Any] = {
     "model.lora_alpha": Map("model.lora_alpha"),
     "model.target_modules": Map("model.target_modules"),
     "model.use_shm": Warn(HARMLESS),
-    "model.use_liger": Warn(SPEED),
+    "model.use_liger": Map("model.use_liger"),
     "model.external_lib": Refuse("importing external model code is not supported"),
     "optim.lr": Map("optim.lr"),
     "optim.betas": Map("optim.betas"),
