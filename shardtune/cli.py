@@ -9,7 +9,7 @@ import subprocess
 import sys
 import traceback
 
-from shardtune.errors import ShardtuneError
+from shardtune.errors import ConfigError, ShardtuneError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = with_config("train", "train a model")
     train.add_argument("--nproc", type=int, default=0,
                        help="launch this many local processes with torchrun (default: run in this process)")
-    with_config("validate", "check the config and the data, then exit")
+    check = with_config("validate", "check the config and the data, estimate memory per device, then exit")
+    check.add_argument("--nproc", type=int, default=None,
+                       help="processes the run will use (default: WORLD_SIZE, else 1)")
+    check.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                       help="memory of one device in GiB (default: this GPU's, else this machine's RAM)")
     render = with_config("render", "print one tokenized sample with its trained spans marked")
     render.add_argument("--index", type=int, default=0, help="0-based sample index in data.train_files")
     render.add_argument("--color", choices=("auto", "always", "never"), default="auto")
@@ -98,15 +102,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train" and args.nproc > 1:
         return _launch_torchrun(args.nproc, path, overrides, args.debug)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.command == "validate" and args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {args.nproc}.")
+        world_size = args.nproc  # check and estimate for the launch being planned
     cfg = validate(load_config(path, overrides), world_size=world_size)
     from shardtune.model import check_model_path, check_sequence_parallel
 
     check_model_path(cfg.model)
     check_sequence_parallel(cfg.model, cfg.sp_size)
     if args.command == "validate":
-        from shardtune.preview import validate_data
+        from shardtune.preview import print_memory_estimate, validate_data
 
         validate_data(cfg)
+        print_memory_estimate(cfg, world_size, args.device_memory)
         return 0
     if args.command == "render":
         from shardtune.preview import render_sample

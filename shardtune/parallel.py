@@ -90,6 +90,13 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor_(t: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum a device tensor over all ranks in place, without a host sync (identity on one process)."""
+    if world.distributed:
+        dist.all_reduce(t)
+    return t
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

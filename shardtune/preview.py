@@ -1,7 +1,9 @@
-"""`shardtune validate` and `shardtune render`: look at the data the way the trainer will see it."""
+"""`shardtune validate` and `shardtune render`: look at the data the way the trainer will see it, and at the
+memory one device will need."""
 
 from __future__ import annotations
 
+import os
 import sys
 from itertools import islice
 
@@ -39,6 +41,63 @@ def validate_data(cfg: Config) -> None:
             total = t.total_training_steps or t.total_epochs * sampler.steps_per_epoch
             print(f"train: {sampler.steps_per_epoch} steps per epoch, {total} optimizer steps in all")
     print("config and data OK")
+
+
+def default_device_memory() -> tuple[float, str]:
+    """Bytes to compare the estimate with: the current GPU's memory, else the machine's RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "GPU memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+
+
+def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float | None = None) -> bool:
+    """Print the per-device memory table of `memory.estimate` and whether it fits; returns whether it fits."""
+    from shardtune.memory import GIB, estimate, model_shape
+
+    available, what = default_device_memory()
+    if device_memory_gib is not None:
+        available, what = device_memory_gib * GIB, "--device-memory"
+    try:
+        shape = model_shape(cfg.model)
+    except (AttributeError, ValueError) as e:  # an architecture the estimate does not know (no decoder layers...)
+        print(f"memory per device: no estimate for this model ({e})")
+        return True
+    est = estimate(cfg, shape, world_size)
+    procs = f"{world_size} processes" if world_size > 1 else "1 process"
+    print(f"memory per device (estimate; {procs} on {est.device_type}; {est.tokens} tokens per micro-batch; "
+          f"weights {cfg.model.dtype}, compute {est.compute_dtype}):")
+    for name, value, note in _memory_rows(cfg, est, world_size):
+        print(f"  {name:26s} {value / GIB:8.2f} GiB" + (f"  ({note})" if note and value else ""))
+    print(f"  {'total':26s} {est.total / GIB:8.2f} GiB")
+    if est.host:
+        print(f"  {'on the host (offload)':26s} {est.host / GIB:8.2f} GiB per process")
+    # processes on a CPU share the machine's memory (offloaded state included); each GPU has its own
+    shared = est.device_type == "cpu"
+    need = (est.total + est.host) * world_size if shared else est.total
+    if shared and world_size > 1:
+        what += f", {world_size} processes"
+    ok = need <= available
+    verdict = f"yes (headroom {(available - need) / GIB:.2f} GiB)" if ok else f"no (short by {(need - available) / GIB:.2f} GiB)"
+    print(f"fits in {available / GIB:.2f} GiB ({what}): {verdict}")
+    return ok
+
+
+def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, str]]:
+    m = cfg.model
+    rows = [
+        ("parameters", est.parameters, "" if world_size == 1 else "sharded"),
+        ("gradients", est.gradients, "trainable parameters only"),
+        ("optimizer state (AdamW)", est.optimizer, "2 per trainable parameter"),
+        ("unsharded weight copies", est.working, "FSDP2 all-gather" if world_size > 1 else "bf16 autocast casts"),
+        ("activations", est.activations, f"gradient checkpointing {'on' if m.enable_gradient_checkpointing else 'off'}"),
+        ("logits and loss", est.logits, "Liger fused" if m.use_liger and est.device_type == "cuda" else
+         f"chunks of {m.loss_chunk_size}" if m.loss_chunk_size else "full logits"),
+        ("runtime overhead", est.runtime, "CUDA context, allocator slack; assumed" if est.device_type == "cuda"
+         else "Python, torch, transformers"),
+    ]
+    return rows
 
 
 def render_sample(cfg: Config, index: int, color: str = "auto") -> None:

@@ -63,7 +63,8 @@ class FSDP2Engine(Engine):
             compile_layers(model)
         offload = ecfg.param_offload or ecfg.optimizer_offload
         parallel.apply_fsdp2(
-            model, parallel.build_mesh(world, ecfg.fsdp_size), param_dtype=DTYPES[ecfg.mixed_precision.param_dtype],
+            # compute in the weights' dtype unless mixed precision asks for bf16 (as on one process)
+            model, parallel.build_mesh(world, ecfg.fsdp_size), param_dtype=self.compute_dtype,
             reduce_dtype=DTYPES[ecfg.mixed_precision.reduce_dtype], offload=offload,
             reshard_after_forward=ecfg.reshard_after_forward,
         )
@@ -84,28 +85,34 @@ class FSDP2Engine(Engine):
     def _loss_sum(self, mb: MicroBatch) -> torch.Tensor:
         """Sum of next-token cross-entropy over the supervised tokens of one micro-batch (of this rank's
         slice of it under sequence parallelism: the slices of a group add up to the whole)."""
-        dev = self.world.device
         if self.world.sp_size > 1:
             mb = slice_for_sequence_parallel(mb, self.world.sp_size, self.world.sp_rank, self.tokenizer.pad_token_id)
         packed = {}
         if mb.cu_seqlens is not None:  # sequence boundaries for varlen attention kernels
-            cu = mb.cu_seqlens.to(dev)
+            cu = self._to_device(mb.cu_seqlens)
             packed = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": mb.max_seqlen,
                       "max_length_k": mb.max_seqlen}
-        inputs = dict(input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev), use_cache=False,
-                      attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev), **packed)
+        inputs = dict(input_ids=self._to_device(mb.input_ids), position_ids=self._to_device(mb.position_ids),
+                      attention_mask=self._to_device(mb.attention_mask), use_cache=False, **packed)
         if self.loss_head is not None:
             return self._fused_loss_sum(inputs, mb.targets.flatten())
         with self._autocast():
             logits = self.model(**inputs).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), mb.targets.to(dev).flatten(),
+        return F.cross_entropy(logits.flatten(0, 1).float(), self._to_device(mb.targets).flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Host to device without stalling the host: a pinned staging copy and an asynchronous transfer on
+        CUDA (a plain `.to("cuda")` of pageable memory waits for the copy)."""
+        if t is None or self.world.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.world.device, non_blocking=True)
 
     def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor) -> torch.Tensor:
         """The loss head computes the loss of the supervised positions (found on the host, so no sync)."""
-        dev = self.world.device
         positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        with self._autocast(), self.loss_head.computing_loss(positions.to(dev), targets[positions].to(dev)):
+        with self._autocast(), self.loss_head.computing_loss(self._to_device(positions),
+                                                             self._to_device(targets[positions])):
             loss = self.model(**inputs).logits
         if loss is not self.loss_head.last_loss:
             raise ConfigError(
@@ -131,7 +138,9 @@ class FSDP2Engine(Engine):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)  # the step's one host sync; identical on every rank
+        parallel.all_reduce_tensor_(loss_sum, self.world)
+        # the step's one host sync (the skip decision needs the norm); identical on every rank
+        grad_norm, total_loss = torch.stack([grad_norm.to(loss_sum), loss_sum]).tolist()
         skipped = not math.isfinite(grad_norm)
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -140,7 +149,6 @@ class FSDP2Engine(Engine):
         with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             self.scheduler.step()
-        (total_loss,) = self.reduce_sum([float(loss_sum)])
         return StepResult(total_loss / denom, grad_norm, lr, skipped, int(global_targets))
 
     @torch.no_grad()

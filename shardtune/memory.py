@@ -1,0 +1,207 @@
+"""How much memory one device needs to train a config: an estimate that `shardtune validate` prints.
+
+Everything is counted in bytes per device (per process). Model state comes from exact parameter counts
+(the model built on the meta device, LoRA included, so tied weights, biases and adapter dtypes are right).
+Activations come from what autograd saves for one Llama/Qwen2-style decoder layer per token, counted
+tensor by tensor below and checked against `saved_tensors_hooks` on a real model in tests/test_memory.py.
+The logits terms were measured on CPU (peak resident memory of the plain and the chunked loss).
+
+What is not modelled: T x T attention scores (the kernels shardtune picks never materialise them, but
+padded rows with an attention mask may fall back to one that does), MoE layers, vision towers, the extra
+saved tensors of LoRA's rank-r branch (small), compiled layers (`engine.use_torch_compile`), and the
+tokenized data held in host memory.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+GIB = 2**30
+BYTES = {"fp32": 4, "bf16": 2}
+# Memory a process holds besides the tensors estimated here. CPU: the Python interpreter with torch,
+# transformers and the model code imported, as measured before the model is built (about 0.33 GiB) plus
+# kernel scratch. glibc's malloc may keep freed activation memory on top (measured: +36%, +96% with
+# checkpointing; none with MALLOC_MMAP_THRESHOLD_ fixed), which is not counted. CUDA (not measured here,
+# typical values): CUDA context and cuBLAS/NCCL workspaces about 1 GiB, and the caching allocator's
+# rounding/fragmentation, taken as 10% of the transient peak.
+RUNTIME_FIXED = {"cpu": 0.35 * GIB, "cuda": 1.0 * GIB}
+ALLOCATOR_SLACK = {"cpu": 0.0, "cuda": 0.10}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model: sizes from its config, bytes from its parameters."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    params: int  # elements of all parameters (tied ones once)
+    param_bytes: int  # all parameters (tied ones once), in their own dtypes
+    trainable_bytes: int  # those with requires_grad (LoRA: the adapters only)
+    linear_weight_params: int  # elements of Linear weights: what autocast keeps a bf16 copy of
+    largest_unit_params: int  # the largest FSDP2 unit (a decoder layer, the embedding or the head)
+    largest_unit_trainable_params: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on one device; `host` is what offloading moves to the CPU (per process)."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    working: float  # FSDP2 all-gathered layers, or autocast's bf16 weight copies on one process
+    activations: float
+    logits: float
+    runtime: float
+    host: float
+    tokens: int  # per micro-batch on this device
+    device_type: str
+    compute_dtype: str
+
+    @property
+    def transient(self) -> float:
+        return self.activations + self.logits  # fused AdamW (shardtune/optim.py) adds no step temporaries
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.working + self.transient + self.runtime
+
+
+def shape_of(model: torch.nn.Module) -> ModelShape:
+    from shardtune.parallel import decoder_layers
+
+    c = model.config
+    params = list(model.parameters())  # unique: a tied weight is counted once
+
+    def count(module: torch.nn.Module | None, trainable: bool = False) -> int:
+        ps = [] if module is None else module.parameters()
+        return sum(p.numel() for p in ps if p.requires_grad or not trainable)
+
+    units = [*decoder_layers(model), model.get_input_embeddings(), model.get_output_embeddings()]
+    return ModelShape(
+        hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
+        heads=c.num_attention_heads, kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, vocab=c.vocab_size,
+        params=sum(p.numel() for p in params), param_bytes=sum(p.numel() * p.element_size() for p in params),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+        linear_weight_params=sum(m.weight.numel() for m in model.modules()
+                                 if isinstance(m, torch.nn.Linear) or type(m).__name__ == "LossHead"),
+        largest_unit_params=max(count(u) for u in units),
+        largest_unit_trainable_params=max(count(u, trainable=True) for u in units),
+    )
+
+
+def model_shape(model_cfg: Any) -> ModelShape:
+    """Build the model on the meta device (config.json only, no weights read) with the training switches
+    and LoRA of `model_cfg`, and measure it."""
+    from shardtune.model import build_from_config, load_config
+
+    # quiet: loading an adapter (model.lora_adapter_path) into meta tensors warns once per tensor, a no-op
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_from_config(load_config(model_cfg), model_cfg, "cpu")
+    return shape_of(model)
+
+
+def tokens_per_micro_batch(cfg: Any) -> int:
+    """The most tokens one rank holds activations for: the token budget, or the padded micro-batch; under
+    Ulysses sequence parallelism each rank keeps 1/sp of them between the attention all-to-alls."""
+    d = cfg.data
+    tokens = d.max_token_len_per_gpu if d.use_dynamic_bsz else d.micro_batch_size_per_gpu * d.max_length
+    return math.ceil(tokens / cfg.sp_size)
+
+
+def layer_bytes_per_token(s: ModelShape, act: int, residual: int, autocast: bool) -> float:
+    """What autograd keeps for one decoder layer, per token (HF Llama/Qwen2 code: RMSNorm in fp32)."""
+    h, kv, i = s.hidden, s.kv_heads * s.head_dim, s.intermediate
+    # each RMSNorm saves its input in fp32 (the residual itself, or an fp32 copy), the normalised value
+    # (for the weight's gradient) and its output; under autocast the output is saved as one bf16 cast
+    # per Linear that reads it (q, k, v after the first norm; gate, up after the second)
+    norm_out = 5 * act * h if autocast else 2 * act * h
+    norms = 2 * (4 * h + residual * h) + norm_out + 2 * 4  # + the fp32 rsqrt, one per token each
+    # q and k after RoPE, v, the attention output with its fp32 logsumexp per head, o_proj's input
+    attention = 3 * act * h + 2 * act * kv + 4 * s.heads
+    mlp = 4 * act * i  # gate (SiLU's input), SiLU's output, up, and their product (down_proj's input)
+    return norms + attention + mlp
+
+
+def activation_bytes(s: ModelShape, tokens: int, act: int, residual: int, autocast: bool,
+                     checkpointing: bool) -> float:
+    layer = layer_bytes_per_token(s, act, residual, autocast) * tokens
+    # outside the layers: input ids (int64), RoPE cos/sin, the final norm and lm_head's input
+    outside = tokens * (8 + 2 * s.head_dim * residual + 4 * s.hidden + 2 * residual * s.hidden + 4)
+    if checkpointing:  # only each layer's input is kept; backward recomputes one layer at a time
+        return s.layers * tokens * s.hidden * residual + layer + outside
+    return s.layers * layer + outside
+
+
+def logits_bytes(s: ModelShape, tokens: int, chunk: int, act: int) -> float:
+    """Peak of the output layer. Plain: logits, log-softmax output and two gradients of the size tokens x
+    vocab exist together in backward, about three fp32 copies (measured). Chunked (shardtune/loss.py):
+    a chunk's logits, logsumexp's temporary and the previous chunk's gradient, plus the gradients of the
+    head's weight (fp32, and the copy backward scales) and of the hidden states."""
+    if chunk <= 0:
+        return 3 * 4 * tokens * s.vocab
+    return 3 * 4 * min(chunk, tokens) * s.vocab + 2 * 4 * s.vocab * s.hidden + 2 * act * tokens * s.hidden
+
+
+def compute_dtypes(cfg: Any, sharded: bool) -> tuple[int, int, bool]:
+    """(bytes of an activation, bytes of the residual stream, autocast on?) as the engine runs the config."""
+    mp, weight = cfg.engine.mixed_precision.param_dtype, cfg.model.dtype
+    if sharded:  # FSDP2 computes in bf16 when mixed precision asks for it, else in the weights' dtype
+        b = BYTES["bf16"] if mp == "bf16" else BYTES[weight]
+        return b, b, False
+    autocast = mp == "bf16" and weight == "fp32"  # one process: bf16 autocast over fp32 weights
+    return (2 if autocast else BYTES[weight]), BYTES[weight], autocast  # the residual stream keeps the weights' dtype
+
+
+def loss_chunk(cfg: Any, s: ModelShape, tokens: int, device_type: str) -> int:
+    if cfg.model.use_liger and device_type == "cuda":  # Liger's heuristic: chunk logits ~ the hidden states' size
+        return 1 << (math.ceil(tokens / math.ceil(s.vocab / s.hidden)) - 1).bit_length()
+    return cfg.model.loss_chunk_size
+
+
+def estimate(cfg: Any, model: ModelShape | torch.nn.Module, world_size: int = 1,
+             device_type: str | None = None) -> MemoryEstimate:
+    """Bytes one device needs to train `cfg` on `world_size` processes (`device_type`: cuda | cpu, default:
+    what this machine has)."""
+    s = model if isinstance(model, ModelShape) else shape_of(model)
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    e, m = cfg.engine, cfg.model
+    sharded = world_size > 1  # one process trains the plain model; FSDP2 only under torchrun
+    shard = 1 if not sharded else (world_size if e.fsdp_size == -1 else e.fsdp_size)
+    offload = sharded and (e.param_offload or e.optimizer_offload)
+    act, residual, autocast = compute_dtypes(cfg, sharded)
+    # parameters, gradients (trainable ones, same dtype) and AdamW's two moments, each sharded
+    state = [s.param_bytes / shard, s.trainable_bytes / shard, 2 * s.trainable_bytes / shard]
+    tokens = tokens_per_micro_batch(cfg)
+    activations = activation_bytes(s, tokens, act, residual, autocast, m.enable_gradient_checkpointing)
+    logits = logits_bytes(s, tokens, loss_chunk(cfg, s, tokens, device_type), act)
+    transient = activations + logits
+    return MemoryEstimate(
+        *([0.0] * 3 if offload else state), working=working_bytes(cfg, s, sharded, autocast, act),
+        activations=activations, logits=logits,
+        runtime=RUNTIME_FIXED[device_type] + ALLOCATOR_SLACK[device_type] * transient,
+        host=sum(state) if offload else 0.0, tokens=tokens, device_type=device_type,
+        compute_dtype="bf16" if act == 2 else "fp32")
+
+
+def working_bytes(cfg: Any, s: ModelShape, sharded: bool, autocast: bool, act: int) -> float:
+    """Unsharded copies of the weights that exist only while computing."""
+    if not sharded:  # autocast casts each Linear weight to bf16 and autograd keeps it until backward
+        return 2.0 * s.linear_weight_params if autocast else 0.0
+    # one unit's unsharded gradient and its reduce-scatter input in the reduce dtype
+    grads = (act + BYTES[cfg.engine.mixed_precision.reduce_dtype]) * s.largest_unit_trainable_params
+    if not cfg.engine.reshard_after_forward:  # every unit stays gathered from its forward to its backward
+        return act * s.params + grads
+    return 2 * act * s.largest_unit_params + grads  # the unit computing and the one prefetched

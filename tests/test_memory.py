@@ -1,0 +1,206 @@
+"""The memory estimate of `shardtune validate`: its terms against counts derived from the architecture, its
+activation formula against what autograd saves, and its total against the peak of a real run on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import arithmetic_rows, run_cli, write_jsonl
+
+from shardtune.config import load_config
+from shardtune.memory import GIB, estimate, layer_bytes_per_token, model_shape, shape_of
+
+MEMORY_PEAK = Path(__file__).parent / "scripts" / "memory_peak.py"
+
+
+def config(model_path, *overrides):
+    return load_config(None, [f"model.path={model_path}", "data.train_files=unused.jsonl", *overrides])
+
+
+def hf_config(model_path):
+    from shardtune.model import load_config as load_hf_config
+
+    return load_hf_config(config(model_path).model)
+
+
+def qwen2_params(c) -> int:
+    """Parameters of an untied Qwen2 from its config: embedding, layers (q/k/v with biases, o, gate/up/down,
+    two norms), final norm, head."""
+    h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+    return 2 * c.vocab_size * h + c.num_hidden_layers * layer + h
+
+
+def lora_params(c, rank: int) -> int:
+    """Adapters A (rank x in) and B (out x rank) on every Linear of every layer (`all-linear` skips lm_head)."""
+    h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # q, k, v, o, gate, up, down
+    return c.num_hidden_layers * sum(rank * (n_in + n_out) for n_in, n_out in shapes)
+
+
+def test_state_terms_are_the_architecture_counts(tiny_model):
+    n = qwen2_params(hf_config(tiny_model))
+    cfg = config(tiny_model)
+    est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu")
+    assert (est.parameters, est.gradients, est.optimizer) == (4 * n, 4 * n, 8 * n)  # fp32; AdamW: m and v
+    assert est.working == 0 and est.host == 0
+    cfg = config(tiny_model, "model.dtype=bf16")
+    est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu")
+    assert (est.parameters, est.gradients, est.optimizer) == (2 * n, 2 * n, 4 * n)
+
+
+def test_lora_has_gradients_and_optimizer_state_for_the_adapters_only(tiny_model):
+    c = hf_config(tiny_model)
+    n, a = qwen2_params(c), lora_params(c, rank=8)
+    cfg = config(tiny_model, "model.lora_rank=8", "model.dtype=bf16")
+    est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu")
+    # peft keeps the adapters in fp32 over bf16 base weights
+    assert (est.parameters, est.gradients, est.optimizer) == (2 * n + 4 * a, 4 * a, 8 * a)
+
+
+def test_state_is_sharded_over_the_shard_group_and_offload_moves_it_to_the_host(tiny_model):
+    n = qwen2_params(hf_config(tiny_model))
+    cfg = config(tiny_model)
+    shape = model_shape(cfg.model)
+    one = estimate(cfg, shape, world_size=1, device_type="cuda")
+    four = estimate(cfg, shape, world_size=4, device_type="cuda")
+    assert (four.parameters, four.gradients, four.optimizer) == (n, n, 2 * n)  # 4n bytes over 4 ranks
+    assert four.working > 0  # all-gathered layers under FSDP2
+    hybrid = estimate(config(tiny_model, "engine.fsdp_size=2"), shape, world_size=4, device_type="cuda")
+    assert hybrid.parameters == 2 * n  # sharded over groups of 2, replicated across them
+    off = estimate(config(tiny_model, "engine.param_offload=true"), shape, world_size=2, device_type="cuda")
+    assert (off.parameters, off.gradients, off.optimizer) == (0, 0, 0)
+    assert off.host == 2 * n * (1 + 1 + 2)  # parameters, gradients, m and v, per rank
+    assert off.activations == estimate(cfg, shape, world_size=2, device_type="cuda").activations
+    assert off.total < one.total
+
+
+def test_checkpointing_and_chunked_loss_shrink_their_terms(tiny_model):
+    cfg = config(tiny_model, "data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=8192")
+    shape = dataclasses.replace(model_shape(cfg.model), vocab=151936)  # a large vocabulary, as Qwen's
+    plain = estimate(cfg, shape, device_type="cpu")
+    assert plain.tokens == 8192 and plain.logits == 3 * 4 * 8192 * 151936
+    ckpt = estimate(config(tiny_model, "data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=8192",
+                           "model.enable_gradient_checkpointing=true"), shape, device_type="cpu")
+    layer = layer_bytes_per_token(shape, 4, 4, False) * 8192
+    # without checkpointing every layer's activations; with it one layer's and every layer's input
+    assert plain.activations - ckpt.activations == (shape.layers - 1) * layer - shape.layers * 8192 * shape.hidden * 4
+    assert ckpt.activations < plain.activations
+    chunked = estimate(config(tiny_model, "data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=8192",
+                              "model.loss_chunk_size=1024"), shape, device_type="cpu")
+    assert chunked.logits < plain.logits / 4
+
+
+def test_tokens_per_micro_batch(tiny_model):
+    shape = model_shape(config(tiny_model).model)
+    fixed = estimate(config(tiny_model, "data.micro_batch_size_per_gpu=4", "data.max_length=512"), shape)
+    assert fixed.tokens == 2048
+    sp = estimate(config(tiny_model, "data.micro_batch_size_per_gpu=4", "data.max_length=512",
+                         "engine.ulysses_sequence_parallel_size=2"), shape, world_size=2)
+    assert sp.tokens == 1024  # each rank of a sequence-parallel pair holds half the row
+
+
+def saved_bytes(model, tokens: int, autocast: bool) -> int:
+    """Bytes of the distinct tensors autograd saves in one forward of a packed row (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    half = tokens // 2  # two sequences packed in one row, positions restarting
+    cu = torch.tensor([0, half, tokens])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model.model(input_ids=torch.randint(0, 250, (1, tokens)), position_ids=torch.arange(half).repeat(2)[None],
+                    cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=half, max_length_k=half, use_cache=False)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "bf16_autocast"])
+def test_layer_activations_are_what_autograd_saves(mode):
+    """The per-layer formula, against the saved tensors of shardtune's packed-row path on a real Qwen2."""
+    from transformers import AutoModelForCausalLM
+
+    from shardtune import attention
+    from shardtune.tiny import tiny_qwen2_config
+
+    tokens, dtype = 256, torch.bfloat16 if mode == "bf16" else torch.float32
+    models = [AutoModelForCausalLM.from_config(
+        tiny_qwen2_config(259, hidden=96, layers=layers, heads=6, kv_heads=2, intermediate=224),
+        dtype=dtype, attn_implementation=attention.register()) for layers in (1, 3)]
+    autocast = mode == "bf16_autocast"
+    per_layer = (saved_bytes(models[1], tokens, autocast) - saved_bytes(models[0], tokens, autocast)) / 2
+    shape = shape_of(models[0])
+    act, residual = (4, 4) if mode == "fp32" else (2, 2) if mode == "bf16" else (2, 4)
+    expected = layer_bytes_per_token(shape, act, residual, autocast) * tokens
+    if autocast:  # autograd also keeps the bf16 casts of the layer's Linear weights (the working-copy term)
+        expected += 2 * sum(m.weight.numel() for m in models[0].model.layers[0].modules()
+                            if isinstance(m, torch.nn.Linear))
+    assert per_layer == pytest.approx(expected, rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def long_rows_model(tmp_path_factory):
+    """A model and data where activations dominate: hidden 512, 4 layers; 8 samples of ~1000 tokens."""
+    from shardtune.tiny import save_tiny_model
+
+    d = tmp_path_factory.mktemp("memory")
+    model = save_tiny_model(d / "model", seed=0, hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1024)
+    reply = ("abcdefghij " * 100)[:1000]
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": reply}]}
+            for i in range(8)]
+    return model, write_jsonl(d / "train.jsonl", rows), d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_is_within_30_percent_of_the_measured_peak(long_rows_model, checkpointing):
+    """Two fp32 AdamW steps of one packed ~4096-token micro-batch in a fresh process: the peak resident memory
+    above the runtime (measured just before the model is built) against the estimate less its runtime line.
+    glibc's malloc is told to return large blocks at once (a fixed mmap threshold), so resident memory
+    follows the live tensors, as CUDA's max_memory_allocated does on a GPU."""
+    model, data, d = long_rows_model
+    overrides = [f"model.path={model}", f"data.train_files={data}", "data.cache_dir=null", "data.num_proc=1",
+                 "data.max_length=1024", "data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=4096",
+                 "data.train_batch_size=4", "data.shuffle=false", "trainer.total_training_steps=2",
+                 "trainer.logger=[jsonl]", "trainer.progress_bar=false",
+                 f"model.enable_gradient_checkpointing={str(checkpointing).lower()}",
+                 f"trainer.default_local_dir={d}/run_{checkpointing}"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, str(MEMORY_PEAK), *overrides], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["added_gib"] * GIB
+    cfg = load_config(None, overrides)
+    est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu")
+    predicted = est.total - est.runtime
+    print(f"checkpointing={checkpointing}: estimated {predicted / GIB:.3f} GiB, measured {measured / GIB:.3f} GiB")
+    assert predicted == pytest.approx(measured, rel=0.30)
+
+
+def test_validate_prints_the_table_and_whether_it_fits(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(8))
+    args = ["validate", f"model.path={tiny_model}", f"data.train_files={data}", "data.cache_dir=null",
+            "data.num_proc=1"]
+    ok = run_cli(*args, "--device-memory", "80")
+    assert ok.returncode == 0, ok.stderr
+    assert "config and data OK" in ok.stdout
+    for row in ("parameters", "gradients", "optimizer state", "activations", "logits and loss", "runtime overhead",
+                "total"):
+        assert f"  {row}" in ok.stdout
+    assert "fits in 80.00 GiB (--device-memory): yes" in ok.stdout
+    small = run_cli(*args, "engine.param_offload=true", "--nproc", "2", "--device-memory", "0.001")
+    assert small.returncode == 0, small.stderr
+    assert "2 processes" in small.stdout and "on the host (offload)" in small.stdout
+    assert ": no (short by" in small.stdout
