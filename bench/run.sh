@@ -15,9 +15,16 @@ export TOKENIZERS_PARALLELISM=false
 for system in shardtune trl plain; do
     "$PY" bench/compare.py "$system" "$work" > "$work/$system.log" 2>&1 || { cat "$work/$system.log"; exit 1; }
 done
-# scaling: the same shardtune run on 2 processes (1 thread each) vs 1 process (2 threads)
-"$PY" -m torch.distributed.run --standalone --nproc-per-node 2 bench/scaling.py "$work" > "$work/scaling.log" 2>&1 \
-    || { cat "$work/scaling.log"; exit 1; }
+# scaling: the same shardtune run on 2 processes (1 thread each) vs 1 process (2 threads): sharded (FSDP2's
+# default) and as whole replicas (engine.fsdp_size=1: one gradient all-reduce per step, the better choice
+# for a model this small)
+for layout in sharded replicated; do
+    extra=""; [[ $layout == replicated ]] && extra="engine.fsdp_size=1"
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 bench/scaling.py "$work" $extra \
+        > "$work/scaling.log" 2>&1 || { cat "$work/scaling.log"; exit 1; }
+    mv "$work/scaling.json" "$work/scaling_$layout.json"
+    rm -rf "$work/scale_run"
+done
 "$PY" - "$work" <<'PY'
 import json, sys
 from pathlib import Path
@@ -27,9 +34,10 @@ print(f"{'system':10s} {'sup. tok/s':>10s} {'wall s':>8s} {'peak RSS GB':>11s} {
 for s, x in r.items():
     print(f"{s:10s} {x['supervised_tokens_per_s']:10.0f} {x['train_s']:8.1f} {x['peak_rss_gb']:11.2f} "
           f"{x['final_loss']:10.4f} {x['steps']:5d}")
-two = json.loads((work / "scaling.json").read_text())
 one = r["shardtune"]["supervised_tokens_per_s"]
-print(f"shardtune 2 processes: {two['supervised_tokens_per_s']:.0f} sup. tok/s, efficiency vs 1 process "
-      f"{two['supervised_tokens_per_s'] / one:.2f} (same 2 cores: 1 process uses 2 threads)")
+for layout in ("sharded", "replicated"):
+    two = json.loads((work / f"scaling_{layout}.json").read_text())["supervised_tokens_per_s"]
+    print(f"shardtune 2 processes, {layout}: {two:.0f} sup. tok/s, efficiency vs 1 process {two / one:.2f} "
+          "(same 2 cores: 1 process uses 2 threads)")
 print(f"ratio_vs_trl={one / r['trl']['supervised_tokens_per_s']:.2f}")
 PY

@@ -1,4 +1,7 @@
-"""Under torchrun: the shardtune system of bench/compare.py on several processes; writes WORKDIR/scaling.json."""
+"""Under torchrun: the shardtune system of bench/compare.py on several processes; writes WORKDIR/scaling.json.
+
+    torchrun --nproc-per-node 2 bench/scaling.py WORKDIR [key=value ...]
+"""
 
 import json
 import sys
@@ -13,7 +16,8 @@ from shardtune.trainer import Trainer
 
 work = Path(sys.argv[1])
 world = parallel.init_world()
-cfg = validate(load_config(None, [*shardtune_overrides(work), f"trainer.default_local_dir={work / 'scale_run'}"]),
+cfg = validate(load_config(None, [*shardtune_overrides(work), f"trainer.default_local_dir={work / 'scale_run'}",
+                                  *sys.argv[2:]]),
                world.world_size)
 trainer = Trainer(cfg, world)
 t0 = time.perf_counter()

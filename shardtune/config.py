@@ -103,6 +103,9 @@ class EngineConfig:
     param_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients and the optimizer step on CPU
     optimizer_offload: bool = False  # the same policy (FSDP2 offloads parameters and optimizer together)
     reshard_after_forward: bool = True
+    # false: gradients are reduce-scattered once per step instead of after every micro-batch (fewer
+    # collectives; each rank holds unsharded gradients while it accumulates)
+    reduce_grads_every_micro_batch: bool = True
     fsdp_size: int = -1  # shard over groups of this many ranks and replicate across groups (-1 = all ranks)
     ulysses_sequence_parallel_size: int = 1  # ranks that split each packed row along the sequence (Ulysses)
     use_torch_compile: bool = False  # torch.compile each decoder layer (dynamic shapes); first step pays the compile

@@ -69,6 +69,15 @@ def test_offload_equals_no_offload_and_cli_nproc(tiny_model, data, tmp_path, one
     assert_steps_close(one_process, read_metrics(tmp_path / "run"))
 
 
+def test_replicas_reducing_once_per_step_equal_one_process(tiny_model, data, tmp_path, one_process):
+    """engine.fsdp_size=1 (whole replicas, as DDP) accumulates gradients locally and all-reduces once."""
+    assert_run_matches(2, one_process, tiny_model, data, tmp_path / "run", "engine.fsdp_size=1")
+
+
+def test_sharded_gradients_reduced_once_per_step_equal_one_process(tiny_model, data, tmp_path, one_process):
+    assert_run_matches(2, one_process, tiny_model, data, tmp_path / "run", "engine.reduce_grads_every_micro_batch=false")
+
+
 @pytest.mark.slow
 def test_compiled_layers_under_fsdp2_equal_one_eager_process(tiny_model, data, tmp_path, one_process):
     assert_run_matches(2, one_process, tiny_model, data, tmp_path / "run", "engine.use_torch_compile=true")

@@ -130,7 +130,8 @@ class FSDP2Engine(Engine):
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            self._set_gradient_sync(last=i == len(micro_batches) - 1)
             loss = self._loss_sum(mb)
             (loss / denom).backward()
             loss_sum += loss.detach()
@@ -150,6 +151,14 @@ class FSDP2Engine(Engine):
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             self.scheduler.step()
         return StepResult(total_loss / denom, grad_norm, lr, skipped, int(global_targets))
+
+    def _set_gradient_sync(self, last: bool) -> None:
+        """With engine.reduce_grads_every_micro_batch=false, FSDP2 keeps accumulating unsharded gradients
+        and reduces once, after the step's last micro-batch: fewer collectives, more memory. Always so when
+        each shard group is one rank (engine.fsdp_size=1: replicas hold whole gradients anyway)."""
+        e = self.cfg.engine
+        if self.world.distributed and (not e.reduce_grads_every_micro_batch or e.fsdp_size == 1):
+            self.model.set_requires_gradient_sync(last)
 
     @torch.no_grad()
     def eval_batch(self, micro_batches: list[MicroBatch]) -> tuple[float, float]:
