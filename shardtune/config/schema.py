@@ -1,0 +1,159 @@
+"""The configuration schema: one frozen dataclass per section, every key with its default.
+
+README.md documents every key (a test checks that it does); `loading.py` builds these from YAML and
+overrides, `rules.py` checks the rules that span several keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    format: Literal["auto", "messages", "prompt_response", "alpaca", "sharegpt"] = "auto"
+    messages_key: str = "messages"
+    tools_key: str = "tools"
+    enable_thinking_key: str = "enable_thinking"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    prompt_dict_keys: list[str] = field(default_factory=list)
+    response_dict_keys: list[str] = field(default_factory=list)
+    system_prompt: str | None = None
+    chat_template: str | None = None  # a Jinja string or a path to a .jinja file; default: the tokenizer's
+    apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    ignore_input_ids_mismatch: bool = False
+    max_length: int = 1024
+    truncation: Literal["error", "left", "right", "drop"] = "error"
+    on_bad_row: Literal["error", "skip"] = "error"
+    train_max_samples: int = -1
+    val_max_samples: int = -1
+    train_batch_size: int = 64
+    micro_batch_size_per_gpu: int = 4
+    use_dynamic_bsz: bool = False  # micro-batches by token budget instead of by count
+    max_token_len_per_gpu: int = 8192  # the token budget of one micro-batch on one rank
+    shuffle: bool = True
+    drop_last: bool = False
+    cache_dir: str | None = "~/.cache/shardtune"
+    num_proc: int = 0  # tokenization processes; 0 = automatic
+    prefetch_steps: int = 2  # steps planned and collated ahead in a background thread (0 = in the loop)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    tokenizer_path: str | None = None
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | shardtune_varlen_sdpa | ...
+    dtype: Literal["fp32", "bf16"] = "fp32"  # weights as loaded and updated; bf16 compute: engine.mixed_precision
+    enable_gradient_checkpointing: bool = False
+    use_remove_padding: bool = True
+    lora_rank: int = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank (peft), base weights frozen
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    exclude_modules: list[str] = field(default_factory=list)
+    lora_adapter_path: str | None = None  # continue training this adapter (a peft folder)
+    # cross-entropy from the hidden states, this many supervised tokens of logits at a time (0 = the plain
+    # lm_head + cross_entropy over full logits); see shardtune/loss.py
+    loss_chunk_size: int = 0
+    use_liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_scheduler_type: Literal["constant", "cosine", "linear", "wsd"] = "cosine"
+    lr_warmup_steps_ratio: float = 0.03
+    lr_warmup_steps: int = -1  # >= 0 overrides the ratio
+    min_lr_ratio: float = 0.0
+    num_cycles: float = 0.5
+    wsd_decay_ratio: float = 0.1  # fraction of the steps spent decaying at the end of a wsd schedule
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    param_dtype: Literal["fp32", "bf16"] = "fp32"  # compute dtype of parameters (FSDP2) / autocast (1 process)
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduction dtype
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    strategy: str = "fsdp2"
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    param_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients and the optimizer step on CPU
+    optimizer_offload: bool = False  # the same policy (FSDP2 offloads parameters and optimizer together)
+    reshard_after_forward: bool = True
+    # false: gradients are reduce-scattered once per step instead of after every micro-batch (fewer
+    # collectives; each rank holds unsharded gradients while it accumulates)
+    reduce_grads_every_micro_batch: bool = True
+    fsdp_size: int = -1  # shard over groups of this many ranks and replicate across groups (-1 = all ranks)
+    ulysses_sequence_parallel_size: int = 1  # ranks that split each packed row along the sequence (Ulysses)
+    use_torch_compile: bool = False  # torch.compile each decoder layer (dynamic shapes); first step pays the compile
+    timeout_minutes: int = 60  # how long a collective may wait (rank 0 tokenizing, a large export) before failing
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    total_epochs: int = 1
+    total_training_steps: int | None = None
+    test_freq: int | Literal["after_each_epoch"] = -1  # validate every N steps (and always at the end)
+    save_freq: int | Literal["after_each_epoch"] = -1  # save every N steps (a checkpoint is always saved at the end)
+    max_ckpt_to_keep: int | None = None  # keep the newest N complete checkpoints (null = all)
+    resume_mode: Literal["auto", "disable", "resume_path"] = "auto"
+    resume_from_path: str | None = None
+    save_hf_at_end: bool = False  # also write full safetensors weights into the last checkpoint's huggingface/
+    default_local_dir: str = "checkpoints/{project_name}/{experiment_name}"
+    project_name: str = "shardtune"
+    experiment_name: str = "run"
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    seed: int = 42
+    early_stopping_patience: int = 0  # validations without improvement before stopping; 0 = off
+    early_stopping_min_delta: float = 0.0
+    progress_bar: bool = True
+
+
+CHECKPOINT_CONTENTS = Literal["model", "optimizer", "extra", "hf_model"]
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # model/optimizer: DCP shards; extra: data position, lr schedule, RNG, early stopping; hf_model: full
+    # safetensors weights under global_step_N/huggingface/ (config and tokenizer are always there)
+    save_contents: list[CHECKPOINT_CONTENTS] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+    load_contents: list[CHECKPOINT_CONTENTS] | None = None  # null = everything that was saved
+    async_save: bool = False  # write DCP shards in the background while training continues
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # verl's legacy spelling of engine.ulysses_sequence_parallel_size (the larger of the two wins)
+    ulysses_sequence_parallel_size: int = 1
+
+    @property
+    def sp_size(self) -> int:
+        return max(self.engine.ulysses_sequence_parallel_size, self.ulysses_sequence_parallel_size)
+
+    @property
+    def run_dir(self) -> Path:
+        t = self.trainer
+        return Path(t.default_local_dir.format(project_name=t.project_name, experiment_name=t.experiment_name))
+
+
+LOGGERS = ("console", "jsonl", "file", "tensorboard", "wandb", "mlflow")
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # sinks that need an optional extra
