@@ -44,7 +44,7 @@ def supervised_tokens(work: Path) -> int:
 
 
 def shardtune_overrides(work: Path) -> list[str]:
-    """shardtune's settings for the bench run (also used by bench/profile.py and bench/scaling.py)."""
+    """shardtune's settings for the bench run (also used by bench/profile_step.py and bench/scaling.py)."""
     return [
         f"model.path={work / 'model'}", f"data.train_files={work / 'chats.jsonl'}", f"trainer.default_local_dir={work / 'st_run'}",
         f"data.train_batch_size={GLOBAL_BATCH}", f"data.micro_batch_size_per_gpu={MICRO}", "data.max_length=4096",

@@ -9,6 +9,7 @@ PY="${PYTHON:-python}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export TOKENIZERS_PARALLELISM=false
+[[ "${BENCH_GPU_DRY_RUN:-}" == 1 ]] || "$PY" -m pytest -q -m gpu tests/test_gpu.py   # the GPU-only checks first
 "$PY" bench/gpu.py prepare "$work"
 "$PY" bench/gpu.py shardtune "$work" | tail -1
 if "$PY" -c "import trl" 2>/dev/null; then "$PY" bench/gpu.py trl "$work" | tail -1; fi

@@ -102,15 +102,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train" and args.nproc > 1:
         return _launch_torchrun(args.nproc, path, overrides, args.debug)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.command == "validate" and args.device_memory is not None and args.device_memory <= 0:
+        raise ConfigError(f"--device-memory must be > 0 GiB, got {args.device_memory}.")
     if args.command == "validate" and args.nproc is not None:
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}.")
         world_size = args.nproc  # check and estimate for the launch being planned
     cfg = validate(load_config(path, overrides), world_size=world_size)
-    from shardtune.model import check_model_path, check_sequence_parallel
+    from shardtune.model import check_loss_head, check_model_path, check_sequence_parallel
 
     check_model_path(cfg.model)
     check_sequence_parallel(cfg.model, cfg.sp_size)
+    check_loss_head(cfg.model)
     if args.command == "validate":
         from shardtune.preview import print_memory_estimate, validate_data
 

@@ -20,11 +20,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from shardtune.errors import ConfigError
+
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compute_dtype: torch.dtype):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compute_dtype: torch.dtype, grads: bool):
+        # `grads` is false under no_grad (validation), where a Parameter still reports needs_input_grad
+        need_h, need_w, need_b = (grads and n for n in ctx.needs_input_grad[:3])
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)  # the loss and its softmax: fp32 at least
@@ -43,6 +46,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # d(sum of CE)/d(logits) = softmax - one_hot(target), formed in place over the logits
             g = logits.sub_(lse[:, None]).exp_()
             g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            if need_b:
+                grad_b += g.sum(0)  # from the fp32 softmax, before the matmuls' cast
             g = g.to(compute_dtype)
             if need_h:
                 grad_h[start:start + chunk_size] = (g @ w).to(hidden.dtype)
@@ -51,8 +56,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.T, h)
                 else:  # 16-bit matmul, fp32 accumulation over the chunks
                     grad_w += (g.T @ h).to(acc)
-            if need_b:
-                grad_b += g.to(acc).sum(0)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                               None if grad_b is None else grad_b.to(bias.dtype))
         return loss
@@ -61,7 +64,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         out = [None if g is None else (g * grad_loss.to(g.dtype)) for g in (grad_h, grad_w, grad_b)]
-        return (*out, None, None, None)
+        return (*out, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -71,7 +74,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, dtype)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, dtype,
+                                                torch.is_grad_enabled())
 
 
 def _liger_cross_entropy(hidden, weight, bias, targets):
@@ -109,7 +113,11 @@ class LossHead(torch.nn.Module):
             return F.linear(hidden, self.weight, self.bias)
         positions, targets = self._request
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        if self.use_liger:
+        if positions.numel() == 0:  # an empty micro-batch: a zero that still reaches the graph (FSDP2's hooks)
+            # (and gives the head's parameters a zero gradient, as on the ranks whose micro-batch is not empty)
+            self.last_loss = sum((t.sum().float() * 0.0 for t in (h, *self.parameters())),
+                                 h.new_zeros((), dtype=torch.float32))
+        elif self.use_liger:
             self.last_loss = _liger_cross_entropy(h, self.weight, self.bias, targets)
         else:
             self.last_loss = linear_cross_entropy(h, self.weight, self.bias, targets, self.chunk_size)
@@ -123,8 +131,9 @@ class LossHead(torch.nn.Module):
 def install_loss_head(model: torch.nn.Module, chunk_size: int, use_liger: bool = False) -> LossHead:
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{type(model).__name__}'s output layer is {type(head).__name__}, not a Linear; "
-                         "the chunked loss cannot replace it. Fix: model.loss_chunk_size=0.")
+        raise ConfigError(f"{type(model).__name__}'s output layer is {type(head).__name__}, not a Linear; the "
+                          "chunked/fused loss head cannot replace it. Fix: model.loss_chunk_size=0 and "
+                          "model.use_liger=false.")
     loss_head = LossHead(head, chunk_size, use_liger)
     model.set_output_embeddings(loss_head)
     return loss_head

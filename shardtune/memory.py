@@ -50,6 +50,8 @@ class ModelShape:
     linear_weight_params: int  # elements of Linear weights: what autocast keeps a bf16 copy of
     largest_unit_params: int  # the largest FSDP2 unit (a decoder layer, the embedding or the head)
     largest_unit_trainable_params: int
+    trainable_params: int  # elements with requires_grad
+    head_trainable: bool  # the output layer's weight trains (not under LoRA)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class MemoryEstimate:
 
     @property
     def transient(self) -> float:
-        return self.activations + self.logits  # fused AdamW (shardtune/optim.py) adds no step temporaries
+        # the fused AdamW that shardtune/optim.py picks on CPU and CUDA adds no per-step temporaries
+        return self.activations + self.logits
 
     @property
     def total(self) -> float:
@@ -98,6 +101,8 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
                                  if isinstance(m, torch.nn.Linear) or type(m).__name__ == "LossHead"),
         largest_unit_params=max(count(u) for u in units),
         largest_unit_trainable_params=max(count(u, trainable=True) for u in units),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        head_trainable=model.get_output_embeddings().weight.requires_grad,
     )
 
 
@@ -149,10 +154,12 @@ def logits_bytes(s: ModelShape, tokens: int, chunk: int, act: int) -> float:
     """Peak of the output layer. Plain: logits, log-softmax output and two gradients of the size tokens x
     vocab exist together in backward, about three fp32 copies (measured). Chunked (shardtune/loss.py):
     a chunk's logits, logsumexp's temporary and the previous chunk's gradient, plus the gradients of the
-    head's weight (fp32, and the copy backward scales) and of the hidden states."""
+    head's weight (fp32, and the copy backward scales; not when the head is frozen, as under LoRA) and of
+    the hidden states."""
     if chunk <= 0:
         return 3 * 4 * tokens * s.vocab
-    return 3 * 4 * min(chunk, tokens) * s.vocab + 2 * 4 * s.vocab * s.hidden + 2 * act * tokens * s.hidden
+    head_grad = 2 * 4 * s.vocab * s.hidden if s.head_trainable else 0
+    return 3 * 4 * min(chunk, tokens) * s.vocab + head_grad + 2 * act * tokens * s.hidden
 
 
 def compute_dtypes(cfg: Any, sharded: bool) -> tuple[int, int, bool]:
@@ -200,8 +207,12 @@ def working_bytes(cfg: Any, s: ModelShape, sharded: bool, autocast: bool, act: i
     """Unsharded copies of the weights that exist only while computing."""
     if not sharded:  # autocast casts each Linear weight to bf16 and autograd keeps it until backward
         return 2.0 * s.linear_weight_params if autocast else 0.0
-    # one unit's unsharded gradient and its reduce-scatter input in the reduce dtype
-    grads = (act + BYTES[cfg.engine.mixed_precision.reduce_dtype]) * s.largest_unit_trainable_params
+    # one unit's unsharded gradient and its reduce-scatter input in the reduce dtype; when gradients are
+    # reduced once per step, every unit's unsharded gradient lives through the accumulation
+    e = cfg.engine
+    grads = (act + BYTES[e.mixed_precision.reduce_dtype]) * s.largest_unit_trainable_params
+    if not e.reduce_grads_every_micro_batch or e.fsdp_size == 1:
+        grads += act * s.trainable_params
     if not cfg.engine.reshard_after_forward:  # every unit stays gathered from its forward to its backward
         return act * s.params + grads
     return 2 * act * s.largest_unit_params + grads  # the unit computing and the one prefetched

@@ -39,7 +39,7 @@ class JsonlSink:
         self.file.write(json.dumps({"event": kind, "time": time.time(), **info}) + "\n")
         self.file.flush()
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         self.file.close()
 
 
@@ -81,7 +81,7 @@ class ConsoleSink:
         else:
             print(text, flush=True)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -103,7 +103,7 @@ class TensorBoardSink:
     def event(self, kind: str, info: dict[str, Any]) -> None:
         self.writer.add_text(f"event/{kind}", json.dumps(info, default=str))
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         self.writer.close()
 
 
@@ -123,7 +123,7 @@ class WandbSink:
     def event(self, kind: str, info: dict[str, Any]) -> None:
         pass  # events stay in metrics.jsonl and the console
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         self.run.finish()
 
 
@@ -165,8 +165,8 @@ class MlflowSink:
     def event(self, kind: str, info: dict[str, Any]) -> None:
         pass  # events stay in metrics.jsonl and the console
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, ok: bool = True) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -206,6 +206,6 @@ class Metrics:
         for s in self.sinks:
             s.event(kind, info)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         for s in self.sinks:
-            s.close()
+            s.close(ok)

@@ -52,6 +52,23 @@ def liger_usable(cfg: ModelConfig, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+# config attributes of models whose forward transforms the logits after lm_head (Gemma 2/3, Cohere, Granite)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def check_loss_head(cfg: ModelConfig) -> None:
+    """The chunked/fused loss head returns the loss in place of the logits, so it cannot serve a model that
+    rescales its logits: refuse before anything is loaded (the engine checks again on the first step)."""
+    if cfg.loss_chunk_size <= 0 and not cfg.use_liger:
+        return
+    hf = load_config(cfg)
+    found = [a for a in LOGIT_TRANSFORMS if getattr(hf, a, None) not in (None, 1, 1.0)]
+    if found:
+        raise ConfigError(f"{hf.model_type} models transform their logits after lm_head ({found[0]}="
+                          f"{getattr(hf, found[0])}), which the chunked/fused loss head does not model. "
+                          "Fix: model.loss_chunk_size=0 and model.use_liger=false for this model.")
+
+
 def check_sequence_parallel(cfg: ModelConfig, sp_size: int) -> None:
     """Ulysses splits attention heads over the sequence-parallel ranks: heads must divide evenly."""
     if sp_size == 1:

@@ -127,6 +127,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def _head_kwargs(module: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The chunked loss head forms its weight's gradient in the forward and never reads the weight in
+    backward: keeping it gathered saves an all-gather of the largest matrix (freed at the end of backward)."""
+    from shardtune.loss import LossHead
+
+    return {**kwargs, "reshard_after_forward": False} if isinstance(module, LossHead) else kwargs
+
+
 def apply_fsdp2(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | None = None,
                 reduce_dtype: torch.dtype = torch.float32, offload: bool = False,
                 reshard_after_forward: bool = True) -> torch.nn.Module:
@@ -147,7 +155,7 @@ def apply_fsdp2(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | No
     if not tied:
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             if module is not None:
-                fully_shard(module, **kwargs)
+                fully_shard(module, **_head_kwargs(module, kwargs))
     fully_shard(model, **kwargs)
     for m in model.modules():
         if isinstance(m, FSDPModule):

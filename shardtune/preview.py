@@ -81,7 +81,26 @@ def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float
     ok = need <= available
     verdict = f"yes (headroom {(available - need) / GIB:.2f} GiB)" if ok else f"no (short by {(need - available) / GIB:.2f} GiB)"
     print(f"fits in {available / GIB:.2f} GiB ({what}): {verdict}")
+    if not ok:
+        print("  to fit: " + "; ".join(_remedies(cfg, est)))
     return ok
+
+
+def _remedies(cfg: Config, est) -> list[str]:
+    """The switches that shrink the largest terms, in the order a user would try them."""
+    m, e, d = cfg.model, cfg.engine, cfg.data
+    out = []
+    if not m.enable_gradient_checkpointing:
+        out.append("model.enable_gradient_checkpointing=true")
+    if m.loss_chunk_size == 0 and not m.use_liger:
+        out.append("model.loss_chunk_size=4096")
+    out.append("a smaller " + ("data.max_token_len_per_gpu" if d.use_dynamic_bsz else "data.micro_batch_size_per_gpu"))
+    if m.lora_rank == 0:
+        out.append("model.lora_rank=16 (LoRA)")
+    if not (e.param_offload or e.optimizer_offload):
+        out.append("engine.param_offload=true")
+    out.append("more processes (--nproc) to shard the state over")
+    return out
 
 
 def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, str]]:

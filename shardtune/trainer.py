@@ -58,6 +58,12 @@ def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[T
     return out
 
 
+def _raise_if_error(item: Any) -> Any:
+    if isinstance(item, Exception):
+        raise item
+    return item
+
+
 @dataclass
 class StepBatch:
     """One optimizer step's data: the sampler position, the global batch, every rank's micro-batch plan and
@@ -68,6 +74,7 @@ class StepBatch:
     indices: np.ndarray
     plans: list[list[list[int]]]
     micro_batches: list[MicroBatch]
+    num_targets: int  # supervised tokens of the global batch: the loss divisor
 
 
 class Trainer:
@@ -169,18 +176,30 @@ class Trainer:
     def prepare(self, epoch: int, step_in_epoch: int, indices: np.ndarray) -> StepBatch:
         plans = self.plan(indices, self.train_data)
         micro_batches = [self.collate(m, self.train_data) for m in plans[self.world.dp_rank]]
-        return StepBatch(epoch, step_in_epoch, indices, plans, micro_batches)
+        if self.world.device.type == "cuda":  # pinned here, in the prefetch thread, not on the step's path
+            micro_batches = [mb.pin_memory() for mb in micro_batches]
+        return StepBatch(epoch, step_in_epoch, indices, plans, micro_batches, self.train_data.num_targets(indices))
 
     def steps(self) -> Iterator[StepBatch]:
         """The coming steps, from the sampler's position on. With data.prefetch_steps > 0 a background thread
         plans and collates them that many steps ahead, so the engine does not wait for its next batch."""
-        steps = (self.prepare(*b) for b in self.sampler)
         ahead = self.cfg.data.prefetch_steps
         if ahead == 0:
-            return steps
+            return (self.prepare(*b) for b in self.sampler)
         from torchdata.nodes import IterableWrapper, Loader, Prefetcher
 
-        return iter(Loader(Prefetcher(IterableWrapper(steps), prefetch_factor=ahead)))
+        loader = Loader(Prefetcher(IterableWrapper(self._prepared_or_error()), prefetch_factor=ahead))
+        return (_raise_if_error(item) for item in loader)
+
+    def _prepared_or_error(self) -> Iterator[StepBatch | Exception]:
+        """Prepared steps; an error is handed over as an item, so the loop raises it as itself (torchdata would
+        re-wrap it with the thread's traceback, losing shardtune's message format)."""
+        for b in self.sampler:
+            try:
+                yield self.prepare(*b)
+            except Exception as e:
+                yield e
+                return
 
     def fit(self) -> list[dict[str, Any]]:
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.sampler.steps_per_epoch,
@@ -194,11 +213,13 @@ class Trainer:
             if self.resumed["skipped_incomplete"]:
                 self.metrics.event("warning", message="skipped checkpoint folders a crash left incomplete",
                                    paths=self.resumed["skipped_incomplete"])
-        steps = self.steps()
+        steps, ok = None, False
         try:
             if self.stopped_early:  # a relaunch of a run that already stopped early (e.g. a requeued job)
                 self.metrics.event("early_stop", step=self.step, best_val_loss=self.best_val, note="already stopped")
+                ok = True
                 return self.history
+            steps = self.steps()
             while self.step < self.total_steps:  # checked before drawing, so the sampler stops at the step
                 t0 = time.perf_counter()
                 batch = next(steps)
@@ -218,14 +239,16 @@ class Trainer:
             if self.step > self.last_saved:  # always a checkpoint after the last step
                 self.save(final=True)
             self.checkpointer.wait()
+            ok = True
         finally:
-            self.metrics.close()
+            steps = None  # releasing the prefetch node stops its thread
+            self.metrics.close(ok)  # an MLflow run is marked FAILED when the loop raised
         return self.history
 
     def train_step(self, batch: StepBatch, data_wait: float = 0.0) -> dict[str, Any]:
         """One optimizer step; `data_wait` is how long the loop waited for `batch` (counted in the step time)."""
         t0 = time.perf_counter()
-        result = self.engine.train_batch(batch.micro_batches)
+        result = self.engine.train_batch(batch.micro_batches, batch.num_targets)
         elapsed = time.perf_counter() - t0 + data_wait
         self.sampler.consumed(batch.epoch, batch.step_in_epoch)
         epoch, step_in_epoch, indices, plans = batch.epoch, batch.step_in_epoch, batch.indices, batch.plans

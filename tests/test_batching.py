@@ -11,6 +11,7 @@ from shardtune.data.batching import (
     GlobalBatchSampler,
     collate,
     equalize,
+    fixed_micro_batches,
     split_across_ranks,
     split_to,
     token_budget_micro_batches,
@@ -100,3 +101,20 @@ def test_sequence_parallel_slices_cover_the_padded_row():
     assert all(p.cu_seqlens.tolist() == [0, 4, 7, 9] for p in parts)
     assert torch.cat([p.position_ids for p in parts], 1).tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
     assert sum(p.num_targets for p in parts) == mb.num_targets == 5
+
+
+def test_the_step_divisor_counted_from_the_dataset_equals_the_collated_targets():
+    """The loss divisor is counted on the host from the samples (no collective); it must equal what the
+    micro-batches of all ranks hold, packed or padded."""
+    from shardtune.data.dataset import TokenizedDataset
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, size=20)
+    labels = np.where(rng.random(lengths.sum()) < 0.5, IGNORE_INDEX, 7).astype(np.int32)
+    ds = TokenizedDataset(np.ones(lengths.sum(), dtype=np.int32), labels, np.concatenate([[0], np.cumsum(lengths)]))
+    indices = np.array([3, 0, 17, 9, 12, 5])
+    shares = split_across_ranks(indices, ds.lengths, 2)
+    for packed in (True, False):
+        held = sum(collate([ds[i] for i in m], packed, pad_id=0).num_targets
+                   for share in shares for m in fixed_micro_batches(share, 2))
+        assert held == ds.num_targets(indices) > 0

@@ -38,19 +38,29 @@ def test_chunked_loss_head_matches_the_plain_loss_in_bf16_on_cuda():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
 
 
-def test_liger_fused_loss_keeps_the_summed_token_loss():
-    """Liger's fused linear cross-entropy, called the way LossHead calls it, returns the plain summed loss."""
+def test_liger_fused_loss_keeps_the_summed_token_loss_and_its_gradients():
+    """Liger's fused linear cross-entropy, called the way LossHead calls it, returns the plain summed loss and
+    its gradients; an empty micro-batch gives a zero that still reaches the graph."""
     pytest.importorskip("liger_kernel")
     from shardtune.loss import LossHead
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 32000, bias=False, device="cuda")
     head = LossHead(linear, chunk_size=0, use_liger=True)
-    hidden = torch.randn(2, 1500, 256, device="cuda")
+    hidden = torch.randn(2, 1500, 256, device="cuda", requires_grad=True)
     positions = torch.arange(100, 3000, device="cuda")
     targets = torch.randint(0, 32000, (2900,), device="cuda")
     with head.computing_loss(positions, targets):
         got = head(hidden)
+    got_grads = torch.autograd.grad(got, (hidden, linear.weight))
     want = torch.nn.functional.cross_entropy(linear(hidden.reshape(-1, 256)[positions]).float(), targets,
                                              reduction="sum")
+    want_grads = torch.autograd.grad(want, (hidden, linear.weight))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    empty = torch.zeros(0, dtype=torch.long, device="cuda")
+    with head.computing_loss(empty, empty):
+        zero = head(hidden)
+    zero.backward()
+    assert zero.item() == 0 and linear.weight.grad is not None and not linear.weight.grad.any()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import arithmetic_rows, write_jsonl
+from conftest import arithmetic_rows, run_cli, write_jsonl
 from test_training import assert_close, losses, run
 
 from shardtune.errors import ConfigError
@@ -127,9 +127,11 @@ def test_a_model_that_rescales_its_logits_is_refused_with_a_fix(data_files, tmp_
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
     tok.save_pretrained(tmp_path / "gemma2")
-    with pytest.raises(ConfigError, match="transforms its logits after lm_head"):
-        run(tmp_path / "gemma2", data_files, tmp_path / "run", "model.loss_chunk_size=16",
-            "model.attn_implementation=eager", "model.use_remove_padding=false")
+    over = ("model.loss_chunk_size=16", "model.attn_implementation=eager", "model.use_remove_padding=false")
+    with pytest.raises(ConfigError, match="transforms its logits after lm_head"):  # the engine's backstop
+        run(tmp_path / "gemma2", data_files, tmp_path / "run", *over)
+    r = run_cli("validate", f"model.path={tmp_path / 'gemma2'}", f"data.train_files={data_files[0]}", *over)
+    assert r.returncode == 2 and "final_logit_softcapping=30.0" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_use_liger_on_cpu_warns_and_trains_as_without(tiny_model, data_files, tmp_path):
@@ -145,3 +147,41 @@ def test_negative_chunk_size_and_lora_on_the_head_are_config_errors(tiny_model, 
     with pytest.raises(ConfigError, match="LoRA on lm_head"):
         run(tiny_model, data_files, tmp_path, "model.loss_chunk_size=8", "model.lora_rank=4",
             "model.target_modules=[q_proj,lm_head]", fit=False)
+
+
+def test_validation_computes_no_gradients():
+    """Under no_grad the head only forms the loss: one matmul per chunk instead of three."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+            return func(*args, **(kwargs or {}))
+
+    hidden = torch.randn(40, 8)
+    weight = torch.nn.Parameter(torch.randn(30, 8))
+    targets = torch.randint(0, 30, (40,))
+    counts = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), CountMatmuls() as mode:
+            loss = linear_cross_entropy(hidden.requires_grad_(grad), weight, None, targets, 10)
+        counts.append(mode.count)
+        assert loss.requires_grad == grad
+    assert counts == [4 * 3, 4 * 1]
+
+
+def test_an_empty_micro_batch_gives_zero_loss_and_defined_zero_gradients():
+    """Ranks padded with an empty micro-batch must still give every head parameter a gradient, as the
+    other ranks do (FSDP2 reduces the same tensors on every rank)."""
+    head = LossHead(torch.nn.Linear(8, 11, bias=True), chunk_size=4)
+    hidden = torch.randn(1, 1, 8, requires_grad=True)
+    with head.computing_loss(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)):
+        loss = head(hidden)
+    loss.backward()
+    assert loss.item() == 0
+    for t in (hidden, head.weight, head.bias):
+        assert t.grad is not None and not t.grad.any()

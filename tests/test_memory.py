@@ -75,6 +75,9 @@ def test_state_is_sharded_over_the_shard_group_and_offload_moves_it_to_the_host(
     assert four.working > 0  # all-gathered layers under FSDP2
     hybrid = estimate(config(tiny_model, "engine.fsdp_size=2"), shape, world_size=4, device_type="cuda")
     assert hybrid.parameters == 2 * n  # sharded over groups of 2, replicated across them
+    once = estimate(config(tiny_model, "engine.reduce_grads_every_micro_batch=false"), shape, world_size=4,
+                    device_type="cuda")
+    assert once.working - four.working == 4 * n  # every layer's unsharded fp32 gradient while accumulating
     off = estimate(config(tiny_model, "engine.param_offload=true"), shape, world_size=2, device_type="cuda")
     assert (off.parameters, off.gradients, off.optimizer) == (0, 0, 0)
     assert off.host == 2 * n * (1 + 1 + 2)  # parameters, gradients, m and v, per rank
@@ -96,6 +99,10 @@ def test_checkpointing_and_chunked_loss_shrink_their_terms(tiny_model):
     chunked = estimate(config(tiny_model, "data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=8192",
                               "model.loss_chunk_size=1024"), shape, device_type="cpu")
     assert chunked.logits < plain.logits / 4
+    lora = estimate(config(tiny_model, "data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=8192",
+                           "model.loss_chunk_size=1024", "model.lora_rank=4"),
+                    dataclasses.replace(shape, head_trainable=False), device_type="cpu")
+    assert chunked.logits - lora.logits == 2 * 4 * 151936 * shape.hidden  # a frozen head has no weight gradient
 
 
 def test_tokens_per_micro_batch(tiny_model):
@@ -203,4 +210,6 @@ def test_validate_prints_the_table_and_whether_it_fits(tiny_model, tmp_path):
     small = run_cli(*args, "engine.param_offload=true", "--nproc", "2", "--device-memory", "0.001")
     assert small.returncode == 0, small.stderr
     assert "2 processes" in small.stdout and "on the host (offload)" in small.stdout
-    assert ": no (short by" in small.stdout
+    assert ": no (short by" in small.stdout and "to fit: model.enable_gradient_checkpointing=true" in small.stdout
+    bad = run_cli(*args, "--device-memory", "0")
+    assert bad.returncode == 2 and "--device-memory must be > 0" in bad.stderr

@@ -11,7 +11,7 @@ packed row never asks a token to predict the first token of the next document.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,12 @@ class MicroBatch:
     num_targets: int  # supervised tokens
     num_padded: int  # pad tokens processed
     seq_lengths: list[int]
+
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked copies of the tensors, so the host-to-GPU copies can run asynchronously."""
+        return replace(self, input_ids=self.input_ids.pin_memory(), targets=self.targets.pin_memory(),
+                       position_ids=self.position_ids.pin_memory(), cu_seqlens=_pinned(self.cu_seqlens),
+                       attention_mask=_pinned(self.attention_mask))
 
 
 class GlobalBatchSampler:
@@ -182,6 +188,10 @@ def collate(samples: list[tuple[Any, Any]], packed: bool, pad_id: int) -> MicroB
         batch[r, : len(x)], tgt[r, : len(x)], pos[r, : len(x)], mask[r, : len(x)] = x, t, p, 1
     return MicroBatch(batch, tgt, pos, mask, None, width, real, num_targets, len(ids) * width - real,
                       lengths if real else [])
+
+
+def _pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.pin_memory()
 
 
 def _shift(labels: torch.Tensor) -> torch.Tensor:

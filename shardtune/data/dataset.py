@@ -47,6 +47,11 @@ class TokenizedDataset:
     def __post_init__(self) -> None:
         self.lengths = np.diff(self.offsets)  # read on every step by the batch planner: compute once
 
+    def num_targets(self, indices: np.ndarray) -> int:
+        """Supervised next-token targets of these samples (labels after each sample's first token)."""
+        return int(sum(int((self.labels[self.offsets[i] + 1 : self.offsets[i + 1]] != IGNORE_INDEX).sum())
+                       for i in indices))
+
 
 def build_dataset(files: list[str], cfg: DataConfig, tokenizer: Any, max_samples: int = -1,
                   progress: bool = True) -> TokenizedDataset:

@@ -26,8 +26,10 @@ class Engine(ABC):
     compute_dtype: Any  # the dtype matmuls run in (for peak FLOP/s)
 
     @abstractmethod
-    def train_batch(self, micro_batches: list[MicroBatch]) -> StepResult:
-        """One optimizer step over this rank's micro-batches (every rank passes the same number)."""
+    def train_batch(self, micro_batches: list[MicroBatch], num_targets: int) -> StepResult:
+        """One optimizer step over this rank's micro-batches (every rank passes the same number);
+        `num_targets`: the supervised tokens of the whole step on all ranks (the loss divisor, known on the
+        host from the data plan, so no collective is needed for it)."""
 
     @abstractmethod
     def eval_batch(self, micro_batches: list[MicroBatch]) -> tuple[float, float]:

@@ -106,7 +106,7 @@ class FSDP2Engine(Engine):
         CUDA (a plain `.to("cuda")` of pageable memory waits for the copy)."""
         if t is None or self.world.device.type != "cuda":
             return t
-        return t.pin_memory().to(self.world.device, non_blocking=True)
+        return (t if t.is_pinned() else t.pin_memory()).to(self.world.device, non_blocking=True)
 
     def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor) -> torch.Tensor:
         """The loss head computes the loss of the supervised positions (found on the host, so no sync)."""
@@ -121,12 +121,9 @@ class FSDP2Engine(Engine):
                 "and model.use_liger=false for this model.")
         return loss
 
-    def train_batch(self, micro_batches: list[MicroBatch]) -> StepResult:
+    def train_batch(self, micro_batches: list[MicroBatch], num_targets: int) -> StepResult:
         self.model.train()
-        # every rank of a sequence-parallel group holds the same micro-batches: count them once
-        local = sum(mb.num_targets for mb in micro_batches) / self.world.sp_size
-        (global_targets,) = self.reduce_sum([local])
-        denom = max(global_targets, 1.0)
+        denom = float(max(num_targets, 1))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
@@ -150,7 +147,7 @@ class FSDP2Engine(Engine):
         with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             self.scheduler.step()
-        return StepResult(total_loss / denom, grad_norm, lr, skipped, int(global_targets))
+        return StepResult(total_loss / denom, grad_norm, lr, skipped, num_targets)
 
     def _set_gradient_sync(self, last: bool) -> None:
         """With engine.reduce_grads_every_micro_batch=false, FSDP2 keeps accumulating unsharded gradients

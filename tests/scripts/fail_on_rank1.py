@@ -8,7 +8,7 @@ from shardtune.engine import fsdp2
 
 if os.environ.get("RANK") == "1":
 
-    def fail(self, micro_batches):
+    def fail(self, micro_batches, num_targets):
         raise RuntimeError("injected failure on rank 1")
 
     fsdp2.FSDP2Engine.train_batch = fail
