@@ -28,24 +28,17 @@ if DRY:
 
 
 def prepare(work: Path) -> None:
-    import torch
     from packing import long_tailed_chats
-    from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from shardtune.tiny import byte_tokenizer
+    from shardtune.tiny import byte_tokenizer, save_tiny_model
 
     generation = (Path(__file__).parents[1] / "tests/fixtures/templates/chatml_generation.jinja").read_text()
-    tok = byte_tokenizer(generation)
     # Qwen2.5-1.5B's shape; the vocabulary stays Qwen's size so the head costs what it costs there
-    shape = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12)
+    shape = dict(hidden=1536, intermediate=8960, layers=28, heads=12)
     if DRY:
-        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    config = Qwen2Config(vocab_size=151936, **shape, num_key_value_heads=2, max_position_embeddings=TOKENS,
-                         tie_word_embeddings=True, rope_theta=1e6, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(work / "model")
-    tok.save_pretrained(work / "model")
+        shape = dict(hidden=64, intermediate=128, layers=2, heads=4)
+    save_tiny_model(work / "model", seed=0, tokenizer=byte_tokenizer(generation), vocab_size=151936, **shape,
+                    kv_heads=2, max_positions=TOKENS, tie=True)
     rows = long_tailed_chats(GLOBAL_BATCH * STEPS, seed=1)
     (work / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 

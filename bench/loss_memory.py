@@ -47,18 +47,11 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from shardtune.tiny import byte_tokenizer, tiny_qwen2_config
+    from shardtune.tiny import save_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="loss_memory_"))
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    tok = byte_tokenizer()
-    config = tiny_qwen2_config(args.vocab, hidden=256, layers=2, heads=4, kv_heads=2, max_positions=args.tokens + 64)
-    config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "model")
-    tok.save_pretrained(tmp / "model")
+    save_tiny_model(tmp / "model", seed=0, vocab_size=args.vocab, hidden=256, layers=2, heads=4, kv_heads=2,
+                    max_positions=args.tokens + 64)
     # one sample fills one micro-batch: a short prompt and a reply of about `tokens` byte tokens
     reply = ("abcdefghij " * (args.tokens // 11))[: args.tokens - 40]
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": reply}]}

@@ -82,11 +82,11 @@ def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float
     verdict = f"yes (headroom {(available - need) / GIB:.2f} GiB)" if ok else f"no (short by {(need - available) / GIB:.2f} GiB)"
     print(f"fits in {available / GIB:.2f} GiB ({what}): {verdict}")
     if not ok:
-        print("  to fit: " + "; ".join(_remedies(cfg, est)))
+        print("  to fit: " + "; ".join(_remedies(cfg)))
     return ok
 
 
-def _remedies(cfg: Config, est) -> list[str]:
+def _remedies(cfg: Config) -> list[str]:
     """The switches that shrink the largest terms, in the order a user would try them."""
     m, e, d = cfg.model, cfg.engine, cfg.data
     out = []
@@ -105,7 +105,7 @@ def _remedies(cfg: Config, est) -> list[str]:
 
 def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, str]]:
     m = cfg.model
-    rows = [
+    return [
         ("parameters", est.parameters, "" if world_size == 1 else "sharded"),
         ("gradients", est.gradients, "trainable parameters only"),
         ("optimizer state (AdamW)", est.optimizer, "2 per trainable parameter"),
@@ -116,7 +116,6 @@ def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, st
         ("runtime overhead", est.runtime, "CUDA context, allocator slack; assumed" if est.device_type == "cuda"
          else "Python, torch, transformers"),
     ]
-    return rows
 
 
 def render_sample(cfg: Config, index: int, color: str = "auto") -> None:

@@ -51,13 +51,15 @@ def tiny_qwen2_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads:
     )
 
 
-def save_tiny_model(out: str | Path, seed: int = 0, tokenizer=None, **config_kwargs) -> Path:
-    """Write a randomly initialised tiny Qwen2 + byte tokenizer as a Hugging Face folder (safetensors)."""
+def save_tiny_model(out: str | Path, seed: int = 0, tokenizer=None, vocab_size: int | None = None,
+                    **config_kwargs) -> Path:
+    """Write a randomly initialised tiny Qwen2 + byte tokenizer as a Hugging Face folder (safetensors).
+    `vocab_size` larger than the tokenizer's gives a head of a real model's size (rows never used as targets)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or byte_tokenizer()
-    config = tiny_qwen2_config(len(tokenizer), **config_kwargs)
+    config = tiny_qwen2_config(vocab_size or len(tokenizer), **config_kwargs)
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
