@@ -143,7 +143,7 @@ def profile(work: Path, extra: list[str]) -> None:
 
     cfg = shardtune_config(work, "profile", [f"trainer.total_training_steps={WARMUP + 2}", *extra])
     trainer = Trainer(cfg)
-    steps = trainer.steps()
+    steps = iter(trainer.loader)
     for _ in range(WARMUP):
         trainer.train_step(next(steps))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

@@ -41,7 +41,7 @@ def main() -> None:
                                       f"trainer.total_training_steps={args.steps}",
                                       f"trainer.default_local_dir={work / 'run'}", *args.overrides]), world.world_size)
     trainer = Trainer(cfg, world)
-    steps = trainer.steps()
+    steps = iter(trainer.loader)
     trainer.train_step(next(steps))  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) as prof:
         for _ in range(args.steps - 1):

@@ -11,10 +11,16 @@ Because the name is not a transformers mask type, transformers builds no mask at
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
+from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_to_all_single
+from transformers import AttentionInterface
 
 VARLEN_SDPA = "shardtune_varlen_sdpa"
 
@@ -84,8 +90,6 @@ def torch_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
 def _varlen_flags(fn) -> tuple[dict, bool]:
     """How this torch release asks `varlen_attn` for causal attention (`window_size=(-1, 0)` since 2.11,
     `is_causal=True` in 2.10), and whether it takes `enable_gqa`."""
-    import inspect
-
     params = inspect.signature(fn).parameters
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     return causal, "enable_gqa" in params
@@ -95,8 +99,6 @@ KERNELS = {VARLEN_SDPA: varlen_sdpa_forward, TORCH_VARLEN: torch_varlen_forward}
 
 
 def register(name: str = VARLEN_SDPA) -> str:
-    from transformers import AttentionInterface
-
     AttentionInterface.register(name, KERNELS[name])
     return name
 
@@ -143,18 +145,10 @@ def choose(requested: str, packed: bool, device: torch.device, compute_dtype: to
 # H/sp heads), the per-sequence kernel runs, and a second all-to-all trades back.
 
 ULYSSES = "shardtune_ulysses"
-_SP_GROUP = None
-
-
-def set_sequence_parallel_group(group) -> None:
-    global _SP_GROUP
-    _SP_GROUP = group
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """Autograd-aware all-to-all of equal chunks along dim 0."""
-    from torch.distributed.nn.functional import all_to_all_single
-
     x = x.contiguous()  # (empty_like of a permuted view would keep its strides and scramble the result)
     with warnings.catch_warnings():  # the autograd-aware version is the one that is documented to work on gloo
         warnings.filterwarnings("ignore", message=".*all_to_all_single is deprecated")
@@ -178,18 +172,14 @@ def heads_to_seq(x: torch.Tensor, sp: int, group) -> torch.Tensor:
 def repeat_kv_for(kv: torch.Tensor, sp: int) -> torch.Tensor:
     """Repeat key/value heads so their count divides by sp (grouped-query attention with fewer KV heads
     than sequence-parallel ranks); each query head keeps its original KV head."""
-    import math
-
     n = kv.shape[1]
     factor = sp // math.gcd(n, sp)
     return kv if factor == 1 else kv.repeat_interleave(factor, dim=1)
 
 
 def ulysses_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    import torch.distributed as dist
-
-    group = _SP_GROUP
+                    attention_mask: torch.Tensor | None, *, sp_group, **kwargs) -> tuple[torch.Tensor, None]:
+    group = sp_group
     sp = dist.get_world_size(group)
     q = seq_to_heads(query, sp, group)
     k = seq_to_heads(repeat_kv_for(key, sp), sp, group)
@@ -202,8 +192,7 @@ def ulysses_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 
 
 def register_ulysses(group) -> str:
-    from transformers import AttentionInterface
-
-    set_sequence_parallel_group(group)
-    AttentionInterface.register(ULYSSES, ulysses_forward)
+    """Register the Ulysses attention of this process's sequence-parallel group (bound to the function, so
+    no module-level state)."""
+    AttentionInterface.register(ULYSSES, partial(ulysses_forward, sp_group=group))
     return ULYSSES

@@ -1,15 +1,18 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP), in verl's layout.
+"""Checkpoints with torch.distributed.checkpoint (DCP), in verl's layout, of a `dict[str, Stateful]`.
 
 ```
 {run_dir}/latest_checkpointed_iteration.txt     # the step number, written (atomically) last
 {run_dir}/global_step_{N}/
-    .metadata, __*.distcp                        # DCP: model + optimizer, sharded, reshardable
-    trainer_state.json                           # step, sampler position, scheduler, early stopping
-    rng_rank_{r}.json                            # python / numpy / torch (and CUDA) RNG of every rank
+    .metadata, __*.distcp                        # DCP: the tensor parts (model, optimizer), sharded, reshardable
+    trainer_state.json                           # step, world size, and every other part as JSON
+    rng_rank_{r}.json                            # parts kept per rank (RNG of python / numpy / torch / CUDA)
     huggingface/                                 # config, generation config, tokenizer, chat template
 ```
 
-A checkpoint is complete once the tracker names it; a folder without `trainer_state.json` or DCP's
+The parts are named objects with `state_dict()` / `load_state_dict()`: "model" and "optimizer" hold tensors
+and go to DCP (as `checkpoint.save_contents` asks); a part with `per_rank = True` gets one JSON file per
+rank; every other part is a key of trainer_state.json. Adding state to checkpoints is one entry in that
+dict. A checkpoint is complete once the tracker names it; a folder without `trainer_state.json` or DCP's
 `.metadata` (a crash mid-save) is never resumed from and never counted by rotation.
 """
 
@@ -19,21 +22,32 @@ import contextlib
 import copy
 import json
 import os
-import random
 import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
-import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
+from shardtune import parallel
+from shardtune.config import CheckpointConfig
+from shardtune.engine.base import Engine
 from shardtune.errors import ConfigError
+from shardtune.model import generation_config
 
 TRACKER = "latest_checkpointed_iteration.txt"
 STEP_DIR = re.compile(r"global_step_(\d+)$")
+TENSOR_PARTS = ("model", "optimizer")  # the parts DCP stores; the rest is JSON ("extra" in save_contents)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -44,33 +58,8 @@ def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / "trainer_state.json").is_file()
 
 
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": _jsonable(random.getstate()),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_tupled(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-def _jsonable(x: Any) -> Any:
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _tupled(x: Any) -> Any:
-    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+def _per_rank(part: Any) -> bool:
+    return getattr(part, "per_rank", False)
 
 
 class Checkpointer:
@@ -81,44 +70,38 @@ class Checkpointer:
     the next save and at the end of the run, so the tracker never names a folder still being written.
     """
 
-    def __init__(self, run_dir: Path, cfg: Any, world: Any, tokenizer: Any, max_to_keep: int | None,
-                 model_path: str, on_saved: Any = None):
-        self.run_dir, self.cfg, self.world, self.tokenizer, self.max_to_keep = run_dir, cfg, world, tokenizer, max_to_keep
+    def __init__(self, run_dir: Path, cfg: CheckpointConfig, world: parallel.World, parts: dict[str, Stateful],
+                 engine: Engine, tokenizer: Any, model_path: str, max_to_keep: int | None,
+                 on_saved: Callable[..., None] = lambda kind, **info: None):
+        self.run_dir, self.cfg, self.world, self.parts = run_dir, cfg, world, parts
+        self.engine, self.tokenizer, self.max_to_keep, self.on_saved = engine, tokenizer, max_to_keep, on_saved
         self.model_path = Path(os.path.expanduser(model_path))
-        self.on_saved = on_saved or (lambda info: None)  # called on every rank once a checkpoint is complete
-        self.pending: tuple[Any, Any] | None = None
-        self.group = None
-        if cfg.async_save and world.distributed:
-            import torch.distributed as dist
+        self.pending: tuple[Any, Callable[[], None]] | None = None
+        self.group = dist.new_group(backend="gloo") if cfg.async_save and world.distributed else None
 
-            self.group = dist.new_group(backend="gloo")
-
-    def save(self, step: int, engine: Any, trainer_state: dict[str, Any], hf_weights: bool = False) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
-
-        from shardtune import parallel
-
+    def save(self, step: int, hf_weights: bool = False) -> None:
         self.wait()
         t0 = time.perf_counter()
         path = step_dir(self.run_dir, step)
         if self.world.is_main and path.exists():  # a leftover of a crashed save at the same step
             shutil.rmtree(path)
         parallel.barrier(self.world)
-        state = {k: v for k, v in engine.state_dict().items() if k in self.cfg.save_contents}
+        tensors = {k: self.parts[k].state_dict() for k in TENSOR_PARTS if k in self.cfg.save_contents}
         if hf_weights or "hf_model" in self.cfg.save_contents:
-            engine.export(str(path / "huggingface"))  # collective: every rank takes part
-        rng = rng_state()
+            self.engine.export(str(path / "huggingface"))  # collective: every rank takes part
+        # the JSON parts as they are now: training goes on while an async save writes
+        shared = {k: p.state_dict() for k, p in self.parts.items() if k not in TENSOR_PARTS and not _per_rank(p)}
+        own = {k: p.state_dict() for k, p in self.parts.items() if _per_rank(p)}
+        future = None
         with single_process_ok():
             if self.cfg.async_save:
-                future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group)
+                future = dcp.async_save(tensors, checkpoint_id=str(path), process_group=self.group)
             else:
-                dcp.save(state, checkpoint_id=str(path))
-                future = None
+                dcp.save(tensors, checkpoint_id=str(path))
         info = {"step": step, "path": str(path), "async": future is not None}
-        self.pending = (future, lambda: self._finalize(path, engine, trainer_state, rng, info, t0))
+        self.pending = (future, lambda: self._finalize(path, step, shared, own, info, t0))
         if future is None:
             self.wait()
-        return info
 
     def wait(self) -> None:
         """Finish the pending save, if any: every rank's shards written, then side files and the tracker."""
@@ -130,37 +113,72 @@ class Checkpointer:
             future.result()
         finalize()
 
-    def _finalize(self, path: Path, engine: Any, trainer_state: dict[str, Any], rng: dict[str, Any],
-                  info: dict[str, Any], t0: float) -> None:
-        from shardtune import parallel
-
-        (path / f"rng_rank_{self.world.rank}.json").write_text(json.dumps(rng))
+    def _finalize(self, path: Path, step: int, shared: dict[str, Any], own: dict[str, Any], info: dict[str, Any],
+                  t0: float) -> None:
+        for name, state in own.items():
+            (path / f"{name}_rank_{self.world.rank}.json").write_text(json.dumps(state))
         parallel.barrier(self.world)
         if self.world.is_main:
-            self._save_hf_side_files(engine, path / "huggingface")
-            _atomic_write(path / "trainer_state.json", json.dumps({**trainer_state, "contents": self.cfg.save_contents}))
-            _atomic_write(self.run_dir / TRACKER, str(trainer_state["step"]))
+            save_hf_side_files(self.engine, self.tokenizer, self.model_path, path / "huggingface")
+            record = {"step": step, "world_size": self.world.world_size, "contents": self.cfg.save_contents, **shared}
+            _atomic_write(path / "trainer_state.json", json.dumps(record))
+            _atomic_write(self.run_dir / TRACKER, str(step))
             rotate(self.run_dir, self.max_to_keep, protect=path)
         parallel.barrier(self.world)
         info["seconds"] = round(time.perf_counter() - t0, 3)
         info["bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        self.on_saved(info)
+        self.on_saved("checkpoint", **info)
 
-    def _save_hf_side_files(self, engine: Any, out: Path) -> None:
-        """Config (with the KV cache back on, for inference), the base model's generation config, tokenizer."""
-        from transformers import GenerationConfig
 
-        config = copy.deepcopy(engine.model_config())
-        config.use_cache = True
-        config.save_pretrained(out)
-        try:
-            GenerationConfig.from_pretrained(self.model_path).save_pretrained(out)
-        except OSError:  # the base model has none: derive one from its config
-            GenerationConfig.from_model_config(config).save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        adapter = engine.adapter_config()
-        if adapter is not None:  # export rebuilds the adapters from this, then merges them
-            adapter.save_pretrained(out)
+def save_hf_side_files(engine: Engine, tokenizer: Any, model_path: Path, out: Path) -> None:
+    """Config (with the KV cache back on, for inference), the base model's generation config, tokenizer, and
+    the LoRA adapter config (export rebuilds the adapters from it, then merges them)."""
+    config = copy.deepcopy(engine.model_config())
+    config.use_cache = True
+    config.save_pretrained(out)
+    generation_config(model_path, config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    adapter = engine.adapter_config()
+    if adapter is not None:
+        adapter.save_pretrained(out)
+
+
+def load(path: Path, parts: dict[str, Stateful], world: parallel.World, contents: list[str] | None) -> dict[str, Any]:
+    """Load what `contents` names (default: all that was saved) into `parts`; returns what happened.
+
+    Model and optimizer are resharded by DCP to this world size; per-rank parts (RNG) are restored when the
+    world size is the same. Without "extra" only the weights continue: data, schedule and counters restart.
+    """
+    record = _upgraded(json.loads((path / "trainer_state.json").read_text()))
+    saved = record.get("contents", ["model", "optimizer", "extra"])
+    wanted = [c for c in (contents or saved) if c in saved]
+    tensors = {k: parts[k].state_dict() for k in TENSOR_PARTS if k in wanted}
+    with single_process_ok():
+        dcp.load(tensors, checkpoint_id=str(path))
+    for name, state in tensors.items():  # model first: the optimizer's state is keyed by its parameters
+        parts[name].load_state_dict(state)
+    same_world = record["world_size"] == world.world_size
+    if "extra" in wanted:
+        for name, part in parts.items():
+            rank_file = path / f"{name}_rank_{world.rank}.json"
+            if _per_rank(part) and same_world and rank_file.is_file():
+                part.load_state_dict(json.loads(rank_file.read_text()))
+            elif name not in TENSOR_PARTS and not _per_rank(part) and name in record:
+                part.load_state_dict(record[name])
+    info = {"path": str(path), "step": record["step"] if "extra" in wanted else 0, "loaded": wanted,
+            "saved_world_size": record["world_size"], "world_size": world.world_size}
+    if not same_world:
+        info["note"] = f"resharded from {record['world_size']} to {world.world_size} processes; RNG streams restart from the seed"
+    return info
+
+
+def _upgraded(record: dict[str, Any]) -> dict[str, Any]:
+    """trainer_state.json of checkpoints written before the state was kept by part (one flat mapping)."""
+    if "train" in record or "sampler" not in record:
+        return record
+    train = {k: record[k] for k in ("step", "tokens_seen", "skipped_steps", "best_val", "bad_validations",
+                                    "stopped_early") if k in record}
+    return {**record, "train": train, "loader": record["sampler"]}
 
 
 @contextlib.contextmanager
@@ -177,23 +195,22 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+def _step_folders(run_dir: Path) -> list[tuple[int, Path]]:
     out = []
     for p in run_dir.glob("global_step_*"):
         m = STEP_DIR.search(p.name)
-        if m and is_complete(p):
+        if m:
             out.append((int(m.group(1)), p))
     return sorted(out)
 
 
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    return [(step, p) for step, p in _step_folders(run_dir) if is_complete(p)]
+
+
 def incomplete_after(run_dir: Path, step: int) -> list[Path]:
     """Checkpoint folders newer than `step` that a crash left incomplete (skipped on resume)."""
-    out = []
-    for p in run_dir.glob("global_step_*"):
-        m = STEP_DIR.search(p.name)
-        if m and int(m.group(1)) > step and not is_complete(p):
-            out.append(p)
-    return sorted(out)
+    return [p for s, p in _step_folders(run_dir) if s > step and not is_complete(p)]
 
 
 def rotate(run_dir: Path, max_to_keep: int | None, protect: Path | None = None) -> None:
@@ -223,30 +240,19 @@ def find_resume_path(run_dir: Path, mode: str, resume_from: str | None) -> Path 
     tracker = run_dir / TRACKER
     candidates = complete_checkpoints(run_dir)
     if tracker.is_file():
-        step = int(tracker.read_text().strip())
-        path = step_dir(run_dir, step)
+        path = step_dir(run_dir, int(tracker.read_text().strip()))
         if is_complete(path):
             return path
     return candidates[-1][1] if candidates else None
 
 
-def load(path: Path, engine: Any, world: Any, contents: list[str] | None) -> dict[str, Any]:
-    """Load what `contents` names (default: all that was saved) and return the trainer state.
-
-    Model and optimizer are resharded by DCP to this world size; RNG streams are restored when the world
-    size is the same (they are per rank).
-    """
-    import torch.distributed.checkpoint as dcp
-
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    saved = trainer_state.get("contents", ["model", "optimizer", "extra"])
-    wanted = [c for c in (contents or saved) if c in saved]
-    state = {k: v for k, v in engine.state_dict().items() if k in wanted}
-    with single_process_ok():
-        dcp.load(state, checkpoint_id=str(path))
-    engine.load_state_dict(state)
-    trainer_state["loaded"] = wanted
-    rng_file = path / f"rng_rank_{world.rank}.json"
-    if "extra" in wanted and rng_file.is_file() and trainer_state.get("world_size") == world.world_size:
-        set_rng_state(json.loads(rng_file.read_text()))
-    return trainer_state
+def check_fresh_start(run_dir: Path, resume_from: Path | None, load_contents: list[str] | None) -> None:
+    """A run that starts again at step 0 must not write among another run's checkpoints (rotation and the
+    tracker would mix them)."""
+    restarts_at_zero = resume_from is None or "extra" not in (load_contents or ["extra"])
+    existing = complete_checkpoints(run_dir)
+    if restarts_at_zero and existing:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints of another run (up to global_step_{existing[-1][0]}), and this "
+            "run starts again at step 0: its checkpoints would mix with them. Fix: set a new "
+            "trainer.default_local_dir, or trainer.resume_mode=auto to continue that run.")

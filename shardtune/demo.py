@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from shardtune.config import load_config, validate
 from shardtune.tiny import byte_tokenizer, save_tiny_model
+from shardtune.trainer import Trainer
 
 N_TRAIN, N_VAL, N_EVAL = 20000, 100, 100
 MODEL = {"hidden": 256, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 1024, "max_positions": 128, "tie": True}
@@ -59,9 +61,6 @@ def accuracy(model: torch.nn.Module, tokenizer, problems: list[tuple[str, str]],
 
 
 def run_demo(out: str, steps: int | None = None, seed: int = 0) -> dict:
-    from shardtune.config import load_config, validate
-    from shardtune.trainer import Trainer
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,21 +11,20 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
 
 from shardtune.checkpoint import is_complete, single_process_ok
 from shardtune.errors import ShardtuneError
-from shardtune.model import DTYPES
+from shardtune.model import DTYPES, generation_config
 
 
 def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB",
                       adapter_only: bool = False) -> Path:
     """LoRA checkpoints are merged into the base weights (a plain model folder), or with `adapter_only`
     written as a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.initialization import no_init_weights
-
     src, dst = Path(checkpoint), Path(out)
     hf = src / "huggingface"
     if not is_complete(src) or not (hf / "config.json").is_file():
@@ -62,10 +61,7 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst, safe_serialization=True, max_shard_size=max_shard_size)
     AutoTokenizer.from_pretrained(hf).save_pretrained(dst)
-    try:
-        GenerationConfig.from_pretrained(hf).save_pretrained(dst)
-    except OSError:
-        GenerationConfig.from_model_config(config).save_pretrained(dst)
+    generation_config(hf, config).save_pretrained(dst)
     print(f"exported {src} -> {dst} ({dtype}, {time.perf_counter() - t0:.1f} s)")
     return dst
 

@@ -10,7 +10,8 @@ linear cross-entropy works the same way, and is used in its place on CUDA when `
 
 The loss travels out of the model as its `logits` output, so the module hooks FSDP2 puts on the head and
 the root see it as an ordinary output. A model whose forward transforms the logits after `lm_head` (final
-soft-capping, logit scaling) would transform the loss too; the engine checks for that on the first step.
+soft-capping, logit scaling) would transform the loss too; the engine checks on every micro-batch that the
+model's output is the head's own loss tensor.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ from typing import Any
 
 import torch
 
+from shardtune.loss import LossHead
+from shardtune.model import build_from_config, compute_dtype, load_hf_config
+from shardtune.parallel import decoder_layers
+
 GIB = 2**30
 BYTES = {"fp32": 4, "bf16": 2}
 # Memory a process holds besides the tensors estimated here. CPU: the Python interpreter with torch,
@@ -82,8 +86,6 @@ class MemoryEstimate:
 
 
 def shape_of(model: torch.nn.Module) -> ModelShape:
-    from shardtune.parallel import decoder_layers
-
     c = model.config
     params = list(model.parameters())  # unique: a tied weight is counted once
 
@@ -99,7 +101,7 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
         params=sum(p.numel() for p in params), param_bytes=sum(p.numel() * p.element_size() for p in params),
         trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
         linear_weight_params=sum(m.weight.numel() for m in model.modules()
-                                 if isinstance(m, torch.nn.Linear) or type(m).__name__ == "LossHead"),
+                                 if isinstance(m, (torch.nn.Linear, LossHead))),
         largest_unit_params=max(count(u) for u in units),
         largest_unit_trainable_params=max(count(u, trainable=True) for u in units),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
@@ -110,20 +112,18 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
 def model_shape(model_cfg: Any) -> ModelShape:
     """Build the model on the meta device (config.json only, no weights read) with the training switches
     and LoRA of `model_cfg`, and measure it."""
-    from shardtune.model import build_from_config, load_config
-
     # quiet: loading an adapter (model.lora_adapter_path) into meta tensors warns once per tensor, a no-op
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_from_config(load_config(model_cfg), model_cfg, "cpu")
+        model = build_from_config(load_hf_config(model_cfg), model_cfg, "cpu")
     return shape_of(model)
 
 
 def tokens_per_micro_batch(cfg: Any) -> int:
     """The most tokens one rank holds activations for: the token budget, or the padded micro-batch; under
     Ulysses sequence parallelism each rank keeps 1/sp of them between the attention all-to-alls."""
-    d = cfg.data
-    tokens = d.max_token_len_per_gpu if d.use_dynamic_bsz else d.micro_batch_size_per_gpu * d.max_length
+    data = cfg.data
+    tokens = data.max_token_len_per_gpu if data.use_dynamic_bsz else data.micro_batch_size_per_gpu * data.max_length
     return math.ceil(tokens / cfg.sp_size)
 
 
@@ -165,12 +165,12 @@ def logits_bytes(s: ModelShape, tokens: int, chunk: int, act: int) -> float:
 
 def compute_dtypes(cfg: Any, sharded: bool) -> tuple[int, int, bool]:
     """(bytes of an activation, bytes of the residual stream, autocast on?) as the engine runs the config."""
-    mp, weight = cfg.engine.mixed_precision.param_dtype, cfg.model.dtype
-    if sharded:  # FSDP2 computes in bf16 when mixed precision asks for it, else in the weights' dtype
-        b = BYTES["bf16"] if mp == "bf16" else BYTES[weight]
-        return b, b, False
-    autocast = mp == "bf16" and weight == "fp32"  # one process: bf16 autocast over fp32 weights
-    return (2 if autocast else BYTES[weight]), BYTES[weight], autocast  # the residual stream keeps the weights' dtype
+    act = compute_dtype(cfg).itemsize
+    weight = BYTES[cfg.model.dtype]
+    if sharded:  # FSDP2 computes everything, the residual stream included, in its parameter dtype
+        return act, act, False
+    autocast = act < weight  # one process: bf16 autocast over fp32 weights
+    return act, weight, autocast  # the residual stream keeps the weights' dtype
 
 
 def loss_chunk(cfg: Any, s: ModelShape, tokens: int, device_type: str) -> int:
@@ -185,15 +185,15 @@ def estimate(cfg: Any, model: ModelShape | torch.nn.Module, world_size: int = 1,
     what this machine has)."""
     s = model if isinstance(model, ModelShape) else shape_of(model)
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    e, m = cfg.engine, cfg.model
+    engine = cfg.engine
     sharded = world_size > 1  # one process trains the plain model; FSDP2 only under torchrun
-    shard = 1 if not sharded else (world_size if e.fsdp_size == -1 else e.fsdp_size)
-    offload = sharded and (e.param_offload or e.optimizer_offload)
+    shard = 1 if not sharded else (world_size if engine.fsdp_size == -1 else engine.fsdp_size)
+    offload = sharded and (engine.param_offload or engine.optimizer_offload)
     act, residual, autocast = compute_dtypes(cfg, sharded)
     # parameters, gradients (trainable ones, same dtype) and AdamW's two moments, each sharded
     state = [s.param_bytes / shard, s.trainable_bytes / shard, 2 * s.trainable_bytes / shard]
     tokens = tokens_per_micro_batch(cfg)
-    activations = activation_bytes(s, tokens, act, residual, autocast, m.enable_gradient_checkpointing)
+    activations = activation_bytes(s, tokens, act, residual, autocast, cfg.model.enable_gradient_checkpointing)
     logits = logits_bytes(s, tokens, loss_chunk(cfg, s, tokens, device_type), act)
     transient = activations + logits
     return MemoryEstimate(
@@ -210,9 +210,8 @@ def working_bytes(cfg: Any, s: ModelShape, sharded: bool, autocast: bool, act: i
         return 2.0 * s.linear_weight_params if autocast else 0.0
     # one unit's unsharded gradient and its reduce-scatter input in the reduce dtype; when gradients are
     # reduced once per step, every unit's unsharded gradient lives through the accumulation
-    e = cfg.engine
-    grads = (act + BYTES[e.mixed_precision.reduce_dtype]) * s.largest_unit_trainable_params
-    if not e.reduce_grads_every_micro_batch or e.fsdp_size == 1:
+    grads = (act + BYTES[cfg.engine.mixed_precision.reduce_dtype]) * s.largest_unit_trainable_params
+    if cfg.engine.grads_reduced_once_per_step:
         grads += act * s.trainable_params
     if not cfg.engine.reshard_after_forward:  # every unit stays gathered from its forward to its backward
         return act * s.params + grads

@@ -1,28 +1,56 @@
-"""Metric sinks: console (progress bar or plain lines), jsonl, TensorBoard, wandb, MLflow. Only the main
-rank writes.
+"""Step metrics and their sinks: console (progress bar or plain lines), jsonl, TensorBoard, wandb, MLflow.
+Only the main rank writes.
 
-`metrics.jsonl` holds one JSON object per optimizer step (`step` from 1) with the metric names of
-DESIGN.md; it is appended to, never truncated, so a continued run extends the same file.
+`step_metrics` builds one step's row; the names are listed in README.md ("Output"). `metrics.jsonl` holds
+one JSON object per optimizer step (`step` from 1); it is appended to, never truncated, so a continued run
+extends the same file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
+from shardtune import flops
+from shardtune.data.loader import StepBatch
+from shardtune.engine.base import StepResult
+from shardtune.state import TrainState
+
+
+def step_metrics(result: StepResult, batch: StepBatch, state: TrainState, *, elapsed: float, data_wait: float,
+                 epoch: float, model_config: Any, peak_flops: float, devices: int, dropped_rows: int,
+                 device: torch.device) -> dict[str, Any]:
+    """The metric row of one optimizer step. `elapsed` includes `data_wait` (the time the loop waited for
+    the batch); MFU is the achieved training FLOP/s over the peak of all devices."""
+    tokens = int(batch.lengths.sum())
+    achieved = flops.training_flops(model_config, batch.lengths) / elapsed
+    mfu = achieved / (peak_flops * devices)
+    return {
+        "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr, "train/epoch": epoch,
+        "train/global_tokens": tokens, "train/supervised_tokens": result.num_targets,
+        "train/tokens_seen": state.tokens_seen, "train/skipped_steps": state.skipped_steps,
+        "perf/step_time_s": elapsed, "perf/data_wait_s": data_wait,
+        "perf/tokens_per_s": tokens / elapsed, "perf/tokens_per_s_per_device": tokens / elapsed / devices,
+        "perf/tflops": achieved / 1e12, "perf/mfu": mfu, "train/mfu": mfu,  # train/mfu: verl's name
+        "perf/padding_ratio": batch.padded_tokens / (batch.padded_tokens + tokens),
+        "perf/micro_batches": len(batch.plans[0]), "perf/max_memory_gb": max_memory_gb(device),
+        "data/mean_seq_len": float(batch.lengths.mean()), "data/max_seq_len": int(batch.lengths.max()),
+        "data/dropped_rows": dropped_rows,
+    }
 
 
 def max_memory_gb(device: torch.device) -> float:
     """CUDA max allocated on GPU; peak resident set size of the process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -50,8 +78,6 @@ class ConsoleSink:
     def __init__(self, total_steps: int, initial: int, progress_bar: bool):
         self.bar = None
         if progress_bar and sys.stderr.isatty() and not os.environ.get("CI"):
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)
         self.total = total_steps
 

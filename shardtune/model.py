@@ -13,13 +13,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from shardtune import attention
 from shardtune.config import ModelConfig
 from shardtune.errors import ConfigError
 from shardtune.loss import install_loss_head
+from shardtune.parallel import decoder_layers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(cfg: Any) -> torch.dtype:
+    """The dtype matmuls run in: bf16 when engine.mixed_precision asks for it (autocast on one process,
+    FSDP2's parameter dtype when sharded), else the weights' own dtype (model.dtype)."""
+    mp = cfg.engine.mixed_precision.param_dtype
+    return DTYPES[mp] if mp != "fp32" else DTYPES[cfg.model.dtype]
+
+
+def generation_config(model_path: Path, hf_config: Any) -> Any:
+    """The base model's generation config, or one derived from its config when the folder has none."""
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        return GenerationConfig.from_model_config(hf_config)
 
 
 def check_model_path(cfg: ModelConfig) -> None:
@@ -58,10 +75,10 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 def check_loss_head(cfg: ModelConfig) -> None:
     """The chunked/fused loss head returns the loss in place of the logits, so it cannot serve a model that
-    rescales its logits: refuse before anything is loaded (the engine checks again on the first step)."""
+    rescales its logits: refuse before anything is loaded (the engine checks again on every micro-batch)."""
     if cfg.loss_chunk_size <= 0 and not cfg.use_liger:
         return
-    hf = load_config(cfg)
+    hf = load_hf_config(cfg)
     found = [a for a in LOGIT_TRANSFORMS if getattr(hf, a, None) not in (None, 1, 1.0)]
     if found:
         raise ConfigError(f"{hf.model_type} models transform their logits after lm_head ({found[0]}="
@@ -73,15 +90,13 @@ def check_sequence_parallel(cfg: ModelConfig, sp_size: int) -> None:
     """Ulysses splits attention heads over the sequence-parallel ranks: heads must divide evenly."""
     if sp_size == 1:
         return
-    heads = load_config(cfg).num_attention_heads
+    heads = load_hf_config(cfg).num_attention_heads
     if heads % sp_size:
         raise ConfigError(f"The model has {heads} attention heads, not divisible by the sequence-parallel size "
                           f"{sp_size}. Fix: pick an engine.ulysses_sequence_parallel_size that divides {heads}.")
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    from transformers import AutoTokenizer
-
     path = os.path.expanduser(cfg.tokenizer_path or cfg.path)
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_path else {}
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
@@ -90,9 +105,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def load_config(cfg: ModelConfig) -> Any:
-    from transformers import AutoConfig
-
+def load_hf_config(cfg: ModelConfig) -> Any:
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     return AutoConfig.from_pretrained(os.path.expanduser(cfg.path), trust_remote_code=cfg.trust_remote_code, **kwargs)
 
@@ -102,8 +115,6 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
                liger_layers: bool = True) -> torch.nn.Module:
     """Load the weights onto `device`; the attention kernel is chosen for `attention_device` (where the model
     will run, which differs when rank 0 loads on the CPU before sharding onto a GPU)."""
-    from transformers import AutoModelForCausalLM
-
     kwargs: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {"use_safetensors": True}
     attn = attention_for(cfg, attention_device or device, compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -116,15 +127,13 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
 def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype,
                   hf_config: Any = None) -> str:
     return attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device), compute_dtype,
-                            hf_config if hf_config is not None else load_config(cfg))
+                            hf_config if hf_config is not None else load_hf_config(cfg))
 
 
 def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str,
                       compute_dtype: torch.dtype = torch.float32, use_liger: bool = False,
                       liger_layers: bool = True) -> torch.nn.Module:
     """An uninitialised model of the right shape (used on the meta device)."""
-    from transformers import AutoModelForCausalLM
-
     return prepare_for_training(AutoModelForCausalLM.from_config(
         hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype, hf_config),
         trust_remote_code=cfg.trust_remote_code), cfg, use_liger, liger_layers)
@@ -171,8 +180,6 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 def compile_layers(model: torch.nn.Module) -> None:
     """torch.compile each decoder layer (before FSDP2 wraps it), with dynamic shapes: packed rows change
     length every step, and one graph serves every length and every layer (they share the code)."""
-    from shardtune.parallel import decoder_layers
-
     for layer in decoder_layers(model):
         layer.compile(dynamic=True)
 

@@ -6,14 +6,19 @@ all: every collective below is then the identity.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 @dataclass
@@ -49,9 +54,26 @@ class World:
         return self.rank % self.sp_size
 
 
+def exit_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent exits (Linux; a no-op elsewhere).
+
+    A torchrun worker whose launcher is killed (kill -9, a lost node agent) would otherwise be orphaned and
+    wait in its next collective until engine.timeout_minutes, holding host and GPU memory, so a relaunch on
+    the same node could run out of it. The setting survives exec, so it also serves a launched torchrun.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig))
+    if os.getppid() == 1:  # the parent died before the request was made: nobody is left to signal us
+        os.kill(os.getpid(), sig)
+
+
 def init_world(sp_size: int = 1, timeout_minutes: int = 60) -> World:
     """Join the torchrun job described by the environment, or stay a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        exit_with_parent()
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -73,8 +95,6 @@ def init_world(sp_size: int = 1, timeout_minutes: int = 60) -> World:
 
 def build_mesh(world: World, fsdp_size: int = -1):
     """A 1-D mesh over all ranks, or a 2-D (replicate, shard) mesh for hybrid sharding."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if fsdp_size in (-1, world.world_size):
         return init_device_mesh(world.device.type, (world.world_size,), mesh_dim_names=("shard",))
     return init_device_mesh(world.device.type, (world.world_size // fsdp_size, fsdp_size),
@@ -127,24 +147,15 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def _head_kwargs(module: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The chunked loss head forms its weight's gradient in the forward and never reads the weight in
-    backward: keeping it gathered saves an all-gather of the largest matrix (freed at the end of backward)."""
-    from shardtune.loss import LossHead
-
-    return {**kwargs, "reshard_after_forward": False} if isinstance(module, LossHead) else kwargs
-
-
 def apply_fsdp2(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | None = None,
                 reduce_dtype: torch.dtype = torch.float32, offload: bool = False,
-                reshard_after_forward: bool = True) -> torch.nn.Module:
-    """`fully_shard` each decoder layer, the untied embeddings and head, then the root.
+                reshard_after_forward: bool = True, keep_gathered: Sequence[torch.nn.Module] = ()) -> torch.nn.Module:
+    """`fully_shard` each decoder layer, the untied embeddings and head, then the root. Modules in
+    `keep_gathered` stay unsharded from their forward to the end of backward (no second all-gather).
 
     The gradient divide factor is set to 1: the loss is already divided by the global number of supervised
     tokens, so gradients must be summed over ranks, not averaged.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kwargs = {"mesh": mesh, "mp_policy": mp, "reshard_after_forward": reshard_after_forward}
     if offload:
@@ -155,7 +166,8 @@ def apply_fsdp2(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | No
     if not tied:
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             if module is not None:
-                fully_shard(module, **_head_kwargs(module, kwargs))
+                gathered = any(module is m for m in keep_gathered)
+                fully_shard(module, **{**kwargs, "reshard_after_forward": False} if gathered else kwargs)
     fully_shard(model, **kwargs)
     for m in model.modules():
         if isinstance(m, FSDPModule):

@@ -8,14 +8,17 @@ import sys
 from itertools import islice
 
 import numpy as np
+import torch
 
 from shardtune.config import Config
 from shardtune.data.batching import GlobalBatchSampler
 from shardtune.data.chat import IGNORE_INDEX, tokenize_conversation
 from shardtune.data.dataset import build_dataset, resolve_chat_template, truncate
 from shardtune.data.formats import detect_format, to_conversation
+from shardtune.data.loader import planned_steps
 from shardtune.data.readers import expand_paths, read_rows
 from shardtune.errors import DataError
+from shardtune.memory import GIB, estimate, model_shape
 from shardtune.model import load_tokenizer
 
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -36,17 +39,15 @@ def validate_data(cfg: Config) -> None:
               f"mean {lengths.mean():.0f} p50 {np.percentile(lengths, 50):.0f} p95 {np.percentile(lengths, 95):.0f} "
               f"max {lengths.max()}" + (" [cache hit]" if s.get("cache_hit") else ""))
         if name == "train":
-            sampler = GlobalBatchSampler(len(ds), d.train_batch_size, cfg.trainer.seed, d.shuffle, d.drop_last)
-            t = cfg.trainer
-            total = t.total_training_steps or t.total_epochs * sampler.steps_per_epoch
-            print(f"train: {sampler.steps_per_epoch} steps per epoch, {total} optimizer steps in all")
+            per_epoch = GlobalBatchSampler(len(ds), d.train_batch_size, cfg.trainer.seed, d.shuffle,
+                                           d.drop_last).steps_per_epoch
+            total = planned_steps(cfg.trainer.total_training_steps, cfg.trainer.total_epochs, per_epoch)
+            print(f"train: {per_epoch} steps per epoch, {total} optimizer steps in all")
     print("config and data OK")
 
 
 def default_device_memory() -> tuple[float, str]:
     """Bytes to compare the estimate with: the current GPU's memory, else the machine's RAM."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "GPU memory"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
@@ -54,8 +55,6 @@ def default_device_memory() -> tuple[float, str]:
 
 def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float | None = None) -> bool:
     """Print the per-device memory table of `memory.estimate` and whether it fits; returns whether it fits."""
-    from shardtune.memory import GIB, estimate, model_shape
-
     available, what = default_device_memory()
     if device_memory_gib is not None:
         available, what = device_memory_gib * GIB, "--device-memory"

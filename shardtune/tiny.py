@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -23,9 +27,6 @@ def byte_tokenizer(
     bos_token: str | None = None,
 ):
     """A byte-level BPE tokenizer without merges (256 byte tokens) plus the given special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -41,8 +42,6 @@ def byte_tokenizer(
 
 def tiny_qwen2_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                       intermediate: int | None = None, max_positions: int = 2048, tie: bool = False):
-    from transformers import Qwen2Config
-
     return Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, intermediate_size=intermediate or 4 * hidden,
@@ -55,9 +54,6 @@ def save_tiny_model(out: str | Path, seed: int = 0, tokenizer=None, vocab_size: 
                     **config_kwargs) -> Path:
     """Write a randomly initialised tiny Qwen2 + byte tokenizer as a Hugging Face folder (safetensors).
     `vocab_size` larger than the tokenizer's gives a head of a real model's size (rows never used as targets)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     tokenizer = tokenizer or byte_tokenizer()
     config = tiny_qwen2_config(vocab_size or len(tokenizer), **config_kwargs)
     config.eos_token_id = tokenizer.eos_token_id

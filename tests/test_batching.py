@@ -7,13 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shardtune.config import DataConfig
 from shardtune.data.batching import (
     GlobalBatchSampler,
     collate,
-    equalize,
     fixed_micro_batches,
+    plan_micro_batches,
     split_across_ranks,
-    split_to,
     token_budget_micro_batches,
 )
 from shardtune.data.chat import IGNORE_INDEX
@@ -31,9 +31,9 @@ def test_token_budget_plans(lengths, batch, dp, budget, seed):
         indices = sampler.batch(0, step)
         shares = split_across_ranks(indices, lengths, dp)
         assert sorted(i for s in shares for i in s) == sorted(indices.tolist())
-        plans = [token_budget_micro_batches(s, lengths, budget) for s in shares]
-        n = max(len(p) for p in plans)
-        plans = equalize([split_to(p, n, lengths) for p in plans])
+        cfg = DataConfig(use_dynamic_bsz=True, max_token_len_per_gpu=budget)
+        plans = plan_micro_batches(indices, lengths, dp, cfg)
+        assert [sorted(i for m in plan for i in m) for plan in plans] == [sorted(s) for s in shares]
         assert len({len(p) for p in plans}) == 1
         for plan in plans:
             for micro in plan:

@@ -25,7 +25,7 @@ def config(model_path, *overrides):
 
 
 def hf_config(model_path):
-    from shardtune.model import load_config as load_hf_config
+    from shardtune.model import load_hf_config
 
     return load_hf_config(config(model_path).model)
 

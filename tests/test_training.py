@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ def test_micro_batch_split_does_not_change_the_step(tiny_model, data_files, tmp_
 
 def test_first_step_loss_equals_a_plain_transformers_forward(tiny_model, data_files, tmp_path):
     trainer = run(tiny_model, data_files, tmp_path, "data.micro_batch_size_per_gpu=3", fit=False)
-    indices = trainer.sampler.batch(0, 0)
+    indices = trainer.loader.sampler.batch(0, 0)
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager")
@@ -86,7 +87,7 @@ def test_packed_logits_equal_each_sequence_alone(tiny_model, data_files, tmp_pat
     trainer = run(tiny_model, data_files, tmp_path, fit=False)
     model = trainer.engine.model.eval()
     samples = [trainer.train_data[i] for i in range(3)]
-    mb = trainer.collate([0, 1, 2], trainer.train_data)
+    mb = trainer.loader.micro_batches(np.arange(3), trainer.train_data)[1][0]
     assert model.config._attn_implementation == "shardtune_varlen_sdpa"  # auto on CPU with packed rows
     with torch.no_grad():
         by_cu = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
@@ -137,7 +138,7 @@ def test_validation_loss_is_token_weighted_over_every_sample(tiny_model, data_fi
             logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
             total += F.cross_entropy(logits, labels[1:], ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((labels[1:] != IGNORE_INDEX).sum())
-    assert math.isclose(trainer.validate(), total / count, rel_tol=1e-6)
+    assert math.isclose(trainer.validation_loss(), total / count, rel_tol=1e-6)
 
 
 def test_early_stopping(tiny_model, data_files, tmp_path):
@@ -206,20 +207,20 @@ def test_prefetching_changes_nothing(tiny_model, data_files, tmp_path):
     over = ("trainer.total_epochs=2", "trainer.total_training_steps=null")
     trainer, ahead = run(tiny_model, data_files, tmp_path / "a", "data.prefetch_steps=2", *over)
     _, inline = run(tiny_model, data_files, tmp_path / "b", "data.prefetch_steps=0", *over)
-    assert len(ahead) == 2 * trainer.sampler.steps_per_epoch
+    assert len(ahead) == 2 * trainer.loader.steps_per_epoch
     assert losses(ahead) == losses(inline) and losses(ahead, "train/grad_norm") == losses(inline, "train/grad_norm")
     assert all(h["perf/data_wait_s"] >= 0 for h in ahead)
-    assert trainer.sampler.state_dict() == {"epoch": 1, "step_in_epoch": trainer.sampler.steps_per_epoch, "seed": 42}
+    assert trainer.loader.state_dict() == {"epoch": 1, "step_in_epoch": trainer.loader.steps_per_epoch, "seed": 42}
     mid = run(tiny_model, data_files, tmp_path / "c", "data.prefetch_steps=2", "trainer.total_training_steps=3", fit=False)
     mid.fit()
-    assert mid.sampler.state_dict()["step_in_epoch"] == 3
+    assert mid.loader.state_dict()["step_in_epoch"] == 3
 
 
 def test_an_error_while_prefetching_is_raised_as_itself(tiny_model, data_files, tmp_path, monkeypatch):
     from shardtune.errors import DataError
 
     trainer = run(tiny_model, data_files, tmp_path, "data.prefetch_steps=2", fit=False)
-    prepare, calls = trainer.prepare, []
+    prepare, calls = trainer.loader.prepare, []
 
     def failing_prepare(*args):
         calls.append(args)
@@ -227,10 +228,10 @@ def test_an_error_while_prefetching_is_raised_as_itself(tiny_model, data_files, 
             raise DataError("row 7 of train.jsonl: bad. Fix: repair it.")
         return prepare(*args)
 
-    monkeypatch.setattr(trainer, "prepare", failing_prepare)
+    monkeypatch.setattr(trainer.loader, "prepare", failing_prepare)
     with pytest.raises(DataError, match=r"^row 7 of train.jsonl: bad. Fix: repair it.$"):
         trainer.fit()
-    assert trainer.step == 2  # the two good steps trained before the error reached the loop
+    assert trainer.state.step == 2  # the two good steps trained before the error reached the loop
 
 
 @pytest.mark.slow
@@ -254,6 +255,6 @@ def test_a_training_step_needs_no_collective_for_its_loss_divisor(tiny_model, da
     trainer = run(tiny_model, data_files, tmp_path, fit=False)
     calls = []
     monkeypatch.setattr(parallel, "all_reduce_sum", lambda values, world: calls.append(values) or list(values))
-    batch = next(trainer.steps())
+    batch = next(iter(trainer.loader))
     metrics = trainer.train_step(batch)
     assert calls == [] and metrics["train/supervised_tokens"] == batch.num_targets > 0

@@ -18,6 +18,7 @@ from shardtune.config.loading import (
 from shardtune.config.rules import validate
 from shardtune.config.schema import (
     CHECKPOINT_CONTENTS,
+    ENGINE_ALIASES,
     LOGGER_PACKAGES,
     LOGGERS,
     CheckpointConfig,
@@ -31,7 +32,7 @@ from shardtune.config.schema import (
 )
 
 __all__ = [
-    "CHECKPOINT_CONTENTS", "LOGGERS", "LOGGER_PACKAGES", "CheckpointConfig", "Config", "DataConfig", "EngineConfig",
+    "CHECKPOINT_CONTENTS", "ENGINE_ALIASES", "LOGGERS", "LOGGER_PACKAGES", "CheckpointConfig", "Config", "DataConfig", "EngineConfig",
     "MixedPrecisionConfig", "ModelConfig", "OptimConfig", "Override", "TrainerConfig", "all_keys", "dump_yaml",
     "from_dict", "load_config", "parse_overrides", "set_dotted", "to_dict", "validate",
 ]

@@ -3,6 +3,8 @@ data is loaded."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from shardtune.config.schema import LOGGER_PACKAGES, LOGGERS, Config, ModelConfig
 from shardtune.errors import ConfigError
 
@@ -14,8 +16,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             raise ConfigError(message)
     _check_parallel(cfg, world_size)
     t = cfg.trainer
-    import importlib.util
-
     for sink in t.logger:
         package = LOGGER_PACKAGES.get(sink)
         if package and importlib.util.find_spec(package) is None:
@@ -29,9 +29,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                 f"trainer.default_local_dir='{t.default_local_dir}' uses an unknown placeholder. "
                 "Fix: only {project_name} and {experiment_name} are filled in."
             ) from None
-    from shardtune.engine import check_strategy
-
-    check_strategy(cfg.engine.strategy)
     return cfg
 
 

@@ -86,9 +86,13 @@ class MixedPrecisionConfig:
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduction dtype
 
 
+# verl's name for the same engine: shardtune builds on FSDP2 (fully_shard) only, FSDP1 is deprecated upstream
+ENGINE_ALIASES = {"fsdp": "fsdp2"}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    strategy: str = "fsdp2"
+    strategy: Literal["fsdp2", "fsdp"] = "fsdp2"
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     param_offload: bool = False  # FSDP2 CPUOffloadPolicy: parameters, gradients and the optimizer step on CPU
     optimizer_offload: bool = False  # the same policy (FSDP2 offloads parameters and optimizer together)
@@ -100,6 +104,12 @@ class EngineConfig:
     ulysses_sequence_parallel_size: int = 1  # ranks that split each packed row along the sequence (Ulysses)
     use_torch_compile: bool = False  # torch.compile each decoder layer (dynamic shapes); first step pays the compile
     timeout_minutes: int = 60  # how long a collective may wait (rank 0 tokenizing, a large export) before failing
+
+    @property
+    def grads_reduced_once_per_step(self) -> bool:
+        """Unsharded gradients accumulate over the step's micro-batches and are reduced once: when asked,
+        and always for replicas (fsdp_size=1), which hold whole gradients anyway."""
+        return not self.reduce_grads_every_micro_batch or self.fsdp_size == 1
 
 
 @dataclass(frozen=True)

@@ -11,34 +11,17 @@ packed row never asks a token to predict the first token of the next document.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from shardtune.data.chat import IGNORE_INDEX
+from shardtune.batch import IGNORE_INDEX, MicroBatch, supervised_count
+from shardtune.config import DataConfig
 from shardtune.errors import ConfigError
 
-
-@dataclass
-class MicroBatch:
-    input_ids: torch.Tensor  # [rows, T]
-    targets: torch.Tensor  # [rows, T], next-token targets, IGNORE_INDEX where nothing is trained
-    position_ids: torch.Tensor  # [rows, T], restarting at 0 per sequence
-    attention_mask: torch.Tensor | None  # [rows, T] for padded batches; None when packed
-    cu_seqlens: torch.Tensor | None  # int32 [n_seq + 1] for packed batches
-    max_seqlen: int
-    num_tokens: int  # real (non-pad) tokens
-    num_targets: int  # supervised tokens
-    num_padded: int  # pad tokens processed
-    seq_lengths: list[int]
-
-    def pin_memory(self) -> MicroBatch:
-        """Page-locked copies of the tensors, so the host-to-GPU copies can run asynchronously."""
-        return replace(self, input_ids=self.input_ids.pin_memory(), targets=self.targets.pin_memory(),
-                       position_ids=self.position_ids.pin_memory(), cu_seqlens=_pinned(self.cu_seqlens),
-                       attention_mask=_pinned(self.attention_mask))
+# rank -> micro-batch -> sample indices: every data-parallel rank's micro-batches for one step
+MicroBatchPlan = list[list[list[int]]]
 
 
 class GlobalBatchSampler:
@@ -137,7 +120,7 @@ def token_budget_micro_batches(share: list[int], lengths: np.ndarray, budget: in
     return sorted((sorted(b, key=order.__getitem__) for b in bins), key=lambda b: order[b[0]])
 
 
-def split_to(micro: list[list[int]], n: int, lengths: np.ndarray) -> list[list[int]]:
+def split_heaviest(micro: list[list[int]], n: int, lengths: np.ndarray) -> list[list[int]]:
     """Split the heaviest micro-batches in two until there are `n` (every rank must run the same number);
     splitting never breaks the token budget."""
     micro = [list(m) for m in micro]
@@ -155,11 +138,23 @@ def split_to(micro: list[list[int]], n: int, lengths: np.ndarray) -> list[list[i
     return micro
 
 
-def equalize(plans: list[list[list[int]]]) -> list[list[list[int]]]:
+def equalize_micro_batch_counts(plans: MicroBatchPlan) -> MicroBatchPlan:
     """Give every rank the same number of micro-batches (FSDP needs every rank in every collective):
     ranks with fewer get empty micro-batches, which contribute nothing to the loss."""
     n = max(1, max(len(p) for p in plans))
     return [p + [[] for _ in range(n - len(p))] for p in plans]
+
+
+def plan_micro_batches(indices: np.ndarray, lengths: np.ndarray, dp_size: int, cfg: DataConfig) -> MicroBatchPlan:
+    """Every data-parallel rank's micro-batches for one global batch: samples balanced over ranks by tokens,
+    then cut by count (data.micro_batch_size_per_gpu) or packed by token budget (data.max_token_len_per_gpu),
+    with the same number of micro-batches on every rank."""
+    shares = split_across_ranks(indices, lengths, dp_size)
+    if not cfg.use_dynamic_bsz:
+        return equalize_micro_batch_counts([fixed_micro_batches(s, cfg.micro_batch_size_per_gpu) for s in shares])
+    plans = [token_budget_micro_batches(s, lengths, cfg.max_token_len_per_gpu) for s in shares]
+    n = max(len(p) for p in plans)
+    return equalize_micro_batch_counts([split_heaviest(p, n, lengths) for p in plans])
 
 
 def collate(samples: list[tuple[Any, Any]], packed: bool, pad_id: int) -> MicroBatch:
@@ -172,7 +167,7 @@ def collate(samples: list[tuple[Any, Any]], packed: bool, pad_id: int) -> MicroB
     ids = [torch.from_numpy(np.array(s[0], dtype=np.int64)) for s in samples]  # copies out of the mmap
     targets = [_shift(torch.from_numpy(np.array(s[1], dtype=np.int64))) for s in samples]
     lengths = [len(x) for x in ids]
-    num_targets = int(sum(int((t != IGNORE_INDEX).sum()) for t in targets))
+    num_targets = sum(supervised_count(s[1]) for s in samples)
     positions = [torch.arange(n) for n in lengths]
     if packed:
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
@@ -188,10 +183,6 @@ def collate(samples: list[tuple[Any, Any]], packed: bool, pad_id: int) -> MicroB
         batch[r, : len(x)], tgt[r, : len(x)], pos[r, : len(x)], mask[r, : len(x)] = x, t, p, 1
     return MicroBatch(batch, tgt, pos, mask, None, width, real, num_targets, len(ids) * width - real,
                       lengths if real else [])
-
-
-def _pinned(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.pin_memory()
 
 
 def _shift(labels: torch.Tensor) -> torch.Tensor:

@@ -5,19 +5,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from shardtune.errors import ConfigError
+from shardtune.config.schema import ENGINE_ALIASES
 
 ENGINES = {"fsdp2": "shardtune.engine.fsdp2:FSDP2Engine"}
-ALIASES = {"fsdp": "fsdp2"}  # verl's name; shardtune builds on FSDP2 only (FSDP1 is deprecated upstream)
-
-
-def check_strategy(name: str) -> str:
-    name = ALIASES.get(name, name)
-    if name not in ENGINES:
-        raise ConfigError(f"engine.strategy='{name}' is not available. Fix: use one of {sorted(ENGINES)}.")
-    return name
 
 
 def build_engine(cfg: Any, world: Any, total_steps: int, tokenizer: Any):
-    module, cls = ENGINES[check_strategy(cfg.engine.strategy)].split(":")
+    """The engine `engine.strategy` names (config loading already checked the name)."""
+    name = ENGINE_ALIASES.get(cfg.engine.strategy, cfg.engine.strategy)
+    module, cls = ENGINES[name].split(":")
     return getattr(importlib.import_module(module), cls)(cfg, world, total_steps, tokenizer)

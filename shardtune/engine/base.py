@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from shardtune.data.batching import MicroBatch
+from shardtune.batch import MicroBatch
 
 
 @dataclass
@@ -36,22 +36,9 @@ class Engine(ABC):
         """(sum of token losses, number of supervised tokens) over all ranks."""
 
     @abstractmethod
-    def reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum per-rank numbers (token counts for metrics) over all ranks."""
-
-    @abstractmethod
-    def state_dict(self) -> dict[str, Any]:
-        """Model and optimizer state in a form torch.distributed.checkpoint can save and reshard."""
-
-    @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    @abstractmethod
-    def schedule_state(self) -> dict[str, Any]:
-        """The learning-rate schedule's position (plain JSON-able values)."""
-
-    @abstractmethod
-    def load_schedule_state(self, state: dict[str, Any]) -> None: ...
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """The engine's checkpoint state as named `Stateful` parts: "model" and "optimizer" (tensors, saved
+        with DCP, reshardable) and "schedule" (the learning-rate schedule's position, plain JSON)."""
 
     @abstractmethod
     def model_config(self) -> Any:

@@ -1,9 +1,12 @@
 """The FSDP2 engine: a Hugging Face causal LM, AdamW and a schedule, sharded with `fully_shard`.
 
-Loss normalisation (DESIGN.md, "Global token mean"): the supervised tokens of the whole optimizer step
-are counted over all micro-batches and ranks before the first backward; each micro-batch adds
-sum(token losses) / that count to the gradient, and FSDP sums (not averages) gradients over ranks. The
+Loss normalisation (docs/design-notes.md, "Global token mean"): the supervised tokens of the whole
+optimizer step are counted over all micro-batches and ranks before the first backward; each micro-batch
+adds sum(token losses) / that count to the gradient, and FSDP sums (not averages) gradients over ranks. The
 result is the gradient of the global token-mean loss, however the step is split.
+
+Micro-batches arrive ready from the data path (collated, sliced for sequence parallelism, pinned); the
+engine only moves them to the device.
 """
 
 from __future__ import annotations
@@ -13,23 +16,38 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from shardtune import attention, parallel
-from shardtune.data.batching import MicroBatch, slice_for_sequence_parallel
-from shardtune.data.chat import IGNORE_INDEX
+from shardtune.batch import IGNORE_INDEX, MicroBatch
 from shardtune.engine.base import Engine, StepResult
 from shardtune.errors import ConfigError
 from shardtune.loss import find_loss_head
-from shardtune.model import DTYPES, build_from_config, compile_layers, liger_usable, load_config, load_model
+from shardtune.model import (
+    DTYPES,
+    build_from_config,
+    compile_layers,
+    compute_dtype,
+    liger_usable,
+    load_hf_config,
+    load_model,
+)
 from shardtune.optim import build_optimizer, build_scheduler
 
 
 class FSDP2Engine(Engine):
     def __init__(self, cfg: Any, world: parallel.World, total_steps: int, tokenizer: Any):
-        self.cfg, self.world, self.tokenizer = cfg, world, tokenizer
-        mp = cfg.engine.mixed_precision.param_dtype
-        self.compute_dtype = DTYPES[mp] if mp != "fp32" else DTYPES[cfg.model.dtype]
+        self.cfg, self.world = cfg, world
+        self.tokenizer = tokenizer  # only written beside exported weights
+        self.compute_dtype = compute_dtype(cfg)
         self.use_liger, liger_message = liger_usable(cfg.model, world.device)
         if liger_message and world.is_main:
             warnings.warn(liger_message, stacklevel=1)
@@ -56,7 +74,7 @@ class FSDP2Engine(Engine):
             full_state = model.state_dict()
         else:
             with torch.device("meta"):
-                model = build_from_config(load_config(mcfg), mcfg, world.device, self.compute_dtype, self.use_liger,
+                model = build_from_config(load_hf_config(mcfg), mcfg, world.device, self.compute_dtype, self.use_liger,
                                           liger_layers=not ecfg.use_torch_compile)
             full_state = {}
         if world.sp_size > 1:
@@ -64,11 +82,15 @@ class FSDP2Engine(Engine):
         if ecfg.use_torch_compile:
             compile_layers(model)
         offload = ecfg.param_offload or ecfg.optimizer_offload
+        head = find_loss_head(model)
         parallel.apply_fsdp2(
             # compute in the weights' dtype unless mixed precision asks for bf16 (as on one process)
             model, parallel.build_mesh(world, ecfg.fsdp_size), param_dtype=self.compute_dtype,
             reduce_dtype=DTYPES[ecfg.mixed_precision.reduce_dtype], offload=offload,
             reshard_after_forward=ecfg.reshard_after_forward,
+            # the chunked loss head forms its weight's gradient in the forward and never reads the weight in
+            # backward: keeping it gathered saves an all-gather of the largest matrix (freed after backward)
+            keep_gathered=[head] if head is not None else [],
         )
         device = torch.device("cpu") if offload else world.device
         if world.is_main:
@@ -87,8 +109,6 @@ class FSDP2Engine(Engine):
     def _loss_sum(self, mb: MicroBatch) -> torch.Tensor:
         """Sum of next-token cross-entropy over the supervised tokens of one micro-batch (of this rank's
         slice of it under sequence parallelism: the slices of a group add up to the whole)."""
-        if self.world.sp_size > 1:
-            mb = slice_for_sequence_parallel(mb, self.world.sp_size, self.world.sp_rank, self.tokenizer.pad_token_id)
         packed = {}
         if mb.cu_seqlens is not None:  # sequence boundaries for varlen attention kernels
             cu = self._to_device(mb.cu_seqlens)
@@ -155,48 +175,26 @@ class FSDP2Engine(Engine):
         """With engine.reduce_grads_every_micro_batch=false, FSDP2 keeps accumulating unsharded gradients
         and reduces once, after the step's last micro-batch: fewer collectives, more memory. Always so when
         each shard group is one rank (engine.fsdp_size=1: replicas hold whole gradients anyway)."""
-        e = self.cfg.engine
-        if self.world.distributed and (not e.reduce_grads_every_micro_batch or e.fsdp_size == 1):
+        if self.world.distributed and self.cfg.engine.grads_reduced_once_per_step:
             self.model.set_requires_gradient_sync(last)
 
     @torch.no_grad()
     def eval_batch(self, micro_batches: list[MicroBatch]) -> tuple[float, float]:
+        """Each rank counts the targets of its own micro-batches (its slices under sequence parallelism), so
+        the sum over all ranks counts every token once."""
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
         for mb in micro_batches:
             loss_sum += self._loss_sum(mb)
-        count = sum(mb.num_targets for mb in micro_batches) / self.world.sp_size
-        loss, count = self.reduce_sum([float(loss_sum), count])
+        loss, count = parallel.all_reduce_sum([float(loss_sum), sum(mb.num_targets for mb in micro_batches)],
+                                              self.world)
         return loss, count
 
-    def reduce_sum(self, values: list[float]) -> list[float]:
-        return parallel.all_reduce_sum(values, self.world)
-
     # ------------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Model and optimizer state for DCP (sharded DTensors under FSDP2, reshardable on load)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optimizer": optim_state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load the parts present in `state` ("model" and/or "optimizer")."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        if "model" in state:
-            set_model_state_dict(self.model, state["model"])
-        if "optimizer" in state:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
-
-    def schedule_state(self) -> dict[str, Any]:
-        return self.scheduler.state_dict()
-
-    def load_schedule_state(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state)
-        # LambdaLR does not touch the optimizer's lr on load; without optimizer state it would be stale
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """Model and optimizer as DCP state (sharded DTensors under FSDP2, reshardable on load; the model is
+        loaded first, the optimizer's state is keyed by its parameters) and the schedule's position."""
+        return {"model": _ModelState(self), "optimizer": _OptimizerState(self), "schedule": _ScheduleState(self)}
 
     def model_config(self) -> Any:
         return self.model.config
@@ -209,8 +207,6 @@ class FSDP2Engine(Engine):
         """The unsharded weights, on rank 0 only (empty elsewhere)."""
         if not self.world.distributed:
             return {k: v.detach() for k, v in self.model.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def export(self, path: str) -> None:
@@ -222,11 +218,38 @@ class FSDP2Engine(Engine):
         parallel.barrier(self.world)
 
 
+class _ModelState:
+    def __init__(self, engine: FSDP2Engine):
+        self.engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.engine.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.engine.model, state)
+
+
+class _OptimizerState(_ModelState):
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.engine.model, self.engine.optimizer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.engine.model, self.engine.optimizer, state)
+
+
+class _ScheduleState(_ModelState):
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.scheduler.load_state_dict(state)
+        # LambdaLR does not touch the optimizer's lr on load; without optimizer state it would be stale
+        for group, lr in zip(self.engine.optimizer.param_groups, self.engine.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+
 def _load_full_state_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
                                 world: parallel.World) -> None:
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Buffers that are not in the state dict (rotary inv_freq) are garbage after to_empty: take rank 0's,
     # sent over the device the process group serves (NCCL cannot send CPU tensors, e.g. under offload).

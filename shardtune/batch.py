@@ -1,0 +1,46 @@
+"""The contract between the data path and the engine: a micro-batch of tensors and the label convention.
+
+`labels` are aligned with `input_ids` and hold IGNORE_INDEX where nothing is trained; the data path shifts
+them to next-token `targets` once per sequence before packing. A sample's supervised tokens are therefore its
+labels after the first position (nothing predicts position 0): `supervised_count` is that rule, used by the
+dataset (loss divisors from the data plan), collation and validation alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def supervised_count(labels: Any) -> int:
+    """Next-token targets a sample trains: its labels after the first position that are not IGNORE_INDEX
+    (a numpy array or a tensor)."""
+    return int((labels[1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [rows, T]
+    targets: torch.Tensor  # [rows, T], next-token targets, IGNORE_INDEX where nothing is trained
+    position_ids: torch.Tensor  # [rows, T], restarting at 0 per sequence
+    attention_mask: torch.Tensor | None  # [rows, T] for padded batches; None when packed
+    cu_seqlens: torch.Tensor | None  # int32 [n_seq + 1] for packed batches
+    max_seqlen: int
+    num_tokens: int  # real (non-pad) tokens
+    num_targets: int  # supervised tokens in this micro-batch (in this rank's slice under sequence parallelism)
+    num_padded: int  # pad tokens processed
+    seq_lengths: list[int]
+
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked copies of the tensors, so the host-to-GPU copies can run asynchronously."""
+        return replace(self, input_ids=self.input_ids.pin_memory(), targets=self.targets.pin_memory(),
+                       position_ids=self.position_ids.pin_memory(), cu_seqlens=_pinned(self.cu_seqlens),
+                       attention_mask=_pinned(self.attention_mask))
+
+
+def _pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.pin_memory()
