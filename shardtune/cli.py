@@ -1,10 +1,14 @@
-"""`shardtune train | validate | render | export | plot | demo` (also `python -m shardtune ...`)."""
+"""`shardtune train | validate | render | export | plot | demo` (also `python -m shardtune ...`).
+
+Each subcommand imports what it needs when it is chosen, so `--help`, usage errors and config errors
+answer at once, without loading torch or transformers."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
@@ -158,7 +162,10 @@ def _launch_torchrun(nproc: int, path: str | None, overrides: list[str], debug: 
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     cmd += ["--standalone", f"--nproc-per-node={nproc}", "-m", "shardtune"]
     cmd += (["--debug"] if debug else []) + ["train"] + ([path] if path else []) + overrides
-    return subprocess.call(cmd)
+    from shardtune.parallel import exit_with_parent
+
+    # torchrun stops its workers on SIGTERM; it gets one when this launcher dies, however it dies
+    return subprocess.call(cmd, preexec_fn=lambda: exit_with_parent(signal.SIGTERM))
 
 
 if __name__ == "__main__":
