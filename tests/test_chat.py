@@ -128,12 +128,25 @@ def test_template_that_raises_gives_a_data_error():
         tokenize_conversation(MULTI, tok)
 
 
-def test_non_prefix_stable_template_is_refused_naming_the_turn():
+def test_template_that_counts_messages_is_split_right():
+    """A header that depends on the whole conversation (the message count) makes no prefix render a prefix of
+    the whole render; the turns are still found from the texts around them."""
     from shardtune.tiny import CHATML_TEMPLATE, byte_tokenizer
 
     tok = byte_tokenizer("{{ messages | length }} messages\n" + CHATML_TEMPLATE)
+    ids, labels = tokenize_conversation(MULTI, tok)
+    assert ids == whole_render_ids(tok, MULTI)
+    assert trained_texts(tok, ids, labels) == ["4, since 2+2=4.<|im_end|>", "6\nDone.<|im_end|>"]
+
+
+def test_template_that_cannot_be_split_is_refused_naming_the_turn():
+    """Newest message first: no turn can be opened by the generation prompt before it."""
+    from shardtune.tiny import byte_tokenizer
+
+    newest_first = ("{% for m in messages | reverse %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(TemplateMismatch, match="Turn 2 \\(assistant\\)"):
-        tokenize_conversation(MULTI, tok)
+        tokenize_conversation(MULTI, byte_tokenizer(newest_first))
 
 
 def test_no_template_is_a_clear_error():
