@@ -103,7 +103,8 @@ _FACTS: dict[tuple, TemplateFacts] = {}
 
 
 def template_facts(view: TemplateView) -> TemplateFacts:
-    key = (view.template, view.added, view.eos, view.tokenizer.bos_token, repr(sorted(view.kwargs.items())))
+    key = (view.template, view.added, view.eos, view.tokenizer.bos_token, repr(sorted(view.kwargs.items())),
+           bool(view.tools))
     if key not in _FACTS:
         _FACTS[key] = _probe(view)
     return _FACTS[key]
@@ -128,7 +129,7 @@ def _probe(view: TemplateView) -> TemplateFacts:
                 and p2 in where[3]):
             continue
         t_gen, t_nogen = gen1[where[1][p1].end:], nogen1[where[2][p1].end:]
-        prompt = t_gen[_lcp(t_gen, t_nogen, 0, len(t_nogen)):]
+        prompt = t_gen[snap_back(view, t_gen, _lcp(t_gen, t_nogen, 0, len(t_nogen))):]
         header_start = view.added_re.search(prompt)
         g = full[where[0][p2].end: where[0][p3].start]
         always = _always_appended(view, full, t_gen, t_nogen, g, full[where[0][p1].end: where[0][p2].start])
@@ -228,9 +229,12 @@ def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts
     if anchor is not None:
         tail, base = anchor
         limit = _next_text(occ, base, len(text))
-        start = base + _lcp(tail, text, base, limit)
-        if facts.prompt and text.startswith(facts.prompt, start) and start + len(facts.prompt) <= limit:
-            start += len(facts.prompt)  # a header the prompt did not announce (after a tool result)
+        start = _markup_start(view, text, base + _lcp(tail, text, base, limit))
+        # the assistant header further on: the previous message closes differently when it is not the last
+        # one (Hermes' tool results), or the prompt after it announces no header (after a tool result)
+        header = text.find(facts.prompt, start, limit) if facts.prompt else -1
+        if header >= 0:
+            start = header + len(facts.prompt)
     elif mine:  # no generation prompt to compare with (the turn opens the conversation): start at its text
         start = mine[0].start
     else:
@@ -254,7 +258,7 @@ def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts
             end = mine[-1].end
         else:
             raise _Unsure(i, "the conversation up to this turn cannot be rendered on its own")
-    end = max(end, start)
+    end = max(_markup_start(view, text, end), start)
     if any(o.start < start or o.end > end for o in mine):
         raise _Unsure(i, "its text lies outside the place where the template opens and closes the turn")
     if any(start < o.start < end for o, m in zip(occ, owner) if m != i):
@@ -300,6 +304,15 @@ def _common_suffix(a: str, b: str) -> int:
 
 def _drop_suffix(text: str, suffix: str) -> str:
     return text[: len(text) - len(suffix)] if suffix and text.endswith(suffix) else text
+
+
+def _markup_start(view: TemplateView, text: str, pos: int) -> int:
+    """A boundary that falls inside a tag or an added token (the prompt's `<think>` vs the history's
+    `</think>`) moves to where that markup starts: a token is never split."""
+    for m in view.markup.finditer(text, max(0, pos - 64), pos + 64):
+        if m.start() < pos < m.end():
+            return m.start()
+    return pos
 
 
 def _snap_forward(view: TemplateView, text: str, n: int) -> int:
