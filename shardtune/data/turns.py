@@ -232,9 +232,11 @@ def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts
         start = _markup_start(view, text, base + _lcp(tail, text, base, limit))
         # the assistant header further on: the previous message closes differently when it is not the last
         # one (Hermes' tool results), or the prompt after it announces no header (after a tool result)
-        header = text.find(facts.prompt, start, limit) if facts.prompt else -1
-        if header >= 0:
-            start = header + len(facts.prompt)
+        if facts.prompt and not text.endswith(facts.prompt, 0, start):
+            closer = next((m.start() for m in view.added_re.finditer(text, start, limit) if m.group() in facts.closers),
+                          limit)
+            header = text.find(facts.prompt, start, mine[0].start if mine else closer)
+            start = header + len(facts.prompt) if header >= 0 else start
     elif mine:  # no generation prompt to compare with (the turn opens the conversation): start at its text
         start = mine[0].start
     else:
@@ -248,7 +250,8 @@ def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts
             tail, base = anchor
             limit = _next_text(occ, base, len(text))
             end = base + _lcp(_drop_suffix(tail, facts.always), text, base, limit)
-            closers = [m for m in view.added_re.finditer(text, base, limit) if m.group() in facts.closers]
+            # closing tokens of this turn: not those of a message before it (when the turn has no text itself)
+            closers = [m for m in view.added_re.finditer(text, max(base, start), limit) if m.group() in facts.closers]
             common = [m for m in closers if m.end() <= end]
             if common:  # both forms close the turn the same way: up to the last closing token they share
                 end = common[-1].end()
