@@ -27,6 +27,7 @@ from shardtune.data.batching import (
     split_to,
     token_budget_micro_batches,
 )
+from shardtune.data.chat import audit_totals
 from shardtune.data.dataset import TokenizedDataset, build_dataset
 from shardtune.engine import build_engine
 from shardtune.errors import ConfigError
@@ -205,6 +206,9 @@ class Trainer:
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.sampler.steps_per_epoch,
                            samples=len(self.train_data), world_size=self.world.world_size,
                            run_dir=str(self.run_dir))
+        for name, data in (("train", self.train_data), ("val", self.val_data)):
+            if data is not None and data.stats.get("mask"):  # what the loss masks train, once per dataset
+                self.metrics.event("mask", data=name, **audit_totals(data.stats["mask"]))
         if self.cfg.engine.strategy == "fsdp":
             self.metrics.event("note", message="engine.strategy=fsdp (verl's name) runs FSDP2 (fully_shard); "
                                                "shardtune does not offer FSDP1")

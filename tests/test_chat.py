@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import TEMPLATE_TOKENS, template_tokenizer
 
-from shardtune.data.chat import IGNORE_INDEX, TemplateMismatch, tokenize_conversation
+from shardtune.data.chat import IGNORE_INDEX, MaskOptions, TemplateMismatch, conversation_samples, tokenize_conversation
 from shardtune.errors import DataError
 
 MULTI = [
@@ -163,3 +165,85 @@ def test_unicode_content_round_trips():
     msgs = [{"role": "user", "content": "Übersetze: 猫"}, {"role": "assistant", "content": "cat 🐱 — Katze"}]
     ids, labels = tokenize_conversation(msgs, tok)
     assert trained_texts(tok, ids, labels) == ["cat 🐱 — Katze<|im_end|>"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Policies: end of turn, which turns, one sample per turn
+
+
+def _glm_like():
+    from shardtune.tiny import byte_tokenizer
+
+    template = (Path(__file__).parent / "fixtures" / "templates" / "class2_header_only.jinja").read_text()
+    return byte_tokenizer(template, ["[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|endoftext|>"],
+                          eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def test_append_eos_where_the_template_writes_no_end_of_turn():
+    tok = _glm_like()
+    msgs = MULTI[1:]
+    render_ids = whole_render_ids(tok, msgs)
+    (sample,), audit = conversation_samples(msgs, tok)
+    assert sample.input_ids == render_ids + [tok.eos_token_id]
+    assert trained_texts(tok, *sample) == ["\n4, since 2+2=4.", "\n6\nDone.<|endoftext|>"]
+    assert audit["eos_appended"] == 1 and audit["turns_without_end"] == 2 and audit["trained_turns"] == 2
+    (never,), audit = conversation_samples(msgs, tok, options=MaskOptions(append_eos="never"))
+    assert never.input_ids == render_ids and audit["eos_appended"] == 0
+    assert trained_texts(tok, *never) == ["\n4, since 2+2=4.", "\n6\nDone."]
+
+
+def test_append_eos_auto_keeps_the_templates_own_end_and_always_adds_one():
+    tok = template_tokenizer("chatml")
+    (auto,), audit = conversation_samples(MULTI, tok)
+    assert auto.input_ids == whole_render_ids(tok, MULTI) and audit["eos_appended"] == 0
+    assert audit["turns_without_end"] == 0
+    (always,), audit = conversation_samples(MULTI, tok, options=MaskOptions(append_eos="always"))
+    assert always.input_ids == whole_render_ids(tok, MULTI) + [tok.eos_token_id]
+    assert trained_texts(tok, *always)[-1] == "6\nDone.<|im_end|>\n<|im_end|>"
+
+
+def test_no_eos_is_appended_after_an_untrained_last_turn():
+    tok = _glm_like()
+    msgs = [dict(m) for m in MULTI[1:]]
+    msgs[-1]["train"] = False
+    (sample,), audit = conversation_samples(msgs, tok)
+    assert sample.input_ids == whole_render_ids(tok, MULTI[1:])  # EOS after an untrained turn would be wrong
+    assert trained_texts(tok, *sample) == ["\n4, since 2+2=4."] and audit["eos_appended"] == 0
+
+
+def test_train_on_last_turn_and_per_message_override():
+    tok = template_tokenizer("chatml")
+    (last,), _ = conversation_samples(MULTI, tok, options=MaskOptions(train_on_turns="last"))
+    assert trained_texts(tok, *last) == ["6\nDone.<|im_end|>"]
+    msgs = [dict(m) for m in MULTI]
+    msgs[2]["train"] = True
+    (both,), _ = conversation_samples(msgs, tok, options=MaskOptions(train_on_turns="last"))
+    assert trained_texts(tok, *both) == ["4, since 2+2=4.<|im_end|>", "6\nDone.<|im_end|>"]
+
+
+def test_per_turn_samples_train_each_turns_reasoning_as_a_final_turn():
+    tok = template_tokenizer("qwen3_thinking")
+    msgs = [dict(m) for m in MULTI]
+    msgs[2]["reasoning_content"] = "two plus two"
+    msgs[4]["reasoning_content"] = "three and three"
+    samples, audit = conversation_samples(msgs, tok, options=MaskOptions(thinking_history="per_turn"))
+    assert [s.input_ids for s in samples] == [whole_render_ids(tok, msgs[:3]), whole_render_ids(tok, msgs)]
+    assert [trained_texts(tok, *s) for s in samples] == [
+        ["<think>\ntwo plus two\n</think>\n\n4, since 2+2=4.<|im_end|>"],  # its reasoning, as a final turn
+        ["<think>\nthree and three\n</think>\n\n6\nDone.<|im_end|>"]]  # the first turn is context only
+    assert audit["samples"] == 2 and audit["per_turn_expansions"] == 1 and audit["rows"] == 1
+
+
+def test_per_turn_without_a_turn_to_train_gives_no_sample():
+    tok = template_tokenizer("chatml")
+    msgs = [dict(m) for m in MULTI]
+    msgs[2]["train"] = msgs[4]["train"] = False
+    samples, audit = conversation_samples(msgs, tok, options=MaskOptions(thinking_history="per_turn"))
+    assert samples == [] and audit["samples"] == 0
+
+
+def test_markers_and_fallbacks_are_counted():
+    _, audit = conversation_samples(MULTI, template_tokenizer("chatml_generation"))
+    assert audit["method_markers"] == 1
+    _, audit = conversation_samples(MULTI, template_tokenizer("chatml"))
+    assert audit["method_sentinels"] == 1

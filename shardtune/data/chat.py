@@ -29,13 +29,23 @@ from shardtune.data.turns import TemplateMismatch, TemplateView, turn_spans
 from shardtune.errors import DataError
 
 IGNORE_INDEX = -100
-__all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "conversation_samples",
+__all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "audit_totals", "conversation_samples",
            "tokenize_conversation"]
 # rows, samples, per_turn_expansions, trained_turns, turns_without_end (as the template renders them),
 # eos_appended, and how spans were found: method_markers, method_sentinels, method_assistant_sentinels,
 # method_search (the last two are fallbacks)
 AUDIT_KEYS = ("rows", "samples", "per_turn_expansions", "trained_turns", "turns_without_end", "eos_appended",
               "method_markers", "method_sentinels", "method_assistant_sentinels", "method_search")
+
+
+def audit_totals(per_file: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The audit counts of a dataset's files summed, with the trained share of tokens (for the run's events)."""
+    total: Counter = Counter()
+    for counts in per_file.values():
+        total.update(counts)
+    out: dict[str, Any] = {k: total[k] for k in (*AUDIT_KEYS, "tokens", "trained_tokens") if total[k]}
+    out["trained_share"] = round(total["trained_tokens"] / max(1, total["tokens"]), 4)
+    return out
 
 
 class Tokenized(NamedTuple):

@@ -170,8 +170,7 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, offset
         raw = marker_spans(view, msgs, real, wanted)
         return {i: finalize(real, offsets, added, s, e, None) for i, (s, e) in raw.items()}, "markers"
     facts = template_facts(view)
-    why = (wanted[0] if wanted else 0, "the template renders the message texts in a way that cannot be located "
-           "(it rewrites or reorders them)")
+    why = None  # the first failure (the most precise way of locating texts that got that far)
     for level, method in (("all", "sentinels"), ("assistant", "assistant_sentinels"), ("search", "search")):
         loc = locate(view, msgs, real, level)
         if loc is None:
@@ -179,9 +178,11 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, offset
         try:
             raw = {i: raw_turn_span(view, loc, i, facts) for i in wanted}
         except _Unsure as e:
-            why = (e.turn, e.why)
+            why = why or (e.turn, e.why)
             continue
         return {i: finalize(real, offsets, added, s, e, facts.closers) for i, (s, e) in raw.items()}, method
+    why = why or (wanted[0] if wanted else 0, "the template renders the message texts in a way that cannot be "
+                  "located (it rewrites or reorders them)")
     raise TemplateMismatch(
         f"Turn {why[0]} (assistant): {why[1]}, so its trained span cannot be derived reliably. Fix: use a template "
         "with {% generation %} markers, or set data.ignore_input_ids_mismatch=true to skip such rows.")
