@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 from conftest import TEMPLATE_TOKENS, template_tokenizer
 
-from shardtune.data.chat import IGNORE_INDEX, MaskOptions, TemplateMismatch, conversation_samples, tokenize_conversation
+from shardtune.data.chat import (
+    IGNORE_INDEX,
+    MaskOptions,
+    TemplateMismatch,
+    conversation_samples,
+    tokenize_conversation,
+)
 from shardtune.errors import DataError
 
 MULTI = [
