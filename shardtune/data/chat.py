@@ -25,7 +25,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from shardtune.data.turns import TemplateMismatch, TemplateView, turn_spans
+from shardtune.data.template import TemplateView
+from shardtune.data.turns import TemplateMismatch, turn_spans
 from shardtune.errors import DataError
 
 IGNORE_INDEX = -100

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shardtune.data.turns import TemplateMismatch, TemplateView, locate
+from shardtune.data.template import TemplateView
+from shardtune.data.turns import TemplateMismatch, locate
 from shardtune.errors import DataError
 
 
