@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from shardtune.data.template import TemplateView
-from shardtune.data.turns import TemplateMismatch, turn_spans
+from shardtune.data.turns import TemplateMismatch, Tokens, turn_spans
 from shardtune.errors import DataError
 
 IGNORE_INDEX = -100
@@ -123,7 +123,8 @@ def _sample(view: TemplateView, msgs: list[dict[str, Any]], turns: list[int], ap
     real = view.render(msgs)
     enc = tokenizer(real, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    spans, method = turn_spans(view, msgs, real, offsets, [i in view.added_ids for i in ids], turns)
+    tokens = Tokens(offsets, [a for a, _ in offsets], [i in view.added_ids for i in ids])
+    spans, method = turn_spans(view, msgs, real, tokens, turns)
     audit[f"method_{method}"] += 1
     audit["trained_turns"] += len(spans)
     audit["turns_without_end"] += sum(not s.closed for s in spans.values())
@@ -136,15 +137,15 @@ def _sample(view: TemplateView, msgs: list[dict[str, Any]], turns: list[int], ap
         if at_end and (not spans[last].closed or (append_eos == "always" and not ends_with_eos)):
             ranges[last] = (spans[last].start, len(real))
             audit["eos_appended"] += 1
-            labels = _label_tokens(ids, offsets, list(ranges.values()))
+            labels = _label_tokens(ids, tokens, list(ranges.values()))
             return Tokenized(ids + [eos], labels + [eos])
-    return Tokenized(ids, _label_tokens(ids, offsets, list(ranges.values())))
+    return Tokenized(ids, _label_tokens(ids, tokens, list(ranges.values())))
 
 
-def _label_tokens(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+def _label_tokens(input_ids: list[int], tokens: Tokens, spans: list[tuple[int, int]]) -> list[int]:
     """Label a token when it overlaps a trained span (a zero-width token: when it starts inside one)."""
     labels = [IGNORE_INDEX] * len(input_ids)
-    starts = [a for a, _ in offsets]
+    offsets, starts = tokens.offsets, tokens.starts
     for s, e in spans:
         for t in range(max(0, bisect_left(starts, s) - 1), len(offsets)):
             a, b = offsets[t]

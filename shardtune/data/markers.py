@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from shardtune.data.template import TemplateView
-from shardtune.data.turns import TemplateMismatch, locate
+from shardtune.data.turns import TemplateMismatch, locate, sentinel_avoid
 from shardtune.errors import DataError
 
 
@@ -42,7 +42,8 @@ def _owners(view: TemplateView, msgs: list[dict[str, Any]], real: str, blocks: l
             assistant: list[int]) -> list[int]:
     """The assistant message each block belongs to: the one whose text it contains, else the message text
     right before it (a closing block) or right after it (an opening block) when that is an assistant's."""
-    loc = next((x for level in ("all", "assistant", "search") if (x := locate(view, msgs, real, level))), None)
+    avoid = sentinel_avoid(view, msgs)
+    loc = next((x for level in ("all", "assistant", "search") if (x := locate(view, msgs, real, level, avoid))), None)
     if loc is None:
         raise TemplateMismatch("The chat template marks more {% generation %} blocks than assistant turns, and "
                                "the message texts cannot be located to tell which turn each belongs to.")

@@ -37,6 +37,13 @@ class TemplateMismatch(DataError):
     """The chat template cannot be split into turns consistently with its whole-conversation render."""
 
 
+class Tokens(NamedTuple):
+    """The real render's tokens: character offsets, their starts (for bisect), which ones are added tokens."""
+    offsets: list[tuple[int, int]]
+    starts: list[int]
+    added: list[bool]
+
+
 class TurnSpan(NamedTuple):
     start: int  # character offsets in the real render
     end: int
@@ -47,8 +54,8 @@ class TurnSpan(NamedTuple):
 # Turn boundaries from sentinel renders
 
 
-def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, offsets: list[tuple[int, int]],
-               added: list[bool], wanted: list[int]) -> tuple[dict[int, TurnSpan], str]:
+def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, tokens: Tokens,
+               wanted: list[int]) -> tuple[dict[int, TurnSpan], str]:
     """Spans of the assistant turns `wanted` in the real render, and how they were found: `markers`
     ({% generation %} blocks), `sentinels`, `assistant_sentinels` (only assistant texts replaced, when the
     template branches on other messages' texts) or `search` (the real texts looked up: the last resort)."""
@@ -56,11 +63,12 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, offset
         from shardtune.data.markers import marker_spans
 
         raw = marker_spans(view, msgs, real, wanted)
-        return {i: finalize(real, offsets, added, s, e, None) for i, (s, e) in raw.items()}, "markers"
+        return {i: finalize(real, tokens, s, e, None) for i, (s, e) in raw.items()}, "markers"
     facts = template_facts(view)
+    avoid = sentinel_avoid(view, msgs)
     why = None  # the first failure (the most precise way of locating texts that got that far)
     for level, method in (("all", "sentinels"), ("assistant", "assistant_sentinels"), ("search", "search")):
-        loc = locate(view, msgs, real, level)
+        loc = locate(view, msgs, real, level, avoid)
         if loc is None:
             continue
         try:
@@ -68,7 +76,7 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, offset
         except _Unsure as e:
             why = why or (e.turn, e.why)
             continue
-        return {i: finalize(real, offsets, added, s, e, facts.closers) for i, (s, e) in raw.items()}, method
+        return {i: finalize(real, tokens, s, e, facts.closers) for i, (s, e) in raw.items()}, method
     why = why or (wanted[0] if wanted else 0, "the template renders the message texts in a way that cannot be "
                   "located (it rewrites or reorders them)")
     raise TemplateMismatch(
@@ -91,9 +99,13 @@ class Located(NamedTuple):
     alignment: Alignment
 
 
-def locate(view: TemplateView, msgs: list[dict[str, Any]], real: str, level: str) -> Located | None:
+def sentinel_avoid(view: TemplateView, msgs: list[dict[str, Any]]) -> str:
+    """All text a sentinel must not occur in."""
+    return view.template + repr(msgs) + repr(view.tools)
+
+
+def locate(view: TemplateView, msgs: list[dict[str, Any]], real: str, level: str, avoid: str) -> Located | None:
     """Message texts in the whole render: `all` texts as sentinels, `assistant` texts only, or `search`."""
-    avoid = view.template + repr(msgs) + repr(view.tools)
     if level == "search":
         sent = Sentinels(msgs, view.markup, avoid, roles=None, replace=False)
         occ = sent.occurrences(real)
@@ -126,10 +138,12 @@ def _turn_start(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, 
     """Where the generation prompt of the conversation before the turn ends in the whole render."""
     text, occ = loc.text, loc.occ
     anchor = _anchor(view.try_render(loc.sent.messages[:i], gen=True), loc)
-    if anchor is None:
+    if anchor is None:  # no generation prompt to compare with: the assistant header before the turn's text
         if not mine:
             raise _Unsure(i, "the conversation before this turn cannot be rendered on its own")
-        return mine[0].start  # no generation prompt to compare with (the turn opens the conversation)
+        before = max((o.end for o in occ if o.end <= mine[0].start), default=0)
+        header = text.rfind(facts.prompt, before, mine[0].start) if facts.prompt else -1
+        return header + len(facts.prompt) if header >= 0 else mine[0].start
     tail, base = anchor
     limit = _next_text(occ, base, len(text))
     start = markup_start(view, text, base + common_prefix(tail, text, base, limit))
@@ -191,12 +205,11 @@ def _next_text(occ: list[Occurrence], pos: int, default: int) -> int:
 # Snapping to tokens
 
 
-def finalize(real: str, offsets: list[tuple[int, int]], added: list[bool], start: int, end: int,
-             closers: frozenset[str] | None) -> TurnSpan:
+def finalize(real: str, tokens: Tokens, start: int, end: int, closers: frozenset[str] | None) -> TurnSpan:
     """Snap a turn to token boundaries (an added token is never split), add the turn-closing tokens that
     follow it (`closers`; None: the span is final, as generation markers set it) and drop the whitespace the
     template prints after it."""
-    starts = [a for a, _ in offsets]
+    offsets, starts, added = tokens
     k = bisect_right(starts, start) - 1
     if 0 <= k and offsets[k][0] < start < offsets[k][1] and added[k]:
         start = offsets[k][0]  # the prompt stopped inside a token the model must generate
