@@ -25,6 +25,7 @@ FAMILIES = [
     ("<start_of_turn>", "<bos>", "<eos>"), ("<turn|>", "<bos>", "<eos>"), ("<|im_end|>", None, "<|im_end|>"),
     ("<|end|>", "<s>", "<|endoftext|>"), ("<end_of_utterance>", "<|begin_of_text|>", "<end_of_utterance>"),
     ("<SPECIAL_12>", None, "<SPECIAL_12>"), ("<seed:eos>", "<seed:bos>", "<seed:eos>"),
+    ("<|message_sep|>", None, "<|message_sep|>"),
 ]
 END_RE = re.compile(r"(?i)(end(?!_header|_of_role)|eot|eos|return|call\|>|^</s>$|^<[a-z_]+\|>$|stop|^<\|tool_response>$)")
 
