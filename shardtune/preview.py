@@ -12,8 +12,8 @@ import torch
 
 from shardtune.config import Config
 from shardtune.data.batching import GlobalBatchSampler
-from shardtune.data.chat import IGNORE_INDEX, tokenize_conversation
-from shardtune.data.dataset import build_dataset, resolve_chat_template, truncate
+from shardtune.data.chat import IGNORE_INDEX, MaskOptions, conversation_samples, resolve_chat_template
+from shardtune.data.dataset import build_dataset, truncate
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.loader import planned_steps
 from shardtune.data.readers import expand_paths, read_rows
@@ -38,6 +38,8 @@ def validate_data(cfg: Config) -> None:
               f"truncated {s.get('truncated', 0)}; {int(lengths.sum())} tokens ({trained} trained); length "
               f"mean {lengths.mean():.0f} p50 {np.percentile(lengths, 50):.0f} p95 {np.percentile(lengths, 95):.0f} "
               f"max {lengths.max()}" + (" [cache hit]" if s.get("cache_hit") else ""))
+        for line in mask_audit(s.get("mask", {}), d.append_eos):
+            print(f"{name}: {line}")
         if name == "train":
             per_epoch = GlobalBatchSampler(len(ds), d.train_batch_size, cfg.trainer.seed, d.shuffle,
                                            d.drop_last).steps_per_epoch
@@ -127,14 +129,47 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
     fmt = d.format if d.format != "auto" else detect_format(row, d)
     conv = to_conversation(row, fmt, d)
     template = resolve_chat_template(d.chat_template, tokenizer)
-    tok = tokenize_conversation(conv.messages, tokenizer, conv.tools, chat_template=template,
-                                **{**d.apply_chat_template_kwargs, **conv.template_kwargs})
-    tok, reason = truncate(tok, d.max_length, d.truncation, row)
+    samples, audit = conversation_samples(conv.messages, tokenizer, conv.tools, chat_template=template,
+                                          options=MaskOptions.from_config(d),
+                                          **{**d.apply_chat_template_kwargs, **conv.template_kwargs})
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
-    print(f"# {row.path}, row {row.index} (format {fmt})" + (f" [{reason}]" if reason else ""))
-    print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color))
-    n_trained = sum(label != IGNORE_INDEX for label in tok.labels)
-    print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained")
+    method = next((k.removeprefix("method_") for k in audit if k.startswith("method_")), "none")
+    eos_reason = ("data.append_eos=always" if d.append_eos == "always"
+                  else "the template writes no end-of-turn token after the last trained turn")
+    for k, sample in enumerate(samples):
+        tok, reason = truncate(sample, d.max_length, d.truncation, row)
+        part = f", sample {k + 1} of {len(samples)}" if len(samples) > 1 else ""
+        print(f"# {row.path}, row {row.index}{part} (format {fmt}; spans from {method})"
+              + (f" [{reason}]" if reason else ""))
+        print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color))
+        n_trained = sum(label != IGNORE_INDEX for label in tok.labels)
+        print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained"
+              + (f"; EOS appended ({eos_reason})" if audit["eos_appended"] and k == len(samples) - 1 else ""))
+    if not samples:
+        print(f"# {row.path}, row {row.index}: no assistant turn to train")
+
+
+_METHODS = {"method_markers": "generation markers", "method_sentinels": "sentinels",
+            "method_assistant_sentinels": "assistant-only sentinels (fallback)",
+            "method_search": "text search (fallback)"}
+
+
+def mask_audit(per_file: dict[str, dict[str, int]], append_eos: str) -> list[str]:
+    """One line per data file: what was trained and how the trained spans were found."""
+    lines = []
+    for path, c in per_file.items():
+        get = c.get
+        share = get("trained_tokens", 0) / max(1, get("tokens", 0))
+        open_turns = get("turns_without_end", 0) - get("eos_appended", 0)
+        methods = ", ".join(f"{_METHODS[k]} {v}" for k, v in c.items() if k in _METHODS and v)
+        lines.append(
+            f"mask audit {path}: {get('rows', 0)} rows checked -> {get('samples', 0)} samples"
+            + (f" ({get('per_turn_expansions', 0)} from thinking_history=per_turn)" if get("per_turn_expansions") else "")
+            + f"; {share:.1%} of tokens trained; {get('trained_turns', 0)} trained turns, "
+            f"{get('turns_without_end', 0)} without an end-of-turn token in the template's render, "
+            f"{get('eos_appended', 0)} closed by an appended EOS (data.append_eos={append_eos}), {open_turns} left "
+            f"open; spans from {methods or 'nothing'}")
+    return lines
 
 
 def mark_trained(tokenizer, input_ids, labels, use_color: bool) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 from shardtune import checkpoint, flops, parallel
 from shardtune.config import ENGINE_ALIASES, Config, dump_yaml, to_dict
+from shardtune.data.chat import audit_totals
 from shardtune.data.dataset import TokenizedDataset, build_dataset
 from shardtune.data.loader import RankLayout, StepBatch, StepLoader, planned_steps
 from shardtune.engine import build_engine
@@ -129,6 +130,9 @@ class Trainer:
             self.metrics.event("note", message=f"engine.strategy={strategy} (verl's name) runs "
                                                f"{ENGINE_ALIASES[strategy].upper()} (fully_shard); shardtune "
                                                "does not offer FSDP1")
+        for name, data in (("train", self.train_data), ("val", self.val_data)):
+            if data is not None and data.stats.get("mask"):  # what the loss masks train, once per dataset
+                self.metrics.event("mask", data=name, **audit_totals(data.stats["mask"]))
         if self.resumed:
             skipped = checkpoint.incomplete_after(self.run_dir, self.state.step)
             self.metrics.event("resume", **self.resumed, skipped_incomplete=[str(p) for p in skipped])

@@ -27,6 +27,13 @@ class DataConfig:
     chat_template: str | None = None  # a Jinja string or a path to a .jinja file; default: the tokenizer's
     apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     ignore_input_ids_mismatch: bool = False
+    # the tokenizer's EOS after the last trained turn: auto = only where the template writes no end-of-turn
+    # token there; always; never
+    append_eos: Literal["auto", "always", "never"] = "auto"
+    train_on_turns: Literal["all", "last"] = "all"  # which assistant turns are trained (a message's `train` wins)
+    # per_turn: one sample per trained assistant turn, cut after it, so each turn's reasoning is trained as the
+    # template renders a final turn
+    thinking_history: Literal["as_rendered", "per_turn"] = "as_rendered"
     max_length: int = 1024
     truncation: Literal["error", "left", "right", "drop"] = "error"
     on_bad_row: Literal["error", "skip"] = "error"

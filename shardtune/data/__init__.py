@@ -1,5 +1,13 @@
 """The data pipeline: readers -> row formats -> conversations -> tokens -> micro-batches (pure, no torch.distributed)."""
 
-from shardtune.data.chat import IGNORE_INDEX, TemplateMismatch, Tokenized, tokenize_conversation
+from shardtune.data.chat import (
+    IGNORE_INDEX,
+    MaskOptions,
+    TemplateMismatch,
+    Tokenized,
+    conversation_samples,
+    tokenize_conversation,
+)
 
-__all__ = ["IGNORE_INDEX", "TemplateMismatch", "Tokenized", "tokenize_conversation"]
+__all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "conversation_samples",
+           "tokenize_conversation"]

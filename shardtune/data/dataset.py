@@ -21,12 +21,19 @@ from typing import Any
 import numpy as np
 
 from shardtune.config import DataConfig
-from shardtune.data.chat import IGNORE_INDEX, TemplateMismatch, Tokenized, tokenize_conversation
+from shardtune.data.chat import (
+    IGNORE_INDEX,
+    MaskOptions,
+    TemplateMismatch,
+    Tokenized,
+    conversation_samples,
+    resolve_chat_template,
+)
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.readers import Row, expand_paths, files_fingerprint, read_rows
 from shardtune.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: loss masks from sentinel renders (data.append_eos, train_on_turns, thinking_history)
 _CHUNK = 256
 
 
@@ -74,20 +81,6 @@ def build_dataset(files: list[str], cfg: DataConfig, tokenizer: Any, max_samples
     return ds
 
 
-def resolve_chat_template(spec: str | None, tokenizer: Any) -> str:
-    if spec is None:
-        template = tokenizer.chat_template
-        if not template:
-            raise DataError("The tokenizer has no chat template. Fix: set data.chat_template (a Jinja string or file).")
-        return template if isinstance(template, str) else template.get("default", next(iter(template.values())))
-    if ("{%" not in spec and "{{" not in spec):
-        path = Path(os.path.expanduser(spec))
-        if not path.is_file():
-            raise DataError(f"data.chat_template='{spec}' is neither a Jinja template nor an existing file.")
-        return path.read_text()
-    return spec
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Tokenization
 
@@ -101,15 +94,18 @@ def _tokenize_all(paths, cfg, tokenizer, template, max_samples, progress):
     samples: list[Tokenized] = []
     dropped: Counter[str] = Counter()
     truncated = 0
+    masks: dict[str, Counter] = {}
 
     def consume(result):
         nonlocal truncated
-        got, drops, n_trunc = result
+        got, drops, n_trunc, mask = result
         samples.extend(got)
         dropped.update(drops)
         truncated += n_trunc
+        for path, counts in mask.items():
+            masks.setdefault(path, Counter()).update(counts)
         if bar is not None:
-            bar.update(len(got) + sum(drops.values()))
+            bar.update(sum(c["rows"] for c in mask.values()) + drops["bad_row"] + drops["template_mismatch"])
 
     if nproc > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(nproc, initializer=_init_worker, initargs=(tokenizer,)) as pool:
@@ -122,7 +118,8 @@ def _tokenize_all(paths, cfg, tokenizer, template, max_samples, progress):
             consume(_tokenize_chunk(job, formats, cfg, template))
     if bar is not None:
         bar.close()
-    stats = {"rows_read": len(rows), "rows_kept": len(samples), "dropped": dict(dropped), "truncated": truncated}
+    stats = {"rows_read": len(rows), "rows_kept": len(samples), "dropped": dict(dropped), "truncated": truncated,
+             "mask": {path: dict(c) for path, c in masks.items()}}  # per file, see chat.AUDIT_KEYS
     return samples, stats
 
 
@@ -159,12 +156,13 @@ def _init_worker(tokenizer: Any) -> None:
 
 
 def _tokenize_chunk(rows: list[Row], formats: dict[str, str], cfg: DataConfig, template: str):
-    samples, drops, n_trunc = [], Counter(), 0
+    samples, drops, n_trunc, mask = [], Counter(), 0, {}
     for row in rows:
         try:
             conv = to_conversation(row, formats.get(row.path) or detect_format(row, cfg), cfg)
-            tok = tokenize_conversation(conv.messages, _TOKENIZER, conv.tools, chat_template=template,
-                                        **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
+            got, audit = conversation_samples(conv.messages, _TOKENIZER, conv.tools, chat_template=template,
+                                              options=MaskOptions.from_config(cfg),
+                                              **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
         except TemplateMismatch as e:
             if cfg.ignore_input_ids_mismatch:
                 drops["template_mismatch"] += 1
@@ -177,14 +175,20 @@ def _tokenize_chunk(rows: list[Row], formats: dict[str, str], cfg: DataConfig, t
             if str(e).startswith(row.path):
                 raise
             raise DataError(f"{row.path}, row {row.index}: {e}") from None
-        tok, reason = truncate(tok, cfg.max_length, cfg.truncation, row)
-        if reason == "truncated":
-            n_trunc += 1
-        elif reason is not None:
-            drops[reason] += 1
-            continue
-        samples.append(tok)
-    return samples, drops, n_trunc
+        counts = mask.setdefault(row.path, Counter())
+        counts.update(audit)
+        if not got:
+            drops["no_trained_tokens"] += 1
+        for tok in got:
+            tok, reason = truncate(tok, cfg.max_length, cfg.truncation, row)
+            if reason == "truncated":
+                n_trunc += 1
+            elif reason is not None:
+                drops[reason] += 1
+                continue
+            counts.update(tokens=len(tok.labels), trained_tokens=sum(x != IGNORE_INDEX for x in tok.labels[1:]))
+            samples.append(tok)
+    return samples, drops, n_trunc, mask
 
 
 def truncate(tok: Tokenized, max_length: int, policy: str, row: Row) -> tuple[Tokenized, str | None]:

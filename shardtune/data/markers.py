@@ -1,0 +1,68 @@
+"""`{% generation %}` markers: the template itself says which characters the model generates.
+
+The blocks are authoritative. A template may mark several blocks in one assistant turn (TRL's
+phi3_training.jinja marks the content and, at the end, the EOS separately); each block is given to the
+assistant turn it lies in (or right after, or right before), located with sentinel renders when the block
+count differs from the turn count, and the blocks of a turn are merged into one span.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shardtune.data.template import TemplateView
+from shardtune.data.turns import TemplateMismatch, locate, sentinel_avoid
+from shardtune.errors import DataError
+
+
+def marker_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str,
+                 wanted: list[int]) -> dict[int, tuple[int, int]]:
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, indices = render_jinja_template(
+            conversations=[msgs], tools=view.tools, chat_template=view.template, return_assistant_tokens_mask=True,
+            **{**view.tokenizer.special_tokens_map, **view.kwargs})
+    except TemplateError as e:
+        raise DataError(f"the chat template refused the conversation ({type(e).__name__}: {e})") from None
+    if rendered[0] != real:
+        raise TemplateMismatch("The chat template renders differently with generation tracking on. Fix: report "
+                               "this template; set data.ignore_input_ids_mismatch=true to skip such rows.")
+    blocks = sorted(b for b in indices[0] if b[1] > b[0])
+    assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    owners = assistant if len(blocks) == len(assistant) else _owners(view, msgs, real, blocks, assistant)
+    spans: dict[int, tuple[int, int]] = {}
+    for (s, e), i in zip(blocks, owners):
+        spans[i] = (min(spans[i][0], s), max(spans[i][1], e)) if i in spans else (s, e)
+    return {i: spans[i] for i in wanted if i in spans}
+
+
+def _owners(view: TemplateView, msgs: list[dict[str, Any]], real: str, blocks: list[tuple[int, int]],
+            assistant: list[int]) -> list[int]:
+    """The assistant message each block belongs to: the one whose text it contains, else the message text
+    right before it (a closing block) or right after it (an opening block) when that is an assistant's."""
+    avoid = sentinel_avoid(view, msgs)
+    loc = next((x for level in ("all", "assistant", "search") if (x := locate(view, msgs, real, level, avoid))), None)
+    if loc is None:
+        raise TemplateMismatch("The chat template marks more {% generation %} blocks than assistant turns, and "
+                               "the message texts cannot be located to tell which turn each belongs to.")
+    texts = sorted((r[0], r[1], loc.sent.pieces[o.piece].message) for o, r in zip(loc.occ, loc.alignment.ranges))
+    owners = []
+    for s, e in blocks:
+        inside = [m for a, b, m in texts if a < e and b > s and msgs[m]["role"] == "assistant"]
+        left = next((m for a, b, m in reversed(texts) if b <= s), None)
+        right = next((m for a, b, m in texts if a >= e), None)
+        if inside:
+            owners.append(inside[0])
+        elif left is not None and msgs[left]["role"] == "assistant":
+            owners.append(left)
+        elif right is not None and msgs[right]["role"] == "assistant":
+            owners.append(right)
+        else:
+            between = [i for i in assistant if (left is None or i > left) and (right is None or i < right)]
+            if len(between) != 1:
+                raise TemplateMismatch(f"A {{% generation %}} block at characters {s}-{e} lies between messages "
+                                       f"{left} and {right}, not in an assistant turn.")
+            owners.append(between[0])
+    return owners

@@ -1,0 +1,190 @@
+"""A chat template bound to a tokenizer, and what it writes to close a turn (learned once per template).
+
+`TemplateView` renders exactly as `tokenizer.apply_chat_template` does. `template_facts` renders a probe
+conversation (user, assistant, user, assistant) once per template and reads off which added tokens close an
+assistant turn, in history and as the final message (Apriel writes `<|end|>` only after history turns,
+gpt-oss `<|end|>` in history and `<|return|>` at the end), the assistant header that the generation prompt
+opens, and any text the template appends whatever `add_generation_prompt` says (Command-R7B).
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from shardtune.data.sentinels import Sentinels, markup_pattern
+from shardtune.errors import DataError
+
+
+class TemplateView:
+    """The chat template bound to a tokenizer, tools and template arguments."""
+
+    def __init__(self, tokenizer: Any, template: str, tools: Any, kwargs: dict[str, Any]):
+        self.tokenizer, self.template, self.tools, self.kwargs = tokenizer, template, tools, kwargs
+        self.added, self.added_ids, self.markup, self.added_re = _token_info(tokenizer)
+        self.eos = tokenizer.eos_token
+        # what apply_chat_template passes to the template
+        self._variables = {**tokenizer.special_tokens_map, **kwargs}
+
+    def render(self, msgs: list[dict[str, Any]], gen: bool = False) -> str:
+        """The template's text for these messages, exactly as `tokenizer.apply_chat_template` renders it."""
+        from jinja2 import TemplateError
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, _ = render_jinja_template(conversations=[msgs], tools=self.tools, chat_template=self.template,
+                                                add_generation_prompt=gen, **self._variables)
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise DataError(f"the chat template refused the conversation ({type(e).__name__}: {e}). Fix: "
+                            "change the row to what the template accepts, or set data.chat_template") from None
+        return rendered[0]
+
+    def try_render(self, msgs: list[dict[str, Any]], gen: bool = False) -> str | None:
+        if not msgs:
+            return None
+        try:
+            return self.render(msgs, gen)
+        except DataError:
+            return None
+
+    def tokens_in(self, text: str) -> set[str]:
+        return set(self.added_re.findall(text))
+
+
+_TOKEN_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _token_info(tokenizer: Any) -> tuple:
+    """The tokenizer's added tokens (contents, ids) and the patterns built from them, cached per tokenizer."""
+    size = len(tokenizer)
+    cached = _TOKEN_INFO.get(tokenizer)
+    if cached is None or cached[0] != size:
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        added = tuple(sorted({t.content for t in decoder.values()} | set(tokenizer.all_special_tokens)))
+        pattern = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True) if t.strip())
+        cached = (size, (added, frozenset(decoder), markup_pattern(added), re.compile(pattern or r"(?!)")))
+        _TOKEN_INFO[tokenizer] = cached
+    return cached[1]
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a template writes to close a turn, learned once per template
+
+
+@dataclass(frozen=True)
+class TemplateFacts:
+    closers: frozenset[str]  # added tokens that end an assistant turn (EOS included)
+    always: str  # text appended after the last message whatever add_generation_prompt says (Command-R7B)
+    prompt: str = ""  # the generation prompt after a user message (the assistant header)
+
+
+_FACTS: dict[tuple, TemplateFacts] = {}
+
+
+def template_facts(view: TemplateView) -> TemplateFacts:
+    key = (view.template, view.added, view.eos, view.tokenizer.bos_token, repr(sorted(view.kwargs.items())),
+           bool(view.tools))
+    if key not in _FACTS:
+        _FACTS[key] = _probe(view)
+    return _FACTS[key]
+
+
+def _probe(view: TemplateView) -> TemplateFacts:
+    """Render user, assistant, user, assistant (with a system message if the template needs one) and read
+    off which tokens close a history turn and a final turn."""
+    base = frozenset({view.eos} if view.eos else ())
+    turns = [{"role": r, "content": f"probe {r} {k}"} for k, r in enumerate(["user", "assistant"] * 2)]
+    for prefix in ([], [{"role": "system", "content": "probe system"}]):
+        sent = Sentinels(prefix + turns, view.markup, view.template, roles=None)
+        k, sm = len(prefix), sent.messages
+        try:
+            full, gen1, nogen1, fin2 = (view.render(sm), view.render(sm[:k + 1], True), view.render(sm[:k + 1]),
+                                        view.render(sm[:k + 2]))
+        except DataError:
+            continue
+        where = [{o.piece: o for o in sent.occurrences(t)} for t in (full, gen1, nogen1, fin2)]
+        p1, p2, p3, p4 = range(len(sent.pieces) - 4, len(sent.pieces))
+        if not (all(p in where[0] for p in (p1, p2, p3, p4)) and p1 in where[1] and p1 in where[2]
+                and p2 in where[3]):
+            continue
+        t_gen, t_nogen = gen1[where[1][p1].end:], nogen1[where[2][p1].end:]
+        prompt = t_gen[snap_back(view, t_gen, common_prefix(t_gen, t_nogen, 0, len(t_nogen))):]
+        header_start = view.added_re.search(prompt)
+        g = full[where[0][p2].end: where[0][p3].start]
+        always = _always_appended(view, full, t_gen, t_nogen, g, full[where[0][p1].end: where[0][p2].start])
+        f = drop_suffix(fin2[where[3][p2].end:], always)
+        c = snap_back(view, g, common_prefix(f, g, 0, len(g)))
+        rest = g[c:]
+        if header_start and header_start.group() in rest:
+            h = rest.index(header_start.group())
+        else:  # the next header is what the gap before the first user message ends with as well (if anything)
+            shared = _common_suffix(rest, full[: where[0][p1].start])
+            h = _snap_forward(view, rest, len(rest) - shared) if shared else 0
+        final = drop_suffix(full[where[0][p4].end:], always)
+        closers = frozenset(view.tokens_in(g[:c] + rest[:h]) | view.tokens_in(final)) | base
+        return TemplateFacts(closers, always, prompt if view.added_re.search(prompt) else "")
+    return TemplateFacts(base, "")
+
+
+def _always_appended(view, full, t_gen, t_nogen, gap_after, gap_before) -> str:
+    """A template that ignores add_generation_prompt=False ends every render with the assistant header."""
+    if t_gen != t_nogen:
+        return ""
+    suffix = full[len(full) - _common_suffix(full, t_nogen):]
+    return suffix if suffix.strip() and suffix in gap_before and suffix not in gap_after else ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text helpers
+
+
+def common_prefix(a: str, b: str, b_start: int, b_end: int) -> int:
+    """Length of the common prefix of a and b[b_start:b_end]."""
+    n = min(len(a), b_end - b_start)
+    lo = 0
+    while lo + 64 <= n and a[lo:lo + 64] == b[b_start + lo: b_start + lo + 64]:
+        lo += 64
+    while lo < n and a[lo] == b[b_start + lo]:
+        lo += 1
+    return lo
+
+
+def _common_suffix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def drop_suffix(text: str, suffix: str) -> str:
+    return text[: len(text) - len(suffix)] if suffix and text.endswith(suffix) else text
+
+
+def markup_start(view: TemplateView, text: str, pos: int) -> int:
+    """A boundary that falls inside a tag or an added token (the prompt's `<think>` vs the history's
+    `</think>`) moves to where that markup starts: a token is never split."""
+    for m in view.markup.finditer(text, max(0, pos - 64), pos + 64):
+        if m.start() < pos < m.end():
+            return m.start()
+    return pos
+
+
+def _snap_forward(view: TemplateView, text: str, n: int) -> int:
+    """Move position n forward to the end of an added token it falls inside."""
+    for m in view.added_re.finditer(text):
+        if m.start() < n < m.end():
+            return m.end()
+    return n
+
+
+def snap_back(view: TemplateView, text: str, n: int) -> int:
+    """Move position n back to the start of an added token it falls inside."""
+    for m in view.added_re.finditer(text):
+        if m.start() >= n:
+            break
+        if n < m.end():
+            return m.start()
+    return n

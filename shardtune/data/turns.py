@@ -1,0 +1,233 @@
+"""Where each assistant turn starts and ends in a chat template's render.
+
+A turn **starts** where the template's generation prompt ends. The prefix `messages[:i]` is rendered with
+`add_generation_prompt=True` and compared with the whole render from the last text both share (a sentinel,
+see sentinels.py): the common part is the previous turn's closing plus the role header (and any text the
+prompt pre-fills, like `<think>\\n`), which the model is given at inference, so it is never trained. A
+prompt that differs from the history header ("Here are my reasoning steps:" vs "Hello!") stops at the first
+differing character of template text, never inside a message text.
+
+A turn **ends** with what the template writes after it both when it is the final message (`messages[:i+1]`)
+and when the conversation goes on; the turn-closing tokens a template writes only in history (Apriel's
+`<|end|>`, gpt-oss's `<|end|>` vs the final `<|return|>`) follow, and never the next message's header. Which
+added tokens close a turn is learned once per template from a probe conversation (template.py).
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left, bisect_right
+from typing import Any, NamedTuple
+
+from shardtune.data.sentinels import Alignment, Occurrence, Sentinels, align
+from shardtune.data.template import (
+    TemplateFacts,
+    TemplateView,
+    common_prefix,
+    drop_suffix,
+    markup_start,
+    template_facts,
+)
+from shardtune.errors import DataError
+
+GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class TemplateMismatch(DataError):
+    """The chat template cannot be split into turns consistently with its whole-conversation render."""
+
+
+class Tokens(NamedTuple):
+    """The real render's tokens: character offsets, their starts (for bisect), which ones are added tokens."""
+    offsets: list[tuple[int, int]]
+    starts: list[int]
+    added: list[bool]
+
+
+class TurnSpan(NamedTuple):
+    start: int  # character offsets in the real render
+    end: int
+    closed: bool  # the span ends with a token that ends the turn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Turn boundaries from sentinel renders
+
+
+def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, tokens: Tokens,
+               wanted: list[int]) -> tuple[dict[int, TurnSpan], str]:
+    """Spans of the assistant turns `wanted` in the real render, and how they were found: `markers`
+    ({% generation %} blocks), `sentinels`, `assistant_sentinels` (only assistant texts replaced, when the
+    template branches on other messages' texts) or `search` (the real texts looked up: the last resort)."""
+    if GENERATION_RE.search(view.template):
+        from shardtune.data.markers import marker_spans
+
+        raw = marker_spans(view, msgs, real, wanted)
+        return {i: finalize(real, tokens, s, e, None) for i, (s, e) in raw.items()}, "markers"
+    facts = template_facts(view)
+    avoid = sentinel_avoid(view, msgs)
+    why = None  # the first failure (the most precise way of locating texts that got that far)
+    for level, method in (("all", "sentinels"), ("assistant", "assistant_sentinels"), ("search", "search")):
+        loc = locate(view, msgs, real, level, avoid)
+        if loc is None:
+            continue
+        try:
+            raw = {i: raw_turn_span(view, loc, i, facts) for i in wanted}
+        except _Unsure as e:
+            why = why or (e.turn, e.why)
+            continue
+        return {i: finalize(real, tokens, s, e, facts.closers) for i, (s, e) in raw.items()}, method
+    why = why or (wanted[0] if wanted else 0, "the template renders the message texts in a way that cannot be "
+                  "located (it rewrites or reorders them)")
+    raise TemplateMismatch(
+        f"Turn {why[0]} (assistant): {why[1]}, so its trained span cannot be derived reliably. Fix: use a template "
+        "with {% generation %} markers, or set data.ignore_input_ids_mismatch=true to skip such rows.")
+
+
+class _Unsure(Exception):
+    """These renders do not determine the turn; try the next way of locating texts."""
+
+    def __init__(self, turn: int, why: str):
+        super().__init__(turn, why)
+        self.turn, self.why = turn, why
+
+
+class Located(NamedTuple):
+    sent: Sentinels
+    text: str  # the render the occurrences refer to (sentinel render, or the real one)
+    occ: list[Occurrence]
+    alignment: Alignment
+
+
+def sentinel_avoid(view: TemplateView, msgs: list[dict[str, Any]]) -> str:
+    """All text a sentinel must not occur in."""
+    return view.template + repr(msgs) + repr(view.tools)
+
+
+def locate(view: TemplateView, msgs: list[dict[str, Any]], real: str, level: str, avoid: str) -> Located | None:
+    """Message texts in the whole render: `all` texts as sentinels, `assistant` texts only, or `search`."""
+    if level == "search":
+        sent = Sentinels(msgs, view.markup, avoid, roles=None, replace=False)
+        occ = sent.occurrences(real)
+        if len(occ) < len(sent.pieces):  # a text not found in order: the search cannot be trusted
+            return None
+        return Located(sent, real, occ, Alignment(occ, [(o.start, o.end) for o in occ]))
+    sent = Sentinels(msgs, view.markup, avoid, roles=None if level == "all" else {"assistant"})
+    text = view.try_render(sent.messages)
+    if text is None:
+        return None
+    occ = sent.occurrences(text)
+    alignment = align(text, real, occ, sent.pieces)
+    return Located(sent, text, occ, alignment) if alignment else None
+
+
+def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts) -> tuple[int, int]:
+    """Turn i's (start, end) in the real render, before snapping to tokens; raises _Unsure."""
+    owner = [loc.sent.pieces[o.piece].message for o in loc.occ]
+    mine = [o for o, m in zip(loc.occ, owner) if m == i]
+    start = _turn_start(view, loc, i, facts, mine)
+    end = max(markup_start(view, loc.text, _turn_end(view, loc, i, facts, mine, start)), start)
+    if any(o.start < start or o.end > end for o in mine):
+        raise _Unsure(i, "its text lies outside the place where the template opens and closes the turn")
+    if any(start < o.start < end for o, m in zip(loc.occ, owner) if m != i):
+        raise _Unsure(i, "another message's text lies between where the template opens and closes the turn")
+    return loc.alignment.to_real(start), loc.alignment.to_real(end)
+
+
+def _turn_start(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mine: list[Occurrence]) -> int:
+    """Where the generation prompt of the conversation before the turn ends in the whole render."""
+    text, occ = loc.text, loc.occ
+    anchor = _anchor(view.try_render(loc.sent.messages[:i], gen=True), loc)
+    if anchor is None:  # no generation prompt to compare with: the assistant header before the turn's text
+        if not mine:
+            raise _Unsure(i, "the conversation before this turn cannot be rendered on its own")
+        before = max((o.end for o in occ if o.end <= mine[0].start), default=0)
+        header = text.rfind(facts.prompt, before, mine[0].start) if facts.prompt else -1
+        return header + len(facts.prompt) if header >= 0 else mine[0].start
+    tail, base = anchor
+    limit = _next_text(occ, base, len(text))
+    start = markup_start(view, text, base + common_prefix(tail, text, base, limit))
+    # the assistant header further on: the previous message closes differently when it is not the last one
+    # (Hermes' tool results), or the prompt after it announces no header (after a tool result)
+    if facts.prompt and not text.endswith(facts.prompt, 0, start):
+        closer = next((m.start() for m in view.added_re.finditer(text, start, limit) if m.group() in facts.closers),
+                      limit)
+        header = text.find(facts.prompt, start, mine[0].start if mine else closer)
+        start = header + len(facts.prompt) if header >= 0 else start
+    return start
+
+
+def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mine: list[Occurrence],
+              start: int) -> int:
+    """Where the turn's closing ends: what it is followed by both as the final message and in history, up to
+    the closing tokens the history form writes."""
+    text, occ = loc.text, loc.occ
+    if i == len(loc.sent.messages) - 1:
+        base = occ[-1].end if occ else 0
+        return base + len(drop_suffix(text[base:], facts.always))
+    anchor = _anchor(view.try_render(loc.sent.messages[: i + 1]), loc)
+    if anchor is None:
+        if not mine:
+            raise _Unsure(i, "the conversation up to this turn cannot be rendered on its own")
+        return mine[-1].end
+    tail, base = anchor
+    limit = _next_text(occ, base, len(text))
+    end = base + common_prefix(drop_suffix(tail, facts.always), text, base, limit)
+    # closing tokens of this turn: not those of a message before it (when the turn has no text itself)
+    closers = [m for m in view.added_re.finditer(text, max(base, start), limit) if m.group() in facts.closers]
+    common = [m for m in closers if m.end() <= end]
+    if common:  # both forms close the turn the same way: up to the last closing token they share
+        return common[-1].end()
+    if closers:  # the history form writes more (an id after a tool call) up to its closing token
+        return closers[0].end()
+    return end
+
+
+def _anchor(prefix: str | None, loc: Located) -> tuple[str, int] | None:
+    """The text of a prefix render after its last located message text, and where that text ends in the whole
+    render (0 and the whole prefix when the prefix has none)."""
+    if prefix is None:
+        return None
+    occ = loc.sent.occurrences(prefix)
+    if not occ:
+        return prefix, 0
+    last = occ[-1]
+    ordinal = sum(o.piece == last.piece for o in occ)
+    same = [o for o in loc.occ if o.piece == last.piece]
+    return (prefix[last.end:], same[ordinal - 1].end) if len(same) >= ordinal else None
+
+
+def _next_text(occ: list[Occurrence], pos: int, default: int) -> int:
+    return next((o.start for o in occ if o.start >= pos), default)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Snapping to tokens
+
+
+def finalize(real: str, tokens: Tokens, start: int, end: int, closers: frozenset[str] | None) -> TurnSpan:
+    """Snap a turn to token boundaries (an added token is never split), add the turn-closing tokens that
+    follow it (`closers`; None: the span is final, as generation markers set it) and drop the whitespace the
+    template prints after it."""
+    offsets, starts, added = tokens
+    k = bisect_right(starts, start) - 1
+    if 0 <= k and offsets[k][0] < start < offsets[k][1] and added[k]:
+        start = offsets[k][0]  # the prompt stopped inside a token the model must generate
+    k = bisect_right(starts, end) - 1
+    if 0 <= k and offsets[k][0] < end < offsets[k][1] and added[k]:
+        end = offsets[k][0]
+    if closers is not None:
+        k = bisect_left(starts, end)
+        while k < len(offsets):
+            j = k
+            while j < len(offsets) and not added[j] and not real[offsets[j][0]:offsets[j][1]].strip():
+                j += 1  # whitespace before a closing token is generated with it
+            if j < len(offsets) and added[j] and real[offsets[j][0]:offsets[j][1]] in closers:
+                end, k = offsets[j][1], j + 1
+            else:
+                break
+    end = max(start, start + len(real[start:end].rstrip()))
+    k = bisect_left(starts, end) - 1
+    last = real[offsets[k][0]:offsets[k][1]] if 0 <= k < len(offsets) and offsets[k][1] <= end else ""
+    closed = 0 <= k < len(offsets) and added[k] and offsets[k][1] == end and (closers is None or last in closers)
+    return TurnSpan(start, end, closed)
