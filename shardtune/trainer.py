@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shardtune import checkpoint, flops, parallel
-from shardtune.config import Config, dump_yaml, to_dict
+from shardtune.config import Config, dump_yaml, notes, to_dict
 from shardtune.data.batching import (
     GlobalBatchSampler,
     MicroBatch,
@@ -166,7 +166,8 @@ class Trainer:
         shares = split_across_ranks(indices, data.lengths, self.world.dp_size)
         if not d.use_dynamic_bsz:
             return equalize([fixed_micro_batches(s, d.micro_batch_size_per_gpu) for s in shares])
-        plans = [token_budget_micro_batches(s, data.lengths, d.max_token_len_per_gpu) for s in shares]
+        plans = [token_budget_micro_batches(s, data.lengths, d.max_token_len_per_gpu,
+                                            padded=not self.cfg.model.use_remove_padding) for s in shares]
         n = max(len(p) for p in plans)
         return equalize([split_to(p, n, data.lengths) for p in plans])
 
@@ -205,9 +206,8 @@ class Trainer:
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.sampler.steps_per_epoch,
                            samples=len(self.train_data), world_size=self.world.world_size,
                            run_dir=str(self.run_dir))
-        if self.cfg.engine.strategy == "fsdp":
-            self.metrics.event("note", message="engine.strategy=fsdp (verl's name) runs FSDP2 (fully_shard); "
-                                               "shardtune does not offer FSDP1")
+        for message in notes(self.cfg):
+            self.metrics.event("note", message=message)
         if self.resumed:
             self.metrics.event("resume", **self.resumed)
             if self.resumed["skipped_incomplete"]:

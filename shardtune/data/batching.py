@@ -116,20 +116,24 @@ def fixed_micro_batches(share: list[int], micro_batch_size: int) -> list[list[in
     return [share[i : i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
 
 
-def token_budget_micro_batches(share: list[int], lengths: np.ndarray, budget: int) -> list[list[int]]:
+def token_budget_micro_batches(share: list[int], lengths: np.ndarray, budget: int,
+                               padded: bool = False) -> list[list[int]]:
     """Pack a rank's samples into as few micro-batches of at most `budget` tokens as best-fit-decreasing
-    finds (longest first, each into the fullest micro-batch it still fits). Samples keep their order."""
+    finds (longest first, each into the fullest micro-batch it still fits). Samples keep their order.
+    `padded`: the micro-batches become right-padded rows, so a micro-batch costs rows x its longest row
+    (the first sample placed in it), and that is what the budget bounds."""
     bins: list[list[int]] = []
     loads: list[int] = []
     for i in sorted(share, key=lambda i: -int(lengths[i])):
         n = int(lengths[i])
         if n > budget:
             raise ValueError(f"sample {i} has {n} tokens, more than the budget data.max_token_len_per_gpu={budget}")
-        fits = [b for b in range(len(bins)) if loads[b] + n <= budget]
+        cost = [int(lengths[b[0]]) if padded else n for b in bins]
+        fits = [b for b in range(len(bins)) if loads[b] + cost[b] <= budget]
         if fits:
             b = max(fits, key=lambda b: loads[b])
             bins[b].append(i)
-            loads[b] += n
+            loads[b] += cost[b]
         else:
             bins.append([i])
             loads.append(n)
