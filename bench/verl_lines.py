@@ -35,6 +35,7 @@ class Line:
     module: str
     args: list[str]
     nproc: int = 2
+    after: str = ""  # continues in the run directory of this earlier line (verl's CI resume step)
 
 
 def run_sft(**env) -> list[str]:
@@ -145,6 +146,16 @@ LINES = [
                   "data.prompt_dict_keys=['question']", "+data.response_dict_keys=['answer']"],
         "data.micro_batch_size=2", ["trainer.logger=['console']", "trainer.default_hdfs_dir=null",
                                     "ulysses_sequence_parallel_size=2", "use_remove_padding=true"])),
+    Line("examples/sft/geo3k/run_qwen2_5-7b_geo3k.sh", LEGACY, [
+        "algorithm.adv_estimator=sft", "data.train_files={gsm8k}", "data.val_files={gsm8k}", "data.train_batch_size=8",
+        "data.max_prompt_length=1024", "data.max_response_length=2048", "data.filter_overlong_prompts=True",
+        "data.truncation=error", "data.image_key=images", "model.name_or_path={model}", "model.torch_dtype=float16",
+        "model.device_map=auto", "model.attn_implementation=sdpa", "model.trust_remote_code=True",
+        "optimizer.lr=1e-6", "model.use_remove_padding=True", "model.enable_gradient_checkpointing=True",
+        "model.fsdp_config.param_offload=False", "model.fsdp_config.optimizer_offload=False", *LORA[:2],
+        "model.lora_target_modules=all-linear", "trainer.default_local_dir={ckpt}", "trainer.project_name=geo3k-sft",
+        "trainer.experiment_name=geo3k", "trainer.logger=['console','wandb']", "trainer.n_gpus_per_node=2",
+        "trainer.nnodes=1", "+trainer.save_freq=1", "+trainer.test_freq=1", "trainer.total_epochs=3", *TINY_STEPS]),
     Line("examples/sft/multiturn/run_qwen2.5_32b_sp8.sh (+ _mb)", LEGACY, retool("8", "true"), nproc=8),
     Line("examples/sft/multiturn/run_qwen2.5_7b_sp4.sh (+ _mb)", LEGACY, retool("4", "false"), nproc=4),
     Line("examples/sft/multiturn/run_qwen3_4b_sp4.sh (+ run_qwen_4b_sp4_mb.sh)", LEGACY, retool("4", None), nproc=4),
@@ -154,7 +165,7 @@ LINES = [
     Line("CI run_sft.sh SP_SIZE=2 LIGER=True", LEGACY, run_sft(SP_SIZE="2", LIGER="True")),
     Line("CI run_sft.sh LORA_RANK=32", LEGACY, run_sft(LORA_RANK="32")),
     Line("CI run_sft.sh LORA_RANK=32 RESUME_MODE=auto TOTAL_TRAIN_STEP=2", LEGACY,
-         run_sft(LORA_RANK="32", RESUME_MODE="auto", TOTAL_TRAIN_STEP="2")),
+         run_sft(LORA_RANK="32", RESUME_MODE="auto", TOTAL_TRAIN_STEP="2"), after="CI run_sft.sh LORA_RANK=32"),
     Line("CI engine golden: fsdp SP1 FSDP1 1 GPU", ENGINE, run_sft_engine(fsdp="1"), nproc=1),
     Line("CI engine fsdp SP2 FSDP2 no_padding", ENGINE, run_sft_engine(sp="2", fsdp="2")),
     Line("CI engine fsdp SP1 FSDP-1 no_padding USE_REMOVE_PADDING=False", ENGINE,
@@ -175,6 +186,29 @@ LINES = [
         "trainer.project_name=verl_sft_test", "trainer.experiment_name=pokemon", "trainer.total_epochs=10",
         "trainer.default_local_dir={ckpt}", "trainer.resume_mode=auto", "trainer.max_ckpt_to_keep=5",
         "checkpoint.save_contents=[model,optimizer,extra]", *TINY_STEPS]),
+    Line("examples/sft/gsm8k/run_qwen_05_speculator_engine.sh", ENGINE, [
+        "data.train_files={sft}", "data.val_files={sft}", "data.micro_batch_size_per_gpu=1",
+        "++data.ignore_input_ids_mismatch=true", "++data.enable_thinking_key=null", "model.path={model}",
+        "model.use_remove_padding=false", "model.freeze_base_model=true",
+        "++model.speculator_adapter.fqn=verl.trainer.speculators.lstm_adapter.LSTMSpeculatorAdapter",
+        "++model.speculator.n_predict=3", "++model.speculator.method=sum_lstm", "engine.strategy=fsdp2",
+        "trainer.default_local_dir={ckpt}", "trainer.project_name=gsm8k-sft", "trainer.experiment_name=speculator",
+        "trainer.logger=console", "trainer.total_epochs=1", "data.train_batch_size=8", *TINY_STEPS]),
+    Line("examples/sft/gsm8k/run_mimo_megatron_mtp.sh", ENGINE, [
+        "data.train_files={sft}", "data.val_files={sft}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2",
+        "data.pad_mode=no_padding", "data.truncation=error", "data.max_length=1024", "data.use_dynamic_bsz=True",
+        "data.max_token_len_per_gpu=2048", "data.messages_key=messages", "data.num_workers=0", "model.path={model}",
+        "model.use_remove_padding=False", "model.trust_remote_code=True", "model.mtp.enable=True", "engine=megatron",
+        "optim=megatron", "optim.lr=1e-5", "optim.min_lr=1e-6", "optim.lr_warmup_steps=10", "optim.weight_decay=0.1",
+        "optim.betas=[0.9,0.95]", "optim.clip_grad=1.0", "optim.lr_warmup_init=0", "optim.lr_decay_style=cosine",
+        "engine.override_transformer_config.recompute_method=uniform",
+        "engine.override_transformer_config.recompute_granularity=full",
+        "engine.override_transformer_config.recompute_num_layers=1", "engine.use_dist_checkpointing=False",
+        "engine.tensor_model_parallel_size=1", "engine.pipeline_model_parallel_size=1",
+        "engine.virtual_pipeline_model_parallel_size=null", "engine.context_parallel_size=1", "engine.use_mbridge=True",
+        "trainer.test_freq=after_each_epoch", "trainer.save_freq=-1", "trainer.logger=['console']",
+        "trainer.project_name=verl_sft_test", "trainer.experiment_name=mimo", "trainer.total_epochs=1",
+        "trainer.default_local_dir={ckpt}", "trainer.resume_mode=disable", *TINY_STEPS]),
     Line("examples/sft/gsm8k/run_qwen3_8b_megatron.sh", ENGINE, [
         "data.train_files={sft}", "data.val_files={sft}", "data.train_batch_size=8", "data.max_prompt_length=1024",
         "data.max_response_length=1024", "data.pad_mode=left_right", "data.truncation=error",
@@ -204,7 +238,7 @@ def make_inputs(work: Path) -> dict[str, str]:
 
 
 def run_line(line: Line, inputs: dict[str, str], work: Path, index: int) -> tuple[str, str]:
-    run_dir = work / f"run{index}"
+    run_dir = work / f"run{[x.source for x in LINES].index(line.after) if line.after else index}"
     values = {**inputs, "ckpt": str(run_dir), "remote": f"file://{work / f'remote{index}'}"}
     args = [a.format(**values) if "{" in a and "${" not in a else a for a in line.args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
@@ -213,10 +247,12 @@ def run_line(line: Line, inputs: dict[str, str], work: Path, index: int) -> tupl
            "-m", line.module, *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     metrics = run_dir / "metrics.jsonl"
-    steps = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
-    steps = [s for s in steps if "event" not in s]
+    events = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    steps = [s for s in events if "event" not in s]
     if r.returncode == 0 and steps:
-        return "ran", f"{len(steps)} steps, loss {steps[0]['train/loss']:.3f} -> {steps[-1]['train/loss']:.3f}"
+        resumed = [e["step"] for e in events if e.get("event") == "resume"]
+        return "ran", (f"steps {steps[0]['step']}-{steps[-1]['step']}" + (f" (resumed at {resumed[-1]})" if resumed else "")
+                       + f", loss {steps[0]['train/loss']:.3f} -> {steps[-1]['train/loss']:.3f}")
     errors = [x.split("error", 1)[1].lstrip(" (rank0):") for x in r.stderr.splitlines() if "shardtune: error" in x]
     detail = errors[0] if errors else r.stderr.strip().splitlines()[-1]
     return "refused" if errors else "failed", detail if len(detail) < 240 else detail[:240] + " ..."

@@ -82,11 +82,12 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: Path, cfg: Any, world: Any, tokenizer: Any, max_to_keep: int | None,
-                 model_path: str, on_saved: Any = None):
+                 model_path: str, on_saved: Any = None, remote: Any = None):
         self.run_dir, self.cfg, self.world, self.tokenizer, self.max_to_keep = run_dir, cfg, world, tokenizer, max_to_keep
         self.model_path = Path(os.path.expanduser(model_path))
         self.on_saved = on_saved or (lambda info: None)  # called on every rank once a checkpoint is complete
         self.pending: tuple[Any, Any] | None = None
+        self.remote = remote  # shardtune.remote.RemoteCheckpoints on the main rank, when trainer.remote_dir is set
         self.group = None
         if cfg.async_save and world.distributed:
             import torch.distributed as dist
@@ -130,6 +131,12 @@ class Checkpointer:
             future.result()
         finalize()
 
+    def close(self) -> None:
+        """End of the run: the pending save, then the remote copy in flight."""
+        self.wait()
+        if self.remote is not None:
+            self.remote.close()
+
     def _finalize(self, path: Path, engine: Any, trainer_state: dict[str, Any], rng: dict[str, Any],
                   info: dict[str, Any], t0: float) -> None:
         from shardtune import parallel
@@ -140,6 +147,8 @@ class Checkpointer:
             self._save_hf_side_files(engine, path / "huggingface")
             _atomic_write(path / "trainer_state.json", json.dumps({**trainer_state, "contents": self.cfg.save_contents}))
             _atomic_write(self.run_dir / TRACKER, str(trainer_state["step"]))
+            if self.remote is not None:  # before rotation, which may delete the previous folder
+                self.remote.upload(path, trainer_state["step"])
             rotate(self.run_dir, self.max_to_keep, protect=path)
         parallel.barrier(self.world)
         info["seconds"] = round(time.perf_counter() - t0, 3)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shardtune import checkpoint, flops, parallel
+from shardtune import checkpoint, flops, parallel, remote
 from shardtune.config import Config, dump_yaml, notes, to_dict
 from shardtune.data.batching import (
     GlobalBatchSampler,
@@ -86,6 +86,7 @@ class Trainer:
         # data problems surface before anything is written to the run directory
         self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
         self.run_dir = cfg.run_dir
+        remote.fetch_for_resume(cfg, self.run_dir, self.world)  # a requeued job on a new node: the remote copy
         # a wrong resume path is reported before anything in the run directory is touched
         resume_from = checkpoint.find_resume_path(self.run_dir, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
         restarts_at_zero = resume_from is None or "extra" not in (cfg.checkpoint.load_contents or ["extra"])
@@ -114,7 +115,9 @@ class Trainer:
         self.stopped_early = False
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint, self.world, self.tokenizer,
                                                     t.max_ckpt_to_keep, cfg.model.path,
-                                                    on_saved=lambda info: self.metrics.event("checkpoint", **info))
+                                                    on_saved=lambda info: self.metrics.event("checkpoint", **info),
+                                                    remote=remote.uploader(cfg, self.world, lambda info: self.metrics
+                                                                           .event("remote_checkpoint", **info)))
         self.resumed: dict[str, Any] | None = None
         if resume_from is not None:
             self._resume(resume_from)
@@ -238,7 +241,7 @@ class Trainer:
                     break
             if self.step > self.last_saved:  # always a checkpoint after the last step
                 self.save(final=True)
-            self.checkpointer.wait()
+            self.checkpointer.close()
             ok = True
         finally:
             steps = None  # releasing the prefetch node stops its thread

@@ -212,6 +212,7 @@ def test_keys_that_agree_or_stand_alone_run():
     assert cfg.model.use_remove_padding is False and cfg.data.use_dynamic_bsz is True  # verl's CI variant
     assert config_of([*base, "data.pad_mode=right"]).model.use_remove_padding is True  # layout: use_remove_padding
     assert config_of([*base, "engine.offload_policy=true"]).engine.param_offload is True
+    assert config_of([*base, "trainer.default_hdfs_dir=hdfs://nn:8020/ckpt"]).trainer.remote_dir == "hdfs://nn:8020/ckpt"
     assert config_of([*base, "engine.fsdp_size=8"]).engine.fsdp_size == 8  # no WORLD_SIZE: left to shardtune
 
 

@@ -30,8 +30,14 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                 "Fix: only {project_name} and {experiment_name} are filled in."
             ) from None
     from shardtune.engine import check_strategy
+    from shardtune.remote import check_url, is_url
 
     check_strategy(cfg.engine.strategy)
+    if t.remote_dir:
+        check_url(t.remote_dir, "trainer.remote_dir")
+    for f in cfg.data.train_files + cfg.data.val_files:
+        if is_url(f):
+            check_url(f, "data.train_files/val_files")
     return cfg
 
 

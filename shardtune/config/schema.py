@@ -115,6 +115,7 @@ class TrainerConfig:
     resume_from_path: str | None = None
     save_hf_at_end: bool = False  # also write full safetensors weights into the last checkpoint's huggingface/
     default_local_dir: str = "checkpoints/{project_name}/{experiment_name}"
+    remote_dir: str | None = None  # an fsspec URL (s3://, gs://, hdfs://, file://) that receives every checkpoint
     project_name: str = "shardtune"
     experiment_name: str = "run"
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])

@@ -182,7 +182,7 @@ COMMON: dict[str, Any] = {
                                    closest="optim.optimizer_impl=torch.optim"),
     "optim.override_optimizer_config": Custom(_override_optimizer),
     "trainer.default_local_dir": Map("trainer.default_local_dir"),
-    "trainer.default_hdfs_dir": Refuse("copies to HDFS are not supported yet", closest="copy the run directory"),
+    "trainer.default_hdfs_dir": Map("trainer.remote_dir"),
     "trainer.project_name": Map("trainer.project_name"),
     "trainer.experiment_name": Map("trainer.experiment_name"),
     "trainer.total_epochs": Map("trainer.total_epochs"),
