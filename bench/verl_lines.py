@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY, ENGINE = "shardtune.verl.fsdp_sft_trainer", "shardtune.verl.sft_trainer"
+RAY = "shardtune.verl.sft_trainer_ray"  # started with python; it launches torchrun itself
 TINY_STEPS = ["trainer.total_training_steps=2"]
 
 
@@ -176,6 +177,12 @@ LINES = [
     Line("CI engine veomni SP2 FSDP4", ENGINE, run_sft_engine(backend="veomni", sp="2", fsdp="4")),
     Line("CI engine megatron TP2 PP2 VPP2 CP2", ENGINE, run_sft_engine(backend="megatron", tp="2", pp="2", vpp="2",
                                                                        cp="2")),
+    Line("CI engine megatron TP2 PP2 VPP2 CP2 mode=ray", RAY, ["trainer.nnodes=1", "trainer.n_gpus_per_node=2",
+                                                              *run_sft_engine(backend="megatron", tp="2", pp="2",
+                                                                              vpp="2", cp="2")]),
+    Line("CI engine fsdp SP2 FSDP2 mode=ray (not in verl's matrix)", RAY, ["trainer.nnodes=1",
+                                                                          "trainer.n_gpus_per_node=2",
+                                                                          *run_sft_engine(sp="2", fsdp="2")]),
     Line("examples/sft/vlm/run_qwen3_vl_2b.sh (fsdp)", ENGINE, [
         "data.train_files={sft}", "data.train_batch_size=8", "data.max_length=2048", "data.pad_mode=no_padding",
         "data.truncation=error", "data.use_dynamic_bsz=True", "data.max_token_len_per_gpu=65536", "model.path={model}",
@@ -243,8 +250,9 @@ def run_line(line: Line, inputs: dict[str, str], work: Path, index: int) -> tupl
     args = [a.format(**values) if "{" in a and "${" not in a else a for a in line.args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "offline", "HF_DATASETS_CACHE": str(work / "cache")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={line.nproc}",
-           "-m", line.module, *args]
+    launch = [] if line.module == RAY else ["-m", "torch.distributed.run", "--standalone",
+                                            f"--nproc-per-node={line.nproc}"]
+    cmd = [sys.executable, *launch, "-m", line.module, *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     metrics = run_dir / "metrics.jsonl"
     events = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []

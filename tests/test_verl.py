@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,6 +138,13 @@ def test_hydra_errors_are_verls_and_collected(line, needle):
     assert needle in str(e.value)
 
 
+def test_without_hydra_the_error_names_the_extra(monkeypatch):
+    for name in ("hydra", "hydra._internal.config_loader_impl", "hydra.core.override_parser.overrides_parser"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ConfigError, match=r"pip install 'shardtune\[verl\]'"):
+        translate(["model.path=/m"], ENGINE)
+
+
 def test_config_groups_restating_the_defaults():
     base = ["model.path=/m", "data.train_files=/t"]
     plain = config_of(base)
@@ -179,6 +189,15 @@ def test_other_backends_refused_in_one_message_then_the_rest_runs(backend, name,
             and not x.startswith(("engine.pipeline", "engine.virtual", "engine.context"))]
     cfg = config_of(ENGINE_CI + rest)
     assert cfg.optim.lr == 1e-5 and cfg.optim.weight_decay == 0.1
+
+
+def test_ray_entry_refuses_backends_and_several_nodes(capsys):
+    from shardtune.verl.sft_trainer_ray import main
+
+    assert main(["trainer.nnodes=1", "trainer.n_gpus_per_node=8", *ENGINE_CI, *MEGATRON]) == 2  # verl CI, mode=ray
+    assert "selects verl's Megatron-Core backend" in capsys.readouterr().err
+    assert main(["trainer.nnodes=2", *ENGINE_CI]) == 2
+    assert "run torchrun --nnodes N" in capsys.readouterr().err
 
 
 def test_legacy_trainer_accepts_its_optim_group_as_verl_reads_it(capsys):
@@ -349,8 +368,14 @@ def test_engine_ci_lines_pad_modes_and_sp_give_the_same_losses(tiny_model, tmp_p
     losses = {}
     for name, extra in variants.items():
         run_dir = tmp_path / name
-        r = torchrun(2, *line, *extra, f"trainer.experiment_name={name}", f"trainer.default_local_dir={run_dir}",
-                     module="shardtune.verl.sft_trainer")
+        args = [*line, *extra, f"trainer.experiment_name={name}", f"trainer.default_local_dir={run_dir}"]
+        if name == "rmpad":  # as verl's mode=ray runs it: the entry point starts the processes itself
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+            r = subprocess.run([sys.executable, "-m", "shardtune.verl.sft_trainer_ray", "trainer.nnodes=1",
+                                "trainer.n_gpus_per_node=2", *args], env=env, capture_output=True, text=True, timeout=300)
+            assert "trainer.n_gpus_per_node is ignored" not in r.stderr
+        else:
+            r = torchrun(2, *args, module="shardtune.verl.sft_trainer")
         assert r.returncode == 0, r.stderr[-3000:]
         losses[name] = [row["train/loss"] for row in read_metrics(run_dir)]
         notes = " ".join(e["message"] for e in events(run_dir, "note"))

@@ -5,17 +5,17 @@ from __future__ import annotations
 import sys
 
 from shardtune.errors import ShardtuneError
+from shardtune.verl.translate import Spec, translate
 
 
-def run(argv: list[str] | None, spec_name: str) -> int:
+def run(argv: list[str] | None, spec: Spec) -> int:
     from shardtune import cli
-    from shardtune.verl import translate
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
-        overrides = translate.translate(args, getattr(translate, spec_name))
+        overrides = translate(args, spec)
     except ShardtuneError as e:
         print(f"shardtune: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -5,10 +5,11 @@ use_remove_padding and ulysses_sequence_parallel_size, ...) run by shardtune's t
 import sys
 
 from shardtune.verl.entry import run
+from shardtune.verl.translate import LEGACY
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, "LEGACY")
+    return run(argv, LEGACY)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,9 @@ def _handled_with(other: str) -> Custom:
     return Custom(lambda key, value, ctx: None)  # read by `other`'s rule
 
 
+LAUNCHER = Custom(lambda key, value, ctx: None)  # read by the entry point that starts the processes
+
+
 HARMLESS = "shardtune ignores it; it does not change what is trained"
 LAUNCH = "the number of processes comes from torchrun"
 SPEED = "a speed option shardtune does not implement; the results are the same without it"

@@ -5,10 +5,11 @@ data.pad_mode, data.use_dynamic_bsz, ...) run by shardtune's trainer with verl's
 import sys
 
 from shardtune.verl.entry import run
+from shardtune.verl.translate import ENGINE
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, "ENGINE")
+    return run(argv, ENGINE)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ class Spec:
 LEGACY = Spec(configs.LEGACY, mapping.LEGACY, required=("model.partial_pretrain", "data.train_files"))
 ENGINE = Spec(configs.ENGINE, mapping.ENGINE, mapping.ENGINE_PREFIX_WARN, mapping.ENGINE_IMPLIED,
               required=("model.path", "data.train_files"))
+# sft_trainer_ray: the engine trainer, whose launcher reads the process count from trainer.nnodes/n_gpus_per_node
+RAY = dataclasses.replace(ENGINE, table={**mapping.ENGINE, "trainer.nnodes": mapping.LAUNCHER,
+                                         "trainer.n_gpus_per_node": mapping.LAUNCHER})
 
 
 @dataclass
