@@ -168,8 +168,8 @@ class RemoteCheckpoints:
             self.fs.put_file(str(f), target)
         self._write_tracker(step)
         self.rotate(step)
-        return {"step": step, "url": f"{self.url}/global_step_{step}", "files": len(files), "bytes": sum(f.stat().st_size for f in files),
-                "seconds": round(time.perf_counter() - t0, 3)}
+        return {"step": step, "url": f"{self.url}/global_step_{step}", "files": len(files),
+                "bytes": sum(f.stat().st_size for f in files), "seconds": round(time.perf_counter() - t0, 3)}
 
     def _write_tracker(self, step: int | None) -> None:
         tracker = _join(self.root, TRACKER)
@@ -186,7 +186,7 @@ class RemoteCheckpoints:
         killed upload left incomplete below it (nothing can resume from them)."""
         steps = self.steps()
         complete = sorted(s for s, done in steps.items() if done)
-        drop = [s for s in complete[: -self.max_to_keep]] if self.max_to_keep else []
+        drop = complete[: -self.max_to_keep] if self.max_to_keep else []
         drop += [s for s, done in steps.items() if not done and s < keep]
         for s in drop:
             if s != keep:
@@ -253,17 +253,23 @@ def uploader(cfg: Any, world: Any, on_uploaded: Callable[[dict[str, Any]], None]
 
 def fetch_for_resume(cfg: Any, run_dir: Path, world: Any) -> None:
     """With resume_mode=auto, bring the remote's newest complete checkpoint into `run_dir` when the run
-    directory has none as new (each node's local rank 0 downloads; every rank waits)."""
+    directory has none as new (each node's local rank 0 downloads; every rank waits). A run that starts
+    afresh (resume_mode=disable) is refused when the remote already holds checkpoints: they would mix."""
     from shardtune import checkpoint, parallel
 
     t = cfg.trainer
-    if not t.remote_dir or t.resume_mode != "auto" or t.resume_from_path:
+    if not t.remote_dir or t.resume_from_path or t.resume_mode not in ("auto", "disable"):
         return
     if world.local_rank == 0:
-        with storage_errors(f"Fetching the newest checkpoint from trainer.remote_dir={t.remote_dir}"):
+        with storage_errors(f"Reading the checkpoints at trainer.remote_dir={t.remote_dir}"):
             remote = RemoteCheckpoints(t.remote_dir)
             step = remote.newest_complete()
             local = checkpoint.complete_checkpoints(run_dir)
+            if step is not None and t.resume_mode == "disable":
+                raise ConfigError(f"trainer.remote_dir={t.remote_dir} already holds checkpoints of another run (up "
+                                  f"to global_step_{step}), and this run starts again at step 0: its copies would "
+                                  "mix with them. Fix: a new trainer.remote_dir, or trainer.resume_mode=auto to "
+                                  "continue that run.")
             if step is not None and step > (local[-1][0] if local else 0):
                 remote.download(step, run_dir)
     parallel.barrier(world)

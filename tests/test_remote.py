@@ -216,3 +216,5 @@ def test_file_url_background_upload_rotation_and_resume(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert first + [row["train/loss"] for row in read_metrics(tmp_path / "run")] == whole
     assert remote.RemoteCheckpoints(url).steps() == {6: True}
+    r = run_cli("train", *_lines(tiny_model, data, tmp_path / "other", 2, *extra, "trainer.resume_mode=disable"))
+    assert r.returncode == 2 and "already holds checkpoints of another run (up to global_step_6)" in r.stderr

@@ -112,13 +112,15 @@ def test_hydra_override_syntax(capsys, monkeypatch):
         "model.override_config={attention_dropout: 0.1, rope_scaling: {type: linear, factor: 2.0}}",
         "+optim.override_optimizer_config.eps=1e-6",
         "+trainer.my_note=hello",  # + adds a key verl's trainer never reads: a warning
+        "hydra.run.dir=outputs/x",
     ])
     assert cfg.data.train_files == ["/data/sft/train.parquet"]
     assert cfg.data.val_files == ["/v/a.parquet", "/v/b.parquet"] and cfg.data.train_max_samples == 100
     assert str(cfg.run_dir) == "/ck/proj/run 7, final"  # interpolations resolved against the final config
     assert cfg.optim.lr == 1e-3 and cfg.optim.eps == 1e-6
     assert cfg.model.override_config == {"attention_dropout": 0.1, "rope_scaling": {"type": "linear", "factor": 2.0}}
-    assert "verl key trainer.my_note is ignored" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "verl key trainer.my_note is ignored" in err and "verl key hydra.run.dir is ignored" in err
 
 
 @pytest.mark.parametrize("line,needle", [

@@ -97,6 +97,8 @@ def translate(argv: list[str], spec: Spec) -> list[str]:
     ctx = Context(composed.tree, composed.touched)
     for key, value in units(composed.tree, spec):
         _apply_rule(key, value, rule_for(key, spec), ctx, composed, spec)
+    for key in sorted(k for k in composed.touched if k.split(".")[0] == "hydra"):
+        ctx.warn(key, "one of Hydra's own run settings (output folder, logging); shardtune runs no Hydra app")
     for key in composed.unknown:
         ctx.refuse(key, f"not a key of verl's {spec.trainer.yaml}, which refuses it too{_did_you_mean(key, spec)}")
     for key in spec.required:
