@@ -69,9 +69,26 @@ def torch_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     cu = cu_seq_lens_q.to(torch.int32)
     max_len = int(max_length_q or int((cu[1:] - cu[:-1]).max()))
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=q.shape[1] != k.shape[1])
+    if torch.is_autocast_enabled("cuda"):  # a custom op autocast does not cover: cast as sdpa would be cast
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = (x.to(dtype) for x in (q, k, v))
+    causal, gqa = _varlen_flags(varlen_attn)
+    if q.shape[1] != k.shape[1] and not gqa:  # releases without enable_gqa: give each query head its KV head
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    elif q.shape[1] != k.shape[1]:
+        causal = {**causal, "enable_gqa": True}
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal)
     return out[None], None
+
+
+def _varlen_flags(fn) -> tuple[dict, bool]:
+    """How this torch release asks `varlen_attn` for causal attention (`window_size=(-1, 0)` since 2.11,
+    `is_causal=True` in 2.10), and whether it takes `enable_gqa`."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return causal, "enable_gqa" in params
 
 
 KERNELS = {VARLEN_SDPA: varlen_sdpa_forward, TORCH_VARLEN: torch_varlen_forward}

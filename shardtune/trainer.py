@@ -80,7 +80,8 @@ class StepBatch:
 class Trainer:
     def __init__(self, cfg: Config, world: parallel.World | None = None):
         self.cfg = cfg
-        self.world = world or parallel.World()
+        # without a world given: join the torchrun job of the environment, else one process on CUDA when present
+        self.world = world or parallel.init_world(cfg.sp_size, cfg.engine.timeout_minutes)
         seed_everything(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         # data problems surface before anything is written to the run directory

@@ -185,3 +185,31 @@ def test_an_empty_micro_batch_gives_zero_loss_and_defined_zero_gradients():
     assert loss.item() == 0
     for t in (hidden, head.weight, head.bias):
         assert t.grad is not None and not t.grad.any()
+
+
+def test_a_chunk_size_selects_the_chunked_head_even_with_liger(tiny_model):
+    """Liger's fused loss serves only `loss_chunk_size=0`; with a chunk size the chunked head is used (Liger's
+    tiny chunks made it the largest cost of a GPU step on a large vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.config import ModelConfig
+    from shardtune.loss import find_loss_head
+    from shardtune.model import prepare_for_training
+
+    for chunk, liger_loss in ((64, False), (0, True)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        cfg = ModelConfig(path=str(tiny_model), loss_chunk_size=chunk, use_liger=True)
+        head = find_loss_head(prepare_for_training(model, cfg, use_liger=True, liger_layers=False))
+        assert (head.use_liger, head.chunk_size) == (liger_loss, chunk)
+
+
+def test_varlen_kernel_flags_follow_the_torch_release():
+    """torch 2.10 asks for causal attention with is_causal and has no enable_gqa; 2.11+ uses window_size."""
+    from shardtune.attention import _varlen_flags
+
+    def v210(q, k, v, cq, ck, mq, mk, *, return_aux=None, is_causal=False, scale=None): ...
+
+    def v213(q, k, v, cq, ck, mq, mk, *, return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False): ...
+
+    assert _varlen_flags(v210) == ({"is_causal": True}, False)
+    assert _varlen_flags(v213) == ({"window_size": (-1, 0)}, True)

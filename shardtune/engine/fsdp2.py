@@ -43,7 +43,8 @@ class FSDP2Engine(Engine):
     def _build_model(self) -> torch.nn.Module:
         mcfg, ecfg, world = self.cfg.model, self.cfg.engine, self.world
         if not world.distributed:
-            model = load_model(mcfg, world.device, compute_dtype=self.compute_dtype, use_liger=self.use_liger)
+            model = load_model(mcfg, world.device, compute_dtype=self.compute_dtype, use_liger=self.use_liger,
+                               liger_layers=not ecfg.use_torch_compile)
             if ecfg.use_torch_compile:
                 compile_layers(model)
             return model
@@ -51,11 +52,12 @@ class FSDP2Engine(Engine):
         # shard by shard from rank 0, so no host holds one full copy per process.
         if world.is_main:
             model = load_model(mcfg, "cpu", attention_device=world.device, compute_dtype=self.compute_dtype,
-                               use_liger=self.use_liger)
+                               use_liger=self.use_liger, liger_layers=not ecfg.use_torch_compile)
             full_state = model.state_dict()
         else:
             with torch.device("meta"):
-                model = build_from_config(load_config(mcfg), mcfg, world.device, self.compute_dtype, self.use_liger)
+                model = build_from_config(load_config(mcfg), mcfg, world.device, self.compute_dtype, self.use_liger,
+                                          liger_layers=not ecfg.use_torch_compile)
             full_state = {}
         if world.sp_size > 1:
             model.set_attn_implementation(attention.register_ulysses(world.sp_group))
