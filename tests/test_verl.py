@@ -133,6 +133,7 @@ def test_hydra_override_syntax(capsys, monkeypatch):
     (["engine=fsdp9"], "no such config group option (options: fsdp, fsdp2)"),
     (["trainer.experiment_name=${trainer.nope}"], "an interpolation does not resolve"),
     (["optim=adafactor"], "no such config group option"),
+    (["--config-name=my_sft"], "a Hydra application flag"),
 ])
 def test_hydra_errors_are_verls_and_collected(line, needle):
     with pytest.raises(ConfigError) as e:
