@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -34,13 +33,17 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from shardtune import parallel
-from shardtune.config import CheckpointConfig
+from shardtune.config import CheckpointConfig, Config
 from shardtune.engine.base import Engine
 from shardtune.errors import ConfigError
 from shardtune.model import generation_config
+from shardtune.remote import (  # the layout names, shared with the remote copy
+    STEP_DIR,
+    TRACKER,
+    RemoteCheckpoints,
+    storage_errors,
+)
 
-TRACKER = "latest_checkpointed_iteration.txt"
-STEP_DIR = re.compile(r"global_step_(\d+)$")
 TENSOR_PARTS = ("model", "optimizer")  # the parts DCP stores; the rest is JSON ("extra" in save_contents)
 
 
@@ -72,9 +75,10 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, world: parallel.World, parts: dict[str, Stateful],
                  engine: Engine, tokenizer: Any, model_path: str, max_to_keep: int | None,
-                 on_saved: Callable[..., None] = lambda kind, **info: None):
+                 on_saved: Callable[..., None] = lambda kind, **info: None, remote: RemoteCheckpoints | None = None):
         self.run_dir, self.cfg, self.world, self.parts = run_dir, cfg, world, parts
         self.engine, self.tokenizer, self.max_to_keep, self.on_saved = engine, tokenizer, max_to_keep, on_saved
+        self.remote = remote  # the copies under trainer.remote_dir (main rank only)
         self.model_path = Path(os.path.expanduser(model_path))
         self.pending: tuple[Any, Callable[[], None]] | None = None
         self.group = dist.new_group(backend="gloo") if cfg.async_save and world.distributed else None
@@ -113,6 +117,12 @@ class Checkpointer:
             future.result()
         finalize()
 
+    def close(self) -> None:
+        """End of the run: the pending save, then the remote copy in flight."""
+        self.wait()
+        if self.remote is not None:
+            self.remote.close()
+
     def _finalize(self, path: Path, step: int, shared: dict[str, Any], own: dict[str, Any], info: dict[str, Any],
                   t0: float) -> None:
         for name, state in own.items():
@@ -123,6 +133,8 @@ class Checkpointer:
             record = {"step": step, "world_size": self.world.world_size, "contents": self.cfg.save_contents, **shared}
             _atomic_write(path / "trainer_state.json", json.dumps(record))
             _atomic_write(self.run_dir / TRACKER, str(step))
+            if self.remote is not None:  # before rotation, which may delete the previous folder
+                self.remote.upload(path, step)
             rotate(self.run_dir, self.max_to_keep, protect=path)
         parallel.barrier(self.world)
         info["seconds"] = round(time.perf_counter() - t0, 3)
@@ -244,6 +256,28 @@ def find_resume_path(run_dir: Path, mode: str, resume_from: str | None) -> Path 
         if is_complete(path):
             return path
     return candidates[-1][1] if candidates else None
+
+
+def fetch_remote_for_resume(cfg: Config, run_dir: Path, world: parallel.World) -> None:
+    """With resume_mode=auto, bring the remote's newest complete checkpoint into `run_dir` when the run
+    directory has none as new (each node's local rank 0 downloads; every rank waits). A run that starts
+    afresh (resume_mode=disable) is refused when the remote already holds checkpoints: they would mix."""
+    t = cfg.trainer
+    if not t.remote_dir or t.resume_from_path or t.resume_mode not in ("auto", "disable"):
+        return
+    if world.local_rank == 0:
+        with storage_errors(f"Reading the checkpoints at trainer.remote_dir={t.remote_dir}"):
+            remote = RemoteCheckpoints(t.remote_dir)
+            step = remote.newest_complete()
+            local = complete_checkpoints(run_dir)
+            if step is not None and t.resume_mode == "disable":
+                raise ConfigError(f"trainer.remote_dir={t.remote_dir} already holds checkpoints of another run (up "
+                                  f"to global_step_{step}), and this run starts again at step 0: its copies would "
+                                  "mix with them. Fix: a new trainer.remote_dir, or trainer.resume_mode=auto to "
+                                  "continue that run.")
+            if step is not None and step > (local[-1][0] if local else 0):
+                remote.download(step, run_dir)
+    parallel.barrier(world)
 
 
 def check_fresh_start(run_dir: Path, resume_from: Path | None, load_contents: list[str] | None) -> None:

@@ -26,3 +26,9 @@ def row_error(path: str, row: int, key: str | None, problem: str, fix: str) -> D
     """A `DataError` that names the file, the (0-based) row, the key and the fix."""
     where = f"{path}, row {row}" + (f", key '{key}'" if key else "")
     return DataError(f"{where}: {problem}. Fix: {fix}")
+
+
+class StorageError(ShardtuneError):
+    """Remote storage (an fsspec URL) could not be read or written."""
+
+    exit_code = 4

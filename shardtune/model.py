@@ -7,6 +7,7 @@ path isolates sequences by `position_ids` only when no cache is built.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from pathlib import Path
@@ -54,6 +55,8 @@ def check_model_path(cfg: ModelConfig) -> None:
     if not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
         raise ConfigError(f"{path} holds only pickled .bin weights, which shardtune refuses to load (unpickling "
                           "runs code). Fix: convert them to safetensors.")
+    if cfg.override_config:
+        load_hf_config(cfg)  # model.override_config names fields of this model's config, or is refused here
 
 
 def liger_usable(cfg: ModelConfig, device: torch.device) -> tuple[bool, str]:
@@ -106,8 +109,38 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 
 def load_hf_config(cfg: ModelConfig) -> Any:
+    """The model's Hugging Face config, with `model.override_config` applied."""
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    return AutoConfig.from_pretrained(os.path.expanduser(cfg.path), trust_remote_code=cfg.trust_remote_code, **kwargs)
+    config = AutoConfig.from_pretrained(os.path.expanduser(cfg.path), trust_remote_code=cfg.trust_remote_code, **kwargs)
+    return override_config(config, cfg.override_config) if cfg.override_config else config
+
+
+def override_config(config: Any, overrides: dict[str, Any]) -> Any:
+    """A copy of `config` with `overrides` set. The config class is rebuilt from the merged fields, so it
+    converts legacy names as it does when reading config.json (e.g. `rope_scaling` into `rope_parameters`);
+    a mapping merges into a mapping field (a sub-config such as `text_config`). Names the class does not
+    know are refused by name, before any weights are read."""
+    fields = config.to_dict()
+    merged = {**fields, **{k: _merged(fields.get(k), v) for k, v in overrides.items()}}
+    try:
+        new = type(config).from_dict(merged)
+    except Exception as e:  # the config class's own checks (e.g. layer_types vs num_hidden_layers)
+        cause = getattr(e, "__cause__", None) or e
+        raise ConfigError(f"model.override_config does not make a valid {type(config).__name__}: {cause}") from None
+    known = set(fields) | set(getattr(config, "attribute_map", {}))
+    unknown = [k for k in overrides if k not in known and k in new.to_dict()]  # kept as-is: nothing read it
+    if unknown:
+        close = {k: difflib.get_close_matches(k, sorted(fields), n=1) for k in unknown}
+        hints = "; ".join(f"{k}" + (f" (did you mean {c[0]}?)" if c else "") for k, c in close.items())
+        raise ConfigError(f"model.override_config sets {hints}, which {'is not a field' if len(unknown) == 1 else 'are not fields'} "
+                          f"of the model's {type(config).__name__}. Fix: use fields of its config.json.")
+    return new
+
+
+def _merged(old: Any, new: Any) -> Any:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}
+    return new
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_device: torch.device | str | None = None,
@@ -116,7 +149,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
     """Load the weights onto `device`; the attention kernel is chosen for `attention_device` (where the model
     will run, which differs when rank 0 loads on the CPU before sharding onto a GPU)."""
     kwargs: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {"use_safetensors": True}
-    attn = attention_for(cfg, attention_device or device, compute_dtype)
+    hf_config = load_hf_config(cfg)
+    if cfg.override_config:
+        kwargs["config"] = hf_config
+    attn = attention_for(cfg, attention_device or device, compute_dtype, hf_config)
     model = AutoModelForCausalLM.from_pretrained(
         os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code, **kwargs,

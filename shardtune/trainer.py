@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shardtune import checkpoint, flops, parallel
-from shardtune.config import ENGINE_ALIASES, Config, dump_yaml, to_dict
+from shardtune import checkpoint, flops, parallel, remote
+from shardtune.config import Config, dump_yaml, notes, to_dict
 from shardtune.data.chat import audit_totals
 from shardtune.data.dataset import TokenizedDataset, build_dataset
 from shardtune.data.loader import RankLayout, StepBatch, StepLoader, planned_steps
@@ -49,6 +49,7 @@ class Trainer:
         # data problems surface before anything is written to the run directory
         self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
         self.run_dir = cfg.run_dir
+        checkpoint.fetch_remote_for_resume(cfg, self.run_dir, self.world)  # a requeued job on a new node
         # a wrong resume path, or another run's checkpoints, are reported before the run directory is touched
         resume_from = checkpoint.find_resume_path(self.run_dir, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
         checkpoint.check_fresh_start(self.run_dir, resume_from, cfg.checkpoint.load_contents)
@@ -73,7 +74,8 @@ class Trainer:
                                to_dict(cfg))
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint, w, parts, self.engine,
                                                     self.tokenizer, cfg.model.path, trainer_cfg.max_ckpt_to_keep,
-                                                    on_saved=self.metrics.event)
+                                                    on_saved=self.metrics.event,
+                                                    remote=remote.uploader(cfg, w, self._remote_saved))
         self.peak_flops = flops.device_peak_flops(w.device, self.engine.compute_dtype)
         self.history: list[dict[str, Any]] = []
 
@@ -117,7 +119,10 @@ class Trainer:
             steps = None  # releasing the loader's iterator stops its prefetch thread (also when the loop raised)
         if self.state.step > self.last_saved:  # always a checkpoint after the last step
             self.save(final=True)
-        self.checkpointer.wait()
+        self.checkpointer.close()
+
+    def _remote_saved(self, info: dict[str, Any]) -> None:
+        self.metrics.event("remote_checkpoint", **info)
 
     def _last_step(self) -> bool:
         return self.state.step == self.total_steps
@@ -125,11 +130,8 @@ class Trainer:
     def _start_events(self) -> None:
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.loader.steps_per_epoch,
                            samples=len(self.train_data), world_size=self.world.world_size, run_dir=str(self.run_dir))
-        strategy = self.cfg.engine.strategy
-        if strategy in ENGINE_ALIASES:
-            self.metrics.event("note", message=f"engine.strategy={strategy} (verl's name) runs "
-                                               f"{ENGINE_ALIASES[strategy].upper()} (fully_shard); shardtune "
-                                               "does not offer FSDP1")
+        for message in notes(self.cfg):
+            self.metrics.event("note", message=message)
         for name, data in (("train", self.train_data), ("val", self.val_data)):
             if data is not None and data.stats.get("mask"):  # what the loss masks train, once per dataset
                 self.metrics.event("mask", data=name, **audit_totals(data.stats["mask"]))

@@ -21,9 +21,10 @@ from shardtune.data.chat import IGNORE_INDEX
 
 @settings(max_examples=150, deadline=None)
 @given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=60), batch=st.integers(1, 16),
-       dp=st.sampled_from([1, 2, 3, 4]), budget=st.integers(64, 200), seed=st.integers(0, 5))
-def test_token_budget_plans(lengths, batch, dp, budget, seed):
-    """No micro-batch over budget, every rank the same count, every sample exactly once per epoch."""
+       dp=st.sampled_from([1, 2, 3, 4]), budget=st.integers(64, 200), seed=st.integers(0, 5), padded=st.booleans())
+def test_token_budget_plans(lengths, batch, dp, budget, seed, padded):
+    """No micro-batch over budget (rows x longest row when padded), every rank the same count, every sample
+    exactly once per epoch."""
     lengths = np.array(lengths)
     sampler = GlobalBatchSampler(len(lengths), batch * dp, seed)
     seen = []
@@ -32,12 +33,13 @@ def test_token_budget_plans(lengths, batch, dp, budget, seed):
         shares = split_across_ranks(indices, lengths, dp)
         assert sorted(i for s in shares for i in s) == sorted(indices.tolist())
         cfg = DataConfig(use_dynamic_bsz=True, max_token_len_per_gpu=budget)
-        plans = plan_micro_batches(indices, lengths, dp, cfg)
+        plans = plan_micro_batches(indices, lengths, dp, cfg, padded)
         assert [sorted(i for m in plan for i in m) for plan in plans] == [sorted(s) for s in shares]
         assert len({len(p) for p in plans}) == 1
         for plan in plans:
             for micro in plan:
-                assert lengths[micro].sum() <= budget if micro else True
+                if micro:
+                    assert (len(micro) * lengths[micro].max() if padded else lengths[micro].sum()) <= budget
                 seen += micro
     assert sorted(seen) == list(range(len(lengths)))
 
@@ -46,6 +48,12 @@ def test_best_fit_decreasing_fills_bins():
     lengths = np.array([60, 50, 40, 30, 20, 10, 5, 5])
     micro = token_budget_micro_batches(list(range(8)), lengths, 110)
     assert sorted(int(lengths[m].sum()) for m in micro) == [110, 110]
+
+
+def test_padded_budget_counts_rows_times_longest():
+    lengths = np.array([60, 50, 40, 30, 20, 10, 5, 5])
+    micro = token_budget_micro_batches(list(range(8)), lengths, 120, padded=True)
+    assert [lengths[m].tolist() for m in micro] == [[60, 50], [40, 30, 20], [10, 5, 5]]  # padded 120, 120, 30
 
 
 def test_ranks_are_balanced_by_tokens():

@@ -69,7 +69,6 @@ def test_wrong_types(override, needle):
     (BASE + ["trainer.logger=[console,slack]"], "trainer.logger"),
     (BASE + ["engine.strategy=deepspeed"], "engine.strategy"),
     (BASE + ["trainer.default_local_dir=runs/{nope}"], "unknown placeholder"),
-    (BASE + ["data.use_dynamic_bsz=true", "model.use_remove_padding=false"], "model.use_remove_padding=true"),
     (BASE + ["engine.param_offload=true"], "needs a torchrun job"),
     (BASE + ["trainer.max_ckpt_to_keep=0"], "max_ckpt_to_keep"),
     (BASE + ["model.dtype=fp16"], "must be one of"),

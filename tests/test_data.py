@@ -53,6 +53,15 @@ def test_prompt_response_nested_like_verl_gsm8k():
                              {"role": "assistant", "content": "4"}]
 
 
+def test_dict_keys_through_a_one_item_list_like_verl():
+    """verl's examples/sft/gsm8k/run_gemma_2b.sh: prompt_key=prompt (a one-message chat list) with
+    prompt_dict_keys=['content']; verl unwraps one-item lists on the way down."""
+    row = {"prompt": [{"role": "user", "content": "2+2?"}], "extra_info": {"answer": "4"}}
+    conv = conv_of(row, format="prompt_response", prompt_key="prompt", response_key="extra_info",
+                   prompt_dict_keys=["content"], response_dict_keys=["answer"])
+    assert conv.messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
 def test_prompt_response_auto_detected_with_chat_list_prompt():
     conv = conv_of({"prompt": [{"role": "user", "content": "q"}], "response": "a"})
     assert [m["role"] for m in conv.messages] == ["user", "assistant"]

@@ -15,7 +15,7 @@ from shardtune.config.loading import (
     set_dotted,
     to_dict,
 )
-from shardtune.config.rules import validate
+from shardtune.config.rules import notes, validate
 from shardtune.config.schema import (
     CHECKPOINT_CONTENTS,
     ENGINE_ALIASES,
@@ -34,5 +34,5 @@ from shardtune.config.schema import (
 __all__ = [
     "CHECKPOINT_CONTENTS", "ENGINE_ALIASES", "LOGGERS", "LOGGER_PACKAGES", "CheckpointConfig", "Config", "DataConfig", "EngineConfig",
     "MixedPrecisionConfig", "ModelConfig", "OptimConfig", "Override", "TrainerConfig", "all_keys", "dump_yaml",
-    "from_dict", "load_config", "parse_overrides", "set_dotted", "to_dict", "validate",
+    "from_dict", "load_config", "notes", "parse_overrides", "set_dotted", "to_dict", "validate",
 ]

@@ -147,8 +147,17 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"Config key '{key}' must be a mapping, got {value!r}. Fix: {key}={{k: v}}.")
-        return dict(value)
+        return _plain(value)
     return _coerce_scalar(key, value, hint)
+
+
+def _plain(value: Any) -> Any:
+    """A mapping built from dotted overrides (`key.sub=1`) holds their parsed values."""
+    if isinstance(value, Override):
+        return value.parsed
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _coerce_scalar(key: str, value: Any, hint: Any) -> Any:

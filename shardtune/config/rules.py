@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 
-from shardtune.config.schema import LOGGER_PACKAGES, LOGGERS, Config, ModelConfig
+from shardtune.config.schema import ENGINE_ALIASES, LOGGER_PACKAGES, LOGGERS, Config, ModelConfig
 from shardtune.errors import ConfigError
+from shardtune.remote import check_url, is_url
 
 
 def validate(cfg: Config, world_size: int = 1) -> Config:
@@ -29,6 +30,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                 f"trainer.default_local_dir='{t.default_local_dir}' uses an unknown placeholder. "
                 "Fix: only {project_name} and {experiment_name} are filled in."
             ) from None
+    if t.remote_dir:
+        check_url(t.remote_dir, "trainer.remote_dir")
+    for f in cfg.data.train_files + cfg.data.val_files:
+        if is_url(f):
+            check_url(f, "data.train_files/val_files")
     return cfg
 
 
@@ -41,9 +47,6 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
         (d.train_batch_size >= 1, f"data.train_batch_size must be >= 1, got {d.train_batch_size}."),
         (d.prefetch_steps >= 0, f"data.prefetch_steps must be >= 0 (0 = no prefetching), got {d.prefetch_steps}."),
         (d.micro_batch_size_per_gpu >= 1, f"data.micro_batch_size_per_gpu must be >= 1, got {d.micro_batch_size_per_gpu}."),
-        (not d.use_dynamic_bsz or cfg.model.use_remove_padding,
-         "data.use_dynamic_bsz packs by token budget, which bounds memory only for padding-free batches. "
-         "Fix: model.use_remove_padding=true (or fixed micro-batches)."),
         (not d.use_dynamic_bsz or d.max_token_len_per_gpu >= d.max_length,
          f"data.max_token_len_per_gpu={d.max_token_len_per_gpu} is below data.max_length={d.max_length}, so a "
          "sample could exceed the budget. Fix: raise data.max_token_len_per_gpu or lower data.max_length."),
@@ -119,3 +122,15 @@ def _check_parallel(cfg: Config, world_size: int) -> None:
 
 def _is_freq(x: int | str) -> bool:
     return x == "after_each_epoch" or x == -1 or (isinstance(x, int) and x >= 1)
+
+
+def notes(cfg: Config) -> list[str]:
+    """What the run does differently from what a key's name suggests, recorded as events in metrics.jsonl."""
+    out = []
+    if cfg.engine.strategy in ENGINE_ALIASES:
+        out.append(f"engine.strategy={cfg.engine.strategy} (verl's name) runs "
+                   f"{ENGINE_ALIASES[cfg.engine.strategy].upper()} (fully_shard); shardtune does not offer FSDP1")
+    if cfg.data.use_dynamic_bsz and not cfg.model.use_remove_padding:
+        out.append("data.use_dynamic_bsz with model.use_remove_padding=false: micro-batches are right-padded rows, "
+                   "and the token budget data.max_token_len_per_gpu bounds rows x longest row (padding included)")
+    return out

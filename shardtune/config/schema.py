@@ -56,6 +56,8 @@ class ModelConfig:
     tokenizer_path: str | None = None
     gguf_file: str | None = None
     trust_remote_code: bool = False
+    # Hugging Face config fields set before the model is built, e.g. {attention_dropout: 0.1} (verl's key)
+    override_config: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | shardtune_varlen_sdpa | ...
     dtype: Literal["fp32", "bf16"] = "fp32"  # weights as loaded and updated; bf16 compute: engine.mixed_precision
     enable_gradient_checkpointing: bool = False
@@ -130,6 +132,7 @@ class TrainerConfig:
     resume_from_path: str | None = None
     save_hf_at_end: bool = False  # also write full safetensors weights into the last checkpoint's huggingface/
     default_local_dir: str = "checkpoints/{project_name}/{experiment_name}"
+    remote_dir: str | None = None  # an fsspec URL (s3://, gs://, hdfs://, file://) that receives every checkpoint
     project_name: str = "shardtune"
     experiment_name: str = "run"
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])

@@ -99,20 +99,24 @@ def fixed_micro_batches(share: list[int], micro_batch_size: int) -> list[list[in
     return [share[i : i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
 
 
-def token_budget_micro_batches(share: list[int], lengths: np.ndarray, budget: int) -> list[list[int]]:
+def token_budget_micro_batches(share: list[int], lengths: np.ndarray, budget: int,
+                               padded: bool = False) -> list[list[int]]:
     """Pack a rank's samples into as few micro-batches of at most `budget` tokens as best-fit-decreasing
-    finds (longest first, each into the fullest micro-batch it still fits). Samples keep their order."""
+    finds (longest first, each into the fullest micro-batch it still fits). Samples keep their order.
+    `padded`: the micro-batches become right-padded rows, so a micro-batch costs rows x its longest row
+    (the first sample placed in it), and that is what the budget bounds."""
     bins: list[list[int]] = []
     loads: list[int] = []
     for i in sorted(share, key=lambda i: -int(lengths[i])):
         n = int(lengths[i])
         if n > budget:
             raise ValueError(f"sample {i} has {n} tokens, more than the budget data.max_token_len_per_gpu={budget}")
-        fits = [b for b in range(len(bins)) if loads[b] + n <= budget]
+        cost = [int(lengths[b[0]]) if padded else n for b in bins]
+        fits = [b for b in range(len(bins)) if loads[b] + cost[b] <= budget]
         if fits:
             b = max(fits, key=lambda b: loads[b])
             bins[b].append(i)
-            loads[b] += n
+            loads[b] += cost[b]
         else:
             bins.append([i])
             loads.append(n)
@@ -145,14 +149,16 @@ def equalize_micro_batch_counts(plans: MicroBatchPlan) -> MicroBatchPlan:
     return [p + [[] for _ in range(n - len(p))] for p in plans]
 
 
-def plan_micro_batches(indices: np.ndarray, lengths: np.ndarray, dp_size: int, cfg: DataConfig) -> MicroBatchPlan:
+def plan_micro_batches(indices: np.ndarray, lengths: np.ndarray, dp_size: int, cfg: DataConfig,
+                       padded: bool = False) -> MicroBatchPlan:
     """Every data-parallel rank's micro-batches for one global batch: samples balanced over ranks by tokens,
-    then cut by count (data.micro_batch_size_per_gpu) or packed by token budget (data.max_token_len_per_gpu),
-    with the same number of micro-batches on every rank."""
+    then cut by count (data.micro_batch_size_per_gpu) or packed by token budget (data.max_token_len_per_gpu;
+    for `padded` rows the budget bounds rows x longest row), with the same number of micro-batches on every
+    rank."""
     shares = split_across_ranks(indices, lengths, dp_size)
     if not cfg.use_dynamic_bsz:
         return equalize_micro_batch_counts([fixed_micro_batches(s, cfg.micro_batch_size_per_gpu) for s in shares])
-    plans = [token_budget_micro_batches(s, lengths, cfg.max_token_len_per_gpu) for s in shares]
+    plans = [token_budget_micro_batches(s, lengths, cfg.max_token_len_per_gpu, padded) for s in shares]
     n = max(len(p) for p in plans)
     return equalize_micro_batch_counts([split_heaviest(p, n, lengths) for p in plans])
 

@@ -138,6 +138,8 @@ def _nested(row: Row, key: str, dict_keys: list[str], what: str) -> Any:
     path = key
     for k in dict_keys:
         path += f".{k}"
+        if isinstance(value, list) and len(value) == 1:  # verl unwraps one-item lists, e.g. its RL `prompt` column
+            value = value[0]
         if not isinstance(value, dict) or k not in value:
             have = sorted(value) if isinstance(value, dict) else type(value).__name__
             raise row_error(row.path, row.index, path, f"not found (have {have})",

@@ -74,7 +74,7 @@ class StepLoader:
     # ------------------------------------------------------------------------------------------------------
     def micro_batches(self, indices: np.ndarray, data: TokenizedDataset) -> tuple[MicroBatchPlan, list[MicroBatch]]:
         """Every rank's plan for these samples of `data`, and this rank's micro-batches, ready for the engine."""
-        plans = plan_micro_batches(indices, data.lengths, self.layout.dp_size, self.cfg)
+        plans = plan_micro_batches(indices, data.lengths, self.layout.dp_size, self.cfg, padded=not self.packed)
         ready = []
         for micro in plans[self.layout.dp_rank]:
             mb = collate([data[i] for i in micro], self.packed, self.pad_id)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shardtune import remote
 from shardtune.errors import DataError
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -31,6 +32,9 @@ def expand_paths(spec: str | list[str]) -> list[str]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     out: list[str] = []
     for s in specs:
+        if remote.is_url(s):  # s3://bucket/sft/*.parquet, hdfs://..., file://...
+            out += remote.expand(s)
+            continue
         s = os.path.expanduser(s)
         if any(ch in s for ch in "*?["):
             matches = sorted(glob.glob(s, recursive=True))
@@ -56,6 +60,9 @@ def read_rows(paths: list[str], max_rows: int = -1) -> Iterator[Row]:
 
 
 def _read_one(path: str) -> Iterator[Row]:
+    if remote.is_url(path):
+        yield from _read_remote(path)
+        return
     if os.path.isdir(path):
         yield from _read_hf_folder(path)
         return
@@ -71,6 +78,16 @@ def _read_one(path: str) -> Iterator[Row]:
     else:
         raise DataError(f"Data file '{path}' has an unsupported type. Fix: use one of {', '.join(SUFFIXES)} "
                         "or a folder written by datasets' save_to_disk.")
+
+
+def _read_remote(url: str) -> Iterator[Row]:
+    """Rows of a remote file, read from a temporary local copy; rows and errors name the URL."""
+    with remote.local_copy(url) as local:
+        try:
+            for row in _read_one(local):
+                yield Row(url, row.index, row.data)
+        except DataError as e:
+            raise DataError(str(e).replace(local, url)) from None
 
 
 def _read_parquet(path: str) -> Iterator[Row]:
@@ -158,6 +175,9 @@ def files_fingerprint(paths: list[str]) -> list[tuple[str, int, int]]:
     """(absolute path, size, mtime in ns) of every file, for cache keys."""
     out = []
     for p in paths:
+        if remote.is_url(p):  # the store's size and ETag / modification time
+            out.append(remote.fingerprint(p))
+            continue
         files = [Path(p)] if os.path.isfile(p) else sorted(x for x in Path(p).rglob("*") if x.is_file())
         for f in files:
             st = f.stat()

@@ -1,20 +1,19 @@
-"""verl config keys -> shardtune config keys, in one table per verl trainer.
+"""verl config keys -> shardtune config keys, one table per verl trainer.
 
-Each verl key is either mapped (to a shardtune key, with an optional value conversion), ignored with a
-warning (where ignoring it cannot change the run's numerics), or refused with a message. verl's own
-defaults are applied first, so the same command line means the same run. A test enumerates every key of
-both verl configs against these tables.
+Each verl key is mapped (to a shardtune key, with an optional value conversion), ignored with a warning
+(where verl's own trainer ignores it, or where ignoring it cannot change what is trained), refused (where
+running would change what the user asked for; the message names the closest shardtune setting), or
+handled by a function (keys that combine, or whose values are checked item by item). A test enumerates
+every key of both verl configs against these tables.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shardtune.config import parse_overrides
 from shardtune.errors import ConfigError
 
 
@@ -22,6 +21,7 @@ from shardtune.errors import ConfigError
 class Map:
     target: str
     convert: Callable[[Any], Any] | None = None
+    alias: bool = False  # another verl key gives the target's default; this one counts only when set
 
 
 @dataclass(frozen=True)
@@ -32,29 +32,117 @@ class Warn:
 @dataclass(frozen=True)
 class Refuse:
     why: str
-    allowed: tuple = (None,)  # values that are harmless (verl's defaults) and accepted silently
+    allowed: tuple = (None,)  # harmless values (verl's default among them), accepted silently
+    closest: str = ""  # the nearest shardtune setting, named in the message
+
+
+@dataclass(frozen=True)
+class Custom:
+    """`handle(key, value, ctx)` assigns shardtune keys, warns or refuses through `ctx`."""
+
+    handle: Callable[[str, Any, Any], None]
 
 
 def _dtype(v: Any) -> str:
     names = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
     if str(v) not in names:
-        raise ConfigError(f"model dtype {v!r} is not supported. Fix: fp32 or bf16.")
+        raise ConfigError(f"model dtype {v!r} is not supported. Fix: fp32 or bf16 (fp16 weights overflow in AdamW).")
     return names[str(v)]
-
-
-def _pad_mode(v: Any) -> bool:
-    if v not in ("no_padding", "right"):
-        raise ConfigError(f"data.pad_mode={v!r} is not supported. Fix: no_padding or right.")
-    return v == "no_padding"
 
 
 def _enable_format(v: Any) -> str:
     return "messages" if v else "prompt_response"
 
 
+def _fsdp_size(key: str, value: Any, ctx: Any) -> None:
+    """verl shards over all ranks when fsdp_size is -1 or at least the number of processes."""
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    size = -1 if world and isinstance(value, int) and value >= world else value
+    ctx.assign("engine.fsdp_size", size, key)
+
+
+def _pad_mode(key: str, value: Any, ctx: Any) -> None:
+    """verl's pad mode is how its dataset hands samples to the engine; shardtune's datasets never pad
+    samples, and the batch layout follows model.use_remove_padding, as verl's FSDP engine does."""
+    if value not in ("no_padding", "right", "left_right"):
+        ctx.refuse(key, f"{value!r} is not one of verl's pad modes (no_padding, right, left_right)")
+
+
+LOGGER_ALIASES = {"tracking": "wandb", "vemlp_wandb": "wandb", "file": "file"}  # verl's deprecated/vendor names
+UNSUPPORTED_LOGGERS = ("swanlab", "clearml", "trackio")
+
+
+def _logger(key: str, value: Any, ctx: Any) -> None:
+    sinks = [value] if isinstance(value, str) else list(value or [])
+    dropped = [s for s in sinks if s in UNSUPPORTED_LOGGERS]
+    if dropped:
+        ctx.warn(key, f"the {', '.join(dropped)} sink{'s are' if len(dropped) > 1 else ' is'} not built in; "
+                      "metrics.jsonl holds every metric (trainer.logger also takes tensorboard, wandb, mlflow)")
+    ctx.assign("trainer.logger", [LOGGER_ALIASES.get(s, s) for s in sinks if s not in UNSUPPORTED_LOGGERS], key)
+
+
+# torch.optim.AdamW arguments in verl's optim.override_optimizer_config
+ADAMW_SPEED = ("fused", "foreach", "capturable", "differentiable")  # how the step runs, not what it computes
+ADAMW_SAME = {"eps": "optim.eps", "lr": "optim.lr", "weight_decay": "optim.weight_decay", "betas": "optim.betas"}
+ADAMW_OFF = ("amsgrad", "maximize")  # change the update rule when true
+
+
+def _override_optimizer(key: str, value: Any, ctx: Any) -> None:
+    """verl passes these to the optimizer's constructor after its own arguments (they win)."""
+    for name, v in (value or {}).items():
+        sub = f"{key}.{name}"
+        if name in ADAMW_SAME:
+            ctx.assign(ADAMW_SAME[name], v, sub)
+        elif name in ADAMW_SPEED:
+            ctx.warn(sub, "shardtune picks torch's fused AdamW kernel where it covers the parameters (foreach "
+                          "elsewhere); the update is the same")
+        elif name in ADAMW_OFF and v:
+            ctx.refuse(sub, f"AdamW with {name}=True is another update rule; shardtune trains with plain "
+                            "torch.optim.AdamW (closest: leave it out)")
+        elif name not in ADAMW_OFF:
+            ctx.refuse(sub, "not an argument of torch.optim.AdamW, the optimizer shardtune trains with "
+                            f"(AdamW takes {', '.join([*ADAMW_SAME, *ADAMW_OFF, *ADAMW_SPEED])})")
+
+
+def _override_config(key: str, value: Any, ctx: Any) -> None:
+    """verl sets these on the Hugging Face config before the model is built (attn_implementation picks
+    the attention kernel); shardtune checks each is a field of the model's config before loading it."""
+    fields = dict(value or {})
+    if "attn_implementation" in fields:
+        ctx.assign("model.attn_implementation", fields.pop("attn_implementation"), f"{key}.attn_implementation")
+    if fields:
+        ctx.assign("model.override_config", fields, key)
+
+
+def _legacy_offload(key: str, value: Any, ctx: Any) -> None:
+    """verl's legacy trainer offloads (FSDP CPUOffload) only when both cpu_offload and offload_params are on."""
+    fsdp = ctx.tree["model"]["fsdp_config"]
+    ctx.assign("engine.param_offload", bool(fsdp.get("cpu_offload") and fsdp.get("offload_params")),
+               "model.fsdp_config.offload_params" if ctx.is_set("model.fsdp_config.offload_params") else key)
+
+
+def _engine_offload(key: str, value: Any, ctx: Any) -> None:
+    """verl's param_offload (between phases) and offload_policy (FSDP2 CPUOffloadPolicy) are both shardtune's
+    CPUOffloadPolicy: they change memory and speed, not the numbers."""
+    engine = ctx.tree["engine"]
+    ctx.assign("engine.param_offload", bool(engine.get("param_offload") or engine.get("offload_policy")),
+               "engine.offload_policy" if ctx.is_set("engine.offload_policy") else key)
+
+
+def _handled_with(other: str) -> Custom:
+    return Custom(lambda key, value, ctx: None)  # read by `other`'s rule
+
+
+LAUNCHER = Custom(lambda key, value, ctx: None)  # read by the entry point that starts the processes
+
+
 HARMLESS = "shardtune ignores it; it does not change what is trained"
 LAUNCH = "the number of processes comes from torchrun"
 SPEED = "a speed option shardtune does not implement; the results are the same without it"
+WRAP = "FSDP2 wraps each decoder layer (and the root)"
+DATA_LOADING = "shardtune tokenizes once into a cache and prepares batches in a background thread (data.prefetch_steps)"
+LEGACY_OPTIM = ("verl's fsdp_sft_trainer does not read it (its schedule comes from optim.lr_scheduler and "
+                "optim.lr_warmup_steps_ratio), so neither does shardtune: the same run as in verl")
 
 COMMON: dict[str, Any] = {
     "data.train_batch_size": Map("data.train_batch_size"),
@@ -67,32 +155,42 @@ COMMON: dict[str, Any] = {
     "data.truncation": Map("data.truncation"),
     "data.balance_dp_token": Warn("shardtune always normalises the loss by the global supervised-token count"),
     "data.use_shm": Warn(HARMLESS),
+    "data.num_workers": Warn(DATA_LOADING),
     "data.apply_chat_template_kwargs": Map("data.apply_chat_template_kwargs"),
-    "data.custom_cls.path": Refuse("custom dataset classes are not supported; convert the data to a supported format"),
-    "data.custom_cls.name": Refuse("custom dataset classes are not supported; convert the data to a supported format"),
+    "data.custom_cls.path": Refuse("custom dataset classes are not supported", closest="data.format"),
+    "data.custom_cls.name": Refuse("custom dataset classes are not supported", closest="data.format"),
     "model.trust_remote_code": Map("model.trust_remote_code"),
     "model.enable_gradient_checkpointing": Map("model.enable_gradient_checkpointing"),
     "model.lora_rank": Map("model.lora_rank"),
     "model.lora_alpha": Map("model.lora_alpha"),
     "model.target_modules": Map("model.target_modules"),
+    "model.lora_adapter_path": Map("model.lora_adapter_path"),
     "model.use_shm": Warn(HARMLESS),
     "model.use_liger": Map("model.use_liger"),
-    "model.external_lib": Refuse("importing external model code is not supported"),
+    "model.external_lib": Refuse("importing external model code is not supported", closest="model.trust_remote_code"),
+    # verl's speculator training (a draft head on a frozen base model): another training objective
+    "model.speculator": Refuse("speculator training is not supported", allowed=(None, {}), closest="model.lora_rank"),
+    "model.speculator_adapter": Refuse("speculator training is not supported", allowed=(None, {}),
+                                       closest="model.lora_rank"),
+    "model.freeze_base_model": Refuse("speculator training is not supported", allowed=(None, False),
+                                      closest="model.lora_rank"),
     "optim.lr": Map("optim.lr"),
     "optim.betas": Map("optim.betas"),
     "optim.weight_decay": Map("optim.weight_decay"),
     "optim.lr_warmup_steps_ratio": Map("optim.lr_warmup_steps_ratio"),
     "optim.clip_grad": Map("optim.clip_grad"),
-    "optim.optimizer": Refuse("shardtune trains with torch AdamW only", allowed=(None, "AdamW", "adamw")),
-    "optim.optimizer_impl": Refuse("shardtune uses torch.optim.AdamW", allowed=(None, "torch.optim")),
+    "optim.optimizer": Refuse("shardtune trains with torch AdamW only", allowed=(None, "AdamW", "adamw"),
+                              closest="optim.optimizer=AdamW"),
+    "optim.optimizer_impl": Refuse("shardtune trains with torch.optim.AdamW", allowed=(None, "torch.optim"),
+                                   closest="optim.optimizer_impl=torch.optim"),
+    "optim.override_optimizer_config": Custom(_override_optimizer),
     "trainer.default_local_dir": Map("trainer.default_local_dir"),
-    "trainer.default_hdfs_dir": Refuse("HDFS copies are not supported; copy the run directory yourself"),
+    "trainer.default_hdfs_dir": Map("trainer.remote_dir"),
     "trainer.project_name": Map("trainer.project_name"),
     "trainer.experiment_name": Map("trainer.experiment_name"),
     "trainer.total_epochs": Map("trainer.total_epochs"),
     "trainer.total_training_steps": Map("trainer.total_training_steps"),
-    "trainer.logger": Map("trainer.logger"),
-    "trainer.seed": Map("trainer.seed"),
+    "trainer.logger": Custom(_logger),
     "trainer.save_freq": Map("trainer.save_freq"),
     "trainer.test_freq": Map("trainer.test_freq"),
     "trainer.nnodes": Warn(LAUNCH),
@@ -103,9 +201,13 @@ COMMON: dict[str, Any] = {
     "trainer.device": Warn("the device is chosen automatically (CUDA when present)"),
 }
 
+# keys of verl's optim/fsdp.yaml that the legacy trainer's optim group brings in but its code never reads
+_LEGACY_IGNORED_OPTIM = ("lr_scheduler_type", "warmup_style", "min_lr_ratio", "num_cycles", "lr_warmup_steps",
+                         "total_training_steps")
+
 LEGACY: dict[str, Any] = {
     **COMMON,
-    "data.micro_batch_size": Map("data.micro_batch_size_per_gpu"),  # deprecated in verl
+    "data.micro_batch_size": Map("data.micro_batch_size_per_gpu", alias=True),  # deprecated in verl
     "data.prompt_key": Map("data.prompt_key"),
     "data.response_key": Map("data.response_key"),
     "data.prompt_dict_keys": Map("data.prompt_dict_keys"),
@@ -118,13 +220,17 @@ LEGACY: dict[str, Any] = {
     "data.chat_template": Map("data.chat_template"),
     "model.partial_pretrain": Map("model.path"),
     "model.fsdp_config.model_dtype": Map("model.dtype", _dtype),
-    "model.fsdp_config.wrap_policy.min_num_params": Warn("FSDP2 wraps each decoder layer"),
-    "model.fsdp_config.cpu_offload": Map("engine.param_offload"),
-    "model.fsdp_config.offload_params": Map("engine.param_offload"),
+    "model.fsdp_config.wrap_policy.min_num_params": Warn(WRAP),
+    "model.fsdp_config.wrap_policy.transformer_layer_cls_to_wrap": Warn(WRAP),
+    "model.fsdp_config.wrap_policy.disable": Warn(WRAP),
+    "model.fsdp_config.cpu_offload": Custom(_legacy_offload),
+    "model.fsdp_config.offload_params": _handled_with("model.fsdp_config.cpu_offload"),
     "model.strategy": Map("engine.strategy"),
     "optim.lr_scheduler": Map("optim.lr_scheduler_type"),
+    **{f"optim.{k}": Warn(LEGACY_OPTIM) for k in _LEGACY_IGNORED_OPTIM},
     "ulysses_sequence_parallel_size": Map("ulysses_sequence_parallel_size"),
     "use_remove_padding": Map("model.use_remove_padding"),
+    "trainer.seed": Map("trainer.seed"),
     "trainer.checkpoint.save_contents": Map("checkpoint.save_contents"),
     "trainer.checkpoint.load_contents": Map("checkpoint.load_contents"),
 }
@@ -136,32 +242,41 @@ ENGINE: dict[str, Any] = {
     "data.messages_key": Map("data.messages_key"),
     "data.tools_key": Map("data.tools_key"),
     "data.enable_thinking_key": Map("data.enable_thinking_key"),
-    "data.pad_mode": Map("model.use_remove_padding", _pad_mode),
+    "data.pad_mode": Custom(_pad_mode),
     "data.ignore_input_ids_mismatch": Map("data.ignore_input_ids_mismatch"),
+    "data.image_key": Refuse("images are not supported (text-only SFT)", allowed=(None, "images"),
+                             closest="data.messages_key"),
+    "data.video_key": Refuse("videos are not supported (text-only SFT)", allowed=(None, "videos"),
+                             closest="data.messages_key"),
     "checkpoint.save_contents": Map("checkpoint.save_contents"),
     "checkpoint.load_contents": Map("checkpoint.load_contents"),
     "checkpoint.async_save": Map("checkpoint.async_save"),
+    "trainer.seed": Map("trainer.seed", alias=True),  # engine.seed seeds verl's engine trainer
     "trainer.profile_interval": Warn("profiling is not built in; use torch.profiler around shardtune"),
     "model.path": Map("model.path"),
-    "model.hf_config_path": Refuse("a separate config path is not supported; keep config.json in model.path"),
+    "model.hf_config_path": Refuse("a separate config path is not supported", closest="model.override_config"),
     "model.tokenizer_path": Map("model.tokenizer_path"),
     "model.custom_chat_template": Map("data.chat_template"),
-    "model.override_config.attn_implementation": Map("model.attn_implementation"),
-    "model.enable_activation_offload": Refuse("activation offload is not supported", allowed=(None, False)),
+    "model.override_config": Custom(_override_config),
+    "model.enable_activation_offload": Refuse("activation offload is not supported", allowed=(None, False),
+                                              closest="model.enable_gradient_checkpointing"),
     "model.use_remove_padding": Map("model.use_remove_padding"),
     "model.exclude_modules": Map("model.exclude_modules"),
-    "model.lora_adapter_path": Map("model.lora_adapter_path"),
     "model.lora": Warn("Megatron LoRA options; FSDP2 LoRA uses model.lora_rank"),
     "model.use_fused_kernels": Warn(SPEED),
-    "model.fused_kernel_options.impl_backend": Warn(SPEED),
-    "model.tiled_mlp.enabled": Refuse("tiled MLP is not supported", allowed=(None, False)),
+    "model.fused_kernel_options": Warn(SPEED),
+    "model.tiled_mlp.enabled": Refuse("tiled MLP is not supported", allowed=(None, False),
+                                      closest="model.loss_chunk_size"),
     "model.tiled_mlp.num_shards": Warn(SPEED),
-    "engine.wrap_policy.min_num_params": Warn("FSDP2 wraps each decoder layer"),
-    "engine.param_offload": Map("engine.param_offload"),
+    "model.mtp": Warn("multi-token prediction is an RL / Megatron option group"),
+    "engine.wrap_policy.min_num_params": Warn(WRAP),
+    "engine.wrap_policy.transformer_layer_cls_to_wrap": Warn(WRAP),
+    "engine.wrap_policy.disable": Warn(WRAP),
+    "engine.param_offload": Custom(_engine_offload),
+    "engine.offload_policy": _handled_with("engine.param_offload"),
     "engine.optimizer_offload": Map("engine.optimizer_offload"),
-    "engine.offload_policy": Warn("FSDP2's CPUOffloadPolicy follows engine.param_offload"),
     "engine.reshard_after_forward": Map("engine.reshard_after_forward"),
-    "engine.fsdp_size": Map("engine.fsdp_size"),
+    "engine.fsdp_size": Custom(_fsdp_size),
     "engine.forward_prefetch": Warn(SPEED),
     "engine.model_dtype": Map("model.dtype", _dtype),
     "engine.use_orig_params": Warn("FSDP2 always keeps the original parameters"),
@@ -170,16 +285,17 @@ ENGINE: dict[str, Any] = {
     "engine.ulysses_sequence_parallel_size": Map("engine.ulysses_sequence_parallel_size"),
     "engine.entropy_from_logits_with_chunking": Warn("an RL option; SFT computes no entropy"),
     "engine.entropy_checkpointing": Warn("an RL option; SFT computes no entropy"),
-    "engine.use_torch_compile": Warn(SPEED),
+    "engine.use_torch_compile": Warn("verl compiles its log-prob helpers with it, a speed option; the results "
+                                     "are the same without it"),
     "engine.forward_only": Refuse("forward-only engines do not train", allowed=(None, False)),
     "engine.strategy": Map("engine.strategy"),
     "engine.dtype": Warn("unused by verl's FSDP engine too"),
     "engine.mixed_precision.param_dtype": Map("engine.mixed_precision.param_dtype", _dtype),
     "engine.mixed_precision.reduce_dtype": Map("engine.mixed_precision.reduce_dtype", _dtype),
     "engine.mixed_precision.buffer_dtype": Warn("buffers keep the model dtype"),
-    "engine.use_dynamic_bsz": Map("data.use_dynamic_bsz"),
-    "engine.max_token_len_per_gpu": Map("data.max_token_len_per_gpu"),
-    "engine.micro_batch_size_per_gpu": Map("data.micro_batch_size_per_gpu"),
+    "engine.use_dynamic_bsz": Map("data.use_dynamic_bsz", alias=True),
+    "engine.max_token_len_per_gpu": Map("data.max_token_len_per_gpu", alias=True),
+    "engine.micro_batch_size_per_gpu": Map("data.micro_batch_size_per_gpu", alias=True),
     "engine.infer_max_token_len_per_gpu": Warn("an inference option"),
     "engine.infer_micro_batch_size_per_gpu": Warn("an inference option"),
     "optim.lr_warmup_steps": Map("optim.lr_warmup_steps"),
@@ -187,62 +303,11 @@ ENGINE: dict[str, Any] = {
     "optim.min_lr_ratio": Map("optim.min_lr_ratio"),
     "optim.num_cycles": Map("optim.num_cycles"),
     "optim.lr_scheduler_type": Map("optim.lr_scheduler_type"),
-    "optim.warmup_style": Map("optim.lr_scheduler_type"),  # verl's deprecated alias
-    "optim.override_optimizer_config": Refuse("optimizer overrides are not supported"),
+    "optim.warmup_style": Map("optim.lr_scheduler_type", alias=True),  # verl's deprecated alias
 }
-ENGINE_PREFIX_WARN = ("profiler.", "model.mtp.")  # whole groups verl defines for RL / profiling
+# whole option groups verl defines for RL, profiling and Megatron checkpoints
+ENGINE_PREFIX_WARN = {"profiler.": "profiling is not built in; use torch.profiler around shardtune",
+                      "checkpoint.mbridge_config.": "Megatron-bridge checkpoint options"}
 
-# verl's defaults, as shardtune overrides (applied before the user's keys)
-LEGACY_DEFAULTS = [
-    "data.train_batch_size=256", "data.micro_batch_size_per_gpu=4", "data.prompt_key=question",
-    "data.response_key=answer", "data.format=prompt_response", "data.max_length=1024", "data.truncation=error",
-    "model.enable_gradient_checkpointing=true", "optim.lr=1e-5", "optim.betas=[0.9,0.95]",
-    "optim.weight_decay=0.01", "optim.lr_warmup_steps_ratio=0.1", "optim.clip_grad=1.0",
-    "optim.lr_scheduler_type=cosine", "model.use_remove_padding=false",
-    "trainer.default_local_dir=checkpoints/{project_name}/{experiment_name}", "trainer.project_name=gsm8k-sft",
-    "trainer.experiment_name=test", "trainer.total_epochs=4", "trainer.seed=1", "trainer.resume_mode=auto",
-]
-ENGINE_DEFAULTS = [
-    "data.train_batch_size=256", "data.micro_batch_size_per_gpu=4", "data.max_token_len_per_gpu=8192",
-    "data.use_dynamic_bsz=true", "data.format=messages", "data.max_length=1024", "data.truncation=error",
-    "model.enable_gradient_checkpointing=true", "model.use_remove_padding=true", "optim.lr=1e-3",
-    "optim.betas=[0.9,0.999]", "optim.weight_decay=0.01", "optim.lr_warmup_steps_ratio=0.0", "optim.clip_grad=1.0",
-    "optim.lr_scheduler_type=constant", "trainer.default_local_dir=checkpoints/{project_name}/{experiment_name}",
-    "trainer.project_name=gsm8k-sft", "trainer.experiment_name=test", "trainer.total_epochs=4", "trainer.seed=42",
-    "trainer.resume_mode=auto",
-]
-
-
-def translate(argv: list[str], table: dict[str, Any], defaults: list[str],
-              prefix_warn: tuple[str, ...] = ()) -> list[str]:
-    """verl overrides -> shardtune overrides (verl defaults first, then the user's keys in order)."""
-    out = list(defaults)
-    refused = []
-    for key, value in parse_overrides(argv).items():
-        rule = table.get(key)
-        if rule is None and key.startswith(prefix_warn):
-            rule = Warn("a verl option group shardtune does not use")
-        if rule is None:
-            refused.append(f"{key} (not a key of this verl trainer's config)")
-        elif isinstance(rule, Warn):
-            if os.environ.get("RANK", "0") == "0":
-                print(f"shardtune: warning: verl key {key} is ignored: {rule.why}.", file=sys.stderr)
-        elif isinstance(rule, Refuse):
-            if value.parsed not in rule.allowed:
-                refused.append(f"{key} ({rule.why})")
-        elif rule.convert is None:
-            out.append(f"{rule.target}={value.raw}")
-        else:
-            converted = rule.convert(value.parsed)
-            if converted is not None:
-                out.append(f"{rule.target}={_yaml(converted)}")
-    if refused:
-        raise ConfigError("These verl keys are not supported by shardtune: " + "; ".join(refused) + ".")
-    return out
-
-
-def _yaml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
+# shardtune settings implied by the engine trainer, which reads multi-turn data only (not verl keys)
+ENGINE_IMPLIED = {"data.format": "messages"}

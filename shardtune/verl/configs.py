@@ -1,0 +1,152 @@
+"""verl's two SFT configs as verl composes them (its own YAML plus the config groups its `defaults` list
+selects), with verl's default values: what a verl command line is applied to.
+
+Both are written down here as data (verl is not imported). A few keys are kept although verl's YAML only
+knows them from its dataclasses or from older versions (e.g. `engine.use_dynamic_bsz`,
+`wrap_policy.transformer_layer_cls_to_wrap`), so a line that sets them without Hydra's `+` still reads.
+Free-form mappings (`model.override_config`, ...) accept new keys, as verl's code reads them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+_CHECKPOINT = {"save_contents": ["model", "optimizer", "extra"], "load_contents": None}
+_TRAINER = {
+    "default_local_dir": "checkpoints/${trainer.project_name}/${trainer.experiment_name}",
+    "default_hdfs_dir": None, "project_name": "gsm8k-sft", "experiment_name": "test", "total_epochs": 4,
+    "total_training_steps": None, "logger": ["console", "wandb"], "seed": 1, "save_freq": -1, "test_freq": -1,
+    "nnodes": 1, "n_gpus_per_node": 8, "max_ckpt_to_keep": None, "resume_mode": "auto", "resume_from_path": None,
+    "device": "cuda",
+}
+_DATA = {
+    "train_batch_size": 256, "micro_batch_size_per_gpu": 4, "train_files": None, "val_files": None,
+    "train_max_samples": -1, "val_max_samples": -1, "max_length": 1024, "truncation": "error",
+    "balance_dp_token": False, "custom_cls": {"path": None, "name": None}, "use_shm": False,
+    "apply_chat_template_kwargs": {}, "num_workers": 8,
+}
+_WRAP_POLICY = {"min_num_params": 0, "transformer_layer_cls_to_wrap": None, "disable": False}
+
+# optim/fsdp.yaml (FSDPOptimizerConfig), the group both trainers select
+OPTIM_FSDP = {
+    "optimizer": "AdamW", "optimizer_impl": "torch.optim", "lr": 1e-3, "lr_warmup_steps_ratio": 0.0,
+    "total_training_steps": -1, "weight_decay": 0.01, "lr_warmup_steps": -1, "betas": [0.9, 0.999],
+    "clip_grad": 1.0, "min_lr_ratio": 0.0, "num_cycles": 0.5, "lr_scheduler_type": "constant",
+    "warmup_style": None, "override_optimizer_config": None,
+}
+
+# engine/fsdp.yaml (FSDPEngineConfig); the last six keys exist in verl's dataclass only
+ENGINE_FSDP = {
+    "wrap_policy": dict(_WRAP_POLICY), "param_offload": False, "optimizer_offload": False, "offload_policy": False,
+    "reshard_after_forward": True, "fsdp_size": -1, "forward_prefetch": False, "model_dtype": "fp32",
+    "use_orig_params": False, "seed": 42, "full_determinism": False, "ulysses_sequence_parallel_size": 1,
+    "entropy_from_logits_with_chunking": False, "entropy_checkpointing": False, "use_torch_compile": True,
+    "forward_only": False, "strategy": "fsdp", "dtype": "bfloat16",
+    "mixed_precision": {"param_dtype": None, "reduce_dtype": None, "buffer_dtype": None},
+    "use_dynamic_bsz": None, "max_token_len_per_gpu": None, "micro_batch_size_per_gpu": None,
+    "infer_max_token_len_per_gpu": None, "infer_micro_batch_size_per_gpu": None,
+}
+
+# model/hf_model.yaml (HFModelConfig)
+HF_MODEL = {
+    "path": None, "hf_config_path": None, "tokenizer_path": None, "use_shm": False, "trust_remote_code": False,
+    "custom_chat_template": None, "external_lib": None, "override_config": {}, "enable_gradient_checkpointing": True,
+    "enable_activation_offload": False, "use_remove_padding": True, "lora_rank": 0, "lora_alpha": 16,
+    "target_modules": "all-linear", "exclude_modules": None, "lora_adapter_path": None, "lora": {},
+    "use_liger": False, "use_fused_kernels": False, "fused_kernel_options": {"impl_backend": "torch"},
+    "freeze_base_model": False,
+    "tiled_mlp": {"enabled": False, "num_shards": 4}, "mtp": {"enable": False},
+}
+
+PROFILER = {"tool": "torch", "enable": False, "all_ranks": False, "ranks": [], "save_path": "outputs/profile",
+            "tool_config": {}}
+
+# sft_trainer.yaml (legacy fsdp_sft_trainer): its own sections are merged over the optim group (`_self_` last)
+LEGACY_OWN = {
+    "data": {
+        **_DATA, "micro_batch_size": None, "prompt_key": "question", "response_key": "answer",
+        "prompt_dict_keys": None, "response_dict_keys": None,
+        "multiturn": {"enable": False, "messages_key": "messages", "tools_key": "tools",
+                      "enable_thinking_key": "enable_thinking"},
+        "chat_template": None,
+    },
+    "model": {
+        "partial_pretrain": None, "use_shm": False,
+        "fsdp_config": {"model_dtype": "fp32", "wrap_policy": dict(_WRAP_POLICY), "cpu_offload": False,
+                        "offload_params": False},
+        "external_lib": None, "enable_gradient_checkpointing": True, "trust_remote_code": False, "lora_rank": 0,
+        "lora_alpha": 16, "target_modules": "all-linear", "use_liger": False, "strategy": "fsdp2",
+        "lora_adapter_path": None,
+    },
+    "optim": {"lr": 1e-5, "betas": [0.9, 0.95], "weight_decay": 0.01, "lr_warmup_steps_ratio": 0.1, "clip_grad": 1.0,
+              "lr_scheduler": "cosine"},
+    "ulysses_sequence_parallel_size": 1,
+    "use_remove_padding": False,
+    "trainer": {**_TRAINER, "checkpoint": dict(_CHECKPOINT)},
+}
+
+# sft_trainer_engine.yaml (engine-based sft_trainer)
+ENGINE_OWN = {
+    "data": {
+        **_DATA, "max_token_len_per_gpu": 8192, "use_dynamic_bsz": True, "messages_key": "messages",
+        "tools_key": "tools", "enable_thinking_key": "enable_thinking", "pad_mode": "no_padding",
+        "ignore_input_ids_mismatch": False, "image_key": "images", "video_key": "videos",
+    },
+    "checkpoint": {**_CHECKPOINT, "async_save": False,
+                   "mbridge_config": {"memory_efficient": True, "distributed_filesystem": True}},
+    "trainer": {**_TRAINER, "seed": 1, "n_gpus_per_node": 1, "profile_interval": [-1, -1]},
+}
+
+# verl's other training backends: a group option shardtune refuses, with the backend's name
+BACKENDS = {"megatron": "Megatron-Core", "veomni": "VeOmni", "deepspeed": "DeepSpeed", "mindspeed": "MindSpeed"}
+
+
+@dataclass(frozen=True)
+class VerlTrainer:
+    """One verl trainer: its YAML, its config groups (name -> option -> contents) and their defaults."""
+
+    name: str  # the verl module, for messages
+    yaml: str
+    own: dict[str, Any]
+    groups: dict[str, dict[str, dict[str, Any]]]
+    defaults: dict[str, str]
+    free_form: tuple[str, ...] = field(default=())  # mappings that accept any key
+
+    def compose(self, selected: dict[str, str]) -> dict[str, Any]:
+        """verl's config with these group options: each group's contents, then the YAML's own over them."""
+        tree: dict[str, Any] = {}
+        for group, option in selected.items():
+            tree[group] = copy.deepcopy(self.groups[group][option])
+        return _merge(tree, copy.deepcopy(self.own))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+_FREE_FORM = ("model.override_config", "optim.override_optimizer_config", "data.apply_chat_template_kwargs",
+              "model.lora", "model.fused_kernel_options", "model.mtp", "profiler.tool_config")
+
+LEGACY = VerlTrainer(
+    name="verl.trainer.fsdp_sft_trainer", yaml="sft_trainer.yaml", own=LEGACY_OWN,
+    groups={"optim": {"fsdp": OPTIM_FSDP}}, defaults={"optim": "fsdp"}, free_form=_FREE_FORM,
+)
+ENGINE = VerlTrainer(
+    name="verl.trainer.sft_trainer", yaml="sft_trainer_engine.yaml", own=ENGINE_OWN,
+    groups={
+        "model": {"hf_model": HF_MODEL},
+        # verl has one FSDP group; its strategy key picks FSDP1 or FSDP2, so engine=fsdp2 reads as that
+        "engine": {"fsdp": ENGINE_FSDP, "fsdp2": {**ENGINE_FSDP, "strategy": "fsdp2"}},
+        "optim": {"fsdp": OPTIM_FSDP},
+        "profiler": {"profiler": PROFILER},
+    },
+    defaults={"model": "hf_model", "engine": "fsdp", "optim": "fsdp", "profiler": "profiler"},
+    free_form=_FREE_FORM,
+)
