@@ -11,6 +11,7 @@ packed row never asks a token to predict the first token of the next document.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -24,43 +25,29 @@ from shardtune.errors import ConfigError
 MicroBatchPlan = list[list[list[int]]]
 
 
-class GlobalBatchSampler:
-    """Which samples make up each global step: a seeded permutation per epoch, cut into global batches.
+class StepSampler:
+    """A position (epoch, step in epoch) over global batches of sample indices; subclasses say what each
+    batch holds (`batch`) and how many steps an epoch has. Stateful: `state_dict()` holds the position, so a
+    resumed run continues with the same batches."""
 
-    Stateful: `state_dict()` holds (epoch, step in epoch), so a resumed run continues with the same order.
-    """
-
-    def __init__(self, num_samples: int, global_batch: int, seed: int, shuffle: bool = True, drop_last: bool = False):
-        if num_samples < global_batch and drop_last:
-            raise ConfigError(f"Only {num_samples} samples, fewer than one global batch ({global_batch}), and "
-                              "data.drop_last=true leaves nothing to train. Fix: lower data.train_batch_size or "
-                              "set data.drop_last=false.")
-        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.epoch, self.step_in_epoch = 0, 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    seed: int
 
     @property
     def steps_per_epoch(self) -> int:
-        full, rest = divmod(self.num_samples, self.global_batch)
-        return full + (1 if rest and not self.drop_last else 0)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples, generator=g).numpy()
+        raise NotImplementedError
 
     def batch(self, epoch: int, step: int) -> np.ndarray:
-        return self.order(epoch)[step * self.global_batch : (step + 1) * self.global_batch]
+        raise NotImplementedError
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield (epoch, step_in_epoch, indices) from the current position on, forever (epochs roll over).
         Iterating does not move the position, so a prefetcher may run ahead; `consumed` moves it."""
         epoch, step = self.epoch, self.step_in_epoch
         while True:
-            order = self.order(epoch)
             while step < self.steps_per_epoch:
-                yield epoch, step, order[step * self.global_batch : (step + 1) * self.global_batch]
+                yield epoch, step, self.batch(epoch, step)
                 step += 1
             epoch, step = epoch + 1, 0
 
@@ -73,6 +60,36 @@ class GlobalBatchSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+
+
+class GlobalBatchSampler(StepSampler):
+    """Which samples make up each global step: a seeded permutation per epoch, cut into global batches."""
+
+    def __init__(self, num_samples: int, global_batch: int, seed: int, shuffle: bool = True, drop_last: bool = False):
+        if num_samples < global_batch and drop_last:
+            raise ConfigError(f"Only {num_samples} samples, fewer than one global batch ({global_batch}), and "
+                              "data.drop_last=true leaves nothing to train. Fix: lower data.train_batch_size or "
+                              "set data.drop_last=false.")
+        self.num_samples, self.global_batch, self.seed = num_samples, global_batch, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.step_in_epoch = 0, 0
+        self._order: tuple[int, np.ndarray] = (-1, np.arange(0))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(self.num_samples, self.global_batch)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        if self._order[0] != epoch:  # one permutation per epoch, not one per step
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = (epoch, torch.randperm(self.num_samples, generator=g).numpy())
+        return self._order[1]
+
+    def batch(self, epoch: int, step: int) -> np.ndarray:
+        return self.order(epoch)[step * self.global_batch : (step + 1) * self.global_batch]
 
 
 def split_across_ranks(indices: np.ndarray, lengths: np.ndarray, dp_size: int) -> list[list[int]]:

@@ -18,16 +18,16 @@ computes the same batches, and a resumed run draws exactly what an uninterrupted
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from shardtune.data.batching import StepSampler
 from shardtune.errors import ConfigError
 
 
-class MixtureSampler:
+class MixtureSampler(StepSampler):
     """Global batches of indices into the concatenation of the sources (source s holds indices
     offsets[s] .. offsets[s+1]-1), with the same interface as GlobalBatchSampler."""
 
@@ -77,25 +77,6 @@ class MixtureSampler:
         n = self.sizes[source]
         out = [_permutation(n, self.seed, source, k // n)[k % n] for k in range(start, start + count)]
         return np.asarray(out, dtype=np.int64)
-
-    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(epoch, step_in_epoch, indices) from the current position on, forever; iterating does not move the
-        position, `consumed` does."""
-        epoch, step = self.epoch, self.step_in_epoch
-        while True:
-            while step < self.steps_per_epoch:
-                yield epoch, step, self.batch(epoch, step)
-                step += 1
-            epoch, step = epoch + 1, 0
-
-    def consumed(self, epoch: int, step_in_epoch: int) -> None:
-        self.epoch, self.step_in_epoch = epoch, step_in_epoch + 1
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
 
 
 @lru_cache(maxsize=64)
