@@ -4,6 +4,7 @@ data is loaded."""
 from __future__ import annotations
 
 from shardtune.config.schema import LOGGER_PACKAGES, LOGGERS, Config, ModelConfig
+from shardtune.config.sources import resolve_sources
 from shardtune.errors import ConfigError
 
 
@@ -13,6 +14,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         if not ok:
             raise ConfigError(message)
     _check_parallel(cfg, world_size)
+    d = cfg.data
+    resolve_sources(d.train_files, d, d.train_max_samples, "data.train_files")
+    resolve_sources(d.val_files, d, d.val_max_samples, "data.val_files")
     t = cfg.trainer
     import importlib.util
 
