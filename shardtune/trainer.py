@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shardtune import checkpoint, flops, parallel
-from shardtune.config import Config, dump_yaml, to_dict
+from shardtune.config import Config, dump_yaml, resolve_sources, to_dict
 from shardtune.data.batching import (
     GlobalBatchSampler,
     MicroBatch,
@@ -43,6 +43,11 @@ def seed_everything(seed: int) -> None:
 def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache."""
     d = cfg.data
+    sources = resolve_sources(d.train_files, d, d.train_max_samples, "data.train_files")
+    if len(sources) > 1:  # until the step loader draws batches by weight; validation sources may be several
+        raise ConfigError(f"data.train_files holds {len(sources)} sources ({', '.join(s.name for s in sources)}); "
+                          "training on a weighted mixture is not available yet. Fix: train on one source (plain "
+                          "paths together are one); `shardtune validate` reports each source.")
 
     def build() -> tuple[TokenizedDataset, TokenizedDataset | None]:
         train = build_dataset(d.train_files, d, tokenizer, d.train_max_samples, progress=world.is_main)
