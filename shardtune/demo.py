@@ -1,7 +1,7 @@
 """`shardtune demo`: a tiny model learns a chat task on CPU, measured before and after.
 
 The task is word reversal ("Reverse: planet" -> "tenalp"), which a randomly initialised model
-cannot do and a small transformer learns in a few hundred steps. Everything is generated here: the
+cannot do and a small transformer learns in about a hundred steps. Everything is generated here: the
 byte-level tokenizer, the Qwen2-shaped model (from a config, fixed seed) and the data; training goes
 through the real trainer (config, data pipeline, engine, metrics), exactly as `shardtune train` does.
 All samples have about the same length, so right-padded batches are the faster layout on CPU here.
@@ -20,9 +20,9 @@ from shardtune.config import load_config, validate
 from shardtune.tiny import byte_tokenizer, save_tiny_model
 from shardtune.trainer import Trainer
 
-N_TRAIN, N_VAL, N_EVAL = 20000, 100, 100
+N_TRAIN, N_VAL, N_EVAL = 8000, 100, 100
 MODEL = {"hidden": 256, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 1024, "max_positions": 128, "tie": True}
-STEPS = 300
+STEPS = 120  # reaches ~95% held-out accuracy; ~75 s on 2 cores
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 

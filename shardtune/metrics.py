@@ -27,12 +27,19 @@ from shardtune.state import TrainState
 
 def step_metrics(result: StepResult, batch: StepBatch, state: TrainState, *, elapsed: float, data_wait: float,
                  epoch: float, model_config: Any, peak_flops: float, devices: int, dropped_rows: int,
-                 device: torch.device) -> dict[str, Any]:
+                 device: torch.device, source_names: list[str]) -> dict[str, Any]:
     """The metric row of one optimizer step. `elapsed` includes `data_wait` (the time the loop waited for
-    the batch); MFU is the achieved training FLOP/s over the peak of all devices."""
+    the batch); MFU is the achieved training FLOP/s over the peak of all devices. With several training
+    sources, `data/samples/<name>` and `data/tokens/<name>` count what each gave the step."""
     tokens = int(batch.lengths.sum())
     achieved = flops.training_flops(model_config, batch.lengths) / elapsed
     mfu = achieved / (peak_flops * devices)
+    per_source = {}
+    if len(source_names) > 1:
+        for k, name in enumerate(source_names):
+            mine = batch.sources == k
+            per_source[f"data/samples/{name}"] = int(mine.sum())
+            per_source[f"data/tokens/{name}"] = int(batch.lengths[mine].sum())
     return {
         "train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": result.lr, "train/epoch": epoch,
         "train/global_tokens": tokens, "train/supervised_tokens": result.num_targets,
@@ -43,7 +50,7 @@ def step_metrics(result: StepResult, batch: StepBatch, state: TrainState, *, ela
         "perf/padding_ratio": batch.padded_tokens / (batch.padded_tokens + tokens),
         "perf/micro_batches": len(batch.plans[0]), "perf/max_memory_gb": max_memory_gb(device),
         "data/mean_seq_len": float(batch.lengths.mean()), "data/max_seq_len": int(batch.lengths.max()),
-        "data/dropped_rows": dropped_rows,
+        "data/dropped_rows": dropped_rows, **per_source,
     }
 
 

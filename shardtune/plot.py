@@ -36,8 +36,9 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     if not rows:
         raise ShardtuneError(f"{run / 'metrics.jsonl'} holds no training steps yet.")
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    per_source = sorted({k for r in rows for k in r if k.startswith("val/loss/")})  # one curve per val source
     for ax, (title, keys) in zip(axes.flat, PANELS):
-        for key in keys:
+        for key in keys + (per_source if title == "loss" else []):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
                 xs, ys = zip(*points)

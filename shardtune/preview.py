@@ -10,13 +10,14 @@ from itertools import islice
 import numpy as np
 import torch
 
-from shardtune.config import Config
+from shardtune.config import Config, Source, resolve_sources
 from shardtune.data.batching import GlobalBatchSampler
 from shardtune.data.chat import IGNORE_INDEX, MaskOptions, conversation_samples, resolve_chat_template
-from shardtune.data.dataset import build_dataset, truncate
+from shardtune.data.dataset import TokenizedDataset, build_dataset
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.loader import planned_steps
 from shardtune.data.readers import expand_paths, read_rows
+from shardtune.data.tokenize import truncate
 from shardtune.errors import DataError
 from shardtune.memory import GIB, estimate, model_shape
 from shardtune.model import load_tokenizer
@@ -32,20 +33,46 @@ def validate_data(cfg: Config) -> None:
             continue
         ds = build_dataset(files, d, tokenizer, max_samples)
         lengths = ds.lengths
-        trained = int((np.asarray(ds.labels) != IGNORE_INDEX).sum())
         s = ds.stats
         print(f"{name}: {s.get('rows_read', '?')} rows read, {len(ds)} kept, dropped {s.get('dropped', {})}, "
-              f"truncated {s.get('truncated', 0)}; {int(lengths.sum())} tokens ({trained} trained); length "
-              f"mean {lengths.mean():.0f} p50 {np.percentile(lengths, 50):.0f} p95 {np.percentile(lengths, 95):.0f} "
-              f"max {lengths.max()}" + (" [cache hit]" if s.get("cache_hit") else ""))
-        for line in mask_audit(s.get("mask", {}), d.append_eos):
-            print(f"{name}: {line}")
+              f"truncated {s.get('truncated', 0)}; {int(lengths.sum())} tokens ({int(ds.target_counts.sum())} "
+              f"supervised); length mean {lengths.mean():.0f} p50 {np.percentile(lengths, 50):.0f} "
+              f"p95 {np.percentile(lengths, 95):.0f} max {lengths.max()}" + (" [cache hit]" if s.get("cache_hit") else ""))
+        for source, data in zip(ds.sources, ds.datasets):
+            print_source(source, data, weighted=name == "train" and len(ds.sources) > 1,
+                         append_eos=d.append_eos)
         if name == "train":
             per_epoch = GlobalBatchSampler(len(ds), d.train_batch_size, cfg.trainer.seed, d.shuffle,
                                            d.drop_last).steps_per_epoch
             total = planned_steps(cfg.trainer.total_training_steps, cfg.trainer.total_epochs, per_epoch)
             print(f"train: {per_epoch} steps per epoch, {total} optimizer steps in all")
     print("config and data OK")
+
+
+def print_source(source: Source, data: TokenizedDataset, weighted: bool, append_eos: str) -> None:
+    """Rows, tokens, supervised tokens, drops by reason, a length histogram and the mask audit of one source."""
+    s = data.stats
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(s.get("dropped", {}).items()) if v) or "none"
+    tokens, supervised = int(data.lengths.sum()), int(data.target_counts.sum())
+    print(f"  source '{source.name}'" + (f" (weight {source.weight:.2f})" if weighted else "") +
+          f": {s.get('rows_read', '?')} rows read, {s.get('rows_kept', '?')} kept, {len(data)} samples; "
+          f"dropped: {dropped}; truncated {s.get('truncated', 0)}" + (" [cache hit]" if s.get("cache_hit") else ""))
+    print(f"    {tokens} tokens, {supervised} supervised ({supervised / max(tokens, 1):.1%})")
+    for line in length_histogram(data.lengths):
+        print("    " + line)
+    for line in mask_audit(s.get("mask", {}), append_eos):
+        print("    " + line)
+
+
+def length_histogram(lengths: np.ndarray, bins: int = 10, width: int = 30) -> list[str]:
+    """Samples per length bin as text bars, in at most `bins` bins of a round width (1, 2 or 5 x 10^k)."""
+    top = int(lengths.max())
+    step = next(m * 10**k for k in range(20) for m in (1, 2, 5) if m * 10**k * bins > top)
+    counts = np.bincount(np.asarray(lengths) // step)
+    digits = len(str(len(counts) * step))
+    most = int(counts.max())
+    return [(f"length {k * step:>{digits}}-{(k + 1) * step - 1:<{digits}} {int(n):>9} "
+             + "#" * max(int(n) * width // most, 1 if n else 0)).rstrip() for k, n in enumerate(counts)]
 
 
 def default_device_memory() -> tuple[float, str]:
@@ -121,11 +148,12 @@ def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, st
 
 def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
     tokenizer = load_tokenizer(cfg.model)
-    d = cfg.data
-    rows = list(islice(read_rows(expand_paths(d.train_files)), index, index + 1))
-    if not rows:
+    sources = resolve_sources(cfg.data.train_files, cfg.data, cfg.data.train_max_samples)
+    rows = ((s.data, row) for s in sources for row in read_rows(expand_paths(list(s.paths)), s.max_samples))
+    found = list(islice(rows, index, index + 1))
+    if not found:
         raise DataError(f"--index {index} is past the end of data.train_files.")
-    row = rows[0]
+    d, row = found[0]
     fmt = d.format if d.format != "auto" else detect_format(row, d)
     conv = to_conversation(row, fmt, d)
     template = resolve_chat_template(d.chat_template, tokenizer)

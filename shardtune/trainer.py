@@ -13,7 +13,7 @@ from typing import Any
 from shardtune import checkpoint, flops, parallel, remote
 from shardtune.config import Config, dump_yaml, notes, to_dict
 from shardtune.data.chat import audit_totals
-from shardtune.data.dataset import TokenizedDataset, build_dataset
+from shardtune.data.dataset import CombinedDataset, build_dataset
 from shardtune.data.loader import RankLayout, StepBatch, StepLoader, planned_steps
 from shardtune.engine import build_engine
 from shardtune.metrics import Metrics, step_metrics
@@ -21,9 +21,9 @@ from shardtune.model import load_tokenizer
 from shardtune.state import RNGState, TrainState, seed_everything
 
 
-def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[CombinedDataset, CombinedDataset | None]:
     """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache."""
-    def build() -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    def build() -> tuple[CombinedDataset, CombinedDataset | None]:
         data = cfg.data
         train = build_dataset(data.train_files, data, tokenizer, data.train_max_samples, progress=world.is_main)
         val = (build_dataset(data.val_files, data, tokenizer, data.val_max_samples, progress=world.is_main)
@@ -104,7 +104,7 @@ class Trainer:
                 metrics = self.train_step(batch, data_wait=time.perf_counter() - t0)
                 stop = False
                 if self.val_data is not None and (self._due(cadence.test_freq) or self._last_step()):
-                    metrics["val/loss"] = self.validation_loss()
+                    metrics.update(self.validation_losses())
                     stop = self.state.record_validation(metrics["val/loss"], cadence.early_stopping_patience,
                                                         cadence.early_stopping_min_delta)
                 self.metrics.log(self.state.step, metrics)
@@ -155,15 +155,22 @@ class Trainer:
                             epoch=self.loader.epoch_progress(batch), model_config=self.engine.model_config(),
                             peak_flops=self.peak_flops, devices=self.world.world_size,
                             dropped_rows=sum(self.train_data.stats.get("dropped", {}).values()),
-                            device=self.world.device)
+                            device=self.world.device, source_names=[s.name for s in self.train_data.sources])
 
-    def validation_loss(self) -> float:
-        """Token-weighted loss over every validation sample."""
-        loss_sum = count = 0.0
-        for micro_batches in self.loader.validation_batches(self.val_data):
-            s, n = self.engine.eval_batch(micro_batches)
-            loss_sum, count = loss_sum + s, count + n
-        return loss_sum / max(count, 1.0)
+    def validation_losses(self) -> dict[str, float]:
+        """`val/loss`: token-weighted over every validation sample; with several validation sources also
+        `val/loss/<name>`, token-weighted within each source."""
+        sums, counts, out = [], [], {}
+        for k, source in enumerate(self.val_data.sources):
+            loss_sum = count = 0.0
+            for micro_batches in self.loader.validation_batches(self.val_data, k):
+                s, n = self.engine.eval_batch(micro_batches)
+                loss_sum, count = loss_sum + s, count + n
+            sums.append(loss_sum)
+            counts.append(count)
+            if len(self.val_data.sources) > 1:
+                out[f"val/loss/{source.name}"] = loss_sum / max(count, 1.0)
+        return {"val/loss": sum(sums) / max(sum(counts), 1.0), **out}
 
     def save(self, final: bool = False) -> None:
         self.checkpointer.save(self.state.step, hf_weights=final and self.cfg.trainer.save_hf_at_end)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,40 @@ def torchrun(nproc: int, *args: str, script: str | None = None, module: str = "s
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target, *args]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+SLOW_STEPS = Path(__file__).parent / "scripts" / "slow_steps.py"
+
+
+def kill_after(cmd_args, run_dir, steps: int, nproc: int = 1):
+    """Start training (torchrun when nproc > 1), SIGKILL all its processes once `steps` steps are logged."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "")}
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    proc = subprocess.Popen([sys.executable, *launch, str(SLOW_STEPS), "train", *cmd_args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and sum('"train/loss"' in line for line in metrics.read_text().splitlines()) >= steps:
+            kill_everything_mentioning(str(run_dir))  # the launcher and every worker, as a node failure would
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def kill_everything_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line contains `text` (torchrun's workers live in their own
+    process groups, so killing the launcher's group is not enough)."""
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            try:
+                os.kill(int(proc_dir.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_jsonl
+from conftest import arithmetic_rows, kill_after, read_metrics, run_cli, torchrun, write_jsonl
 
 from shardtune.checkpoint import TRACKER, complete_checkpoints, find_resume_path, rotate
 from shardtune.errors import ConfigError
-
-SLOW_STEPS = Path(__file__).parent / "scripts" / "slow_steps.py"
 
 
 @pytest.fixture(scope="module")
@@ -39,40 +31,6 @@ def uninterrupted(tiny_model, data, tmp_path_factory):
     r = run_cli("train", *args(tiny_model, data, run_dir))
     assert r.returncode == 0, r.stderr
     return {row["step"]: row["train/loss"] for row in read_metrics(run_dir)}
-
-
-def kill_after(cmd_args, run_dir, steps: int, nproc: int = 1):
-    """Start training (torchrun when nproc > 1), SIGKILL all its processes once `steps` steps are logged."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "")}
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    proc = subprocess.Popen([sys.executable, *launch, str(SLOW_STEPS), "train", *cmd_args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and sum('"train/loss"' in line for line in metrics.read_text().splitlines()) >= steps:
-            kill_everything_mentioning(str(run_dir))  # the launcher and every worker, as a node failure would
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-
-
-def kill_everything_mentioning(text: str) -> None:
-    """SIGKILL every process whose command line contains `text` (torchrun's workers live in their own
-    process groups, so killing the launcher's group is not enough)."""
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            try:
-                os.kill(int(proc_dir.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.mark.parametrize("save_freq,resume_step", [(3, 6), (5, 5)], ids=["mid-epoch", "epoch-boundary"])

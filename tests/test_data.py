@@ -166,20 +166,25 @@ def test_cache_is_reused_and_keyed(tmp_path, tok, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("tokenized again despite the cache")
 
-    monkeypatch.setattr(dataset_mod, "_tokenize_all", boom)
+    monkeypatch.setattr(dataset_mod, "tokenize_to_shards", boom)
     second = build_dataset([str(f)], c, tok)
-    assert second.stats["cache_hit"] and np.array_equal(first.input_ids, second.input_ids)
-    assert np.array_equal(first.labels, second.labels) and np.array_equal(first.offsets, second.offsets)
+    assert second.stats["cache_hit"]
+    for a, b in zip(first.datasets[0].arrays(), second.datasets[0].arrays()):
+        assert np.array_equal(a, b)
     with pytest.raises(AssertionError, match="tokenized again"):  # another max_length is another cache entry
         build_dataset([str(f)], DataConfig(cache_dir=str(tmp_path / "cache"), num_proc=1, max_length=512), tok)
+    # the batching keys and the source's name and weight do not change the samples: same cache entry
+    renamed = [{"path": str(f), "name": "other", "weight": 2.0}]
+    assert build_dataset(renamed, DataConfig(cache_dir=str(tmp_path / "cache"), num_proc=1, train_batch_size=3,
+                                             shuffle=False), tok).stats["cache_hit"]
 
 
 def test_multiprocess_tokenization_matches_single(tmp_path, tok):
     f = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(600))
-    one = build_dataset([str(f)], cfg(), tok)
-    two = build_dataset([str(f)], DataConfig(cache_dir=None, num_proc=2), tok)
-    assert np.array_equal(one.input_ids, two.input_ids) and np.array_equal(one.labels, two.labels)
-    assert (one.labels != IGNORE_INDEX).sum() > 0
+    one = build_dataset([str(f)], cfg(), tok).datasets[0].arrays()
+    two = build_dataset([str(f)], DataConfig(cache_dir=None, num_proc=2), tok).datasets[0].arrays()
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    assert (one[1] != IGNORE_INDEX).sum() > 0
 
 
 def test_malformed_first_row_follows_the_bad_row_policy(tmp_path, tok):
@@ -189,3 +194,49 @@ def test_malformed_first_row_follows_the_bad_row_policy(tmp_path, tok):
         build_dataset([str(f)], cfg(), tok)
     ds = build_dataset([str(f)], cfg(on_bad_row="skip"), tok)
     assert len(ds) == 3 and ds.stats["dropped"] == {"bad_row": 1}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_bytes_that_are_not_utf8_name_file_line_and_fix_and_follow_the_policy(tmp_path, tok, suffix):
+    rows = arithmetic_rows(3)
+    bad = json.dumps({"messages": [{"role": "user", "content": "caf\u00e9"},
+                                   {"role": "assistant", "content": "ok"}]}).encode().replace(b"\\u00e9", b"\xe9")
+    lines = [json.dumps(rows[0]).encode(), bad, json.dumps(rows[1]).encode(), json.dumps(rows[2]).encode()]
+    f = tmp_path / f"latin1{suffix}"
+    f.write_bytes(b"\n".join(lines) + b"\n" if suffix == ".jsonl" else b"[\n" + b",\n".join(lines) + b"\n]\n")
+    with pytest.raises(DataError) as e:
+        build_dataset([str(f)], cfg(), tok)
+    line = 2 if suffix == ".jsonl" else 3  # the .json file opens its list on line 1
+    assert f"{f}, line {line}: bytes that are not UTF-8" in str(e.value) and "Fix: re-encode" in str(e.value)
+    ds = build_dataset([str(f)], cfg(on_bad_row="skip"), tok)
+    assert len(ds) == 3 and ds.stats["dropped"] == {"bad_row": 1} and ds.stats["rows_read"] == 4
+
+
+def test_invalid_json_lines_follow_the_bad_row_policy(tmp_path, tok):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(arithmetic_rows(1)[0]) + "\n{oops\n[1, 2]\n")
+    with pytest.raises(DataError, match=r"d.jsonl, line 2: invalid JSON"):
+        build_dataset([str(f)], cfg(), tok)
+    ds = build_dataset([str(f)], cfg(on_bad_row="skip"), tok)
+    assert len(ds) == 1 and ds.stats["dropped"] == {"bad_row": 2}
+
+
+def test_json_list_is_read_element_by_element_like_json_load(tmp_path, monkeypatch):
+    import shardtune.data.readers as readers
+
+    rows = arithmetic_rows(40, seed=3) + [{"text": "brackets ] [ } { , and \"quotes\"", "n": 12345678901234, "x": -1.5e-3},
+                                          {"nested": {"a": [1, {"b": "\u00e9\u4e2d\U0001f600"}]}, "s": "\\\\"}]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    monkeypatch.setattr(readers, "_JSON_BLOCK", 7)  # tiny blocks: every element crosses block boundaries
+    got = list(read_rows([str(f)]))
+    assert [r.data for r in got] == rows and [r.index for r in got] == list(range(len(rows)))
+    (tmp_path / "cols.json").write_text(json.dumps({"instruction": ["a", "b"], "output": ["1", "2"]}))
+    assert [r.data for r in read_rows([str(tmp_path / "cols.json")])] == [
+        {"instruction": "a", "output": "1"}, {"instruction": "b", "output": "2"}]
+    (tmp_path / "open.json").write_text(json.dumps(rows[:2])[:-1])
+    with pytest.raises(DataError, match="open.json, line 1: the list is not closed"):
+        list(read_rows([str(tmp_path / "open.json")]))
+    (tmp_path / "broken.json").write_text('[{"a": 1},\n {"a": 2} {"a": 3}]')
+    with pytest.raises(DataError, match=r"broken.json, line 2: expected ',' or ']' after row 1"):
+        list(read_rows([str(tmp_path / "broken.json")]))

@@ -23,8 +23,8 @@ def test_dataset_counts_the_audit_per_file(tmp_path):
     assert audit[str(a)]["trained_turns"] == 40 and audit[str(a)]["method_sentinels"] == 20
     assert audit[str(a)]["turns_without_end"] == 0 and audit[str(a)].get("eos_appended", 0) == 0
     # trained tokens are supervised targets: each sample's labels after its first token
-    targets = sum(int((ds.labels[ds.offsets[k] + 1: ds.offsets[k + 1]] != IGNORE_INDEX).sum()) for k in range(20))
-    assert audit[str(a)]["trained_tokens"] == targets and audit[str(a)]["tokens"] == int(ds.offsets[20])
+    targets = sum(int((ds[k][1][1:] != IGNORE_INDEX).sum()) for k in range(20))
+    assert audit[str(a)]["trained_tokens"] == targets and audit[str(a)]["tokens"] == int(ds.lengths[:20].sum())
 
 
 def test_per_turn_expands_rows_into_samples(tmp_path):

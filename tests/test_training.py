@@ -138,7 +138,7 @@ def test_validation_loss_is_token_weighted_over_every_sample(tiny_model, data_fi
             logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
             total += F.cross_entropy(logits, labels[1:], ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((labels[1:] != IGNORE_INDEX).sum())
-    assert math.isclose(trainer.validation_loss(), total / count, rel_tol=1e-6)
+    assert math.isclose(trainer.validation_losses()["val/loss"], total / count, rel_tol=1e-6)
 
 
 def test_early_stopping(tiny_model, data_files, tmp_path):

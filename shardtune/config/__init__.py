@@ -30,9 +30,11 @@ from shardtune.config.schema import (
     OptimConfig,
     TrainerConfig,
 )
+from shardtune.config.sources import Source, resolve_sources
 
 __all__ = [
-    "CHECKPOINT_CONTENTS", "ENGINE_ALIASES", "LOGGERS", "LOGGER_PACKAGES", "CheckpointConfig", "Config", "DataConfig", "EngineConfig",
-    "MixedPrecisionConfig", "ModelConfig", "OptimConfig", "Override", "TrainerConfig", "all_keys", "dump_yaml",
-    "from_dict", "load_config", "notes", "parse_overrides", "set_dotted", "to_dict", "validate",
+    "CHECKPOINT_CONTENTS", "ENGINE_ALIASES", "LOGGERS", "LOGGER_PACKAGES", "CheckpointConfig", "Config", "DataConfig",
+    "EngineConfig", "MixedPrecisionConfig", "ModelConfig", "OptimConfig", "Override", "Source", "TrainerConfig",
+    "all_keys", "dump_yaml", "from_dict", "load_config", "notes", "parse_overrides", "resolve_sources", "set_dotted",
+    "to_dict", "validate",
 ]

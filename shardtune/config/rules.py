@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 from shardtune.config.schema import ENGINE_ALIASES, LOGGER_PACKAGES, LOGGERS, Config, ModelConfig
+from shardtune.config.sources import resolve_sources
 from shardtune.errors import ConfigError
 from shardtune.remote import check_url, is_url
 
@@ -16,6 +17,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         if not ok:
             raise ConfigError(message)
     _check_parallel(cfg, world_size)
+    data = cfg.data
+    resolve_sources(data.train_files, data, data.train_max_samples, "data.train_files")
+    resolve_sources(data.val_files, data, data.val_max_samples, "data.val_files")
     t = cfg.trainer
     for sink in t.logger:
         package = LOGGER_PACKAGES.get(sink)

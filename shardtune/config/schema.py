@@ -13,8 +13,10 @@ from typing import Any, Literal
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)
-    val_files: list[str] = field(default_factory=list)
+    # paths/globs (together one source) and source mappings {path, name, weight, ...}: see config/sources.py
+    train_files: list[str | dict[str, Any]] = field(default_factory=list)
+    val_files: list[str | dict[str, Any]] = field(default_factory=list)
+    mixture_unit: Literal["samples", "tokens"] = "samples"  # what the weights of several train sources divide
     format: Literal["auto", "messages", "prompt_response", "alpaca", "sharegpt"] = "auto"
     messages_key: str = "messages"
     tools_key: str = "tools"

@@ -24,11 +24,13 @@ from shardtune.config import DataConfig
 from shardtune.data.batching import (
     GlobalBatchSampler,
     MicroBatchPlan,
+    StepSampler,
     collate,
     plan_micro_batches,
     slice_for_sequence_parallel,
 )
-from shardtune.data.dataset import TokenizedDataset
+from shardtune.data.dataset import CombinedDataset
+from shardtune.data.mixture import MixtureSampler
 
 
 @dataclass(frozen=True)
@@ -54,14 +56,15 @@ class StepBatch:
     num_targets: int  # supervised tokens of the global batch: the loss divisor
     lengths: np.ndarray  # tokens of each sample of the global batch
     padded_tokens: int  # pad tokens all ranks process (0 when padding-free)
+    sources: np.ndarray  # the source (position in data.sources) of each sample of the global batch
 
 
 class StepLoader:
-    def __init__(self, data: TokenizedDataset, cfg: DataConfig, layout: RankLayout, *, seed: int, packed: bool,
+    def __init__(self, data: CombinedDataset, cfg: DataConfig, layout: RankLayout, *, seed: int, packed: bool,
                  pad_id: int, pin_memory: bool = False):
         self.data, self.cfg, self.layout = data, cfg, layout
         self.packed, self.pad_id, self.pin = packed, pad_id, pin_memory
-        self.sampler = GlobalBatchSampler(len(data), cfg.train_batch_size, seed, cfg.shuffle, cfg.drop_last)
+        self.sampler = batch_sampler(data, cfg, seed)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -72,7 +75,7 @@ class StepLoader:
         return batch.epoch + (batch.step_in_epoch + 1) / self.steps_per_epoch
 
     # ------------------------------------------------------------------------------------------------------
-    def micro_batches(self, indices: np.ndarray, data: TokenizedDataset) -> tuple[MicroBatchPlan, list[MicroBatch]]:
+    def micro_batches(self, indices: np.ndarray, data: CombinedDataset) -> tuple[MicroBatchPlan, list[MicroBatch]]:
         """Every rank's plan for these samples of `data`, and this rank's micro-batches, ready for the engine."""
         plans = plan_micro_batches(indices, data.lengths, self.layout.dp_size, self.cfg, padded=not self.packed)
         ready = []
@@ -88,7 +91,8 @@ class StepLoader:
         lengths = self.data.lengths[indices]
         padded = 0 if self.packed else sum(len(m) * int(self.data.lengths[m].max()) - int(self.data.lengths[m].sum())
                                            for plan in plans for m in plan if m)
-        return StepBatch(epoch, step_in_epoch, indices, plans, ready, self.data.num_targets(indices), lengths, padded)
+        return StepBatch(epoch, step_in_epoch, indices, plans, ready, self.data.num_targets(indices), lengths, padded,
+                         self.data.source_of(indices))
 
     def __iter__(self) -> Iterator[StepBatch]:
         """The coming steps from the sampler's position on, forever. With data.prefetch_steps > 0 a background
@@ -117,12 +121,12 @@ class StepLoader:
         return self.sampler.step_in_epoch == self.steps_per_epoch
 
     # ------------------------------------------------------------------------------------------------------
-    def validation_batches(self, data: TokenizedDataset) -> Iterator[list[MicroBatch]]:
-        """This rank's micro-batches of every validation sample (none dropped, none repeated across ranks), one
-        global batch's worth at a time."""
-        chunk = self.cfg.train_batch_size
-        for start in range(0, len(data), chunk):
-            yield self.micro_batches(np.arange(start, min(start + chunk, len(data))), data)[1]
+    def validation_batches(self, data: CombinedDataset, source: int) -> Iterator[list[MicroBatch]]:
+        """This rank's micro-batches of every sample of one validation source (none dropped, none repeated
+        across ranks), one global batch's worth at a time."""
+        indices, chunk = data.source_indices(source), self.cfg.train_batch_size
+        for start in range(0, len(indices), chunk):
+            yield self.micro_batches(indices[start : start + chunk], data)[1]
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()
@@ -135,6 +139,16 @@ def _raise_if_error(item: Any) -> Any:
     if isinstance(item, Exception):
         raise item
     return item
+
+
+def batch_sampler(data: CombinedDataset, cfg: DataConfig, seed: int) -> StepSampler:
+    """One source: a seeded permutation per epoch. Several: the weighted mixture (data/mixture.py), its weights
+    dividing samples or, with data.mixture_unit=tokens, tokens."""
+    if len(data.sources) == 1:
+        return GlobalBatchSampler(len(data), cfg.train_batch_size, seed, cfg.shuffle, cfg.drop_last)
+    means = [float(d.lengths.mean()) for d in data.datasets] if cfg.mixture_unit == "tokens" else None
+    return MixtureSampler([len(d) for d in data.datasets], [s.weight for s in data.sources], cfg.train_batch_size,
+                          seed, mean_lengths=means, drop_last=cfg.drop_last, shuffle=cfg.shuffle)
 
 
 def planned_steps(total_training_steps: int | None, total_epochs: int, steps_per_epoch: int) -> int:

@@ -32,7 +32,7 @@ class MixtureSampler(StepSampler):
     offsets[s] .. offsets[s+1]-1), with the same interface as GlobalBatchSampler."""
 
     def __init__(self, sizes: list[int], weights: list[float], global_batch: int, seed: int,
-                 mean_lengths: list[float] | None = None, drop_last: bool = False):
+                 mean_lengths: list[float] | None = None, drop_last: bool = False, shuffle: bool = True):
         if any(n <= 0 for n in sizes):
             raise ConfigError(f"Every data source needs at least one usable sample (sizes {sizes}).")
         w = np.asarray(weights, dtype=np.float64)
@@ -40,9 +40,14 @@ class MixtureSampler(StepSampler):
             w = w / np.asarray(mean_lengths, dtype=np.float64)
         self.shares = w / w.sum()
         self.sizes, self.global_batch, self.seed, self.drop_last = list(sizes), global_batch, seed, drop_last
+        self.shuffle = shuffle
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.epoch, self.step_in_epoch = 0, 0
         self._counts = [np.zeros(len(sizes), dtype=np.int64)]  # cumulative draws before each global step
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"The sources hold {sum(sizes)} samples, fewer than one global batch ({global_batch}), "
+                              "and data.drop_last=true leaves nothing to train. Fix: lower data.train_batch_size "
+                              "or set data.drop_last=false.")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -75,6 +80,8 @@ class MixtureSampler(StepSampler):
     def _source_positions(self, source: int, start: int, count: int) -> np.ndarray:
         """Positions `start .. start+count-1` of the endless stream of permutations of one source."""
         n = self.sizes[source]
+        if not self.shuffle:  # data.shuffle=false: each source in its own order, pass after pass
+            return np.arange(start, start + count, dtype=np.int64) % n
         out = [_permutation(n, self.seed, source, k // n)[k % n] for k in range(start, start + count)]
         return np.asarray(out, dtype=np.int64)
 

@@ -1,23 +1,38 @@
-"""Read rows from parquet, jsonl, json and Hugging Face `save_to_disk` folders.
+"""Read rows from parquet, jsonl, json and Hugging Face `save_to_disk` folders, incrementally.
 
-Rows come back as plain Python dicts together with their origin (file, 0-based row), so every later
-error can name the file and the row.
+Rows come back one at a time as plain Python dicts together with their origin (file, 0-based row), so every
+later error can name the file and the row, and memory stays bounded whatever the file size: parquet and
+Arrow files are read in record batches, jsonl line by line, a .json list element by element. Every file is
+opened through `open_file` and every path spec expanded by `expand_paths`: the two places that know about
+storage.
+
+A row that cannot be read (bytes that are not UTF-8, invalid JSON, not an object) raises a `DataError`
+naming the file, the line and the fix; with `skip_bad=True` it comes back as a `Row` whose `error` holds
+that message instead, so the caller's `data.on_bad_row` policy can count it.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from shardtune import remote
 from shardtune.errors import DataError
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
+_BATCH_ROWS = 1024  # rows per Arrow record batch turned into Python dicts at a time
+_JSON_BLOCK = 1 << 20  # characters of a .json file read at a time
+_SPACE = re.compile(r"[ \t\r\n]*")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by errors="surrogateescape"
+_NOT_UTF8_FIX = ("re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or set data.on_bad_row=skip "
+                 "to drop such rows")
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,7 @@ class Row:
     path: str
     index: int  # 0-based row within its file
     data: dict[str, Any]
+    error: str | None = None  # an unreadable row (only with skip_bad=True): the message naming file, line, fix
 
 
 def expand_paths(spec: str | list[str]) -> list[str]:
@@ -48,23 +64,28 @@ def expand_paths(spec: str | list[str]) -> list[str]:
     return out
 
 
-def read_rows(paths: list[str], max_rows: int = -1) -> Iterator[Row]:
+def open_file(path: str) -> IO[bytes]:
+    """The binary file behind `path` (every reader opens files through here)."""
+    return open(path, "rb")
+
+
+def read_rows(paths: list[str], max_rows: int = -1, skip_bad: bool = False) -> Iterator[Row]:
     """Yield rows of all files in order; stop after `max_rows` rows (-1 = all)."""
     n = 0
     for path in paths:
-        for row in _read_one(path):
+        for row in _read_one(path, skip_bad):
             if 0 <= max_rows <= n:
                 return
             yield row
             n += 1
 
 
-def _read_one(path: str) -> Iterator[Row]:
+def _read_one(path: str, skip_bad: bool) -> Iterator[Row]:
     if remote.is_url(path):
-        yield from _read_remote(path)
+        yield from _read_remote(path, skip_bad)
         return
     if os.path.isdir(path):
-        yield from _read_hf_folder(path)
+        yield from _read_folder(path, skip_bad)
         return
     if os.path.getsize(path) == 0:
         raise DataError(f"Data file '{path}' is empty. Fix: point data.train_files at a file with rows.")
@@ -72,34 +93,40 @@ def _read_one(path: str) -> Iterator[Row]:
     if suffix == ".parquet":
         yield from _read_parquet(path)
     elif suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, skip_bad)
     elif suffix == ".json":
-        yield from _read_json(path)
+        yield from _read_json(path, skip_bad)
     else:
         raise DataError(f"Data file '{path}' has an unsupported type. Fix: use one of {', '.join(SUFFIXES)} "
                         "or a folder written by datasets' save_to_disk.")
 
 
-def _read_remote(url: str) -> Iterator[Row]:
+def _read_remote(url: str, skip_bad: bool) -> Iterator[Row]:
     """Rows of a remote file, read from a temporary local copy; rows and errors name the URL."""
     with remote.local_copy(url) as local:
         try:
-            for row in _read_one(local):
-                yield Row(url, row.index, row.data)
+            for row in _read_one(local, skip_bad):
+                yield Row(url, row.index, row.data, None if row.error is None else row.error.replace(local, url))
         except DataError as e:
             raise DataError(str(e).replace(local, url)) from None
+
+
+def _bad(path: str, index: int, message: str, skip_bad: bool) -> Row:
+    if not skip_bad:
+        raise DataError(message)
+    return Row(path, index, {}, message)
 
 
 def _read_parquet(path: str) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
-        i = 0
-        for batch in pf.iter_batches(batch_size=4096):
-            for rec in batch.to_pylist():
-                yield Row(path, i, rec)
-                i += 1
+        with open_file(path) as f:
+            i = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS):
+                for rec in batch.to_pylist():
+                    yield Row(path, i, rec)
+                    i += 1
     except DataError:
         raise
     except Exception as e:  # pyarrow raises several types for corrupt files
@@ -107,26 +134,44 @@ def _read_parquet(path: str) -> Iterator[Row]:
                         "Fix: rewrite the file, e.g. with pandas.DataFrame.to_parquet.") from None
 
 
-def _read_jsonl(path: str) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
+def _read_jsonl(path: str, skip_bad: bool) -> Iterator[Row]:
+    with open_file(path) as f:
         i = 0
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            problem = None
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                problem = f"bytes that are not UTF-8 (at byte {e.start} of the line). Fix: {_NOT_UTF8_FIX}"
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: invalid JSON ({e.msg}). Fix: one JSON object per line.") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}, line {line_no}: expected a JSON object, got {type(rec).__name__}.")
-            yield Row(path, i, rec)
+                problem = f"invalid JSON ({e.msg}). Fix: one JSON object per line"
+            else:
+                if not isinstance(rec, dict):
+                    problem = f"expected a JSON object, got {type(rec).__name__}. Fix: one JSON object per line"
+            if problem is not None:
+                yield _bad(path, i, f"{path}, line {line_no}: {problem}.", skip_bad)
+            else:
+                yield Row(path, i, rec)
             i += 1
 
 
-def _read_json(path: str) -> Iterator[Row]:
+def _read_json(path: str, skip_bad: bool) -> Iterator[Row]:
+    """A JSON list of row objects, read element by element; or the columnar {"col": [...]} layout (read whole)."""
+    with open_file(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        head = text.read(_JSON_BLOCK)
+        start = len(head) - len(head.lstrip())
+        if head[start:start + 1] == "[":
+            yield from _JsonList(path, text, head, start + 1, skip_bad)
+            return
+        yield from _read_json_whole(path, head + text.read(), skip_bad)
+
+
+def _read_json_whole(path: str, content: str, skip_bad: bool) -> Iterator[Row]:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(content)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg}). "
                         "Fix: a JSON list of objects (or use .jsonl for one object per line).") from None
@@ -137,16 +182,94 @@ def _read_json(path: str) -> Iterator[Row]:
             data = [dict(zip(keys, vals)) for vals in zip(*data.values())]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}.")
+    bad_bytes = _UNDECODABLE.search(content) is not None
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
-            raise DataError(f"{path}, row {i}: expected a JSON object, got {type(rec).__name__}.")
-        yield Row(path, i, rec)
+            yield _bad(path, i, f"{path}, row {i}: expected a JSON object, got {type(rec).__name__}. "
+                                "Fix: a JSON list of objects", skip_bad)
+        elif bad_bytes and _UNDECODABLE.search(json.dumps(rec, ensure_ascii=False)):
+            yield _bad(path, i, f"{path}, row {i}: bytes that are not UTF-8. Fix: {_NOT_UTF8_FIX}.", skip_bad)
+        else:
+            yield Row(path, i, rec)
 
 
-def _read_hf_folder(path: str) -> Iterator[Row]:
-    """A `datasets.Dataset.save_to_disk` folder: arrow stream files listed in state.json."""
-    import pyarrow as pa
+class _JsonList:
+    """The elements of a top-level JSON list, decoded one at a time from a sliding text buffer (the file is
+    never held whole), each with the line it starts on."""
 
+    def __init__(self, path: str, text: io.TextIOBase, buf: str, pos: int, skip_bad: bool):
+        self.path, self.text, self.buf, self.pos, self.skip_bad = path, text, buf, pos, skip_bad
+        self.line = 1 + buf.count("\n", 0, pos)  # line of self.pos
+        self.eof = False
+        self.decoder = json.JSONDecoder()
+
+    def _more(self) -> bool:
+        """Read the next block (dropping what was consumed); False at the end of the file."""
+        block = "" if self.eof else self.text.read(_JSON_BLOCK)
+        self.eof = not block
+        self.buf, self.pos = self.buf[self.pos:] + block, 0
+        return bool(block)
+
+    def _skip_space(self) -> str:
+        """The next non-space character (consumed up to it, not past it); "" at the end of the file."""
+        while True:
+            end = _SPACE.match(self.buf, self.pos).end()
+            self.line += self.buf.count("\n", self.pos, end)
+            self.pos = end
+            if end < len(self.buf):
+                return self.buf[end]
+            if not self._more():
+                return ""
+
+    def _error(self, problem: str) -> DataError:
+        return DataError(f"{self.path}, line {self.line}: {problem}. Fix: a JSON list of objects "
+                         "(or use .jsonl for one object per line).")
+
+    def __iter__(self) -> Iterator[Row]:
+        i = 0
+        while True:
+            ch = self._skip_space()
+            if ch == "]":
+                return
+            if i > 0:
+                if ch != ",":
+                    raise self._error(f"expected ',' or ']' after row {i - 1}, got {ch!r}" if ch else
+                                      "the list is not closed (the file ends inside it)")
+                self.pos += 1
+                ch = self._skip_space()
+            if not ch:
+                raise self._error("the list is not closed (the file ends inside it)")
+            value, end = self._decode()
+            line = self.line
+            if _UNDECODABLE.search(self.buf, self.pos, end):
+                yield _bad(self.path, i, f"{self.path}, line {line}: bytes that are not UTF-8 (in row {i}). "
+                                         f"Fix: {_NOT_UTF8_FIX}.", self.skip_bad)
+            elif not isinstance(value, dict):
+                yield _bad(self.path, i, f"{self.path}, line {line}: row {i} is a {type(value).__name__}, "
+                                         "not an object. Fix: a JSON list of objects", self.skip_bad)
+            else:
+                yield Row(self.path, i, value)
+            self.line += self.buf.count("\n", self.pos, end)
+            self.pos = end
+            i += 1
+
+    def _decode(self) -> tuple[Any, int]:
+        """The value at self.pos and where it ends, reading more of the file while it is cut off by the buffer."""
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                cut_off = e.pos >= len(self.buf) - 1 or e.msg.startswith("Unterminated string")
+                if cut_off and self._more():
+                    continue
+                raise self._error(f"invalid JSON ({e.msg})") from None
+            if end < len(self.buf) or self.eof or not self._more():  # a number may continue in the next block
+                return value, end
+
+
+def _read_folder(path: str, skip_bad: bool) -> Iterator[Row]:
+    """A `datasets.Dataset.save_to_disk` folder (Arrow stream files listed in state.json), else a folder of
+    parquet/jsonl files."""
     state_file = Path(path) / "state.json"
     if not state_file.is_file():
         files = sorted(Path(path).glob("*.parquet")) + sorted(Path(path).glob("*.jsonl"))
@@ -154,21 +277,26 @@ def _read_hf_folder(path: str) -> Iterator[Row]:
             raise DataError(f"Data folder '{path}' is neither a datasets save_to_disk folder (no state.json) "
                             "nor a folder of parquet/jsonl files.")
         for f in files:
-            yield from _read_one(str(f))
+            yield from _read_one(str(f), skip_bad)
         return
     state = json.loads(state_file.read_text())
-    i = 0
     for entry in state.get("_data_files", []):
-        arrow_path = Path(path) / entry["filename"]
-        try:
-            with pa.memory_map(str(arrow_path)) as source:
-                reader = pa.ipc.open_stream(source)
-                for batch in reader:
-                    for rec in batch.to_pylist():
-                        yield Row(str(arrow_path), i, rec)
+        yield from _read_arrow_stream(str(Path(path) / entry["filename"]))
+
+
+def _read_arrow_stream(path: str) -> Iterator[Row]:
+    import pyarrow as pa
+
+    try:
+        with open_file(path) as f:
+            i = 0
+            for batch in pa.ipc.open_stream(f):
+                for start in range(0, batch.num_rows, _BATCH_ROWS):
+                    for rec in batch.slice(start, _BATCH_ROWS).to_pylist():
+                        yield Row(path, i, rec)
                         i += 1
-        except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"Data file '{arrow_path}' cannot be read ({e}).") from None
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"Data file '{path}' cannot be read ({e}).") from None
 
 
 def files_fingerprint(paths: list[str]) -> list[tuple[str, int, int]]:

@@ -1,0 +1,266 @@
+"""Rows -> tokenized samples -> cache shards, in bounded memory.
+
+The main process reads rows in order, cuts them into chunks of CHUNK_ROWS and hands them to worker processes
+with at most two chunks per worker in flight; results come back in order as flat numpy arrays and are
+appended to the current shard on disk. Memory is therefore bounded by the chunks in flight, whatever the
+number of rows. Shards already complete (an interrupted run) are read past without tokenizing them again.
+
+Per row: the row format (detected per file from its first row whose keys tell), the conversation, the
+tokenized samples (a list: one conversation may become several samples), truncation, and the
+`data.on_bad_row` policy, with every drop counted by reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shardtune.batch import supervised_count
+from shardtune.config import DataConfig
+from shardtune.data.cache import ShardSpec, ShardWriter
+from shardtune.data.chat import IGNORE_INDEX, MaskOptions, TemplateMismatch, Tokenized, conversation_samples
+from shardtune.data.formats import detect_format, to_conversation
+from shardtune.data.readers import Row
+from shardtune.errors import DataError
+
+CHUNK_ROWS = 64  # rows per unit of work handed to a worker (what it holds, times two per worker, in flight)
+
+
+@dataclass
+class Chunk:
+    """The samples of some rows, flat: what a worker sends back."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    num_targets: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def tokenize_to_shards(rows: Iterator[Row], folder: Path, cfg: DataConfig, tokenizer: Any, template: str,
+                       shard_rows: int, done: set[str], progress: bool) -> list[ShardSpec]:
+    """Tokenize `rows` into shard folders under `folder`, skipping the shards named in `done`.
+    Returns every shard of the source, in order."""
+    plan = _ShardPlan(rows, shard_rows, done, cfg)
+    nproc = cfg.num_proc or _default_nproc()
+    bar = _Progress(progress)
+    writer: ShardWriter | None = None
+    try:
+        for spec, chunk in _in_workers(plan.chunks(), nproc, (tokenizer, cfg, template)):
+            if writer is None or writer.spec != spec:
+                if writer is not None:
+                    writer.close()
+                writer = ShardWriter(folder, spec)
+            writer.append(chunk.input_ids, chunk.labels, chunk.lengths, chunk.num_targets, chunk.stats)
+            bar.update(chunk.stats["rows_read"])
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    return plan.specs
+
+
+def _default_nproc() -> int:
+    """Up to 8, by the CPUs this process may run on (a container's or a job's share, not the host's)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus)
+
+
+class _ShardPlan:
+    """Cuts the row stream into shards of `shard_rows` rows and each shard into chunks; tags every row with its
+    file's format; yields only the chunks of shards not yet done. `specs` lists every shard seen."""
+
+    def __init__(self, rows: Iterator[Row], shard_rows: int, done: set[str], cfg: DataConfig):
+        self.rows, self.shard_rows, self.done, self.cfg = rows, shard_rows, done, cfg
+        self.formats: dict[str, str] = {}
+        self.specs: list[ShardSpec] = []
+
+    def chunks(self) -> Iterator[tuple[ShardSpec, list[tuple[Row, str | None]]]]:
+        start = 0
+        while True:
+            spec = ShardSpec(start, start + self.shard_rows)
+            shard_rows = islice(self.rows, self.shard_rows)
+            n = 0
+            while chunk := list(islice(shard_rows, CHUNK_ROWS)):
+                if n == 0:
+                    self.specs.append(spec)
+                n += len(chunk)
+                tagged = [(row, self._format(row)) for row in chunk]
+                if spec.name not in self.done:
+                    yield spec, tagged
+            if n < self.shard_rows:
+                return
+            start += self.shard_rows
+
+    def _format(self, row: Row) -> str | None:
+        """The row's file's format: data.format, else detected from the file's first row whose keys tell (a
+        row before it is left to the bad-row policy, like any row whose format cannot be told)."""
+        if self.cfg.format != "auto":
+            return self.cfg.format
+        if row.path not in self.formats and row.error is None:
+            try:
+                self.formats[row.path] = detect_format(row, self.cfg)
+            except DataError:
+                return None
+        return self.formats.get(row.path)
+
+
+def _in_workers(chunks: Iterator[tuple[ShardSpec, list]], nproc: int, job: tuple) -> Iterator[tuple[ShardSpec, Chunk]]:
+    """Tokenized chunks in order; with nproc > 1 and more than one chunk, in worker processes, at most two
+    chunks per worker in flight."""
+    head = list(islice(chunks, 2))
+    if nproc <= 1 or len(head) < 2:
+        _init_worker(*job)
+        for spec, rows in chain(head, chunks):
+            yield spec, _tokenize_chunk(rows)
+        return
+    with ProcessPoolExecutor(nproc, initializer=_init_worker, initargs=job) as pool:
+        window: deque = deque()
+        try:
+            for spec, rows in chain(head, chunks):
+                window.append((spec, pool.submit(_tokenize_chunk, rows)))
+                if len(window) >= 2 * nproc:
+                    spec, future = window.popleft()
+                    yield spec, future.result()
+            while window:
+                spec, future = window.popleft()
+                yield spec, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Progress:
+    """A tqdm bar of rows, shown once a source has more than a few thousand rows."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.rows, self.bar = enabled, 0, None
+
+    def update(self, n: int) -> None:
+        self.rows += n
+        if self.bar is None and self.enabled and self.rows >= 2000:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="tokenizing", unit="rows", initial=self.rows, dynamic_ncols=True)
+        elif self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In the workers
+
+
+_JOB: tuple[Any, DataConfig, str] | None = None
+
+
+def _init_worker(tokenizer: Any, cfg: DataConfig, template: str) -> None:
+    global _JOB
+    _JOB = (tokenizer, cfg, template)
+
+
+def _tokenize_chunk(rows: list[tuple[Row, str | None]]) -> Chunk:
+    tokenizer, cfg, template = _JOB
+    ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    dropped: Counter[str] = Counter()
+    masks: dict[str, Counter] = {}  # mask audit per data file (chat.AUDIT_KEYS, tokens, trained_tokens)
+    truncated = kept_rows = 0
+    for row, fmt in rows:
+        try:
+            samples, row_audit = row_samples(row, fmt, tokenizer, cfg, template)
+        except DataError as e:
+            dropped[_bad_row_reason(row, e, cfg)] += 1
+            continue
+        audit = masks.setdefault(row.path, Counter())
+        audit.update(row_audit)
+        if not samples:
+            dropped["no_trained_tokens"] += 1
+        kept = 0
+        for tok in samples:
+            tok, reason = truncate(tok, cfg.max_length, cfg.truncation, row)
+            if reason not in (None, "truncated"):
+                dropped[reason] += 1
+                continue
+            truncated += reason == "truncated"
+            audit.update(tokens=len(tok.labels), trained_tokens=supervised_count(np.asarray(tok.labels)))
+            ids.append(tok.input_ids)
+            labels.append(tok.labels)
+            kept += 1
+        kept_rows += kept > 0
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat_labels = np.fromiter((t for x in labels for t in x), dtype=np.int32, count=int(lengths.sum()))
+    stats = {"rows_read": len(rows), "rows_kept": kept_rows, "truncated": truncated, "dropped": dict(dropped),
+             "mask": {path: dict(counts) for path, counts in masks.items()}}
+    return Chunk(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum())), flat_labels,
+                 lengths, _targets_per_sample(flat_labels, lengths), stats)
+
+
+def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, template: str
+                ) -> tuple[list[Tokenized], Counter]:
+    """One row -> its samples (none when it has no turn to train; several with thinking_history=per_turn)
+    and its mask-audit counters."""
+    if row.error is not None:
+        raise DataError(row.error)
+    conv = to_conversation(row, fmt or detect_format(row, cfg), cfg)
+    return conversation_samples(conv.messages, tokenizer, conv.tools, chat_template=template,
+                                options=MaskOptions.from_config(cfg),
+                                **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
+
+
+def _bad_row_reason(row: Row, e: DataError, cfg: DataConfig) -> str:
+    """The reason to count a bad row under, or the error (naming file and row) when the policy says stop."""
+    if isinstance(e, TemplateMismatch):
+        if cfg.ignore_input_ids_mismatch:
+            return "template_mismatch"
+        raise DataError(f"{row.path}, row {row.index}: {e}") from None
+    if cfg.on_bad_row == "skip":
+        return "bad_row"
+    if str(e).startswith(row.path):
+        raise e
+    raise DataError(f"{row.path}, row {row.index}: {e}") from None
+
+
+def _targets_per_sample(labels: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Supervised next-token targets per (non-empty) sample: its labels after its first token (position 0
+    has nothing before it to predict it from)."""
+    if len(lengths) == 0:
+        return np.zeros(0, np.int64)
+    trained = (labels != IGNORE_INDEX).astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
+    trained[starts] = 0
+    return np.add.reduceat(trained, starts)
+
+
+def truncate(tok: Tokenized, max_length: int, policy: str, row: Row) -> tuple[Tokenized, str | None]:
+    """Apply the truncation policy. Returns the sample and None, "truncated" or a reason to drop it."""
+    n = len(tok.input_ids)
+    reason = None
+    if n > max_length:
+        if policy == "error":
+            raise DataError(
+                f"{row.path}, row {row.index}: the conversation is {n} tokens, longer than data.max_length="
+                f"{max_length}. Fix: raise data.max_length, or set data.truncation to right, left or drop.")
+        if policy == "drop":
+            return tok, "too_long"
+        keep = slice(0, max_length) if policy == "right" else slice(n - max_length, n)
+        tok = Tokenized(tok.input_ids[keep], tok.labels[keep])
+        reason = "truncated"
+    # position 0 has nothing before it to predict it from, so it never counts as trained
+    if all(label == IGNORE_INDEX for label in tok.labels[1:]):
+        return tok, "no_trained_tokens"
+    return tok, reason
