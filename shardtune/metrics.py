@@ -26,8 +26,8 @@ from shardtune.state import TrainState
 
 
 def step_metrics(result: StepResult, batch: StepBatch, state: TrainState, *, elapsed: float, data_wait: float,
-                 epoch: float, model_config: Any, peak_flops: float, devices: int, dropped_rows: int,
-                 device: torch.device, source_names: list[str]) -> dict[str, Any]:
+                 epoch: float, model_config: Any, peak_flops: float, devices: int, device: torch.device,
+                 source_names: list[str]) -> dict[str, Any]:
     """The metric row of one optimizer step. `elapsed` includes `data_wait` (the time the loop waited for
     the batch); MFU is the achieved training FLOP/s over the peak of all devices. With several training
     sources, `data/samples/<name>` and `data/tokens/<name>` count what each gave the step."""
@@ -50,7 +50,7 @@ def step_metrics(result: StepResult, batch: StepBatch, state: TrainState, *, ela
         "perf/padding_ratio": batch.padded_tokens / (batch.padded_tokens + tokens),
         "perf/micro_batches": len(batch.plans[0]), "perf/max_memory_gb": max_memory_gb(device),
         "data/mean_seq_len": float(batch.lengths.mean()), "data/max_seq_len": int(batch.lengths.max()),
-        "data/dropped_rows": dropped_rows, **per_source,
+        "data/dropped_rows": batch.drawn.dropped_rows, **per_source,
     }
 
 

@@ -11,8 +11,9 @@ no checkpoint as new as the remote's newest complete copy (a requeued job on ano
 first (each node's local rank 0, into a temporary folder renamed into place) and resumes from it.
 
 Data (`data.train_files` / `val_files`): URLs and globs (`s3://bucket/sft/*.parquet`) are expanded here;
-each file is copied to a temporary local file while it is read; its cache fingerprint is the URL with the
-size and the ETag or modification time the store reports.
+each file is read through fsspec in blocks (never copied whole to local disk), so a file larger than the
+local disk can be tokenized or streamed; its cache fingerprint is the URL with the size and the ETag or
+modification time the store reports.
 
 Credentials come only from each filesystem's own environment and config files (AWS_* variables and
 ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, the Hadoop configuration): shardtune never takes them as
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from shardtune.errors import ConfigError, DataError, ShardtuneError, StorageError
@@ -42,6 +43,7 @@ STEP_DIR = re.compile(r"global_step_(\d+)$")
 LAST = (".metadata", "trainer_state.json")  # written after every other file: their presence means complete
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "hdfs": "hdfs", "viewfs": "hdfs"}
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+DATA_BLOCK_SIZE = 8 << 20  # bytes fetched at a time from a remote data file
 
 
 def is_url(path: Any) -> bool:
@@ -286,15 +288,18 @@ def _url_of(spec: str, path: str) -> str:
     return f"{parts.scheme}://{p}" if parts.netloc else f"{parts.scheme}:///{p}"
 
 
-@contextlib.contextmanager
-def local_copy(url: str) -> Iterator[str]:
-    """A temporary local copy of one remote data file (same file name), removed afterwards."""
+def open_data(url: str) -> IO[bytes]:
+    """One remote data file, opened for reading in blocks of DATA_BLOCK_SIZE bytes (seekable: parquet readers
+    fetch only the row groups they read, jsonl readers seek to a line)."""
     fs, path = filesystem(url)
-    with tempfile.TemporaryDirectory(prefix="shardtune-remote-") as tmp:
-        local = os.path.join(tmp, PurePosixPath(path).name)
-        with storage_errors(f"Reading data file {url}"):
-            fs.get_file(path, local)
-        yield local
+    with storage_errors(f"Reading data file {url}"):
+        return fs.open(path, "rb", block_size=DATA_BLOCK_SIZE)
+
+
+def size(url: str) -> int:
+    fs, path = filesystem(url)
+    with storage_errors(f"Reading data file {url}"):
+        return int(fs.size(path) or 0)
 
 
 def fingerprint(url: str) -> tuple[str, int, str]:

@@ -11,21 +11,28 @@ import time
 from typing import Any
 
 from shardtune import checkpoint, flops, parallel, remote
-from shardtune.config import Config, dump_yaml, notes, to_dict
+from shardtune.config import Config, dump_yaml, notes, resolve_sources, to_dict
 from shardtune.data.chat import audit_totals
 from shardtune.data.dataset import CombinedDataset, build_dataset
 from shardtune.data.loader import RankLayout, StepBatch, StepLoader, planned_steps
+from shardtune.data.stream import SampleStream
 from shardtune.engine import build_engine
 from shardtune.metrics import Metrics, step_metrics
 from shardtune.model import load_tokenizer
 from shardtune.state import RNGState, TrainState, seed_everything
 
 
-def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[CombinedDataset, CombinedDataset | None]:
-    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache."""
-    def build() -> tuple[CombinedDataset, CombinedDataset | None]:
+def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World
+                  ) -> tuple[CombinedDataset | SampleStream, CombinedDataset | None]:
+    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. Streamed training
+    data (data.streaming) is only opened here: every rank reads and tokenizes it as it trains."""
+    def build() -> tuple[CombinedDataset | SampleStream, CombinedDataset | None]:
         data = cfg.data
-        train = build_dataset(data.train_files, data, tokenizer, data.train_max_samples, progress=world.is_main)
+        if data.streaming:
+            source = resolve_sources(data.train_files, data, data.train_max_samples)[0]
+            train = SampleStream(source, tokenizer, data, cfg.trainer.seed)
+        else:
+            train = build_dataset(data.train_files, data, tokenizer, data.train_max_samples, progress=world.is_main)
         val = (build_dataset(data.val_files, data, tokenizer, data.val_max_samples, progress=world.is_main)
                if data.val_files else None)
         return train, val
@@ -128,8 +135,9 @@ class Trainer:
         return self.state.step == self.total_steps
 
     def _start_events(self) -> None:
+        samples = "streamed" if isinstance(self.train_data, SampleStream) else len(self.train_data)
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.loader.steps_per_epoch,
-                           samples=len(self.train_data), world_size=self.world.world_size, run_dir=str(self.run_dir))
+                           samples=samples, world_size=self.world.world_size, run_dir=str(self.run_dir))
         for message in notes(self.cfg):
             self.metrics.event("note", message=message)
         for name, data in (("train", self.train_data), ("val", self.val_data)):
@@ -137,7 +145,8 @@ class Trainer:
                 self.metrics.event("mask", data=name, **audit_totals(data.stats["mask"]))
         if self.resumed:
             skipped = checkpoint.incomplete_after(self.run_dir, self.state.step)
-            self.metrics.event("resume", **self.resumed, skipped_incomplete=[str(p) for p in skipped])
+            self.metrics.event("resume", **self.resumed, data=self.loader.describe(),
+                               skipped_incomplete=[str(p) for p in skipped])
             if skipped:
                 self.metrics.event("warning", message="skipped checkpoint folders a crash left incomplete",
                                    paths=[str(p) for p in skipped])
@@ -154,7 +163,6 @@ class Trainer:
         return step_metrics(result, batch, self.state, elapsed=elapsed, data_wait=data_wait,
                             epoch=self.loader.epoch_progress(batch), model_config=self.engine.model_config(),
                             peak_flops=self.peak_flops, devices=self.world.world_size,
-                            dropped_rows=sum(self.train_data.stats.get("dropped", {}).values()),
                             device=self.world.device, source_names=[s.name for s in self.train_data.sources])
 
     def validation_losses(self) -> dict[str, float]:

@@ -121,9 +121,10 @@ def test_store_errors_name_what_failed(s3, tmp_path):
     store = remote.RemoteCheckpoints("s3://no-such-bucket/run")
     with pytest.raises(StorageError, match="Copying checkpoint .* to s3://no-such-bucket/run/global_step_1 .*failed"):
         store.upload(fake_checkpoint(tmp_path / "global_step_1", 1), 1)
+    from shardtune.data.readers import read_rows
+
     with pytest.raises(StorageError, match="Reading data file s3://no-such-bucket/a.parquet failed"):
-        with remote.local_copy("s3://no-such-bucket/a.parquet"):
-            pass
+        list(read_rows(["s3://no-such-bucket/a.parquet"]))
 
 
 UPLOAD_SCRIPT = """

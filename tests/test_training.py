@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,7 +56,7 @@ def test_micro_batch_split_does_not_change_the_step(tiny_model, data_files, tmp_
 
 def test_first_step_loss_equals_a_plain_transformers_forward(tiny_model, data_files, tmp_path):
     trainer = run(tiny_model, data_files, tmp_path, "data.micro_batch_size_per_gpu=3", fit=False)
-    indices = trainer.loader.sampler.batch(0, 0)
+    indices = trainer.loader.batches.sampler.batch(0, 0)
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager")
@@ -87,7 +86,7 @@ def test_packed_logits_equal_each_sequence_alone(tiny_model, data_files, tmp_pat
     trainer = run(tiny_model, data_files, tmp_path, fit=False)
     model = trainer.engine.model.eval()
     samples = [trainer.train_data[i] for i in range(3)]
-    mb = trainer.loader.micro_batches(np.arange(3), trainer.train_data)[1][0]
+    mb = trainer.loader.micro_batches(trainer.train_data.lengths[:3], trainer.train_data.__getitem__)[1][0]
     assert model.config._attn_implementation == "shardtune_varlen_sdpa"  # auto on CPU with packed rows
     with torch.no_grad():
         by_cu = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,

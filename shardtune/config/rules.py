@@ -18,7 +18,12 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             raise ConfigError(message)
     _check_parallel(cfg, world_size)
     data = cfg.data
-    resolve_sources(data.train_files, data, data.train_max_samples, "data.train_files")
+    train_sources = resolve_sources(data.train_files, data, data.train_max_samples, "data.train_files")
+    if data.streaming and len(train_sources) > 1:
+        raise ConfigError(f"data.streaming=true streams one training source, and data.train_files has "
+                          f"{len(train_sources)} ({', '.join(s.name for s in train_sources)}): weighted mixtures "
+                          "are drawn from tokenized sources. Fix: list the files as plain paths (one source, read "
+                          "in order), or set data.streaming=false to mix them by weight.")
     resolve_sources(data.val_files, data, data.val_max_samples, "data.val_files")
     t = cfg.trainer
     for sink in t.logger:
@@ -50,6 +55,11 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
         (d.max_length > 1, f"data.max_length must be > 1, got {d.max_length}."),
         (d.train_batch_size >= 1, f"data.train_batch_size must be >= 1, got {d.train_batch_size}."),
         (d.prefetch_steps >= 0, f"data.prefetch_steps must be >= 0 (0 = no prefetching), got {d.prefetch_steps}."),
+        (d.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1 (samples), got {d.shuffle_buffer}."),
+        (not d.streaming or cfg.trainer.total_training_steps is not None,
+         "data.streaming=true needs trainer.total_training_steps: a stream's epoch length is unknown until it has "
+         "been read, so the run's length (and the learning-rate schedule) cannot come from trainer.total_epochs. "
+         "Fix: set trainer.total_training_steps=N."),
         (d.micro_batch_size_per_gpu >= 1, f"data.micro_batch_size_per_gpu must be >= 1, got {d.micro_batch_size_per_gpu}."),
         (not d.use_dynamic_bsz or d.max_token_len_per_gpu >= d.max_length,
          f"data.max_token_len_per_gpu={d.max_token_len_per_gpu} is below data.max_length={d.max_length}, so a "

@@ -47,6 +47,10 @@ class DataConfig:
     max_token_len_per_gpu: int = 8192  # the token budget of one micro-batch on one rank
     shuffle: bool = True
     drop_last: bool = False
+    # read, tokenize and shuffle training rows as they are trained (data/stream.py) instead of tokenizing and
+    # caching them first; needs trainer.total_training_steps
+    streaming: bool = False
+    shuffle_buffer: int = 10000  # samples a stream shuffles among (data.streaming=true)
     cache_dir: str | None = "~/.cache/shardtune"
     num_proc: int = 0  # tokenization processes; 0 = automatic
     prefetch_steps: int = 2  # steps planned and collated ahead in a background thread (0 = in the loop)

@@ -11,7 +11,8 @@ packed row never asks a token to predict the first token of the next document.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,27 @@ from shardtune.batch import IGNORE_INDEX, MicroBatch, supervised_count
 from shardtune.config import DataConfig
 from shardtune.errors import ConfigError
 
-# rank -> micro-batch -> sample indices: every data-parallel rank's micro-batches for one step
+# rank -> micro-batch -> positions in the global batch: every data-parallel rank's micro-batches for one step
 MicroBatchPlan = list[list[list[int]]]
+
+
+@dataclass
+class GlobalBatch:
+    """The samples of one optimizer step as drawn, before they are planned: their lengths and supervised-token
+    counts (what the planner and the loss divisor need), and `sample(p)` to read the one at position p
+    (only this rank's are read). Drawn from a dataset by a sampler (`indices`) or from a stream (`position`:
+    the stream's state once this step has trained)."""
+
+    epoch: int
+    step_in_epoch: int
+    lengths: np.ndarray
+    target_counts: np.ndarray
+    sources: np.ndarray  # the source (position in data.sources) of each sample
+    sample: Callable[[int], tuple[Any, Any]]
+    ends_epoch: bool
+    dropped_rows: int = 0  # rows dropped from the data so far (streaming: in this pass)
+    indices: np.ndarray | None = None
+    position: Any = None
 
 
 class StepSampler:

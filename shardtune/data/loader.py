@@ -1,10 +1,16 @@
 """The training data path in one object: which samples each step trains, on which rank, in which micro-batch.
 
-`StepLoader` owns the sampler position (its `state_dict` is what a checkpoint saves), plans every rank's
-micro-batches for a global batch (balanced by tokens, by count or by token budget), collates this rank's
-into tensors, slices them for Ulysses sequence parallelism, pins them for asynchronous GPU copies, and with
-`data.prefetch_steps > 0` does all of it in a background thread ahead of the loop. The engine receives
-ready micro-batches and the step's loss divisor; it never sees samples, plans or the tokenizer.
+`StepLoader` draws each step's global batch from its batch source, plans every rank's micro-batches for it
+(balanced by tokens, by count or by token budget), collates this rank's into tensors, slices them for Ulysses
+sequence parallelism, pins them for asynchronous GPU copies, and with `data.prefetch_steps > 0` does all of it
+in a background thread ahead of the loop. The engine receives ready micro-batches and the step's loss
+divisor; it never sees samples, plans or the tokenizer.
+
+Two batch sources: `SampledBatches` draws from tokenized datasets by a sampler (a seeded permutation per
+epoch, or the weighted mixture); a `SampleStream` (data/stream.py, `data.streaming=true`) reads, tokenizes and
+shuffles rows as it goes, inside the prefetch thread. Planning works on the positions of a global batch's
+samples and their lengths, so both share it. The source's state (sampler position or stream position) is
+what a checkpoint saves.
 
 Iterating does not move the position; `consumed(batch)` does, once the step has trained, so a checkpoint
 taken while prepared batches wait in the queue still resumes at the right sample.
@@ -12,7 +18,7 @@ taken while prepared batches wait in the queue still resumes at the right sample
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +28,7 @@ from torchdata.nodes import IterableWrapper, Loader, Prefetcher
 from shardtune.batch import MicroBatch
 from shardtune.config import DataConfig
 from shardtune.data.batching import (
+    GlobalBatch,
     GlobalBatchSampler,
     MicroBatchPlan,
     StepSampler,
@@ -31,6 +38,8 @@ from shardtune.data.batching import (
 )
 from shardtune.data.dataset import CombinedDataset
 from shardtune.data.mixture import MixtureSampler
+from shardtune.data.stream import SampleStream
+from shardtune.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -45,80 +54,145 @@ class RankLayout:
 
 @dataclass
 class StepBatch:
-    """One optimizer step's data: the sampler position it came from, the global batch, every rank's plan,
-    this rank's ready micro-batches and the numbers the loss and the metrics need."""
+    """One optimizer step's data: the global batch as drawn, every rank's plan (positions in the global
+    batch), this rank's ready micro-batches and the numbers the loss and the metrics need."""
 
-    epoch: int
-    step_in_epoch: int
-    indices: np.ndarray  # the samples of the global batch
+    drawn: GlobalBatch
     plans: MicroBatchPlan
     micro_batches: list[MicroBatch]  # this rank's, sliced for sequence parallelism and pinned where useful
     num_targets: int  # supervised tokens of the global batch: the loss divisor
-    lengths: np.ndarray  # tokens of each sample of the global batch
     padded_tokens: int  # pad tokens all ranks process (0 when padding-free)
-    sources: np.ndarray  # the source (position in data.sources) of each sample of the global batch
+
+    @property
+    def epoch(self) -> int:
+        return self.drawn.epoch
+
+    @property
+    def step_in_epoch(self) -> int:
+        return self.drawn.step_in_epoch
+
+    @property
+    def lengths(self) -> np.ndarray:  # tokens of each sample of the global batch
+        return self.drawn.lengths
+
+    @property
+    def sources(self) -> np.ndarray:  # the source (position in data.sources) of each sample of the global batch
+        return self.drawn.sources
 
 
-class StepLoader:
-    def __init__(self, data: CombinedDataset, cfg: DataConfig, layout: RankLayout, *, seed: int, packed: bool,
-                 pad_id: int, pin_memory: bool = False):
-        self.data, self.cfg, self.layout = data, cfg, layout
-        self.packed, self.pad_id, self.pin = packed, pad_id, pin_memory
-        self.sampler = batch_sampler(data, cfg, seed)
+class SampledBatches:
+    """Global batches of tokenized datasets: one source by a seeded permutation per epoch, several by the
+    weighted mixture (data/mixture.py)."""
+
+    def __init__(self, data: CombinedDataset, cfg: DataConfig, seed: int):
+        self.data, self.sampler = data, batch_sampler(data, cfg, seed)
+        self.dropped_rows = sum(data.stats.get("dropped", {}).values())
 
     @property
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
 
-    def epoch_progress(self, batch: StepBatch) -> float:
-        """Epochs completed once `batch` has trained (verl's train/epoch)."""
+    def __iter__(self) -> Iterator[GlobalBatch]:
+        for epoch, step, indices in self.sampler:
+            yield self.draw(epoch, step, indices)
+
+    def draw(self, epoch: int, step: int, indices: np.ndarray) -> GlobalBatch:
+        data = self.data
+        return GlobalBatch(epoch, step, data.lengths[indices], data.target_counts[indices], data.source_of(indices),
+                           lambda p: data[int(indices[p])], step + 1 == self.steps_per_epoch, self.dropped_rows,
+                           indices=indices)
+
+    def consumed(self, batch: GlobalBatch) -> None:
+        self.sampler.consumed(batch.epoch, batch.step_in_epoch)
+
+    def epoch_progress(self, batch: GlobalBatch) -> float:
         return batch.epoch + (batch.step_in_epoch + 1) / self.steps_per_epoch
 
+    def at_epoch_end(self) -> bool:
+        return self.sampler.step_in_epoch == self.steps_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("streaming"):
+            raise DataError("The checkpoint was written by a run that streamed its training data "
+                            "(data.streaming=true); its position is a place in the stream, not in this dataset. "
+                            "Fix: resume it with data.streaming=true, or load only its weights "
+                            "(checkpoint.load_contents=[model, optimizer]).")
+        self.sampler.load_state_dict(state)
+
+    def describe(self) -> dict[str, Any]:
+        return {"epoch": self.sampler.epoch, "step_in_epoch": self.sampler.step_in_epoch}
+
+
+class StepLoader:
+    def __init__(self, data: CombinedDataset | SampleStream, cfg: DataConfig, layout: RankLayout, *, seed: int,
+                 packed: bool, pad_id: int, pin_memory: bool = False):
+        self.cfg, self.layout = cfg, layout
+        self.packed, self.pad_id, self.pin = packed, pad_id, pin_memory
+        self.batches = data if isinstance(data, SampleStream) else SampledBatches(data, cfg, seed)
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Steps of an epoch; None for a stream (known once a pass has been read)."""
+        return self.batches.steps_per_epoch
+
+    def epoch_progress(self, batch: StepBatch) -> float:
+        """Epochs completed once `batch` has trained (verl's train/epoch); for a stream, whole passes."""
+        return self.batches.epoch_progress(batch.drawn)
+
     # ------------------------------------------------------------------------------------------------------
-    def micro_batches(self, indices: np.ndarray, data: CombinedDataset) -> tuple[MicroBatchPlan, list[MicroBatch]]:
-        """Every rank's plan for these samples of `data`, and this rank's micro-batches, ready for the engine."""
-        plans = plan_micro_batches(indices, data.lengths, self.layout.dp_size, self.cfg, padded=not self.packed)
+    def micro_batches(self, lengths: np.ndarray, sample: Callable[[int], tuple[Any, Any]]
+                      ) -> tuple[MicroBatchPlan, list[MicroBatch]]:
+        """Every rank's plan for a global batch of samples with these `lengths` (plans hold positions in it),
+        and this rank's micro-batches, ready for the engine (`sample(p)` reads the one at position p)."""
+        plans = plan_micro_batches(np.arange(len(lengths)), lengths, self.layout.dp_size, self.cfg,
+                                   padded=not self.packed)
         ready = []
         for micro in plans[self.layout.dp_rank]:
-            mb = collate([data[i] for i in micro], self.packed, self.pad_id)
+            mb = collate([sample(p) for p in micro], self.packed, self.pad_id)
             if self.layout.sp_size > 1:
                 mb = slice_for_sequence_parallel(mb, self.layout.sp_size, self.layout.sp_rank, self.pad_id)
             ready.append(mb.pin_memory() if self.pin else mb)
         return plans, ready
 
-    def prepare(self, epoch: int, step_in_epoch: int, indices: np.ndarray) -> StepBatch:
-        plans, ready = self.micro_batches(indices, self.data)
-        lengths = self.data.lengths[indices]
-        padded = 0 if self.packed else sum(len(m) * int(self.data.lengths[m].max()) - int(self.data.lengths[m].sum())
+    def prepare(self, drawn: GlobalBatch) -> StepBatch:
+        lengths = drawn.lengths
+        plans, ready = self.micro_batches(lengths, drawn.sample)
+        padded = 0 if self.packed else sum(len(m) * int(lengths[m].max()) - int(lengths[m].sum())
                                            for plan in plans for m in plan if m)
-        return StepBatch(epoch, step_in_epoch, indices, plans, ready, self.data.num_targets(indices), lengths, padded,
-                         self.data.source_of(indices))
+        return StepBatch(drawn, plans, ready, int(drawn.target_counts.sum()), padded)
 
     def __iter__(self) -> Iterator[StepBatch]:
-        """The coming steps from the sampler's position on, forever. With data.prefetch_steps > 0 a background
-        thread prepares them that many steps ahead, so the engine does not wait for its next batch."""
+        """The coming steps from the source's position on, forever. With data.prefetch_steps > 0 a background
+        thread prepares them that many steps ahead (for a stream: reads and tokenizes its rows too), so the
+        engine does not wait for its next batch."""
         ahead = self.cfg.prefetch_steps
         if ahead == 0:
-            return (self.prepare(*b) for b in self.sampler)
+            return (self.prepare(b) for b in self.batches)
         loader = Loader(Prefetcher(IterableWrapper(self._prepared_or_error()), prefetch_factor=ahead))
         return (_raise_if_error(item) for item in loader)
 
     def _prepared_or_error(self) -> Iterator[StepBatch | Exception]:
         """Prepared steps; an error is handed over as an item, so the loop raises it as itself (torchdata would
         re-wrap it with the thread's traceback, losing shardtune's message format)."""
-        for b in self.sampler:
-            try:
-                yield self.prepare(*b)
-            except Exception as e:
-                yield e
-                return
+        try:
+            for b in self.batches:
+                yield self.prepare(b)
+        except Exception as e:
+            yield e
 
     def consumed(self, batch: StepBatch) -> None:
         """Mark `batch` as trained: the position (and what a checkpoint saves) moves past it."""
-        self.sampler.consumed(batch.epoch, batch.step_in_epoch)
+        self.batches.consumed(batch.drawn)
 
     def at_epoch_end(self) -> bool:
-        return self.sampler.step_in_epoch == self.steps_per_epoch
+        return self.batches.at_epoch_end()
+
+    def describe(self) -> dict[str, Any]:
+        """Where the data stands (for the resume event)."""
+        return self.batches.describe()
 
     # ------------------------------------------------------------------------------------------------------
     def validation_batches(self, data: CombinedDataset, source: int) -> Iterator[list[MicroBatch]]:
@@ -126,13 +200,14 @@ class StepLoader:
         across ranks), one global batch's worth at a time."""
         indices, chunk = data.source_indices(source), self.cfg.train_batch_size
         for start in range(0, len(indices), chunk):
-            yield self.micro_batches(indices[start : start + chunk], data)[1]
+            part = indices[start : start + chunk]
+            yield self.micro_batches(data.lengths[part], lambda p, part=part: data[int(part[p])])[1]
 
     def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
+        return self.batches.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
+        self.batches.load_state_dict(state)
 
 
 def _raise_if_error(item: Any) -> Any:
@@ -151,6 +226,7 @@ def batch_sampler(data: CombinedDataset, cfg: DataConfig, seed: int) -> StepSamp
                           seed, mean_lengths=means, drop_last=cfg.drop_last, shuffle=cfg.shuffle)
 
 
-def planned_steps(total_training_steps: int | None, total_epochs: int, steps_per_epoch: int) -> int:
-    """Optimizer steps of the run: trainer.total_training_steps when set, else epochs x steps per epoch."""
+def planned_steps(total_training_steps: int | None, total_epochs: int, steps_per_epoch: int | None) -> int:
+    """Optimizer steps of the run: trainer.total_training_steps when set, else epochs x steps per epoch (a
+    stream, whose epochs have no known length, always sets total_training_steps: config/rules.py)."""
     return total_training_steps or total_epochs * steps_per_epoch

@@ -2,9 +2,14 @@
 
 Rows come back one at a time as plain Python dicts together with their origin (file, 0-based row), so every
 later error can name the file and the row, and memory stays bounded whatever the file size: parquet and
-Arrow files are read in record batches, jsonl line by line, a .json list element by element. Every file is
-opened through `open_file` and every path spec expanded by `expand_paths`: the two places that know about
-storage.
+Arrow files are read in record batches, jsonl line by line, a .json list element by element; remote files
+(fsspec URLs) are read the same way, block by block, never copied whole to local disk. Every file is opened
+through `open_file` and every path spec expanded by `expand_paths`: the two places that know about storage.
+
+A file can be read from a row on (`Start`) and rows read again by reference (`reread`), which is how a
+streamed run resumes: parquet by row group, jsonl by seeking to the byte offset of the row's line (each jsonl
+`Row` carries it); json lists and Arrow streams have no index to seek by and are read from their start,
+skipping the rows before.
 
 A row that cannot be read (bytes that are not UTF-8, invalid JSON, not an object) raises a `DataError`
 naming the file, the line and the fix; with `skip_bad=True` it comes back as a `Row` whose `error` holds
@@ -13,6 +18,7 @@ that message instead, so the caller's `data.on_bad_row` policy can count it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -20,11 +26,13 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+import numpy as np
+
 from shardtune import remote
-from shardtune.errors import DataError
+from shardtune.errors import DataError, ShardtuneError
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
 _BATCH_ROWS = 1024  # rows per Arrow record batch turned into Python dicts at a time
@@ -41,6 +49,22 @@ class Row:
     index: int  # 0-based row within its file
     data: dict[str, Any]
     error: str | None = None  # an unreadable row (only with skip_bad=True): the message naming file, line, fix
+    seek: tuple[int, int] | None = None  # jsonl: (byte offset, line number) where the row's line starts
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where to start reading a file: at its 0-based row `row`; for jsonl also the byte offset and the line
+    number of that row's line (a `Row.seek`), so the reader seeks there instead of reading the rows before."""
+
+    row: int = 0
+    offset: int = 0
+    line: int = 1
+
+    @classmethod
+    def at(cls, row: Row) -> Start:
+        """The place of a row already read: seeking there reads it again."""
+        return cls(row.index, *row.seek) if row.seek else cls(row.index)
 
 
 def expand_paths(spec: str | list[str]) -> list[str]:
@@ -64,51 +88,77 @@ def expand_paths(spec: str | list[str]) -> list[str]:
     return out
 
 
+def data_files(spec: str | list[str]) -> list[str]:
+    """`expand_paths`, with local folders replaced by the data files they hold, in the order they are read."""
+    return [f for p in expand_paths(spec) for f in (folder_files(p) if _is_local_dir(p) else [p])]
+
+
 def open_file(path: str) -> IO[bytes]:
-    """The binary file behind `path` (every reader opens files through here)."""
-    return open(path, "rb")
+    """The binary file behind `path`, local or an fsspec URL (every reader opens files through here)."""
+    return remote.open_data(path) if remote.is_url(path) else open(path, "rb")
 
 
 def read_rows(paths: list[str], max_rows: int = -1, skip_bad: bool = False) -> Iterator[Row]:
     """Yield rows of all files in order; stop after `max_rows` rows (-1 = all)."""
     n = 0
     for path in paths:
-        for row in _read_one(path, skip_bad):
+        for row in read_file(path, skip_bad):
             if 0 <= max_rows <= n:
                 return
             yield row
             n += 1
 
 
-def _read_one(path: str, skip_bad: bool) -> Iterator[Row]:
-    if remote.is_url(path):
-        yield from _read_remote(path, skip_bad)
+def read_file(path: str, skip_bad: bool = False, start: Start = Start()) -> Iterator[Row]:
+    """The rows of one file (or local folder) from `start.row` on."""
+    if _is_local_dir(path):
+        yield from _skip_to(start.row, _read_folder(path, skip_bad))
         return
-    if os.path.isdir(path):
-        yield from _read_folder(path, skip_bad)
-        return
-    if os.path.getsize(path) == 0:
+    if (remote.size(path) if remote.is_url(path) else os.path.getsize(path)) == 0:
         raise DataError(f"Data file '{path}' is empty. Fix: point data.train_files at a file with rows.")
-    suffix = Path(path).suffix.lower()
+    suffix = PurePosixPath(path).suffix.lower()
     if suffix == ".parquet":
-        yield from _read_parquet(path)
+        yield from _read_parquet(path, start.row)
     elif suffix == ".jsonl":
-        yield from _read_jsonl(path, skip_bad)
+        yield from _read_jsonl(path, skip_bad, start)
     elif suffix == ".json":
-        yield from _read_json(path, skip_bad)
+        yield from _skip_to(start.row, _read_json(path, skip_bad))
+    elif suffix == ".arrow":  # a datasets save_to_disk shard (an Arrow stream)
+        yield from _read_arrow_stream(path, start.row)
     else:
         raise DataError(f"Data file '{path}' has an unsupported type. Fix: use one of {', '.join(SUFFIXES)} "
                         "or a folder written by datasets' save_to_disk.")
 
 
-def _read_remote(url: str, skip_bad: bool) -> Iterator[Row]:
-    """Rows of a remote file, read from a temporary local copy; rows and errors name the URL."""
-    with remote.local_copy(url) as local:
-        try:
-            for row in _read_one(local, skip_bad):
-                yield Row(url, row.index, row.data, None if row.error is None else row.error.replace(local, url))
-        except DataError as e:
-            raise DataError(str(e).replace(local, url)) from None
+def reread(path: str, places: list[Start], skip_bad: bool = False) -> dict[int, Row]:
+    """The rows at these places of one file, by row index, read again without reading the whole file where
+    the format allows: jsonl by seeking to each line, parquet by reading only their row groups."""
+    places = sorted({p.row: p for p in places}.values(), key=lambda p: p.row)  # each row once, in file order
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix == ".jsonl" and all(p.offset or not p.row for p in places):
+        with open_file(path) as f:
+            out = {}
+            for p in places:
+                f.seek(p.offset)
+                out[p.row] = _jsonl_row(path, p.row, p.line, p.offset, f.readline(), skip_bad)
+            return out
+    if suffix == ".parquet":
+        return _reread_parquet(path, sorted({p.row for p in places}))
+    wanted, out = {p.row for p in places}, {}
+    for row in read_file(path, skip_bad, Start(min(wanted, default=0))):
+        if row.index in wanted:
+            out[row.index] = row
+            if len(out) == len(wanted):
+                break
+    return out
+
+
+def _is_local_dir(path: str) -> bool:
+    return not remote.is_url(path) and os.path.isdir(path)
+
+
+def _skip_to(first: int, rows: Iterator[Row]) -> Iterator[Row]:
+    return (row for row in rows if row.index >= first)
 
 
 def _bad(path: str, index: int, message: str, skip_bad: bool) -> Row:
@@ -117,44 +167,91 @@ def _bad(path: str, index: int, message: str, skip_bad: bool) -> Row:
     return Row(path, index, {}, message)
 
 
-def _read_parquet(path: str) -> Iterator[Row]:
+def _read_parquet(path: str, first: int = 0) -> Iterator[Row]:
+    """Rows from `first` on: reading starts at the row group that holds it."""
+    with open_file(path) as f, _parquet_errors(path):
+        pf = _parquet(f)
+        starts = _group_starts(pf)
+        group = max(int(np.searchsorted(starts, first, side="right")) - 1, 0)
+        i = int(starts[group])
+        groups = list(range(group, pf.num_row_groups))
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups) if groups else ():
+            skip = min(max(first - i, 0), batch.num_rows)  # whole batches before `first` are never converted
+            for k, rec in enumerate(batch.slice(skip).to_pylist() if skip < batch.num_rows else ()):
+                yield Row(path, i + skip + k, rec)
+            i += batch.num_rows
+
+
+def _reread_parquet(path: str, rows: list[int]) -> dict[int, Row]:
+    out = {}
+    with open_file(path) as f, _parquet_errors(path):
+        pf = _parquet(f)
+        starts = _group_starts(pf)
+        groups = np.searchsorted(starts, rows, side="right") - 1
+        for group in sorted(set(groups.tolist())):
+            if not 0 <= group < pf.num_row_groups:
+                continue
+            table = pf.read_row_group(group)
+            for row in (r for r, g in zip(rows, groups) if g == group):
+                if row - starts[group] < table.num_rows:
+                    out[row] = Row(path, row, table.slice(int(row - starts[group]), 1).to_pylist()[0])
+    return out
+
+
+def _parquet(f: IO[bytes]) -> Any:
     import pyarrow.parquet as pq
 
+    return pq.ParquetFile(f)
+
+
+def _group_starts(pf: Any) -> np.ndarray:
+    """The first row of each row group."""
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])[:-1] if sizes else np.zeros(1, np.int64)
+
+
+@contextlib.contextmanager
+def _parquet_errors(path: str) -> Iterator[None]:
     try:
-        with open_file(path) as f:
-            i = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH_ROWS):
-                for rec in batch.to_pylist():
-                    yield Row(path, i, rec)
-                    i += 1
-    except DataError:
+        yield
+    except ShardtuneError:
         raise
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"Data file '{path}' cannot be read as parquet ({type(e).__name__}: {e}). "
                         "Fix: rewrite the file, e.g. with pandas.DataFrame.to_parquet.") from None
 
 
-def _read_jsonl(path: str, skip_bad: bool) -> Iterator[Row]:
+def _read_jsonl(path: str, skip_bad: bool, start: Start) -> Iterator[Row]:
+    """Rows from `start` on: seeking to its line when its offset is known, else counting lines from the start
+    (rows before `start.row` are not parsed)."""
     with open_file(path) as f:
-        i = 0
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            problem = None
-            try:
-                rec = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                problem = f"bytes that are not UTF-8 (at byte {e.start} of the line). Fix: {_NOT_UTF8_FIX}"
-            except json.JSONDecodeError as e:
-                problem = f"invalid JSON ({e.msg}). Fix: one JSON object per line"
-            else:
-                if not isinstance(rec, dict):
-                    problem = f"expected a JSON object, got {type(rec).__name__}. Fix: one JSON object per line"
-            if problem is not None:
-                yield _bad(path, i, f"{path}, line {line_no}: {problem}.", skip_bad)
-            else:
-                yield Row(path, i, rec)
-            i += 1
+        i, line_no, offset = (start.row, start.line, start.offset) if start.offset else (0, 1, 0)
+        f.seek(offset)
+        for line in f:
+            if line.strip():
+                if i >= start.row:
+                    yield _jsonl_row(path, i, line_no, offset, line, skip_bad)
+                i += 1
+            line_no += 1
+            offset += len(line)
+
+
+def _jsonl_row(path: str, i: int, line_no: int, offset: int, line: bytes, skip_bad: bool) -> Row:
+    problem = None
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        problem = f"bytes that are not UTF-8 (at byte {e.start} of the line). Fix: {_NOT_UTF8_FIX}"
+    except json.JSONDecodeError as e:
+        problem = f"invalid JSON ({e.msg}). Fix: one JSON object per line"
+    else:
+        if not isinstance(rec, dict):
+            problem = f"expected a JSON object, got {type(rec).__name__}. Fix: one JSON object per line"
+    if problem is not None:
+        if not skip_bad:
+            raise DataError(f"{path}, line {line_no}: {problem}.")
+        return Row(path, i, {}, f"{path}, line {line_no}: {problem}.", (offset, line_no))
+    return Row(path, i, rec, None, (offset, line_no))
 
 
 def _read_json(path: str, skip_bad: bool) -> Iterator[Row]:
@@ -267,34 +364,39 @@ class _JsonList:
                 return value, end
 
 
-def _read_folder(path: str, skip_bad: bool) -> Iterator[Row]:
-    """A `datasets.Dataset.save_to_disk` folder (Arrow stream files listed in state.json), else a folder of
-    parquet/jsonl files."""
+def folder_files(path: str) -> list[str]:
+    """The data files of a local folder: a `datasets.Dataset.save_to_disk` folder's Arrow stream files (as
+    listed in state.json), else its parquet then jsonl files."""
     state_file = Path(path) / "state.json"
-    if not state_file.is_file():
-        files = sorted(Path(path).glob("*.parquet")) + sorted(Path(path).glob("*.jsonl"))
-        if not files:
-            raise DataError(f"Data folder '{path}' is neither a datasets save_to_disk folder (no state.json) "
-                            "nor a folder of parquet/jsonl files.")
-        for f in files:
-            yield from _read_one(str(f), skip_bad)
-        return
-    state = json.loads(state_file.read_text())
-    for entry in state.get("_data_files", []):
-        yield from _read_arrow_stream(str(Path(path) / entry["filename"]))
+    if state_file.is_file():
+        return [str(Path(path) / entry["filename"]) for entry in json.loads(state_file.read_text()).get("_data_files", [])]
+    files = sorted(Path(path).glob("*.parquet")) + sorted(Path(path).glob("*.jsonl"))
+    if not files:
+        raise DataError(f"Data folder '{path}' is neither a datasets save_to_disk folder (no state.json) "
+                        "nor a folder of parquet/jsonl files.")
+    return [str(f) for f in files]
 
 
-def _read_arrow_stream(path: str) -> Iterator[Row]:
+def _read_folder(path: str, skip_bad: bool) -> Iterator[Row]:
+    for f in folder_files(path):
+        yield from read_file(f, skip_bad)
+
+
+def _read_arrow_stream(path: str, first: int = 0) -> Iterator[Row]:
+    """Rows from `first` on (record batches before it are skipped whole)."""
     import pyarrow as pa
 
     try:
         with open_file(path) as f:
             i = 0
             for batch in pa.ipc.open_stream(f):
-                for start in range(0, batch.num_rows, _BATCH_ROWS):
-                    for rec in batch.slice(start, _BATCH_ROWS).to_pylist():
-                        yield Row(path, i, rec)
-                        i += 1
+                if i + batch.num_rows <= first:
+                    i += batch.num_rows
+                    continue
+                for start in range(max(first - i, 0), batch.num_rows, _BATCH_ROWS):
+                    for k, rec in enumerate(batch.slice(start, _BATCH_ROWS).to_pylist()):
+                        yield Row(path, i + start + k, rec)
+                i += batch.num_rows
     except (OSError, pa.ArrowInvalid) as e:
         raise DataError(f"Data file '{path}' cannot be read ({e}).") from None
 

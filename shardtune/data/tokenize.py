@@ -83,8 +83,8 @@ class _ShardPlan:
     file's format; yields only the chunks of shards not yet done. `specs` lists every shard seen."""
 
     def __init__(self, rows: Iterator[Row], shard_rows: int, done: set[str], cfg: DataConfig):
-        self.rows, self.shard_rows, self.done, self.cfg = rows, shard_rows, done, cfg
-        self.formats: dict[str, str] = {}
+        self.rows, self.shard_rows, self.done = rows, shard_rows, done
+        self.formats = FileFormats(cfg)
         self.specs: list[ShardSpec] = []
 
     def chunks(self) -> Iterator[tuple[ShardSpec, list[tuple[Row, str | None]]]]:
@@ -97,24 +97,31 @@ class _ShardPlan:
                 if n == 0:
                     self.specs.append(spec)
                 n += len(chunk)
-                tagged = [(row, self._format(row)) for row in chunk]
+                tagged = [(row, self.formats.of(row)) for row in chunk]
                 if spec.name not in self.done:
                     yield spec, tagged
             if n < self.shard_rows:
                 return
             start += self.shard_rows
 
-    def _format(self, row: Row) -> str | None:
-        """The row's file's format: data.format, else detected from the file's first row whose keys tell (a
-        row before it is left to the bad-row policy, like any row whose format cannot be told)."""
+
+class FileFormats:
+    """The row format of each data file: data.format, else detected from the file's first row whose keys tell
+    (a row before it is left to the bad-row policy, like any row whose format cannot be told). `known` maps
+    the files detected so far to their format (a streamed run's checkpoint keeps it)."""
+
+    def __init__(self, cfg: DataConfig, known: dict[str, str] | None = None):
+        self.cfg, self.known = cfg, dict(known or {})
+
+    def of(self, row: Row) -> str | None:
         if self.cfg.format != "auto":
             return self.cfg.format
-        if row.path not in self.formats and row.error is None:
+        if row.path not in self.known and row.error is None:
             try:
-                self.formats[row.path] = detect_format(row, self.cfg)
+                self.known[row.path] = detect_format(row, self.cfg)
             except DataError:
                 return None
-        return self.formats.get(row.path)
+        return self.known.get(row.path)
 
 
 def _in_workers(chunks: Iterator[tuple[ShardSpec, list]], nproc: int, job: tuple) -> Iterator[tuple[ShardSpec, Chunk]]:
@@ -181,33 +188,52 @@ def _tokenize_chunk(rows: list[tuple[Row, str | None]]) -> Chunk:
     masks: dict[str, Counter] = {}  # mask audit per data file (chat.AUDIT_KEYS, tokens, trained_tokens)
     truncated = kept_rows = 0
     for row, fmt in rows:
-        try:
-            samples, row_audit = row_samples(row, fmt, tokenizer, cfg, template)
-        except DataError as e:
-            dropped[_bad_row_reason(row, e, cfg)] += 1
-            continue
-        audit = masks.setdefault(row.path, Counter())
-        audit.update(row_audit)
-        if not samples:
-            dropped["no_trained_tokens"] += 1
-        kept = 0
-        for tok in samples:
-            tok, reason = truncate(tok, cfg.max_length, cfg.truncation, row)
-            if reason not in (None, "truncated"):
-                dropped[reason] += 1
-                continue
-            truncated += reason == "truncated"
-            audit.update(tokens=len(tok.labels), trained_tokens=supervised_count(np.asarray(tok.labels)))
-            ids.append(tok.input_ids)
-            labels.append(tok.labels)
-            kept += 1
-        kept_rows += kept > 0
+        out = tokenize_row(row, fmt, tokenizer, cfg, template)
+        dropped.update(out.dropped)
+        truncated += out.truncated
+        if out.audit is not None:
+            masks.setdefault(row.path, Counter()).update(out.audit)
+        ids += [tok.input_ids for tok in out.samples]
+        labels += [tok.labels for tok in out.samples]
+        kept_rows += bool(out.samples)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat_labels = np.fromiter((t for x in labels for t in x), dtype=np.int32, count=int(lengths.sum()))
     stats = {"rows_read": len(rows), "rows_kept": kept_rows, "truncated": truncated, "dropped": dict(dropped),
              "mask": {path: dict(counts) for path, counts in masks.items()}}
     return Chunk(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum())), flat_labels,
                  lengths, _targets_per_sample(flat_labels, lengths), stats)
+
+
+@dataclass
+class RowResult:
+    """What one row gives: its samples as trained (truncated where the policy says), the drops by reason, the
+    samples cut by truncation, and its mask-audit counters (None for a row that could not be read)."""
+
+    samples: list[Tokenized]
+    dropped: Counter
+    truncated: int = 0
+    audit: Counter | None = None
+
+
+def tokenize_row(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, template: str) -> RowResult:
+    """One row -> its samples, after truncation and the bad-row policy (the one rule for both the cached and
+    the streamed data path). Raises the row's error when the policy says stop."""
+    try:
+        samples, audit = row_samples(row, fmt, tokenizer, cfg, template)
+    except DataError as e:
+        return RowResult([], Counter({_bad_row_reason(row, e, cfg): 1}))
+    out = RowResult([], Counter(), 0, Counter(audit))
+    if not samples:
+        out.dropped["no_trained_tokens"] += 1
+    for tok in samples:
+        tok, reason = truncate(tok, cfg.max_length, cfg.truncation, row)
+        if reason not in (None, "truncated"):
+            out.dropped[reason] += 1
+            continue
+        out.truncated += reason == "truncated"
+        out.audit.update(tokens=len(tok.labels), trained_tokens=supervised_count(np.asarray(tok.labels)))
+        out.samples.append(tok)
+    return out
 
 
 def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, template: str
