@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from itertools import islice
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,10 +15,10 @@ import torch
 from shardtune.config import Config, Source, resolve_sources
 from shardtune.data.batching import GlobalBatchSampler
 from shardtune.data.chat import IGNORE_INDEX, MaskOptions, conversation_samples, resolve_chat_template
-from shardtune.data.dataset import TokenizedDataset, build_dataset
+from shardtune.data.dataset import TokenizedDataset, build_dataset, build_source
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.loader import planned_steps
-from shardtune.data.readers import expand_paths, read_rows
+from shardtune.data.readers import data_files, expand_paths, read_rows
 from shardtune.data.tokenize import truncate
 from shardtune.errors import DataError
 from shardtune.memory import GIB, estimate, model_shape
@@ -30,6 +32,9 @@ def validate_data(cfg: Config) -> None:
     d = cfg.data
     for name, files, max_samples in (("train", d.train_files, d.train_max_samples), ("val", d.val_files, d.val_max_samples)):
         if not files:
+            continue
+        if name == "train" and d.streaming:
+            validate_stream_head(cfg, tokenizer)
             continue
         ds = build_dataset(files, d, tokenizer, max_samples)
         lengths = ds.lengths
@@ -47,6 +52,22 @@ def validate_data(cfg: Config) -> None:
             total = planned_steps(cfg.trainer.total_training_steps, cfg.trainer.total_epochs, per_epoch)
             print(f"train: {per_epoch} steps per epoch, {total} optimizer steps in all")
     print("config and data OK")
+
+
+def validate_stream_head(cfg: Config, tokenizer: Any) -> None:
+    """Streamed training data is not tokenized ahead: check the head of the stream (one shuffle buffer's worth
+    of rows) with the same per-source report, in a temporary folder."""
+    d = cfg.data
+    source = resolve_sources(d.train_files, d, d.train_max_samples)[0]
+    files = data_files(list(source.paths))
+    head = d.shuffle_buffer if source.max_samples < 0 else min(d.shuffle_buffer, source.max_samples)
+    data = build_source(replace(source, max_samples=head, data=replace(source.data, cache_dir=None)), tokenizer,
+                        progress=False)
+    print(f"train: streamed (data.streaming=true) from {len(files)} file(s), read and tokenized as it trains; "
+          f"checked the first {data.stats.get('rows_read', '?')} rows (data.shuffle_buffer={d.shuffle_buffer})")
+    print_source(source, data, weighted=False, append_eos=d.append_eos)
+    print(f"train: {cfg.trainer.total_training_steps} optimizer steps (trainer.total_training_steps; a pass's "
+          "length is known once it has been read)")
 
 
 def print_source(source: Source, data: TokenizedDataset, weighted: bool, append_eos: str) -> None:
