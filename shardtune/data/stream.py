@@ -23,6 +23,7 @@ position, never replaying the stream from its start. Every rank reads and tokeni
 from __future__ import annotations
 
 import base64
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -138,10 +139,11 @@ class SampleStream:
                             "place the loss mask. Fix: use a tokenizer folder with tokenizer.json.")
         self.source, self.sources, self.tokenizer, self.seed = source, [source], tokenizer, seed
         self.cfg, self.global_batch = source.data, cfg.train_batch_size
+        self.skip_bad = source.data.on_bad_row == "skip"
         self.shuffle, self.capacity, self.drop_last = cfg.shuffle, cfg.shuffle_buffer, cfg.drop_last
         self.template = resolve_chat_template(self.cfg.chat_template, tokenizer)
         self.files = data_files(list(source.paths))
-        self.sizes = [remote.size(f) if remote.is_url(f) else _local_size(f) for f in self.files]
+        self.sizes = [remote.size(f) if remote.is_url(f) else os.path.getsize(f) for f in self.files]
         self.state = StreamState()
         self.ended_epoch = False
         self.rows_read = self.rows_reread = 0  # rows this process read from the files: new ones, buffered ones
@@ -234,7 +236,7 @@ class SampleStream:
             by_file[ref[0]].append(ref)
         samples: dict[Ref, Sample] = {}
         for f, file_refs in by_file.items():
-            rows = reread(self.files[f], [Start(r[1], r[2], r[3]) for r in file_refs], self._skip_bad)
+            rows = reread(self.files[f], [Start(r[1], r[2], r[3]) for r in file_refs], self.skip_bad)
             self.rows_reread += len(rows)
             tokenized = {i: tokenize_row(row, formats.of(row), self.tokenizer, self.cfg, self.template).samples
                          for i, row in rows.items()}
@@ -247,10 +249,6 @@ class SampleStream:
                                     "optimizer]) to start the stream afresh.")
                 samples[ref] = _arrays(kept[ref[4]])
         return [(ref, samples[ref]) for ref in refs]
-
-    @property
-    def _skip_bad(self) -> bool:
-        return self.cfg.on_bad_row == "skip"
 
     def _nothing_to_train(self, rows: _Rows) -> None:
         if not rows.kept_rows:
@@ -294,7 +292,7 @@ class _Rows:
         s, p = self.stream, self.position
         limit = s.source.max_samples
         for f in range(p.file, len(s.files)):
-            for row in read_file(s.files[f], s._skip_bad, p.start):
+            for row in read_file(s.files[f], s.skip_bad, p.start):
                 if row.index < p.row:  # the row at `start`, read again to find the next one's place
                     continue
                 if 0 <= limit <= p.rows_before:
@@ -317,9 +315,3 @@ class _Rows:
 
 def _arrays(tok: Any) -> Sample:
     return np.asarray(tok.input_ids, dtype=np.int32), np.asarray(tok.labels, dtype=np.int32)
-
-
-def _local_size(path: str) -> int:
-    import os
-
-    return os.path.getsize(path)
