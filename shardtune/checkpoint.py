@@ -262,16 +262,16 @@ def fetch_remote_for_resume(cfg: Config, run_dir: Path, world: parallel.World) -
     """With resume_mode=auto, bring the remote's newest complete checkpoint into `run_dir` when the run
     directory has none as new (each node's local rank 0 downloads; every rank waits). A run that starts
     afresh (resume_mode=disable) is refused when the remote already holds checkpoints: they would mix."""
-    t = cfg.trainer
-    if not t.remote_dir or t.resume_from_path or t.resume_mode not in ("auto", "disable"):
+    trainer_cfg = cfg.trainer
+    if not trainer_cfg.remote_dir or trainer_cfg.resume_from_path or trainer_cfg.resume_mode not in ("auto", "disable"):
         return
     if world.local_rank == 0:
-        with storage_errors(f"Reading the checkpoints at trainer.remote_dir={t.remote_dir}"):
-            remote = RemoteCheckpoints(t.remote_dir)
+        with storage_errors(f"Reading the checkpoints at trainer.remote_dir={trainer_cfg.remote_dir}"):
+            remote = RemoteCheckpoints(trainer_cfg.remote_dir)
             step = remote.newest_complete()
             local = complete_checkpoints(run_dir)
-            if step is not None and t.resume_mode == "disable":
-                raise ConfigError(f"trainer.remote_dir={t.remote_dir} already holds checkpoints of another run (up "
+            if step is not None and trainer_cfg.resume_mode == "disable":
+                raise ConfigError(f"trainer.remote_dir={trainer_cfg.remote_dir} already holds checkpoints of another run (up "
                                   f"to global_step_{step}), and this run starts again at step 0: its copies would "
                                   "mix with them. Fix: a new trainer.remote_dir, or trainer.resume_mode=auto to "
                                   "continue that run.")

@@ -50,8 +50,13 @@ def _dtype(v: Any) -> str:
     return names[str(v)]
 
 
-def _enable_format(v: Any) -> str:
-    return "messages" if v else "prompt_response"
+def _multiturn(key: str, value: Any, ctx: Any) -> None:
+    """verl's legacy trainer reads prompt/response rows and appends the tokenizer's EOS to every response;
+    its multi-turn dataset trains what the chat template renders. The same here: data.append_eos=always
+    for prompt/response rows (never a second EOS where the template's turn already ends with it), auto
+    (an EOS only where the template writes no end-of-turn token) for messages."""
+    ctx.assign("data.format", "messages" if value else "prompt_response", key)
+    ctx.assign("data.append_eos", "auto" if value else "always", key)
 
 
 def _fsdp_size(key: str, value: Any, ctx: Any) -> None:
@@ -212,7 +217,7 @@ LEGACY: dict[str, Any] = {
     "data.response_key": Map("data.response_key"),
     "data.prompt_dict_keys": Map("data.prompt_dict_keys"),
     "data.response_dict_keys": Map("data.response_dict_keys"),
-    "data.multiturn.enable": Map("data.format", _enable_format),
+    "data.multiturn.enable": Custom(_multiturn),
     # verl's legacy dataset never reads these three (it uses the top-level names); shardtune honours them
     "data.multiturn.messages_key": Map("data.messages_key"),
     "data.multiturn.tools_key": Map("data.tools_key"),
