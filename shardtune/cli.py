@@ -165,7 +165,8 @@ def _launch_torchrun(nproc: int, path: str | None, overrides: list[str], debug: 
     from shardtune.parallel import exit_with_parent
 
     # torchrun stops its workers on SIGTERM; it gets one when this launcher dies, however it dies
-    return subprocess.call(cmd, preexec_fn=lambda: exit_with_parent(signal.SIGTERM))
+    launcher = os.getpid()
+    return subprocess.call(cmd, preexec_fn=lambda: exit_with_parent(signal.SIGTERM, parent=launcher))
 
 
 if __name__ == "__main__":
