@@ -109,6 +109,7 @@ class Trainer:
                                                         cadence.early_stopping_min_delta)
                 self.metrics.log(self.state.step, metrics)
                 self.history.append({"step": self.state.step, **metrics})
+                self.checkpointer.poll()
                 if self._due(cadence.save_freq) and not self._last_step() and not stop:
                     self.save()
                 if stop:
@@ -122,7 +123,12 @@ class Trainer:
         self.checkpointer.close()
 
     def _remote_saved(self, info: dict[str, Any]) -> None:
-        self.metrics.event("remote_checkpoint", **info)
+        """A remote copy finished, failed (retried at the next save) or was skipped for a newer checkpoint."""
+        if "error" in info:
+            self.metrics.event("warning", message="copying a checkpoint to trainer.remote_dir failed; the newest "
+                                                  "checkpoint is copied again at the next save", **info)
+        else:
+            self.metrics.event("remote_checkpoint", **info)
 
     def _last_step(self) -> bool:
         return self.state.step == self.total_steps
