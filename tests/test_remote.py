@@ -240,3 +240,11 @@ def test_a_failed_copy_is_reported_and_the_newest_checkpoint_copied_later(tmp_pa
     store.wait()
     assert [r["step"] for r in reports] == [1, 2] and "failed" in reports[0]["error"] and "error" not in reports[1]
     assert store.tracker_step() == 2 and store.steps() == {2: True}
+
+
+def test_urls_inside_source_mappings_are_checked_before_anything_is_loaded(tmp_path):
+    base = ["model.path=/m", f"data.train_files={tmp_path}/t.jsonl"]
+    with pytest.raises(ConfigError, match="embeds credentials"):
+        validate(load_config(None, [*base, "data.val_files=[{path: 's3://key:secret@bucket/a.parquet', name: v}]"]))
+    with pytest.raises(ConfigError, match="knows no 'nosuch://' filesystem"):
+        validate(load_config(None, ["model.path=/m", "data.train_files=[{path: 'nosuch://x/a.jsonl', weight: 1}]"]))

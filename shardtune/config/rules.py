@@ -18,8 +18,12 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             raise ConfigError(message)
     _check_parallel(cfg, world_size)
     data = cfg.data
-    resolve_sources(data.train_files, data, data.train_max_samples, "data.train_files")
-    resolve_sources(data.val_files, data, data.val_max_samples, "data.val_files")
+    for key, entries, max_samples in (("data.train_files", data.train_files, data.train_max_samples),
+                                      ("data.val_files", data.val_files, data.val_max_samples)):
+        for source in resolve_sources(entries, data, max_samples, key):
+            for path in source.paths:
+                if is_url(path):  # credentials in it, or no filesystem for its scheme: refused here
+                    check_url(path, key)
     trainer = cfg.trainer
     for sink in trainer.logger:
         package = LOGGER_PACKAGES.get(sink)
@@ -36,9 +40,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             ) from None
     if trainer.remote_dir:
         check_url(trainer.remote_dir, "trainer.remote_dir")
-    for f in cfg.data.train_files + cfg.data.val_files:
-        if is_url(f):
-            check_url(f, "data.train_files/val_files")
     return cfg
 
 
