@@ -184,15 +184,15 @@ def mask_audit(per_file: dict[str, dict[str, int]], append_eos: str) -> list[str
     for path, c in per_file.items():
         get = c.get
         share = get("trained_tokens", 0) / max(1, get("tokens", 0))
-        open_turns = get("turns_without_end", 0) - get("eos_appended", 0)
+        open_turns = get("turns_without_end", 0) - get("closed_by_eos", 0)
         methods = ", ".join(f"{_METHODS[k]} {v}" for k, v in c.items() if k in _METHODS and v)
         lines.append(
             f"mask audit {path}: {get('rows', 0)} rows checked -> {get('samples', 0)} samples"
             + (f" ({get('per_turn_expansions', 0)} from thinking_history=per_turn)" if get("per_turn_expansions") else "")
             + f"; {share:.1%} of tokens trained; {get('trained_turns', 0)} trained turns, "
             f"{get('turns_without_end', 0)} without an end-of-turn token in the template's render, "
-            f"{get('eos_appended', 0)} closed by an appended EOS (data.append_eos={append_eos}), {open_turns} left "
-            f"open; spans from {methods or 'nothing'}")
+            f"{get('closed_by_eos', 0)} closed by an appended EOS, {open_turns} left open; EOS appended to "
+            f"{get('eos_appended', 0)} samples (data.append_eos={append_eos}); spans from {methods or 'nothing'}")
     return lines
 
 
