@@ -42,7 +42,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 STEP_DIR = re.compile(r"global_step_(\d+)$")
 LAST = (".metadata", "trainer_state.json")  # written after every other file: their presence means complete
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "hdfs": "hdfs", "viewfs": "hdfs"}
-DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")  # the data files a folder holds (local or remote)
 
 
 def is_url(path: Any) -> bool:
@@ -299,8 +299,8 @@ def _matches(spec: str) -> list[str]:
         matches = sorted(fs.glob(path))
         if not matches:
             raise DataError(f"No file matches the pattern '{spec}'. Fix: check data.train_files/data.val_files.")
-    elif fs.isdir(path):
-        matches = sorted(p for p in fs.find(path) if p.endswith(DATA_SUFFIXES))
+    elif fs.isdir(path):  # as for a local folder: the data files directly in it, by name
+        matches = sorted(p for p in fs.ls(path, detail=False) if p.endswith(DATA_SUFFIXES))
         if not matches:
             raise DataError(f"Data folder '{spec}' holds no parquet/jsonl/json files.")
     elif fs.exists(path):
@@ -315,7 +315,7 @@ def _url_of(spec: str, path: str) -> str:
     name the namenode)."""
     parts = urlsplit(spec)
     p = path.lstrip("/")
-    if parts.netloc and not p.startswith(parts.netloc):
+    if parts.netloc and not (p == parts.netloc or p.startswith(parts.netloc + "/")):
         return f"{parts.scheme}://{parts.netloc}/{p}"
     return f"{parts.scheme}://{p}" if parts.netloc else f"{parts.scheme}:///{p}"
 

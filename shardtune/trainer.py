@@ -22,7 +22,8 @@ from shardtune.state import RNGState, TrainState, seed_everything
 
 
 def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[CombinedDataset, CombinedDataset | None]:
-    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache."""
+    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. Without a cache
+    (data.cache_dir=null) every rank tokenizes for itself, all at once."""
     def build() -> tuple[CombinedDataset, CombinedDataset | None]:
         data = cfg.data
         train = build_dataset(data.train_files, data, tokenizer, data.train_max_samples, progress=world.is_main)
@@ -30,6 +31,8 @@ def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[C
                if data.val_files else None)
         return train, val
 
+    if not cfg.data.cache_dir:
+        return build()
     if world.is_main:
         out = build()
         parallel.barrier(world)

@@ -199,3 +199,17 @@ def test_an_async_checkpoint_is_complete_before_the_next_save(tiny_model, data, 
     saved = next(i for i, x in enumerate(lines) if x.get("event") == "checkpoint" and x["step"] == 3)
     step6 = next(i for i, x in enumerate(lines) if x.get("step") == 6 and "train/loss" in x)
     assert saved < step6 and lines[saved]["async"] is True
+
+
+def test_resuming_on_other_data_is_refused_with_the_way_to_continue_the_weights(tiny_model, data, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run_cli("train", *args(tiny_model, data, run_dir, "trainer.total_training_steps=3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    fewer = ("data.train_max_samples=32", "trainer.total_training_steps=6")
+    r = run_cli("train", *args(tiny_model, data, run_dir, *fewer))
+    assert r.returncode == 2 and "data position was saved for sources {'train': 40}" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("train", *args(tiny_model, data, tmp_path / "new", *fewer, f"trainer.resume_from_path={run_dir / 'global_step_3'}",
+                               "checkpoint.load_contents=[model,optimizer]"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [x["step"] for x in read_metrics(tmp_path / "new")] == list(range(1, 7))  # the data starts over

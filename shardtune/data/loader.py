@@ -31,6 +31,7 @@ from shardtune.data.batching import (
 )
 from shardtune.data.dataset import CombinedDataset
 from shardtune.data.mixture import MixtureSampler
+from shardtune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,22 @@ class StepLoader:
             yield self.micro_batches(indices[start : start + chunk], data)[1]
 
     def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
+        """The position, and what it is a position in (the seed, each source's samples)."""
+        return {**self.sampler.state_dict(), "sources": {s.name: len(d) for s, d in zip(self.data.sources,
+                                                                                       self.data.datasets)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved position; refused when the data or the seed changed, since the position would
+        then point at other samples (a checkpoint written before the sources were recorded is trusted)."""
+        now = self.state_dict()
+        for key in ("seed", "sources"):
+            if key in state and state[key] != now[key]:
+                raise ConfigError(
+                    f"The checkpoint's data position was saved for {key} {state[key]}, and this run has {now[key]}: "
+                    "resuming there would train other samples than the run it continues. Fix: resume with the same "
+                    "data and trainer.seed; or, to continue the weights on other data, start a new "
+                    "trainer.default_local_dir with trainer.resume_from_path=<that checkpoint> and "
+                    "checkpoint.load_contents=[model,optimizer] (data, schedule and step count start over).")
         self.sampler.load_state_dict(state)
 
 

@@ -26,7 +26,6 @@ from typing import IO, Any
 from shardtune import remote
 from shardtune.errors import DataError
 
-SUFFIXES = (".parquet", ".jsonl", ".json")
 _BATCH_ROWS = 1024  # rows per Arrow record batch turned into Python dicts at a time
 _JSON_BLOCK = 1 << 20  # characters of a .json file read at a time
 _SPACE = re.compile(r"[ \t\r\n]*")
@@ -97,7 +96,7 @@ def _read_one(path: str, skip_bad: bool) -> Iterator[Row]:
     elif suffix == ".json":
         yield from _read_json(path, skip_bad)
     else:
-        raise DataError(f"Data file '{path}' has an unsupported type. Fix: use one of {', '.join(SUFFIXES)} "
+        raise DataError(f"Data file '{path}' has an unsupported type. Fix: use one of {', '.join(remote.DATA_SUFFIXES)} "
                         "or a folder written by datasets' save_to_disk.")
 
 
@@ -268,14 +267,14 @@ class _JsonList:
 
 
 def _read_folder(path: str, skip_bad: bool) -> Iterator[Row]:
-    """A `datasets.Dataset.save_to_disk` folder (Arrow stream files listed in state.json), else a folder of
-    parquet/jsonl files."""
+    """A `datasets.Dataset.save_to_disk` folder (Arrow stream files listed in state.json), else the data files
+    directly in the folder, by name (the rule remote folders follow too)."""
     state_file = Path(path) / "state.json"
     if not state_file.is_file():
-        files = sorted(Path(path).glob("*.parquet")) + sorted(Path(path).glob("*.jsonl"))
+        files = sorted(f for f in Path(path).iterdir() if f.is_file() and f.name.endswith(remote.DATA_SUFFIXES))
         if not files:
             raise DataError(f"Data folder '{path}' is neither a datasets save_to_disk folder (no state.json) "
-                            "nor a folder of parquet/jsonl files.")
+                            "nor a folder of parquet/jsonl/json files.")
         for f in files:
             yield from _read_one(str(f), skip_bad)
         return
