@@ -12,8 +12,9 @@
 The parts are named objects with `state_dict()` / `load_state_dict()`: "model" and "optimizer" hold tensors
 and go to DCP (as `checkpoint.save_contents` asks); a part with `per_rank = True` gets one JSON file per
 rank; every other part is a key of trainer_state.json. Adding state to checkpoints is one entry in that
-dict. A checkpoint is complete once the tracker names it; a folder without `trainer_state.json` or DCP's
-`.metadata` (a crash mid-save) is never resumed from and never counted by rotation.
+dict. A checkpoint is complete once DCP's `.metadata` and `trainer_state.json` (written last) are there, and
+the tracker only ever names a complete one; a folder without them (a crash mid-save) is never resumed from
+and never counted by rotation.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from shardtune.engine.base import Engine
 from shardtune.errors import ConfigError
 from shardtune.model import generation_config
 from shardtune.remote import (  # the layout names, shared with the remote copy
+    LAST,
     STEP_DIR,
     TRACKER,
     RemoteCheckpoints,
@@ -59,7 +61,9 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / "trainer_state.json").is_file()
+    """DCP's `.metadata` and trainer_state.json are written last: with both, every file of the folder is there
+    (the same rule judges the remote copies)."""
+    return all((path / name).is_file() for name in LAST)
 
 
 def _per_rank(part: Any) -> bool:

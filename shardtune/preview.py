@@ -10,6 +10,7 @@ from itertools import islice
 import numpy as np
 import torch
 
+from shardtune.batch import supervised_count
 from shardtune.config import Config, Source, resolve_sources
 from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template
 from shardtune.data.dataset import TokenizedDataset, build_dataset
@@ -166,7 +167,7 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
         print(f"# {row.path}, row {row.index}{part} (format {fmt}; spans from {method})"
               + (f" [{reason}]" if reason else ""))
         print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color))
-        n_trained = sum(label != IGNORE_INDEX for label in tok.labels)
+        n_trained = supervised_count(np.asarray(tok.labels))
         print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained"
               + (f"; EOS appended ({eos_reason})" if audit["eos_appended"] and k == len(samples) - 1 else ""))
     if not samples:

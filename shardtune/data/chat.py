@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 
 from shardtune.batch import IGNORE_INDEX
 from shardtune.data.template import TemplateView
-from shardtune.data.turns import TemplateMismatch, Tokens, turn_spans
-from shardtune.errors import DataError
+from shardtune.data.turns import Tokens, turn_spans
+from shardtune.errors import DataError, TemplateMismatch
 
 __all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "audit_totals", "conversation_samples",
            "tokenize_conversation"]

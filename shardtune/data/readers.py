@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from shardtune import remote
 from shardtune.errors import DataError
 
@@ -117,8 +120,6 @@ def _bad(path: str, index: int, message: str, skip_bad: bool) -> Row:
 
 
 def _read_parquet(path: str) -> Iterator[Row]:
-    import pyarrow.parquet as pq
-
     try:
         with open_file(path) as f:
             i = 0
@@ -284,8 +285,6 @@ def _read_folder(path: str, skip_bad: bool) -> Iterator[Row]:
 
 
 def _read_arrow_stream(path: str) -> Iterator[Row]:
-    import pyarrow as pa
-
     try:
         with open_file(path) as f:
             i = 0

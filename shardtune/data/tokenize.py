@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from shardtune.batch import supervised_count, supervised_counts
 from shardtune.config import DataConfig
@@ -150,8 +151,6 @@ class _Progress:
     def update(self, n: int) -> None:
         self.rows += n
         if self.bar is None and self.enabled and self.rows >= 2000:
-            from tqdm import tqdm
-
             self.bar = tqdm(desc="tokenizing", unit="rows", initial=self.rows, dynamic_ncols=True)
         elif self.bar is not None:
             self.bar.update(n)

@@ -134,8 +134,7 @@ def _engine_offload(key: str, value: Any, ctx: Any) -> None:
                "engine.offload_policy" if ctx.is_set("engine.offload_policy") else key)
 
 
-def _handled_with(other: str) -> Custom:
-    return Custom(lambda key, value, ctx: None)  # read by `other`'s rule
+READ_BY_ITS_PAIR = Custom(lambda key, value, ctx: None)  # accepted here; the rule of the key it pairs with reads it
 
 
 LAUNCHER = Custom(lambda key, value, ctx: None)  # read by the entry point that starts the processes
@@ -229,7 +228,7 @@ LEGACY: dict[str, Any] = {
     "model.fsdp_config.wrap_policy.transformer_layer_cls_to_wrap": Warn(WRAP),
     "model.fsdp_config.wrap_policy.disable": Warn(WRAP),
     "model.fsdp_config.cpu_offload": Custom(_legacy_offload),
-    "model.fsdp_config.offload_params": _handled_with("model.fsdp_config.cpu_offload"),
+    "model.fsdp_config.offload_params": READ_BY_ITS_PAIR,  # read by model.fsdp_config.cpu_offload's rule
     "model.strategy": Map("engine.strategy"),
     "optim.lr_scheduler": Map("optim.lr_scheduler_type"),
     **{f"optim.{k}": Warn(LEGACY_OPTIM) for k in _LEGACY_IGNORED_OPTIM},
@@ -278,7 +277,7 @@ ENGINE: dict[str, Any] = {
     "engine.wrap_policy.transformer_layer_cls_to_wrap": Warn(WRAP),
     "engine.wrap_policy.disable": Warn(WRAP),
     "engine.param_offload": Custom(_engine_offload),
-    "engine.offload_policy": _handled_with("engine.param_offload"),
+    "engine.offload_policy": READ_BY_ITS_PAIR,  # read by engine.param_offload's rule
     "engine.optimizer_offload": Map("engine.optimizer_offload"),
     "engine.reshard_after_forward": Map("engine.reshard_after_forward"),
     "engine.fsdp_size": Custom(_fsdp_size),
