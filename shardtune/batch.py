@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -20,6 +21,13 @@ def supervised_count(labels: Any) -> int:
     """Next-token targets a sample trains: its labels after the first position that are not IGNORE_INDEX
     (a numpy array or a tensor)."""
     return int((labels[1:] != IGNORE_INDEX).sum())
+
+
+def supervised_counts(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """`supervised_count` of every sample of flat `labels` (sample i spans offsets[i]:offsets[i + 1]), at once."""
+    trained = np.concatenate([[0], np.cumsum(np.asarray(labels) != IGNORE_INDEX)])
+    first = np.minimum(offsets[:-1] + 1, offsets[1:])  # position 0 of a sample is never a target
+    return (trained[offsets[1:]] - trained[first]).astype(np.int64)
 
 
 @dataclass

@@ -12,8 +12,9 @@
 The parts are named objects with `state_dict()` / `load_state_dict()`: "model" and "optimizer" hold tensors
 and go to DCP (as `checkpoint.save_contents` asks); a part with `per_rank = True` gets one JSON file per
 rank; every other part is a key of trainer_state.json. Adding state to checkpoints is one entry in that
-dict. A checkpoint is complete once the tracker names it; a folder without `trainer_state.json` or DCP's
-`.metadata` (a crash mid-save) is never resumed from and never counted by rotation.
+dict. A checkpoint is complete once DCP's `.metadata` and `trainer_state.json` (written last) are there, and
+the tracker only ever names a complete one; a folder without them (a crash mid-save) is never resumed from
+and never counted by rotation.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -38,6 +40,7 @@ from shardtune.engine.base import Engine
 from shardtune.errors import ConfigError
 from shardtune.model import generation_config
 from shardtune.remote import (  # the layout names, shared with the remote copy
+    LAST,
     STEP_DIR,
     TRACKER,
     RemoteCheckpoints,
@@ -58,7 +61,9 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / "trainer_state.json").is_file()
+    """DCP's `.metadata` and trainer_state.json are written last: with both, every file of the folder is there
+    (the same rule judges the remote copies)."""
+    return all((path / name).is_file() for name in LAST)
 
 
 def _per_rank(part: Any) -> bool:
@@ -69,8 +74,9 @@ class Checkpointer:
     """Saves `global_step_N/` (optionally in the background) and finalises it: side files, tracker, rotation.
 
     With `checkpoint.async_save`, DCP stages the shards in host memory and writes them on a background
-    thread over a separate gloo group while training goes on; the folder is finalised (tracker last) before
-    the next save and at the end of the run, so the tracker never names a folder still being written.
+    thread over a separate gloo group while training goes on; `poll` (after every step) finalises the folder
+    (tracker last) at the first step after every rank has written its shards, so the tracker never names a
+    folder still being written and a checkpoint is usable as soon as it is on disk.
     """
 
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, world: parallel.World, parts: dict[str, Stateful],
@@ -117,8 +123,21 @@ class Checkpointer:
             future.result()
         finalize()
 
+    def poll(self) -> None:
+        """Called by every rank after every step: finalise an asynchronous save once every rank's shards are
+        written (one small collective on the save's gloo group, only while a save is pending), and let the
+        remote copier report a finished copy and start the next."""
+        if self.pending is not None and self.pending[0] is not None:
+            done = torch.tensor([int(self.pending[0].done())])
+            if self.group is not None:
+                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
+            if done.item():
+                self.wait()
+        if self.remote is not None:
+            self.remote.poll()
+
     def close(self) -> None:
-        """End of the run: the pending save, then the remote copy in flight."""
+        """End of the run: the pending save, then the remote copies (a failure of the last one raises)."""
         self.wait()
         if self.remote is not None:
             self.remote.close()
@@ -133,9 +152,10 @@ class Checkpointer:
             record = {"step": step, "world_size": self.world.world_size, "contents": self.cfg.save_contents, **shared}
             _atomic_write(path / "trainer_state.json", json.dumps(record))
             _atomic_write(self.run_dir / TRACKER, str(step))
-            if self.remote is not None:  # before rotation, which may delete the previous folder
-                self.remote.upload(path, step)
-            rotate(self.run_dir, self.max_to_keep, protect=path)
+            if self.remote is not None:
+                self.remote.upload(path, step)  # in the background
+            # never the folder just written, nor one a remote copy is still reading
+            rotate(self.run_dir, self.max_to_keep, protect=(path, self.remote.reading() if self.remote else None))
         parallel.barrier(self.world)
         info["seconds"] = round(time.perf_counter() - t0, 3)
         info["bytes"] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -225,13 +245,13 @@ def incomplete_after(run_dir: Path, step: int) -> list[Path]:
     return [p for s, p in _step_folders(run_dir) if s > step and not is_complete(p)]
 
 
-def rotate(run_dir: Path, max_to_keep: int | None, protect: Path | None = None) -> None:
-    """Keep the newest `max_to_keep` complete checkpoints (never `protect`, the one just written); incomplete
-    folders are left alone."""
+def rotate(run_dir: Path, max_to_keep: int | None, protect: tuple[Path | None, ...] = ()) -> None:
+    """Keep the newest `max_to_keep` complete checkpoints (never those in `protect`: the one just written, one
+    being copied to remote storage); incomplete folders are left alone."""
     if not max_to_keep or max_to_keep < 1:
         return
     for _, p in complete_checkpoints(run_dir)[:-max_to_keep]:
-        if p != protect:
+        if p not in protect:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -262,22 +282,29 @@ def fetch_remote_for_resume(cfg: Config, run_dir: Path, world: parallel.World) -
     """With resume_mode=auto, bring the remote's newest complete checkpoint into `run_dir` when the run
     directory has none as new (each node's local rank 0 downloads; every rank waits). A run that starts
     afresh (resume_mode=disable) is refused when the remote already holds checkpoints: they would mix."""
-    t = cfg.trainer
-    if not t.remote_dir or t.resume_from_path or t.resume_mode not in ("auto", "disable"):
+    trainer_cfg = cfg.trainer
+    if not trainer_cfg.remote_dir or trainer_cfg.resume_from_path or trainer_cfg.resume_mode not in ("auto", "disable"):
         return
-    if world.local_rank == 0:
-        with storage_errors(f"Reading the checkpoints at trainer.remote_dir={t.remote_dir}"):
-            remote = RemoteCheckpoints(t.remote_dir)
-            step = remote.newest_complete()
-            local = complete_checkpoints(run_dir)
-            if step is not None and t.resume_mode == "disable":
-                raise ConfigError(f"trainer.remote_dir={t.remote_dir} already holds checkpoints of another run (up "
-                                  f"to global_step_{step}), and this run starts again at step 0: its copies would "
-                                  "mix with them. Fix: a new trainer.remote_dir, or trainer.resume_mode=auto to "
-                                  "continue that run.")
-            if step is not None and step > (local[-1][0] if local else 0):
-                remote.download(step, run_dir)
-    parallel.barrier(world)
+    # the main rank first; then the first rank of every other node, which finds the copy already there when the
+    # nodes share the run directory (the usual setup) and downloads its own when each node has a local one
+    for turn in (world.is_main, world.local_rank == 0 and not world.is_main):
+        if turn:
+            _fetch_newer(trainer_cfg.remote_dir, run_dir, refuse_fresh_start=trainer_cfg.resume_mode == "disable")
+        parallel.barrier(world)
+
+
+def _fetch_newer(url: str, run_dir: Path, refuse_fresh_start: bool) -> None:
+    with storage_errors(f"Reading the checkpoints at trainer.remote_dir={url}"):
+        remote = RemoteCheckpoints(url)
+        step = remote.newest_complete()
+        local = complete_checkpoints(run_dir)
+        if step is not None and refuse_fresh_start:
+            raise ConfigError(f"trainer.remote_dir={url} already holds checkpoints of another run (up to "
+                              f"global_step_{step}), and this run starts again at step 0: its copies would mix "
+                              "with them. Fix: a new trainer.remote_dir, or trainer.resume_mode=auto to continue "
+                              "that run.")
+        if step is not None and step > (local[-1][0] if local else 0):
+            remote.download(step, run_dir)
 
 
 def check_fresh_start(run_dir: Path, resume_from: Path | None, load_contents: list[str] | None) -> None:

@@ -104,7 +104,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     path, overrides = split_config_args(args.args)
     if args.command == "train" and args.nproc > 1:
-        return _launch_torchrun(args.nproc, path, overrides, args.debug)
+        return launch_torchrun(args.nproc, path, overrides, args.debug)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.command == "validate" and args.device_memory is not None and args.device_memory <= 0:
         raise ConfigError(f"--device-memory must be > 0 GiB, got {args.device_memory}.")
@@ -157,7 +157,7 @@ def _train(cfg, debug: bool) -> int:
     return code  # not reached
 
 
-def _launch_torchrun(nproc: int, path: str | None, overrides: list[str], debug: bool) -> int:
+def launch_torchrun(nproc: int, path: str | None, overrides: list[str], debug: bool) -> int:
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     cmd += ["--standalone", f"--nproc-per-node={nproc}", "-m", "shardtune"]
@@ -165,7 +165,8 @@ def _launch_torchrun(nproc: int, path: str | None, overrides: list[str], debug: 
     from shardtune.parallel import exit_with_parent
 
     # torchrun stops its workers on SIGTERM; it gets one when this launcher dies, however it dies
-    return subprocess.call(cmd, preexec_fn=lambda: exit_with_parent(signal.SIGTERM))
+    launcher = os.getpid()
+    return subprocess.call(cmd, preexec_fn=lambda: exit_with_parent(signal.SIGTERM, parent=launcher))
 
 
 if __name__ == "__main__":

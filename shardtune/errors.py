@@ -22,6 +22,10 @@ class DataError(ShardtuneError):
     exit_code = 3
 
 
+class TemplateMismatch(DataError):
+    """The chat template cannot be split into turns consistently with its whole-conversation render."""
+
+
 def row_error(path: str, row: int, key: str | None, problem: str, fix: str) -> DataError:
     """A `DataError` that names the file, the (0-based) row, the key and the fix."""
     where = f"{path}, row {row}" + (f", key '{key}'" if key else "")

@@ -14,15 +14,17 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 from shardtune import flops
-from shardtune.data.loader import StepBatch
 from shardtune.engine.base import StepResult
 from shardtune.state import TrainState
+
+if TYPE_CHECKING:  # the data path's type, read here, not imported at run time
+    from shardtune.data.loader import StepBatch
 
 
 def step_metrics(result: StepResult, batch: StepBatch, state: TrainState, *, elapsed: float, data_wait: float,

@@ -54,18 +54,22 @@ class World:
         return self.rank % self.sp_size
 
 
-def exit_with_parent(sig: int = signal.SIGKILL) -> None:
+def exit_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> None:
     """Have the kernel send `sig` to this process when its parent exits (Linux; a no-op elsewhere).
 
     A torchrun worker whose launcher is killed (kill -9, a lost node agent) would otherwise be orphaned and
     wait in its next collective until engine.timeout_minutes, holding host and GPU memory, so a relaunch on
     the same node could run out of it. The setting survives exec, so it also serves a launched torchrun.
+    `parent`: the launcher's pid (default: the current parent); if it changed by the time the request is
+    made, the parent already died and nobody is left to signal us. (The launcher may well be pid 1, as the
+    entry point of a container.)
     """
     if not sys.platform.startswith("linux"):
         return
+    parent = os.getppid() if parent is None else parent
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig))
-    if os.getppid() == 1:  # the parent died before the request was made: nobody is left to signal us
+    if os.getppid() != parent:
         os.kill(os.getpid(), sig)
 
 

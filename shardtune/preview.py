@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from shardtune.batch import supervised_count
 from shardtune.config import Config, Source, resolve_sources
-from shardtune.data.batching import GlobalBatchSampler
-from shardtune.data.chat import IGNORE_INDEX, MaskOptions, conversation_samples, resolve_chat_template
+from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template
 from shardtune.data.dataset import TokenizedDataset, build_dataset, build_source
-from shardtune.data.formats import detect_format, to_conversation
-from shardtune.data.loader import planned_steps
+from shardtune.data.formats import detect_format
+from shardtune.data.loader import batch_sampler, planned_steps
 from shardtune.data.readers import data_files, expand_paths, read_rows
-from shardtune.data.tokenize import truncate
+from shardtune.data.tokenize import row_samples, truncate
 from shardtune.errors import DataError
 from shardtune.memory import GIB, estimate, model_shape
 from shardtune.model import load_tokenizer
@@ -29,14 +29,15 @@ GREEN, RESET = "\033[32m", "\033[0m"
 
 def validate_data(cfg: Config) -> None:
     tokenizer = load_tokenizer(cfg.model)
-    d = cfg.data
-    for name, files, max_samples in (("train", d.train_files, d.train_max_samples), ("val", d.val_files, d.val_max_samples)):
+    data_cfg = cfg.data
+    for name, files, max_samples in (("train", data_cfg.train_files, data_cfg.train_max_samples),
+                                     ("val", data_cfg.val_files, data_cfg.val_max_samples)):
         if not files:
             continue
-        if name == "train" and d.streaming:
+        if name == "train" and data_cfg.streaming:
             validate_stream_head(cfg, tokenizer)
             continue
-        ds = build_dataset(files, d, tokenizer, max_samples)
+        ds = build_dataset(files, data_cfg, tokenizer, max_samples)
         lengths = ds.lengths
         s = ds.stats
         print(f"{name}: {s.get('rows_read', '?')} rows read, {len(ds)} kept, dropped {s.get('dropped', {})}, "
@@ -45,10 +46,9 @@ def validate_data(cfg: Config) -> None:
               f"p95 {np.percentile(lengths, 95):.0f} max {lengths.max()}" + (" [cache hit]" if s.get("cache_hit") else ""))
         for source, data in zip(ds.sources, ds.datasets):
             print_source(source, data, weighted=name == "train" and len(ds.sources) > 1,
-                         append_eos=d.append_eos)
+                         append_eos=data_cfg.append_eos)
         if name == "train":
-            per_epoch = GlobalBatchSampler(len(ds), d.train_batch_size, cfg.trainer.seed, d.shuffle,
-                                           d.drop_last).steps_per_epoch
+            per_epoch = batch_sampler(ds, data_cfg, cfg.trainer.seed).steps_per_epoch
             total = planned_steps(cfg.trainer.total_training_steps, cfg.trainer.total_epochs, per_epoch)
             print(f"train: {per_epoch} steps per epoch, {total} optimizer steps in all")
     print("config and data OK")
@@ -57,15 +57,15 @@ def validate_data(cfg: Config) -> None:
 def validate_stream_head(cfg: Config, tokenizer: Any) -> None:
     """Streamed training data is not tokenized ahead: check the head of the stream (one shuffle buffer's worth
     of rows) with the same per-source report, in a temporary folder."""
-    d = cfg.data
-    source = resolve_sources(d.train_files, d, d.train_max_samples)[0]
+    data_cfg = cfg.data
+    source = resolve_sources(data_cfg.train_files, data_cfg, data_cfg.train_max_samples)[0]
     files = data_files(list(source.paths))
-    head = d.shuffle_buffer if source.max_samples < 0 else min(d.shuffle_buffer, source.max_samples)
+    head = data_cfg.shuffle_buffer if source.max_samples < 0 else min(data_cfg.shuffle_buffer, source.max_samples)
     data = build_source(replace(source, max_samples=head, data=replace(source.data, cache_dir=None)), tokenizer,
                         progress=False)
     print(f"train: streamed (data.streaming=true) from {len(files)} file(s), read and tokenized as it trains; "
-          f"checked the first {data.stats.get('rows_read', '?')} rows (data.shuffle_buffer={d.shuffle_buffer})")
-    print_source(source, data, weighted=False, append_eos=d.append_eos)
+          f"checked the first {data.stats.get('rows_read', '?')} rows (data.shuffle_buffer={data_cfg.shuffle_buffer})")
+    print_source(source, data, weighted=False, append_eos=data_cfg.append_eos)
     print(f"train: {cfg.trainer.total_training_steps} optimizer steps (trainer.total_training_steps; a pass's "
           "length is known once it has been read)")
 
@@ -137,31 +137,31 @@ def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float
 
 def _remedies(cfg: Config) -> list[str]:
     """The switches that shrink the largest terms, in the order a user would try them."""
-    m, e, d = cfg.model, cfg.engine, cfg.data
+    model, engine, data = cfg.model, cfg.engine, cfg.data
     out = []
-    if not m.enable_gradient_checkpointing:
+    if not model.enable_gradient_checkpointing:
         out.append("model.enable_gradient_checkpointing=true")
-    if m.loss_chunk_size == 0 and not m.use_liger:
+    if model.loss_chunk_size == 0 and not model.use_liger:
         out.append("model.loss_chunk_size=4096")
-    out.append("a smaller " + ("data.max_token_len_per_gpu" if d.use_dynamic_bsz else "data.micro_batch_size_per_gpu"))
-    if m.lora_rank == 0:
+    out.append("a smaller " + ("data.max_token_len_per_gpu" if data.use_dynamic_bsz else "data.micro_batch_size_per_gpu"))
+    if model.lora_rank == 0:
         out.append("model.lora_rank=16 (LoRA)")
-    if not (e.param_offload or e.optimizer_offload):
+    if not (engine.param_offload or engine.optimizer_offload):
         out.append("engine.param_offload=true")
     out.append("more processes (--nproc) to shard the state over")
     return out
 
 
 def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, str]]:
-    m = cfg.model
+    model = cfg.model
     return [
         ("parameters", est.parameters, "" if world_size == 1 else "sharded"),
         ("gradients", est.gradients, "trainable parameters only"),
         ("optimizer state (AdamW)", est.optimizer, "2 per trainable parameter"),
         ("unsharded weight copies", est.working, "FSDP2 all-gather" if world_size > 1 else "bf16 autocast casts"),
-        ("activations", est.activations, f"gradient checkpointing {'on' if m.enable_gradient_checkpointing else 'off'}"),
-        ("logits and loss", est.logits, "Liger fused" if m.use_liger and est.device_type == "cuda" else
-         f"chunks of {m.loss_chunk_size}" if m.loss_chunk_size else "full logits"),
+        ("activations", est.activations, f"gradient checkpointing {'on' if model.enable_gradient_checkpointing else 'off'}"),
+        ("logits and loss", est.logits, "Liger fused" if model.use_liger and est.device_type == "cuda" else
+         f"chunks of {model.loss_chunk_size}" if model.loss_chunk_size else "full logits"),
         ("runtime overhead", est.runtime, "CUDA context, allocator slack; assumed" if est.device_type == "cuda"
          else "Python, torch, transformers"),
     ]
@@ -174,24 +174,21 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
     found = list(islice(rows, index, index + 1))
     if not found:
         raise DataError(f"--index {index} is past the end of data.train_files.")
-    d, row = found[0]
-    fmt = d.format if d.format != "auto" else detect_format(row, d)
-    conv = to_conversation(row, fmt, d)
-    template = resolve_chat_template(d.chat_template, tokenizer)
-    samples, audit = conversation_samples(conv.messages, tokenizer, conv.tools, chat_template=template,
-                                          options=MaskOptions.from_config(d),
-                                          **{**d.apply_chat_template_kwargs, **conv.template_kwargs})
+    source_cfg, row = found[0]
+    fmt = source_cfg.format if source_cfg.format != "auto" else detect_format(row, source_cfg)
+    template = resolve_chat_template(source_cfg.chat_template, tokenizer)
+    samples, audit = row_samples(row, fmt, tokenizer, source_cfg, template)  # as tokenization does it
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     method = next((k.removeprefix("method_") for k in audit if k.startswith("method_")), "none")
-    eos_reason = ("data.append_eos=always" if d.append_eos == "always"
+    eos_reason = ("data.append_eos=always" if source_cfg.append_eos == "always"
                   else "the template writes no end-of-turn token after the last trained turn")
     for k, sample in enumerate(samples):
-        tok, reason = truncate(sample, d.max_length, d.truncation, row)
+        tok, reason = truncate(sample, source_cfg.max_length, source_cfg.truncation, row)
         part = f", sample {k + 1} of {len(samples)}" if len(samples) > 1 else ""
         print(f"# {row.path}, row {row.index}{part} (format {fmt}; spans from {method})"
               + (f" [{reason}]" if reason else ""))
         print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color))
-        n_trained = sum(label != IGNORE_INDEX for label in tok.labels)
+        n_trained = supervised_count(np.asarray(tok.labels))
         print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained"
               + (f"; EOS appended ({eos_reason})" if audit["eos_appended"] and k == len(samples) - 1 else ""))
     if not samples:
@@ -209,15 +206,15 @@ def mask_audit(per_file: dict[str, dict[str, int]], append_eos: str) -> list[str
     for path, c in per_file.items():
         get = c.get
         share = get("trained_tokens", 0) / max(1, get("tokens", 0))
-        open_turns = get("turns_without_end", 0) - get("eos_appended", 0)
+        open_turns = get("turns_without_end", 0) - get("closed_by_eos", 0)
         methods = ", ".join(f"{_METHODS[k]} {v}" for k, v in c.items() if k in _METHODS and v)
         lines.append(
             f"mask audit {path}: {get('rows', 0)} rows checked -> {get('samples', 0)} samples"
             + (f" ({get('per_turn_expansions', 0)} from thinking_history=per_turn)" if get("per_turn_expansions") else "")
             + f"; {share:.1%} of tokens trained; {get('trained_turns', 0)} trained turns, "
             f"{get('turns_without_end', 0)} without an end-of-turn token in the template's render, "
-            f"{get('eos_appended', 0)} closed by an appended EOS (data.append_eos={append_eos}), {open_turns} left "
-            f"open; spans from {methods or 'nothing'}")
+            f"{get('closed_by_eos', 0)} closed by an appended EOS, {open_turns} left open; EOS appended to "
+            f"{get('eos_appended', 0)} samples (data.append_eos={append_eos}); spans from {methods or 'nothing'}")
     return lines
 
 

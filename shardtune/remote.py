@@ -2,13 +2,14 @@
 `s3://`, `gs://`, `file://`, ...), and data files read from URLs and globs.
 
 Checkpoints (`trainer.remote_dir`, verl's `trainer.default_hdfs_dir`): once a checkpoint is complete on
-local disk, the main rank copies `global_step_N/` to `{remote_dir}/global_step_N/` (on a background thread
-with `checkpoint.async_save`), its DCP `.metadata` and `trainer_state.json` last, then writes the remote
+local disk, the main rank copies `global_step_N/` to `{remote_dir}/global_step_N/` on a background thread
+(training never waits for it; see `RemoteCheckpoints`), its DCP `.metadata` and `trainer_state.json` last, then writes the remote
 `latest_checkpointed_iteration.txt`. A copy is complete once `trainer_state.json` is there, and the tracker
 only ever names a complete copy, so a job killed mid-upload leaves the previous checkpoint in charge.
 Rotation (`trainer.max_ckpt_to_keep`) applies to the remote copies too. A relaunch whose run directory holds
 no checkpoint as new as the remote's newest complete copy (a requeued job on another node) downloads it
-first (each node's local rank 0, into a temporary folder renamed into place) and resumes from it.
+first (the main rank, then the first rank of any node that does not share its run directory, each into a
+temporary folder renamed into place) and resumes from it.
 
 Data (`data.train_files` / `val_files`): URLs and globs (`s3://bucket/sft/*.parquet`) are expanded here;
 each file is read through fsspec in blocks (never copied whole to local disk), so a file larger than the
@@ -42,7 +43,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 STEP_DIR = re.compile(r"global_step_(\d+)$")
 LAST = (".metadata", "trainer_state.json")  # written after every other file: their presence means complete
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "hdfs": "hdfs", "viewfs": "hdfs"}
-DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")  # the data files a folder holds (local or remote)
 DATA_BLOCK_SIZE = 8 << 20  # bytes fetched at a time from a remote data file
 
 
@@ -117,37 +118,70 @@ def _join(root: str, *parts: str) -> str:
 
 
 class RemoteCheckpoints:
-    """Copies of the run's checkpoints under one fsspec URL. Used by the main rank (uploads) and by each
-    node's local rank 0 (downloads)."""
+    """Copies of the run's checkpoints under one fsspec URL. Used by the main rank (uploads) and by the
+    ranks that fetch a checkpoint for a resume (downloads).
 
-    def __init__(self, url: str, max_to_keep: int | None = None, background: bool = False,
+    Uploads run on a background thread and never hold training up: a checkpoint completed while the previous
+    copy is still in flight waits, and only the newest such one is copied next (an older one it replaces is
+    reported as skipped). A failed copy is reported (`error` in the report) and the newest checkpoint is
+    tried again at the next save; `close()` copies the last checkpoint and raises if that fails.
+    """
+
+    def __init__(self, url: str, max_to_keep: int | None = None,
                  on_uploaded: Callable[[dict[str, Any]], None] | None = None):
         self.url = url.rstrip("/")
         self.fs, self.root = filesystem(self.url)
         self.max_to_keep = max_to_keep
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shardtune-upload") if background else None
-        self.pending: Future | None = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="shardtune-upload")
+        self.pending: tuple[Path, int, Future] | None = None
+        self.waiting: tuple[Path, int] | None = None  # the newest checkpoint not yet copied
         self.on_uploaded = on_uploaded or (lambda info: None)
 
     # -- upload -----------------------------------------------------------------------------------------------
     def upload(self, local: Path, step: int) -> None:
-        """Copy a complete local checkpoint (after the previous copy has finished)."""
-        self.wait()
-        if self.pool is None:
-            self.on_uploaded(self._upload_or_raise(local, step))
-        else:
-            self.pending = self.pool.submit(self._upload_or_raise, local, step)
+        """Copy a complete local checkpoint in the background, as soon as the copy in flight is done."""
+        if self.waiting is not None:
+            self.on_uploaded({"step": self.waiting[1], "skipped": f"global_step_{step} is newer"})
+        self.waiting = (local, step)
+        self.poll()
 
-    def wait(self) -> None:
-        """Finish the copy in flight, if any, and report it (on the calling thread)."""
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            self.on_uploaded(pending.result())
+    def poll(self) -> None:
+        """Report a finished copy and start the waiting one (cheap; called at every save)."""
+        if self.pending is not None and self.pending[2].done():
+            local, step, future = self.pending
+            self.pending = None
+            try:
+                self.on_uploaded(future.result())
+            except StorageError as e:
+                self.on_uploaded({"step": step, "error": str(e)})
+                if self.waiting is None:  # nothing newer: try this one again at the next save
+                    self.waiting = (local, step)
+        if self.pending is None and self.waiting is not None:
+            (local, step), self.waiting = self.waiting, None
+            self.pending = (local, step, self.pool.submit(self._upload_or_raise, local, step))
+
+    def reading(self) -> Path | None:
+        """The local checkpoint a copy in flight reads (local rotation must leave it alone)."""
+        return self.pending[0] if self.pending is not None else None
 
     def close(self) -> None:
+        """End of the run: `wait`, then release the thread."""
         self.wait()
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.pool.shutdown()
+
+    def wait(self) -> None:
+        """Finish the copy in flight, then copy the newest waiting checkpoint; a failure raises."""
+        if self.pending is not None:
+            local, step, future = self.pending
+            self.pending = None
+            try:
+                self.on_uploaded(future.result())
+            except StorageError:
+                if self.waiting is None:
+                    self.waiting = (local, step)
+        if self.waiting is not None:
+            (local, step), self.waiting = self.waiting, None
+            self.on_uploaded(self._upload_or_raise(local, step))
 
     def _upload_or_raise(self, local: Path, step: int) -> dict[str, Any]:
         with storage_errors(f"Copying checkpoint {local} to {self.url}/global_step_{step} (the local checkpoint "
@@ -251,7 +285,7 @@ def uploader(cfg: Any, world: Any, on_uploaded: Callable[[dict[str, Any]], None]
     url = cfg.trainer.remote_dir
     if not url or not world.is_main:
         return None
-    return RemoteCheckpoints(url, cfg.trainer.max_ckpt_to_keep, cfg.checkpoint.async_save, on_uploaded)
+    return RemoteCheckpoints(url, cfg.trainer.max_ckpt_to_keep, on_uploaded)
 
 
 # -- data files ------------------------------------------------------------------------------------------------
@@ -267,8 +301,8 @@ def _matches(spec: str) -> list[str]:
         matches = sorted(fs.glob(path))
         if not matches:
             raise DataError(f"No file matches the pattern '{spec}'. Fix: check data.train_files/data.val_files.")
-    elif fs.isdir(path):
-        matches = sorted(p for p in fs.find(path) if p.endswith(DATA_SUFFIXES))
+    elif fs.isdir(path):  # as for a local folder: the data files directly in it, by name
+        matches = sorted(p for p in fs.ls(path, detail=False) if p.endswith(DATA_SUFFIXES))
         if not matches:
             raise DataError(f"Data folder '{spec}' holds no parquet/jsonl/json files.")
     elif fs.exists(path):
@@ -283,7 +317,7 @@ def _url_of(spec: str, path: str) -> str:
     name the namenode)."""
     parts = urlsplit(spec)
     p = path.lstrip("/")
-    if parts.netloc and not p.startswith(parts.netloc):
+    if parts.netloc and not (p == parts.netloc or p.startswith(parts.netloc + "/")):
         return f"{parts.scheme}://{parts.netloc}/{p}"
     return f"{parts.scheme}://{p}" if parts.netloc else f"{parts.scheme}:///{p}"
 

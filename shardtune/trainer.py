@@ -24,8 +24,9 @@ from shardtune.state import RNGState, TrainState, seed_everything
 
 def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World
                   ) -> tuple[CombinedDataset | SampleStream, CombinedDataset | None]:
-    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. Streamed training
-    data (data.streaming) is only opened here: every rank reads and tokenizes it as it trains."""
+    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. Without a cache
+    (data.cache_dir=null) every rank tokenizes for itself, all at once. Streamed training data
+    (data.streaming) is only opened here: every rank reads and tokenizes it as it trains."""
     def build() -> tuple[CombinedDataset | SampleStream, CombinedDataset | None]:
         data = cfg.data
         if data.streaming:
@@ -37,6 +38,8 @@ def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World
                if data.val_files else None)
         return train, val
 
+    if not cfg.data.cache_dir:
+        return build()
     if world.is_main:
         out = build()
         parallel.barrier(world)
@@ -116,6 +119,7 @@ class Trainer:
                                                         cadence.early_stopping_min_delta)
                 self.metrics.log(self.state.step, metrics)
                 self.history.append({"step": self.state.step, **metrics})
+                self.checkpointer.poll()
                 if self._due(cadence.save_freq) and not self._last_step() and not stop:
                     self.save()
                 if stop:
@@ -129,7 +133,12 @@ class Trainer:
         self.checkpointer.close()
 
     def _remote_saved(self, info: dict[str, Any]) -> None:
-        self.metrics.event("remote_checkpoint", **info)
+        """A remote copy finished, failed (retried at the next save) or was skipped for a newer checkpoint."""
+        if "error" in info:
+            self.metrics.event("warning", message="copying a checkpoint to trainer.remote_dir failed; the newest "
+                                                  "checkpoint is copied again at the next save", **info)
+        else:
+            self.metrics.event("remote_checkpoint", **info)
 
     def _last_step(self) -> bool:
         return self.state.step == self.total_steps

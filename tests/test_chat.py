@@ -193,6 +193,7 @@ def test_append_eos_where_the_template_writes_no_end_of_turn():
     assert sample.input_ids == render_ids + [tok.eos_token_id]
     assert trained_texts(tok, *sample) == ["\n4, since 2+2=4.", "\n6\nDone.<|endoftext|>"]
     assert audit["eos_appended"] == 1 and audit["turns_without_end"] == 2 and audit["trained_turns"] == 2
+    assert audit["closed_by_eos"] == 1  # the last turn; the history turn stays as the template renders it
     (never,), audit = conversation_samples(msgs, tok, options=MaskOptions(append_eos="never"))
     assert never.input_ids == render_ids and audit["eos_appended"] == 0
     assert trained_texts(tok, *never) == ["\n4, since 2+2=4.", "\n6\nDone."]
@@ -213,6 +214,7 @@ def test_append_eos_auto_keeps_the_templates_own_end_and_always_adds_one():
     assert auto.input_ids == whole_render_ids(other, MULTI) and audit["eos_appended"] == 0
     (always,), audit = conversation_samples(MULTI, other, options=MaskOptions(append_eos="always"))
     assert always.input_ids == whole_render_ids(other, MULTI) + [other.eos_token_id] and audit["eos_appended"] == 1
+    assert audit["closed_by_eos"] == 0 and audit["turns_without_end"] == 0  # the turn was closed already
     assert trained_texts(other, *always)[-1] == "6\nDone.<|im_end|>\n<|endoftext|>"
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
-from conftest import arithmetic_rows, kill_after, read_metrics, run_cli, torchrun, write_jsonl
+from conftest import SLOW_STEPS, arithmetic_rows, kill_after, read_metrics, run_cli, torchrun, write_jsonl
 
 from shardtune.checkpoint import TRACKER, complete_checkpoints, find_resume_path, rotate
 from shardtune.errors import ConfigError
@@ -182,3 +185,31 @@ def test_async_save_then_sigkill_resume(tiny_model, data, tmp_path, uninterrupte
             assert x["train/loss"] == uninterrupted[x["step"]]  # bitwise
         else:
             assert math.isclose(x["train/loss"], uninterrupted[x["step"]], rel_tol=1e-5)
+
+
+def test_an_async_checkpoint_is_complete_before_the_next_save(tiny_model, data, tmp_path):
+    """Each step polls the background save: the tracker names step 3 well before step 6 saves again, so a
+    pre-emption in between loses nothing (before, the folder waited for the next save to be finalised)."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(SLOW_STEPS), "train", *args(tiny_model, data, run_dir, "trainer.save_freq=3",
+                        "checkpoint.async_save=true", "trainer.total_training_steps=7")],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    saved = next(i for i, x in enumerate(lines) if x.get("event") == "checkpoint" and x["step"] == 3)
+    step6 = next(i for i, x in enumerate(lines) if x.get("step") == 6 and "train/loss" in x)
+    assert saved < step6 and lines[saved]["async"] is True
+
+
+def test_resuming_on_other_data_is_refused_with_the_way_to_continue_the_weights(tiny_model, data, tmp_path):
+    run_dir = tmp_path / "run"
+    r = run_cli("train", *args(tiny_model, data, run_dir, "trainer.total_training_steps=3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    fewer = ("data.train_max_samples=32", "trainer.total_training_steps=6")
+    r = run_cli("train", *args(tiny_model, data, run_dir, *fewer))
+    assert r.returncode == 2 and "data position was saved for sources {'train': 40}" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("train", *args(tiny_model, data, tmp_path / "new", *fewer, f"trainer.resume_from_path={run_dir / 'global_step_3'}",
+                               "checkpoint.load_contents=[model,optimizer]"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [x["step"] for x in read_metrics(tmp_path / "new")] == list(range(1, 7))  # the data starts over

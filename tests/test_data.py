@@ -45,6 +45,18 @@ def test_messages_format_with_tools_thinking_and_parquet_nones():
     assert conv.tools[0]["function"]["name"] == "f" and conv.template_kwargs == {"enable_thinking": False}
 
 
+def test_per_message_loss_mask_and_trainable_are_the_train_flag():
+    """verl's per-message `loss_mask` (0/1) and `trainable` mean `train`; conflicting or odd values are row errors."""
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "loss_mask": 0},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "trainable": True}]
+    conv = conv_of({"messages": msgs})
+    assert [m.get("train") for m in conv.messages] == [None, False, None, True]
+    assert all("loss_mask" not in m and "trainable" not in m for m in conv.messages)  # never reach the template
+    for bad, needle in (({"loss_mask": 2}, "expected 0/1"), ({"loss_mask": 1, "train": False}, "disagrees")):
+        with pytest.raises(DataError, match=needle):
+            conv_of({"messages": [msgs[0], {**msgs[1], **bad}]})
+
+
 def test_prompt_response_nested_like_verl_gsm8k():
     row = {"extra_info": {"question": "2+2?", "answer": "4", "split": "train"}, "data_source": "gsm8k"}
     conv = conv_of(row, format="prompt_response", prompt_key="extra_info", response_key="extra_info",

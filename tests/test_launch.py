@@ -74,3 +74,19 @@ def test_workers_exit_within_seconds_of_a_killed_launcher(tiny_model, tmp_path, 
     finally:
         for p in _alive(job | _descendants(proc.pid) | {proc.pid}):
             os.kill(p, signal.SIGKILL)
+
+
+def test_a_launcher_that_is_pid_1_keeps_its_workers(tmp_path):
+    """In a container the launcher is often pid 1: a worker must not take that for a dead parent."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    child = "from shardtune.parallel import exit_with_parent; exit_with_parent(); print('worker alive')"
+    launcher = (f"import os, subprocess, sys; assert os.getpid() == 1; "
+                f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}]).returncode)")
+    r = subprocess.run(["unshare", "-Urfp", "--mount-proc", sys.executable, "-c", launcher],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 and "worker alive" not in r.stdout and "unshare" in r.stderr:
+        pytest.skip(f"unshare is not permitted here: {r.stderr.strip()}")
+    assert r.returncode == 0 and "worker alive" in r.stdout, (r.returncode, r.stdout, r.stderr)

@@ -213,3 +213,7 @@ def test_varlen_kernel_flags_follow_the_torch_release():
 
     assert _varlen_flags(v210) == ({"is_causal": True}, False)
     assert _varlen_flags(v213) == ({"window_size": (-1, 0)}, True)
+    from torch.nn.attention.varlen import varlen_attn  # and the installed release's own signature
+
+    causal, gqa = _varlen_flags(varlen_attn)
+    assert causal in ({"window_size": (-1, 0)}, {"is_causal": True}) and isinstance(gqa, bool)

@@ -68,6 +68,7 @@ def test_upload_rotation_and_download_through_file_urls(tmp_path):
     store = remote.RemoteCheckpoints(url, max_to_keep=2, on_uploaded=uploaded.append)
     for step in (1, 2, 3):
         store.upload(fake_checkpoint(tmp_path / "run" / f"global_step_{step}", step), step)
+        store.wait()
     assert store.steps() == {2: True, 3: True} and store.tracker_step() == 3  # rotated there too
     assert [u["step"] for u in uploaded] == [1, 2, 3] and uploaded[-1]["files"] == 6
     assert uploaded[-1]["url"] == f"{url}/global_step_3"
@@ -76,6 +77,7 @@ def test_upload_rotation_and_download_through_file_urls(tmp_path):
     (tmp_path / "remote" / "global_step_4" / "__0_0.distcp").write_bytes(b"x")
     assert store.newest_complete() == 3
     store.upload(fake_checkpoint(tmp_path / "run" / "global_step_5", 5), 5)
+    store.wait()
     assert store.steps() == {3: True, 5: True}
     target = store.download(5, tmp_path / "fresh")
     assert (tmp_path / "fresh" / "latest_checkpointed_iteration.txt").read_text() == "5"
@@ -119,8 +121,9 @@ def test_data_urls_globs_and_fingerprints(s3, tmp_path):
 
 def test_store_errors_name_what_failed(s3, tmp_path):
     store = remote.RemoteCheckpoints("s3://no-such-bucket/run")
+    store.upload(fake_checkpoint(tmp_path / "global_step_1", 1), 1)  # in the background: training goes on
     with pytest.raises(StorageError, match="Copying checkpoint .* to s3://no-such-bucket/run/global_step_1 .*failed"):
-        store.upload(fake_checkpoint(tmp_path / "global_step_1", 1), 1)
+        store.wait()
     from shardtune.data.readers import read_rows
 
     with pytest.raises(StorageError, match="Reading data file s3://no-such-bucket/a.parquet failed"):
@@ -131,7 +134,9 @@ UPLOAD_SCRIPT = """
 import sys
 from pathlib import Path
 from shardtune.remote import RemoteCheckpoints
-RemoteCheckpoints(sys.argv[1]).upload(Path(sys.argv[2]), int(sys.argv[3]))
+store = RemoteCheckpoints(sys.argv[1])
+store.upload(Path(sys.argv[2]), int(sys.argv[3]))
+store.wait()
 """
 
 
@@ -139,6 +144,7 @@ def test_sigkill_during_an_upload_never_leaves_the_tracker_on_an_incomplete_copy
     url = "s3://bucket/killed"
     store = remote.RemoteCheckpoints(url)
     store.upload(fake_checkpoint(tmp_path / "global_step_1", 1), 1)
+    store.wait()
     big = fake_checkpoint(tmp_path / "global_step_2", 2, files=400)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", UPLOAD_SCRIPT, url, str(big), "2"], env=env)
@@ -151,6 +157,7 @@ def test_sigkill_during_an_upload_never_leaves_the_tracker_on_an_incomplete_copy
     assert 20 <= len(uploaded) < 400 + 3  # killed mid-copy
     assert store.steps() == {1: True, 2: False} and store.tracker_step() == 1 and store.newest_complete() == 1
     store.upload(big, 2)  # the relaunched run saves step 2 again
+    store.wait()
     assert store.steps() == {1: True, 2: True} and store.tracker_step() == 2
 
 
@@ -219,3 +226,26 @@ def test_file_url_background_upload_rotation_and_resume(tiny_model, tmp_path):
     assert remote.RemoteCheckpoints(url).steps() == {6: True}
     r = run_cli("train", *_lines(tiny_model, data, tmp_path / "other", 2, *extra, "trainer.resume_mode=disable"))
     assert r.returncode == 2 and "already holds checkpoints of another run (up to global_step_6)" in r.stderr
+
+
+def test_a_failed_copy_is_reported_and_the_newest_checkpoint_copied_later(tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the remote folder should be")
+    reports = []
+    store = remote.RemoteCheckpoints(f"file://{blocked}/run", on_uploaded=reports.append)
+    store.upload(fake_checkpoint(tmp_path / "run" / "global_step_1", 1), 1)
+    while not store.pending[2].done():
+        time.sleep(0.01)
+    blocked.unlink()  # the store is back
+    store.upload(fake_checkpoint(tmp_path / "run" / "global_step_2", 2), 2)  # reports the failure, copies 2
+    store.wait()
+    assert [r["step"] for r in reports] == [1, 2] and "failed" in reports[0]["error"] and "error" not in reports[1]
+    assert store.tracker_step() == 2 and store.steps() == {2: True}
+
+
+def test_urls_inside_source_mappings_are_checked_before_anything_is_loaded(tmp_path):
+    base = ["model.path=/m", f"data.train_files={tmp_path}/t.jsonl"]
+    with pytest.raises(ConfigError, match="embeds credentials"):
+        validate(load_config(None, [*base, "data.val_files=[{path: 's3://key:secret@bucket/a.parquet', name: v}]"]))
+    with pytest.raises(ConfigError, match="knows no 'nosuch://' filesystem"):
+        validate(load_config(None, ["model.path=/m", "data.train_files=[{path: 'nosuch://x/a.jsonl', weight: 1}]"]))

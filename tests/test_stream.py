@@ -200,19 +200,34 @@ def test_a_state_resumes_across_the_end_of_an_epoch_and_counts_drops_once(tmp_pa
     assert (end["epoch"], end["step_in_epoch"], end["buffer"]) == (1, 0, []) and stream.at_epoch_end()
 
 
-def test_a_resume_refuses_changed_files_and_the_other_data_path(tmp_path, tok):
+def test_a_resume_refuses_changed_files_another_order_and_the_other_data_path(tmp_path, tok):
     train = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(20, seed=8))
     cfg = config(train, "data.shuffle_buffer=5")
     stream = stream_of(cfg, tok)
     state = saved(stream, next(iter(stream)))
-    write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(21, seed=8))
-    with pytest.raises(DataError, match="training files changed since the checkpoint"):
-        stream_of(cfg, tok).load_state_dict(state)
-    with pytest.raises(DataError, match="did not stream its training data"):
+    with pytest.raises(ConfigError, match="saved for seed 42, and this run has 7: .* start a new "
+                                          "trainer.default_local_dir with trainer.resume_from_path"):
+        stream_of(cfg, tok, seed=7).load_state_dict(state)
+    with pytest.raises(ConfigError, match="saved for shuffle_buffer 5, and this run has 6"):
+        stream_of(config(train, "data.shuffle_buffer=6"), tok).load_state_dict(state)
+    with pytest.raises(ConfigError, match="did not stream its training data"):
         stream_of(cfg, tok).load_state_dict({"epoch": 0, "step_in_epoch": 1, "seed": 42})
     mapped = SampledBatches(build_dataset([str(train)], cfg.data, tok), cfg.data, 42)
-    with pytest.raises(DataError, match="streamed its training data"):
+    with pytest.raises(ConfigError, match="streamed its training data"):
         mapped.load_state_dict(state)
+    write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(21, seed=8))
+    with pytest.raises(ConfigError, match="training files changed since the checkpoint"):
+        stream_of(cfg, tok).load_state_dict(state)
+
+
+def test_a_stream_with_nothing_to_train_says_so(tmp_path, tok):
+    unusable = write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "Hi."}]}] * 3)
+    with pytest.raises(DataError, match=r"No usable rows in .*u.jsonl.* \(dropped: \{'bad_row': 3\}\)"):
+        next(iter(stream_of(config(unusable, "data.on_bad_row=skip"), tok)))
+    small = write_jsonl(tmp_path / "s.jsonl", arithmetic_rows(5))
+    with pytest.raises(DataError, match="fewer samples than one global batch .8., and data.drop_last=true"):
+        next(iter(stream_of(config(small, "data.drop_last=true"), tok)))
+    assert len(next(iter(stream_of(config(small), tok))).lengths) == 5
 
 
 # -- reading rows again by reference ----------------------------------------------------------------------------

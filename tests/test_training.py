@@ -209,7 +209,8 @@ def test_prefetching_changes_nothing(tiny_model, data_files, tmp_path):
     assert len(ahead) == 2 * trainer.loader.steps_per_epoch
     assert losses(ahead) == losses(inline) and losses(ahead, "train/grad_norm") == losses(inline, "train/grad_norm")
     assert all(h["perf/data_wait_s"] >= 0 for h in ahead)
-    assert trainer.loader.state_dict() == {"epoch": 1, "step_in_epoch": trainer.loader.steps_per_epoch, "seed": 42}
+    assert trainer.loader.state_dict() == {"epoch": 1, "step_in_epoch": trainer.loader.steps_per_epoch, "seed": 42,
+                                           "sources": {"train": 40}}
     mid = run(tiny_model, data_files, tmp_path / "c", "data.prefetch_steps=2", "trainer.total_training_steps=3", fit=False)
     mid.fit()
     assert mid.loader.state_dict()["step_in_epoch"] == 3

@@ -414,3 +414,11 @@ def test_lora_multiturn_then_resume_under_each_entry_point(tiny_model, tmp_path,
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text() == "4"
     assert events(run_dir, "resume")[0]["step"] == 2
     assert (run_dir / "global_step_4" / "huggingface" / "adapter_config.json").is_file()
+
+
+def test_legacy_prompt_response_rows_end_with_eos_as_in_verl_and_multiturn_as_rendered():
+    """verl's legacy dataset appends the EOS to every response; its multi-turn dataset trains the template's render."""
+    single = translate(["model.partial_pretrain=/m", "data.train_files=x.parquet"], LEGACY)
+    multi = translate(["model.partial_pretrain=/m", "data.train_files=x.parquet", "data.multiturn.enable=true"], LEGACY)
+    assert "data.append_eos=always" in single and "data.format=prompt_response" in single
+    assert "data.append_eos=auto" in multi and "data.format=messages" in multi

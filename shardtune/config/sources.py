@@ -27,12 +27,13 @@ from typing import Any
 from shardtune.config.loading import coerce
 from shardtune.config.schema import DataConfig
 from shardtune.errors import ConfigError
+from shardtune.remote import DATA_SUFFIXES
 
 FORMAT_KEYS = ("format", "messages_key", "tools_key", "enable_thinking_key", "prompt_key", "response_key",
                "prompt_dict_keys", "response_dict_keys", "system_prompt")
 SOURCE_KEYS = ("path", "name", "weight", "max_samples", *FORMAT_KEYS)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # names go into metric keys such as data/samples/<name>
-_DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
+_DATA_SUFFIXES = (*DATA_SUFFIXES, ".arrow")  # stripped from a file name to name its source
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import numpy as np
 from shardtune.config import DataConfig
 from shardtune.data.readers import files_fingerprint
 
-CACHE_VERSION = 3  # 2: sharded cache; 3: loss masks from sentinel renders (append_eos, train_on_turns, ...)
+CACHE_VERSION = 4  # 2: sharded cache; 3: loss masks from sentinel renders (append_eos, ...); 4: closed_by_eos audited
 SHARD_ROWS = 16384  # rows read per shard: what an interrupted tokenization can lose
 # data keys that do not change the tokenized samples (batching, sampling, where the cache lives)
 _NOT_IN_KEY = ("train_files", "val_files", "train_max_samples", "val_max_samples", "train_batch_size",

@@ -29,16 +29,16 @@ from typing import Any, NamedTuple
 
 from shardtune.batch import IGNORE_INDEX
 from shardtune.data.template import TemplateView
-from shardtune.data.turns import TemplateMismatch, Tokens, turn_spans
-from shardtune.errors import DataError
+from shardtune.data.turns import Tokens, turn_spans
+from shardtune.errors import DataError, TemplateMismatch
 
 __all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "audit_totals", "conversation_samples",
            "tokenize_conversation"]
 # rows, samples, per_turn_expansions, trained_turns, turns_without_end (as the template renders them),
-# eos_appended, and how spans were found: method_markers, method_sentinels, method_assistant_sentinels,
-# method_search (the last two are fallbacks)
+# eos_appended (samples), closed_by_eos (turns without an end that the appended EOS closes), and how spans were
+# found: method_markers, method_sentinels, method_assistant_sentinels, method_search (the last two fallbacks)
 AUDIT_KEYS = ("rows", "samples", "per_turn_expansions", "trained_turns", "turns_without_end", "eos_appended",
-              "method_markers", "method_sentinels", "method_assistant_sentinels", "method_search")
+              "closed_by_eos", "method_markers", "method_sentinels", "method_assistant_sentinels", "method_search")
 
 
 def audit_totals(per_file: dict[str, dict[str, int]]) -> dict[str, Any]:
@@ -154,6 +154,7 @@ def _sample(view: TemplateView, msgs: list[dict[str, Any]], turns: list[int], ap
         if at_end and (not spans[last].closed or (append_eos == "always" and not ends_with_eos)):
             ranges[last] = (spans[last].start, len(real))
             audit["eos_appended"] += 1
+            audit["closed_by_eos"] += not spans[last].closed
             labels = _label_tokens(ids, tokens, list(ranges.values()))
             return Tokenized(ids + [eos], labels + [eos])
     return Tokenized(ids, _label_tokens(ids, tokens, list(ranges.values())))

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from shardtune.batch import supervised_counts
 from shardtune.config import DataConfig, Source, resolve_sources
 from shardtune.data.cache import (
     SHARD_ROWS,
@@ -31,7 +32,7 @@ from shardtune.data.cache import (
     tokenizer_fingerprint,
     write_index,
 )
-from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template
+from shardtune.data.chat import resolve_chat_template
 from shardtune.data.readers import expand_paths, read_rows
 from shardtune.data.tokenize import tokenize_to_shards
 from shardtune.errors import DataError
@@ -47,9 +48,7 @@ class TokenizedDataset:
         """One shard from flat arrays: samples i spans offsets[i]:offsets[i + 1]."""
         offsets = np.asarray(offsets, dtype=np.int64)
         lengths = np.diff(offsets)
-        trained = np.concatenate([[0], np.cumsum(np.asarray(labels) != IGNORE_INDEX)])
-        first = np.minimum(offsets[:-1] + 1, offsets[1:])  # position 0 of a sample is never a target
-        self._setup([Shard(input_ids, labels, offsets)], lengths, trained[offsets[1:]] - trained[first], stats)
+        self._setup([Shard(input_ids, labels, offsets)], lengths, supervised_counts(labels, offsets), stats)
 
     @classmethod
     def from_shards(cls, shards: list[Shard], lengths: np.ndarray, target_counts: np.ndarray,

@@ -16,6 +16,7 @@ from shardtune.data.readers import Row
 from shardtune.errors import row_error
 
 ROLES = ("system", "user", "assistant", "tool")
+TRAIN_ALIASES = ("loss_mask", "trainable")  # other names datasets use for a message's `train` flag
 SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
     "chatgpt": "assistant", "model": "assistant", "bing": "assistant", "function_call": "assistant",
@@ -100,6 +101,16 @@ def _clean_message(row: Row, key: str, i: int, m: Any) -> dict[str, Any]:
     m = {k: v for k, v in m.items() if v is not None}
     if "content" not in m:
         m["content"] = ""
+    for alias in TRAIN_ALIASES:  # verl's per-message `loss_mask` (0/1) and the common `trainable`
+        if alias in m:
+            value = m.pop(alias)
+            if value not in (0, 1):  # True/False are 1/0
+                raise row_error(row.path, row.index, f"{where}.{alias}", f"expected 0/1 or true/false, got {value!r}",
+                                "use 1 (train this turn) or 0 (do not)")
+            if "train" in m and m["train"] != bool(value):
+                raise row_error(row.path, row.index, f"{where}.{alias}", f"disagrees with train={m['train']}",
+                                "keep one of the two keys")
+            m["train"] = bool(value)
     if "train" in m and not isinstance(m["train"], bool):
         raise row_error(row.path, row.index, f"{where}.train", f"expected true/false, got {m['train']!r}",
                         "use a boolean or drop the key")

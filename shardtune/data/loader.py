@@ -38,8 +38,8 @@ from shardtune.data.batching import (
 )
 from shardtune.data.dataset import CombinedDataset
 from shardtune.data.mixture import MixtureSampler
-from shardtune.data.stream import SampleStream
-from shardtune.errors import DataError
+from shardtune.data.stream import CONTINUE_WEIGHTS, SampleStream
+from shardtune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,24 @@ class SampledBatches:
         return self.sampler.step_in_epoch == self.steps_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
+        """The position, and what it is a position in (the seed, each source's samples)."""
+        return {**self.sampler.state_dict(), "sources": {s.name: len(d) for s, d in zip(self.data.sources,
+                                                                                       self.data.datasets)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved position; refused when the data or the seed changed, since the position would
+        then point at other samples (a checkpoint written before the sources were recorded is trusted)."""
         if state.get("streaming"):
-            raise DataError("The checkpoint was written by a run that streamed its training data "
-                            "(data.streaming=true); its position is a place in the stream, not in this dataset. "
-                            "Fix: resume it with data.streaming=true, or load only its weights "
-                            "(checkpoint.load_contents=[model, optimizer]).")
+            raise ConfigError("The checkpoint was written by a run that streamed its training data "
+                              "(data.streaming=true): its position is a place in the stream, not in this dataset. "
+                              f"Fix: resume it with data.streaming=true; or {CONTINUE_WEIGHTS}.")
+        now = self.state_dict()
+        for key in ("seed", "sources"):
+            if key in state and state[key] != now[key]:
+                raise ConfigError(
+                    f"The checkpoint's data position was saved for {key} {state[key]}, and this run has {now[key]}: "
+                    "resuming there would train other samples than the run it continues. Fix: resume with the same "
+                    f"data and trainer.seed; or {CONTINUE_WEIGHTS}.")
         self.sampler.load_state_dict(state)
 
     def describe(self) -> dict[str, Any]:

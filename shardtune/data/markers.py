@@ -10,26 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardtune.data.sentinels import locate, sentinel_avoid
 from shardtune.data.template import TemplateView
-from shardtune.data.turns import TemplateMismatch, locate, sentinel_avoid
-from shardtune.errors import DataError
+from shardtune.errors import TemplateMismatch
 
 
 def marker_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str,
                  wanted: list[int]) -> dict[int, tuple[int, int]]:
-    from jinja2 import TemplateError
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    try:
-        rendered, indices = render_jinja_template(
-            conversations=[msgs], tools=view.tools, chat_template=view.template, return_assistant_tokens_mask=True,
-            **{**view.tokenizer.special_tokens_map, **view.kwargs})
-    except TemplateError as e:
-        raise DataError(f"the chat template refused the conversation ({type(e).__name__}: {e})") from None
-    if rendered[0] != real:
+    rendered, marked = view.render_tracked(msgs, generation=True)
+    if rendered != real:
         raise TemplateMismatch("The chat template renders differently with generation tracking on. Fix: report "
                                "this template; set data.ignore_input_ids_mismatch=true to skip such rows.")
-    blocks = sorted(b for b in indices[0] if b[1] > b[0])
+    blocks = sorted(b for b in marked if b[1] > b[0])
     assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     owners = assistant if len(blocks) == len(assistant) else _owners(view, msgs, real, blocks, assistant)
     spans: dict[int, tuple[int, int]] = {}

@@ -8,17 +8,17 @@ share, and the running totals within one sample of the running target (largest d
 
 Within a source, samples come from a seeded permutation of that source, read in order and reshuffled when
 it runs out: a source larger than its share of an epoch is sampled without repetition, a smaller one is
-repeated (each pass in a fresh order). An epoch of a mixture is as many samples as all sources hold
-together (sum of N_s), cut into global batches; with weights equal to the sources' natural proportions it
-visits every sample once, like an unweighted epoch.
+repeated (each pass in a fresh order). An epoch of a mixture is ceil(sum of N_s / B) global batches
+(floor with data.drop_last), every one of them full: since sources are drawn as endless streams, the last
+batch of an epoch is completed from the sources' next passes instead of being cut short, so every step
+keeps the weights. With weights equal to the sources' natural proportions and B dividing the total, an
+epoch visits every sample once, like an unweighted epoch.
 
 Everything is a pure function of (seed, step), so the sampler's state is only its position, every rank
 computes the same batches, and a resumed run draws exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -43,7 +43,9 @@ class MixtureSampler(StepSampler):
         self.shuffle = shuffle
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.epoch, self.step_in_epoch = 0, 0
-        self._counts = [np.zeros(len(sizes), dtype=np.int64)]  # cumulative draws before each global step
+        # cumulative draws of each source before each global step (row g), grown as steps are asked for
+        self._counts = np.zeros((1, len(sizes)), dtype=np.int64)
+        self._laps: dict[int, dict[int, np.ndarray]] = {}
         if self.steps_per_epoch == 0:
             raise ConfigError(f"The sources hold {sum(sizes)} samples, fewer than one global batch ({global_batch}), "
                               "and data.drop_last=true leaves nothing to train. Fix: lower data.train_batch_size "
@@ -60,15 +62,21 @@ class MixtureSampler(StepSampler):
 
     def _cumulative(self, global_step: int) -> np.ndarray:
         while len(self._counts) <= global_step:
-            drawn = self._counts[-1]
-            target = self.shares * self.global_batch * len(self._counts)  # running target after this step
-            take = np.floor(self.shares * self.global_batch).astype(np.int64)
-            # hand the samples the floors leave over to the sources furthest behind their running target
-            deficit = target - (drawn + take)
-            for s in np.argsort(-deficit, kind="stable")[: self.global_batch - int(take.sum())]:
-                take[s] += 1
-            self._counts.append(drawn + take)
+            grown = np.zeros((2 * len(self._counts), len(self.sizes)), dtype=np.int64)
+            grown[: len(self._counts)] = self._counts
+            known, self._counts = len(self._counts), grown
+            for g in range(known, len(grown)):
+                self._counts[g] = self._next_counts(self._counts[g - 1], self.global_batch)
         return self._counts[global_step]
+
+    def _next_counts(self, drawn: np.ndarray, size: int) -> np.ndarray:
+        """Cumulative draws after a step of `size` samples: the floors of the shares, and the samples they leave
+        over to the sources furthest behind their running target."""
+        take = np.floor(self.shares * size).astype(np.int64)
+        deficit = self.shares * (drawn.sum() + size) - (drawn + take)
+        for s in np.argsort(-deficit, kind="stable")[: size - int(take.sum())]:
+            take[s] += 1
+        return drawn + take
 
     def batch(self, epoch: int, step: int) -> np.ndarray:
         global_step = epoch * self.steps_per_epoch + step
@@ -82,12 +90,18 @@ class MixtureSampler(StepSampler):
         n = self.sizes[source]
         if not self.shuffle:  # data.shuffle=false: each source in its own order, pass after pass
             return np.arange(start, start + count, dtype=np.int64) % n
-        out = [_permutation(n, self.seed, source, k // n)[k % n] for k in range(start, start + count)]
+        out = [self._permutation(source, k // n)[k % n] for k in range(start, start + count)]
         return np.asarray(out, dtype=np.int64)
 
-
-@lru_cache(maxsize=64)
-def _permutation(n: int, seed: int, source: int, lap: int) -> np.ndarray:
-    """The order of one pass over a source: seeded by (seed, source, pass)."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, source, lap]).generate_state(1)[0]))
-    return torch.randperm(n, generator=g).numpy()
+    def _permutation(self, source: int, lap: int) -> np.ndarray:
+        """The order of one pass over a source, seeded by (seed, source, pass). The two newest passes of each
+        source are kept (a batch reaches at most into the next pass): memory stays bounded however long the
+        run; int32 where it fits."""
+        laps = self._laps.setdefault(source, {})
+        if lap not in laps:
+            seed = int(np.random.SeedSequence([self.seed, source, lap]).generate_state(1)[0])
+            order = torch.randperm(self.sizes[source], generator=torch.Generator().manual_seed(seed)).numpy()
+            laps[lap] = order.astype(np.int32) if len(order) < 2**31 else order
+            for old in sorted(laps)[:-2]:
+                del laps[old]
+        return laps[lap]

@@ -30,11 +30,12 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from shardtune import remote
 from shardtune.errors import DataError, ShardtuneError
 
-SUFFIXES = (".parquet", ".jsonl", ".json")
 _BATCH_ROWS = 1024  # rows per Arrow record batch turned into Python dicts at a time
 _JSON_BLOCK = 1 << 20  # characters of a .json file read at a time
 _SPACE = re.compile(r"[ \t\r\n]*")
@@ -126,7 +127,7 @@ def read_file(path: str, skip_bad: bool = False, start: Start = Start()) -> Iter
     elif suffix == ".arrow":  # a datasets save_to_disk shard (an Arrow stream)
         yield from _read_arrow_stream(path, start.row)
     else:
-        raise DataError(f"Data file '{path}' has an unsupported type. Fix: use one of {', '.join(SUFFIXES)} "
+        raise DataError(f"Data file '{path}' has an unsupported type. Fix: use one of {', '.join(remote.DATA_SUFFIXES)} "
                         "or a folder written by datasets' save_to_disk.")
 
 
@@ -170,7 +171,7 @@ def _bad(path: str, index: int, message: str, skip_bad: bool) -> Row:
 def _read_parquet(path: str, first: int = 0) -> Iterator[Row]:
     """Rows from `first` on: reading starts at the row group that holds it."""
     with open_file(path) as f, _parquet_errors(path):
-        pf = _parquet(f)
+        pf = pq.ParquetFile(f)
         starts = _group_starts(pf)
         group = max(int(np.searchsorted(starts, first, side="right")) - 1, 0)
         i = int(starts[group])
@@ -185,7 +186,7 @@ def _read_parquet(path: str, first: int = 0) -> Iterator[Row]:
 def _reread_parquet(path: str, rows: list[int]) -> dict[int, Row]:
     out = {}
     with open_file(path) as f, _parquet_errors(path):
-        pf = _parquet(f)
+        pf = pq.ParquetFile(f)
         starts = _group_starts(pf)
         groups = np.searchsorted(starts, rows, side="right") - 1
         for group in sorted(set(groups.tolist())):
@@ -196,12 +197,6 @@ def _reread_parquet(path: str, rows: list[int]) -> dict[int, Row]:
                 if row - starts[group] < table.num_rows:
                     out[row] = Row(path, row, table.slice(int(row - starts[group]), 1).to_pylist()[0])
     return out
-
-
-def _parquet(f: IO[bytes]) -> Any:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(f)
 
 
 def _group_starts(pf: Any) -> np.ndarray:
@@ -366,14 +361,14 @@ class _JsonList:
 
 def folder_files(path: str) -> list[str]:
     """The data files of a local folder: a `datasets.Dataset.save_to_disk` folder's Arrow stream files (as
-    listed in state.json), else its parquet then jsonl files."""
+    listed in state.json), else the data files directly in it, by name (the rule remote folders follow too)."""
     state_file = Path(path) / "state.json"
     if state_file.is_file():
         return [str(Path(path) / entry["filename"]) for entry in json.loads(state_file.read_text()).get("_data_files", [])]
-    files = sorted(Path(path).glob("*.parquet")) + sorted(Path(path).glob("*.jsonl"))
+    files = sorted(f for f in Path(path).iterdir() if f.is_file() and f.name.endswith(remote.DATA_SUFFIXES))
     if not files:
         raise DataError(f"Data folder '{path}' is neither a datasets save_to_disk folder (no state.json) "
-                        "nor a folder of parquet/jsonl files.")
+                        "nor a folder of parquet/jsonl/json files.")
     return [str(f) for f in files]
 
 
@@ -384,8 +379,6 @@ def _read_folder(path: str, skip_bad: bool) -> Iterator[Row]:
 
 def _read_arrow_stream(path: str, first: int = 0) -> Iterator[Row]:
     """Rows from `first` on (record batches before it are skipped whole)."""
-    import pyarrow as pa
-
     try:
         with open_file(path) as f:
             i = 0

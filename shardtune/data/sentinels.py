@@ -16,7 +16,10 @@ import json
 import re
 from bisect import bisect_right
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:  # template.py builds on this module
+    from shardtune.data.template import TemplateView
 
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 _TAGS = r"</?[A-Za-z][\w:.\-]*>|\[/?[A-Z][A-Z_ ]{2,}\]"
@@ -178,3 +181,32 @@ def _match(real: str, pos: int, text: str, nxt: str, last: bool) -> int | None:
             return p
         p = real.find(nxt, p + 1)
     return None
+
+
+class Located(NamedTuple):
+    sent: Sentinels
+    text: str  # the render the occurrences refer to (sentinel render, or the real one)
+    occ: list[Occurrence]
+    alignment: Alignment
+
+
+def sentinel_avoid(view: TemplateView, msgs: list[dict[str, Any]]) -> str:
+    """All text a sentinel must not occur in."""
+    return view.template + repr(msgs) + repr(view.tools)
+
+
+def locate(view: TemplateView, msgs: list[dict[str, Any]], real: str, level: str, avoid: str) -> Located | None:
+    """Message texts in the whole render: `all` texts as sentinels, `assistant` texts only, or `search`."""
+    if level == "search":
+        sent = Sentinels(msgs, view.markup, avoid, roles=None, replace=False)
+        occ = sent.occurrences(real)
+        if len(occ) < len(sent.pieces):  # a text not found in order: the search cannot be trusted
+            return None
+        return Located(sent, real, occ, Alignment(occ, [(o.start, o.end) for o in occ]))
+    sent = Sentinels(msgs, view.markup, avoid, roles=None if level == "all" else {"assistant"})
+    text = view.try_render(sent.messages)
+    if text is None:
+        return None
+    occ = sent.occurrences(text)
+    alignment = align(text, real, occ, sent.pieces)
+    return Located(sent, text, occ, alignment) if alignment else None

@@ -39,8 +39,12 @@ from shardtune.data.batching import GlobalBatch
 from shardtune.data.chat import resolve_chat_template
 from shardtune.data.readers import Start, data_files, read_file, reread
 from shardtune.data.tokenize import FileFormats, tokenize_row
-from shardtune.errors import DataError
+from shardtune.errors import ConfigError, DataError
 
+# how a refused resume can still continue the weights
+CONTINUE_WEIGHTS = ("to continue the weights on other data, start a new trainer.default_local_dir with "
+                    "trainer.resume_from_path=<that checkpoint> and checkpoint.load_contents=[model,optimizer] "
+                    "(data, schedule and step count start over)")
 Sample = tuple[np.ndarray, np.ndarray]  # (input_ids, labels), int32
 Ref = tuple[int, int, int, int, int]  # (file, row, byte offset, line, sample of the row): where a sample came from
 
@@ -110,10 +114,10 @@ class StreamState:
     formats: dict[str, str] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # rows dropped in this epoch so far, by reason
 
-    def to_json(self, seed: int, files: list[str], sizes: list[int]) -> dict[str, Any]:
+    def to_json(self, seed: int, capacity: int, files: list[str], sizes: list[int]) -> dict[str, Any]:
         p = self.next
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": seed, "streaming": True,
-                "files": files, "sizes": sizes,
+                "shuffle_buffer": capacity, "files": files, "sizes": sizes,
                 "next": {"file": p.file, "row": p.row, "sample": p.sample, "rows_before": p.rows_before,
                          "start": [p.start.row, p.start.offset, p.start.line]},
                 "buffer": [list(r) for r in self.buffer], "draining": self.draining, "generator": self.generator,
@@ -172,19 +176,24 @@ class SampleStream:
         return self.ended_epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return self.state.to_json(self.seed, self.files, self.sizes)
+        return self.state.to_json(self.seed, self.capacity, self.files, self.sizes)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved position; refused when it would name other rows or another order."""
         if not state.get("streaming"):
-            raise DataError("The checkpoint was written by a run that did not stream its training data "
-                            "(data.streaming=false), so it holds no stream position. Fix: resume it with "
-                            "data.streaming=false, or load only its weights (checkpoint.load_contents=[model, "
-                            "optimizer]) to start the stream afresh.")
+            raise ConfigError("The checkpoint was written by a run that did not stream its training data "
+                              "(data.streaming=false), so it holds no stream position. Fix: resume it with "
+                              f"data.streaming=false; or {CONTINUE_WEIGHTS}.")
         if state["files"] != self.files or state["sizes"] != self.sizes:
-            raise DataError(f"The training files changed since the checkpoint was written (it read "
-                            f"{len(state['files'])} files, now {len(self.files)}; names or sizes differ), so its "
-                            "stream position names other rows. Fix: restore the files, or load only the weights "
-                            "(checkpoint.load_contents=[model, optimizer]) to start the stream afresh.")
+            raise ConfigError(f"The training files changed since the checkpoint was written (it read "
+                              f"{len(state['files'])} files, now {len(self.files)}; names or sizes differ), so its "
+                              f"stream position names other rows. Fix: restore the files; or {CONTINUE_WEIGHTS}.")
+        for key, now in (("seed", self.seed), ("shuffle_buffer", self.capacity)):
+            if state.get(key, now) != now:
+                raise ConfigError(f"The checkpoint's stream position was saved for {key} {state[key]}, and this run "
+                                  f"has {now}: resuming there would train another order than the run it continues. "
+                                  f"Fix: resume with the same trainer.seed and data.shuffle_buffer; or "
+                                  f"{CONTINUE_WEIGHTS}.")
         self.state = StreamState.from_json(state)
         self.ended_epoch = self.state.step_in_epoch == 0 and self.state.epoch > 0
 
@@ -245,8 +254,7 @@ class SampleStream:
                 if ref[4] >= len(kept):
                     raise DataError(f"{self.files[f]}, row {ref[1]}: the checkpoint's shuffle buffer holds sample "
                                     f"{ref[4]} of this row, which it no longer gives: the file changed since. Fix: "
-                                    "restore the file, or load only the weights (checkpoint.load_contents=[model, "
-                                    "optimizer]) to start the stream afresh.")
+                                    f"restore the file; or {CONTINUE_WEIGHTS}.")
                 samples[ref] = _arrays(kept[ref[4]])
         return [(ref, samples[ref]) for ref in refs]
 

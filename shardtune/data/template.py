@@ -14,6 +14,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+from transformers.utils.chat_template_utils import render_jinja_template
+
 from shardtune.data.sentinels import Sentinels, markup_pattern
 from shardtune.errors import DataError
 
@@ -30,16 +33,20 @@ class TemplateView:
 
     def render(self, msgs: list[dict[str, Any]], gen: bool = False) -> str:
         """The template's text for these messages, exactly as `tokenizer.apply_chat_template` renders it."""
-        from jinja2 import TemplateError
-        from transformers.utils.chat_template_utils import render_jinja_template
+        return self.render_tracked(msgs, gen)[0]
 
+    def render_tracked(self, msgs: list[dict[str, Any]], gen: bool = False,
+                       generation: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """The render, and with `generation` the character spans of its `{% generation %}` blocks. Whatever
+        the template raises on a conversation becomes a DataError, so the bad-row policy applies."""
         try:
-            rendered, _ = render_jinja_template(conversations=[msgs], tools=self.tools, chat_template=self.template,
-                                                add_generation_prompt=gen, **self._variables)
+            rendered, blocks = render_jinja_template(conversations=[msgs], tools=self.tools,
+                                                     chat_template=self.template, add_generation_prompt=gen,
+                                                     return_assistant_tokens_mask=generation, **self._variables)
         except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
             raise DataError(f"the chat template refused the conversation ({type(e).__name__}: {e}). Fix: "
                             "change the row to what the template accepts, or set data.chat_template") from None
-        return rendered[0]
+        return rendered[0], (list(blocks[0]) if generation else [])
 
     def try_render(self, msgs: list[dict[str, Any]], gen: bool = False) -> str | None:
         if not msgs:

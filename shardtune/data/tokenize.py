@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from shardtune.batch import supervised_count
+from shardtune.batch import supervised_count, supervised_counts
 from shardtune.config import DataConfig
 from shardtune.data.cache import ShardSpec, ShardWriter
-from shardtune.data.chat import IGNORE_INDEX, MaskOptions, TemplateMismatch, Tokenized, conversation_samples
+from shardtune.data.chat import MaskOptions, TemplateMismatch, Tokenized, conversation_samples
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.readers import Row
 from shardtune.errors import DataError
@@ -157,8 +158,6 @@ class _Progress:
     def update(self, n: int) -> None:
         self.rows += n
         if self.bar is None and self.enabled and self.rows >= 2000:
-            from tqdm import tqdm
-
             self.bar = tqdm(desc="tokenizing", unit="rows", initial=self.rows, dynamic_ncols=True)
         elif self.bar is not None:
             self.bar.update(n)
@@ -201,7 +200,7 @@ def _tokenize_chunk(rows: list[tuple[Row, str | None]]) -> Chunk:
     stats = {"rows_read": len(rows), "rows_kept": kept_rows, "truncated": truncated, "dropped": dict(dropped),
              "mask": {path: dict(counts) for path, counts in masks.items()}}
     return Chunk(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum())), flat_labels,
-                 lengths, _targets_per_sample(flat_labels, lengths), stats)
+                 lengths, supervised_counts(flat_labels, np.concatenate([[0], np.cumsum(lengths)])), stats)
 
 
 @dataclass
@@ -261,17 +260,6 @@ def _bad_row_reason(row: Row, e: DataError, cfg: DataConfig) -> str:
     raise DataError(f"{row.path}, row {row.index}: {e}") from None
 
 
-def _targets_per_sample(labels: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Supervised next-token targets per (non-empty) sample: its labels after its first token (position 0
-    has nothing before it to predict it from)."""
-    if len(lengths) == 0:
-        return np.zeros(0, np.int64)
-    trained = (labels != IGNORE_INDEX).astype(np.int64)
-    starts = np.cumsum(lengths) - lengths
-    trained[starts] = 0
-    return np.add.reduceat(trained, starts)
-
-
 def truncate(tok: Tokenized, max_length: int, policy: str, row: Row) -> tuple[Tokenized, str | None]:
     """Apply the truncation policy. Returns the sample and None, "truncated" or a reason to drop it."""
     n = len(tok.input_ids)
@@ -286,7 +274,6 @@ def truncate(tok: Tokenized, max_length: int, policy: str, row: Row) -> tuple[To
         keep = slice(0, max_length) if policy == "right" else slice(n - max_length, n)
         tok = Tokenized(tok.input_ids[keep], tok.labels[keep])
         reason = "truncated"
-    # position 0 has nothing before it to predict it from, so it never counts as trained
-    if all(label == IGNORE_INDEX for label in tok.labels[1:]):
+    if supervised_count(np.asarray(tok.labels)) == 0:
         return tok, "no_trained_tokens"
     return tok, reason

@@ -19,7 +19,8 @@ import re
 from bisect import bisect_left, bisect_right
 from typing import Any, NamedTuple
 
-from shardtune.data.sentinels import Alignment, Occurrence, Sentinels, align
+from shardtune.data.markers import marker_spans
+from shardtune.data.sentinels import Located, Occurrence, locate, sentinel_avoid
 from shardtune.data.template import (
     TemplateFacts,
     TemplateView,
@@ -28,13 +29,9 @@ from shardtune.data.template import (
     markup_start,
     template_facts,
 )
-from shardtune.errors import DataError
+from shardtune.errors import TemplateMismatch
 
 GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-class TemplateMismatch(DataError):
-    """The chat template cannot be split into turns consistently with its whole-conversation render."""
 
 
 class Tokens(NamedTuple):
@@ -60,8 +57,6 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, tokens
     ({% generation %} blocks), `sentinels`, `assistant_sentinels` (only assistant texts replaced, when the
     template branches on other messages' texts) or `search` (the real texts looked up: the last resort)."""
     if GENERATION_RE.search(view.template):
-        from shardtune.data.markers import marker_spans
-
         raw = marker_spans(view, msgs, real, wanted)
         return {i: finalize(real, tokens, s, e, None) for i, (s, e) in raw.items()}, "markers"
     facts = template_facts(view)
@@ -90,35 +85,6 @@ class _Unsure(Exception):
     def __init__(self, turn: int, why: str):
         super().__init__(turn, why)
         self.turn, self.why = turn, why
-
-
-class Located(NamedTuple):
-    sent: Sentinels
-    text: str  # the render the occurrences refer to (sentinel render, or the real one)
-    occ: list[Occurrence]
-    alignment: Alignment
-
-
-def sentinel_avoid(view: TemplateView, msgs: list[dict[str, Any]]) -> str:
-    """All text a sentinel must not occur in."""
-    return view.template + repr(msgs) + repr(view.tools)
-
-
-def locate(view: TemplateView, msgs: list[dict[str, Any]], real: str, level: str, avoid: str) -> Located | None:
-    """Message texts in the whole render: `all` texts as sentinels, `assistant` texts only, or `search`."""
-    if level == "search":
-        sent = Sentinels(msgs, view.markup, avoid, roles=None, replace=False)
-        occ = sent.occurrences(real)
-        if len(occ) < len(sent.pieces):  # a text not found in order: the search cannot be trusted
-            return None
-        return Located(sent, real, occ, Alignment(occ, [(o.start, o.end) for o in occ]))
-    sent = Sentinels(msgs, view.markup, avoid, roles=None if level == "all" else {"assistant"})
-    text = view.try_render(sent.messages)
-    if text is None:
-        return None
-    occ = sent.occurrences(text)
-    alignment = align(text, real, occ, sent.pieces)
-    return Located(sent, text, occ, alignment) if alignment else None
 
 
 def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts) -> tuple[int, int]:

@@ -50,8 +50,13 @@ def _dtype(v: Any) -> str:
     return names[str(v)]
 
 
-def _enable_format(v: Any) -> str:
-    return "messages" if v else "prompt_response"
+def _multiturn(key: str, value: Any, ctx: Any) -> None:
+    """verl's legacy trainer reads prompt/response rows and appends the tokenizer's EOS to every response;
+    its multi-turn dataset trains what the chat template renders. The same here: data.append_eos=always
+    for prompt/response rows (never a second EOS where the template's turn already ends with it), auto
+    (an EOS only where the template writes no end-of-turn token) for messages."""
+    ctx.assign("data.format", "messages" if value else "prompt_response", key)
+    ctx.assign("data.append_eos", "auto" if value else "always", key)
 
 
 def _fsdp_size(key: str, value: Any, ctx: Any) -> None:
@@ -129,8 +134,7 @@ def _engine_offload(key: str, value: Any, ctx: Any) -> None:
                "engine.offload_policy" if ctx.is_set("engine.offload_policy") else key)
 
 
-def _handled_with(other: str) -> Custom:
-    return Custom(lambda key, value, ctx: None)  # read by `other`'s rule
+READ_BY_ITS_PAIR = Custom(lambda key, value, ctx: None)  # accepted here; the rule of the key it pairs with reads it
 
 
 LAUNCHER = Custom(lambda key, value, ctx: None)  # read by the entry point that starts the processes
@@ -212,7 +216,7 @@ LEGACY: dict[str, Any] = {
     "data.response_key": Map("data.response_key"),
     "data.prompt_dict_keys": Map("data.prompt_dict_keys"),
     "data.response_dict_keys": Map("data.response_dict_keys"),
-    "data.multiturn.enable": Map("data.format", _enable_format),
+    "data.multiturn.enable": Custom(_multiturn),
     # verl's legacy dataset never reads these three (it uses the top-level names); shardtune honours them
     "data.multiturn.messages_key": Map("data.messages_key"),
     "data.multiturn.tools_key": Map("data.tools_key"),
@@ -224,7 +228,7 @@ LEGACY: dict[str, Any] = {
     "model.fsdp_config.wrap_policy.transformer_layer_cls_to_wrap": Warn(WRAP),
     "model.fsdp_config.wrap_policy.disable": Warn(WRAP),
     "model.fsdp_config.cpu_offload": Custom(_legacy_offload),
-    "model.fsdp_config.offload_params": _handled_with("model.fsdp_config.cpu_offload"),
+    "model.fsdp_config.offload_params": READ_BY_ITS_PAIR,  # read by model.fsdp_config.cpu_offload's rule
     "model.strategy": Map("engine.strategy"),
     "optim.lr_scheduler": Map("optim.lr_scheduler_type"),
     **{f"optim.{k}": Warn(LEGACY_OPTIM) for k in _LEGACY_IGNORED_OPTIM},
@@ -273,7 +277,7 @@ ENGINE: dict[str, Any] = {
     "engine.wrap_policy.transformer_layer_cls_to_wrap": Warn(WRAP),
     "engine.wrap_policy.disable": Warn(WRAP),
     "engine.param_offload": Custom(_engine_offload),
-    "engine.offload_policy": _handled_with("engine.param_offload"),
+    "engine.offload_policy": READ_BY_ITS_PAIR,  # read by engine.param_offload's rule
     "engine.optimizer_offload": Map("engine.optimizer_offload"),
     "engine.reshard_after_forward": Map("engine.reshard_after_forward"),
     "engine.fsdp_size": Custom(_fsdp_size),
