@@ -86,13 +86,18 @@ def test_sigkill_mid_pass_then_resume_is_identical_and_does_not_replay_the_strea
 
 @pytest.mark.dist
 def test_two_processes_stream_and_train_what_one_does(tiny_model, files, tmp_path, uninterrupted):
+    """Each rank reads the whole stream and plans its share of each global batch as it arrives, here by
+    token budget (several micro-batches of at most 200 tokens per rank): the losses of one process with 2
+    fixed micro-batches."""
     losses, _ = uninterrupted
-    r = torchrun(2, "train", *args(tiny_model, files, tmp_path / "run"))
+    r = torchrun(2, "train", *args(tiny_model, files, tmp_path / "run", "data.use_dynamic_bsz=true",
+                                   "data.max_length=200", "data.max_token_len_per_gpu=200"))
     assert r.returncode == 0, r.stderr[-3000:]
     two = read_metrics(tmp_path / "run")
     assert [row["step"] for row in two] == list(range(1, 17))
     for row in two:
         assert math.isclose(row["train/loss"], losses[row["step"]], rel_tol=1e-5), row["step"]
+    assert max(row["perf/micro_batches"] for row in two) > 1
 
 
 def test_validate_checks_the_head_of_a_stream(tiny_model, files, tmp_path):

@@ -30,8 +30,8 @@ MicroBatchPlan = list[list[list[int]]]
 class GlobalBatch:
     """The samples of one optimizer step as drawn, before they are planned: their lengths and supervised-token
     counts (what the planner and the loss divisor need), and `sample(p)` to read the one at position p
-    (only this rank's are read). Drawn from a dataset by a sampler (`indices`) or from a stream (`position`:
-    the stream's state once this step has trained)."""
+    (only this rank's are read). Drawn from a dataset by a sampler, or from a stream (`position`: the
+    stream's state once this step has trained)."""
 
     epoch: int
     step_in_epoch: int
@@ -41,7 +41,6 @@ class GlobalBatch:
     sample: Callable[[int], tuple[Any, Any]]
     ends_epoch: bool
     dropped_rows: int = 0  # rows dropped from the data so far (streaming: in this pass)
-    indices: np.ndarray | None = None
     position: Any = None
 
 

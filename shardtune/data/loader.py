@@ -99,8 +99,7 @@ class SampledBatches:
     def draw(self, epoch: int, step: int, indices: np.ndarray) -> GlobalBatch:
         data = self.data
         return GlobalBatch(epoch, step, data.lengths[indices], data.target_counts[indices], data.source_of(indices),
-                           lambda p: data[int(indices[p])], step + 1 == self.steps_per_epoch, self.dropped_rows,
-                           indices=indices)
+                           lambda p: data[int(indices[p])], step + 1 == self.steps_per_epoch, self.dropped_rows)
 
     def consumed(self, batch: GlobalBatch) -> None:
         self.sampler.consumed(batch.epoch, batch.step_in_epoch)
