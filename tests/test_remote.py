@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import fsspec
 import pytest
 from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_parquet
 
@@ -39,8 +40,9 @@ def s3():
            "AWS_SECRET_ACCESS_KEY": f"secret-{uuid.uuid4().hex}", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # one cached for an earlier module's server
     fs, _ = remote.filesystem("s3://bucket")
-    fs.mkdir("bucket")
+    fs.makedirs("bucket", exist_ok=True)  # moto keeps its buckets per process, across servers
     yield env
     for k, v in saved.items():
         if v is None:
