@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitwise parity (resumed vs uninterrupted runs) needs the same reductions every time: no thread counts that
+# the OpenMP / MKL runtimes shrink when the machine is busy
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 SPECIAL_TOKENS = [

@@ -234,13 +234,13 @@ def test_invalid_json_lines_follow_the_bad_row_policy(tmp_path, tok):
 
 
 def test_json_list_is_read_element_by_element_like_json_load(tmp_path, monkeypatch):
-    import shardtune.data.readers as readers
+    import shardtune.data.json_rows as json_rows
 
     rows = arithmetic_rows(40, seed=3) + [{"text": "brackets ] [ } { , and \"quotes\"", "n": 12345678901234, "x": -1.5e-3},
                                           {"nested": {"a": [1, {"b": "\u00e9\u4e2d\U0001f600"}]}, "s": "\\\\"}]
     f = tmp_path / "d.json"
     f.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
-    monkeypatch.setattr(readers, "_JSON_BLOCK", 7)  # tiny blocks: every element crosses block boundaries
+    monkeypatch.setattr(json_rows, "_JSON_BLOCK", 7)  # tiny blocks: every element crosses block boundaries
     got = list(read_rows([str(f)]))
     assert [r.data for r in got] == rows and [r.index for r in got] == list(range(len(rows)))
     (tmp_path / "cols.json").write_text(json.dumps({"instruction": ["a", "b"], "output": ["1", "2"]}))

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import io
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -34,14 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardtune import remote
+from shardtune.data.json_rows import NOT_UTF8_FIX, read_json
 from shardtune.errors import DataError, ShardtuneError
 
 _BATCH_ROWS = 1024  # rows per Arrow record batch turned into Python dicts at a time
-_JSON_BLOCK = 1 << 20  # characters of a .json file read at a time
-_SPACE = re.compile(r"[ \t\r\n]*")
-_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by errors="surrogateescape"
-_NOT_UTF8_FIX = ("re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or set data.on_bad_row=skip "
-                 "to drop such rows")
 
 
 @dataclass(frozen=True)
@@ -66,6 +60,12 @@ class Start:
     def at(cls, row: Row) -> Start:
         """The place of a row already read: seeking there reads it again."""
         return cls(row.index, *row.seek) if row.seek else cls(row.index)
+
+
+def _bad(path: str, index: int, message: str, skip_bad: bool) -> Row:
+    if not skip_bad:
+        raise DataError(message)
+    return Row(path, index, {}, message)
 
 
 def expand_paths(spec: str | list[str]) -> list[str]:
@@ -123,7 +123,8 @@ def read_file(path: str, skip_bad: bool = False, start: Start = Start()) -> Iter
     elif suffix == ".jsonl":
         yield from _read_jsonl(path, skip_bad, start)
     elif suffix == ".json":
-        yield from _skip_to(start.row, _read_json(path, skip_bad))
+        with open_file(path) as raw:
+            yield from _skip_to(start.row, read_json(path, raw, skip_bad, Row, _bad))
     elif suffix == ".arrow":  # a datasets save_to_disk shard (an Arrow stream)
         yield from _read_arrow_stream(path, start.row)
     else:
@@ -160,12 +161,6 @@ def _is_local_dir(path: str) -> bool:
 
 def _skip_to(first: int, rows: Iterator[Row]) -> Iterator[Row]:
     return (row for row in rows if row.index >= first)
-
-
-def _bad(path: str, index: int, message: str, skip_bad: bool) -> Row:
-    if not skip_bad:
-        raise DataError(message)
-    return Row(path, index, {}, message)
 
 
 def _read_parquet(path: str, first: int = 0) -> Iterator[Row]:
@@ -236,7 +231,7 @@ def _jsonl_row(path: str, i: int, line_no: int, offset: int, line: bytes, skip_b
     try:
         rec = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as e:
-        problem = f"bytes that are not UTF-8 (at byte {e.start} of the line). Fix: {_NOT_UTF8_FIX}"
+        problem = f"bytes that are not UTF-8 (at byte {e.start} of the line). Fix: {NOT_UTF8_FIX}"
     except json.JSONDecodeError as e:
         problem = f"invalid JSON ({e.msg}). Fix: one JSON object per line"
     else:
@@ -247,116 +242,6 @@ def _jsonl_row(path: str, i: int, line_no: int, offset: int, line: bytes, skip_b
             raise DataError(f"{path}, line {line_no}: {problem}.")
         return Row(path, i, {}, f"{path}, line {line_no}: {problem}.", (offset, line_no))
     return Row(path, i, rec, None, (offset, line_no))
-
-
-def _read_json(path: str, skip_bad: bool) -> Iterator[Row]:
-    """A JSON list of row objects, read element by element; or the columnar {"col": [...]} layout (read whole)."""
-    with open_file(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
-        head = text.read(_JSON_BLOCK)
-        start = len(head) - len(head.lstrip())
-        if head[start:start + 1] == "[":
-            yield from _JsonList(path, text, head, start + 1, skip_bad)
-            return
-        yield from _read_json_whole(path, head + text.read(), skip_bad)
-
-
-def _read_json_whole(path: str, content: str, skip_bad: bool) -> Iterator[Row]:
-    try:
-        data = json.loads(content)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg}). "
-                        "Fix: a JSON list of objects (or use .jsonl for one object per line).") from None
-    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()) and data:
-        lengths = {len(v) for v in data.values()}  # columnar {"col": [...]} layout
-        if len(lengths) == 1:
-            keys = list(data)
-            data = [dict(zip(keys, vals)) for vals in zip(*data.values())]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of row objects, got {type(data).__name__}.")
-    bad_bytes = _UNDECODABLE.search(content) is not None
-    for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            yield _bad(path, i, f"{path}, row {i}: expected a JSON object, got {type(rec).__name__}. "
-                                "Fix: a JSON list of objects", skip_bad)
-        elif bad_bytes and _UNDECODABLE.search(json.dumps(rec, ensure_ascii=False)):
-            yield _bad(path, i, f"{path}, row {i}: bytes that are not UTF-8. Fix: {_NOT_UTF8_FIX}.", skip_bad)
-        else:
-            yield Row(path, i, rec)
-
-
-class _JsonList:
-    """The elements of a top-level JSON list, decoded one at a time from a sliding text buffer (the file is
-    never held whole), each with the line it starts on."""
-
-    def __init__(self, path: str, text: io.TextIOBase, buf: str, pos: int, skip_bad: bool):
-        self.path, self.text, self.buf, self.pos, self.skip_bad = path, text, buf, pos, skip_bad
-        self.line = 1 + buf.count("\n", 0, pos)  # line of self.pos
-        self.eof = False
-        self.decoder = json.JSONDecoder()
-
-    def _more(self) -> bool:
-        """Read the next block (dropping what was consumed); False at the end of the file."""
-        block = "" if self.eof else self.text.read(_JSON_BLOCK)
-        self.eof = not block
-        self.buf, self.pos = self.buf[self.pos:] + block, 0
-        return bool(block)
-
-    def _skip_space(self) -> str:
-        """The next non-space character (consumed up to it, not past it); "" at the end of the file."""
-        while True:
-            end = _SPACE.match(self.buf, self.pos).end()
-            self.line += self.buf.count("\n", self.pos, end)
-            self.pos = end
-            if end < len(self.buf):
-                return self.buf[end]
-            if not self._more():
-                return ""
-
-    def _error(self, problem: str) -> DataError:
-        return DataError(f"{self.path}, line {self.line}: {problem}. Fix: a JSON list of objects "
-                         "(or use .jsonl for one object per line).")
-
-    def __iter__(self) -> Iterator[Row]:
-        i = 0
-        while True:
-            ch = self._skip_space()
-            if ch == "]":
-                return
-            if i > 0:
-                if ch != ",":
-                    raise self._error(f"expected ',' or ']' after row {i - 1}, got {ch!r}" if ch else
-                                      "the list is not closed (the file ends inside it)")
-                self.pos += 1
-                ch = self._skip_space()
-            if not ch:
-                raise self._error("the list is not closed (the file ends inside it)")
-            value, end = self._decode()
-            line = self.line
-            if _UNDECODABLE.search(self.buf, self.pos, end):
-                yield _bad(self.path, i, f"{self.path}, line {line}: bytes that are not UTF-8 (in row {i}). "
-                                         f"Fix: {_NOT_UTF8_FIX}.", self.skip_bad)
-            elif not isinstance(value, dict):
-                yield _bad(self.path, i, f"{self.path}, line {line}: row {i} is a {type(value).__name__}, "
-                                         "not an object. Fix: a JSON list of objects", self.skip_bad)
-            else:
-                yield Row(self.path, i, value)
-            self.line += self.buf.count("\n", self.pos, end)
-            self.pos = end
-            i += 1
-
-    def _decode(self) -> tuple[Any, int]:
-        """The value at self.pos and where it ends, reading more of the file while it is cut off by the buffer."""
-        while True:
-            try:
-                value, end = self.decoder.raw_decode(self.buf, self.pos)
-            except json.JSONDecodeError as e:
-                cut_off = e.pos >= len(self.buf) - 1 or e.msg.startswith("Unterminated string")
-                if cut_off and self._more():
-                    continue
-                raise self._error(f"invalid JSON ({e.msg})") from None
-            if end < len(self.buf) or self.eof or not self._more():  # a number may continue in the next block
-                return value, end
 
 
 def folder_files(path: str) -> list[str]:
