@@ -55,17 +55,21 @@ def validate_data(cfg: Config) -> None:
 
 
 def validate_stream_head(cfg: Config, tokenizer: Any) -> None:
-    """Streamed training data is not tokenized ahead: check the head of the stream (one shuffle buffer's worth
-    of rows) with the same per-source report, in a temporary folder."""
+    """Streamed training data is not tokenized ahead: check the head of each streamed source (one shuffle
+    buffer's worth of rows) with the same per-source report, in a temporary folder."""
     data_cfg = cfg.data
-    source = resolve_sources(data_cfg.train_files, data_cfg, data_cfg.train_max_samples)[0]
-    files = data_files(list(source.paths))
-    head = data_cfg.shuffle_buffer if source.max_samples < 0 else min(data_cfg.shuffle_buffer, source.max_samples)
-    data = build_source(replace(source, max_samples=head, data=replace(source.data, cache_dir=None)), tokenizer,
-                        progress=False)
-    print(f"train: streamed (data.streaming=true) from {len(files)} file(s), read and tokenized as it trains; "
-          f"checked the first {data.stats.get('rows_read', '?')} rows (data.shuffle_buffer={data_cfg.shuffle_buffer})")
-    print_source(source, data, weighted=False, append_eos=data_cfg.append_eos)
+    sources = resolve_sources(data_cfg.train_files, data_cfg, data_cfg.train_max_samples)
+    files = [f for source in sources for f in data_files(list(source.paths))]
+    print(f"train: streamed (data.streaming=true) from {len(files)} file(s), read and tokenized as it trains"
+          + (f"; a mixture of {len(sources)} sources drawn by weight" if len(sources) > 1 else ""))
+    for source in sources:
+        head = (data_cfg.shuffle_buffer if source.max_samples < 0
+                else min(data_cfg.shuffle_buffer, source.max_samples))
+        data = build_source(replace(source, max_samples=head, data=replace(source.data, cache_dir=None)), tokenizer,
+                            progress=False)
+        print(f"  checked the first {data.stats.get('rows_read', '?')} rows of '{source.name}' "
+              f"(data.shuffle_buffer={data_cfg.shuffle_buffer})")
+        print_source(source, data, weighted=len(sources) > 1, append_eos=data_cfg.append_eos)
     print(f"train: {cfg.trainer.total_training_steps} optimizer steps (trainer.total_training_steps; a pass's "
           "length is known once it has been read)")
 

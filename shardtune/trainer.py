@@ -16,6 +16,7 @@ from shardtune.data.chat import audit_totals
 from shardtune.data.dataset import CombinedDataset, build_dataset
 from shardtune.data.loader import RankLayout, StepBatch, StepLoader, planned_steps
 from shardtune.data.stream import SampleStream
+from shardtune.data.stream_mixture import MixedStream
 from shardtune.engine import build_engine
 from shardtune.metrics import Metrics, step_metrics
 from shardtune.model import load_tokenizer
@@ -23,15 +24,16 @@ from shardtune.state import RNGState, TrainState, seed_everything
 
 
 def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World
-                  ) -> tuple[CombinedDataset | SampleStream, CombinedDataset | None]:
+                  ) -> tuple[CombinedDataset | SampleStream | MixedStream, CombinedDataset | None]:
     """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. Without a cache
     (data.cache_dir=null) every rank tokenizes for itself, all at once. Streamed training data
     (data.streaming) is only opened here: every rank reads and tokenizes it as it trains."""
-    def build() -> tuple[CombinedDataset | SampleStream, CombinedDataset | None]:
+    def build() -> tuple[CombinedDataset | SampleStream | MixedStream, CombinedDataset | None]:
         data = cfg.data
         if data.streaming:
-            source = resolve_sources(data.train_files, data, data.train_max_samples)[0]
-            train = SampleStream(source, tokenizer, data, cfg.trainer.seed)
+            sources = resolve_sources(data.train_files, data, data.train_max_samples)
+            train = (SampleStream(sources[0], tokenizer, data, cfg.trainer.seed) if len(sources) == 1
+                     else MixedStream(sources, tokenizer, data, cfg.trainer.seed))
         else:
             train = build_dataset(data.train_files, data, tokenizer, data.train_max_samples, progress=world.is_main)
         val = (build_dataset(data.val_files, data, tokenizer, data.val_max_samples, progress=world.is_main)
@@ -144,7 +146,7 @@ class Trainer:
         return self.state.step == self.total_steps
 
     def _start_events(self) -> None:
-        samples = "streamed" if isinstance(self.train_data, SampleStream) else len(self.train_data)
+        samples = "streamed" if self.cfg.data.streaming else len(self.train_data)
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.loader.steps_per_epoch,
                            samples=samples, world_size=self.world.world_size, run_dir=str(self.run_dir))
         for message in notes(self.cfg):

@@ -304,9 +304,11 @@ def test_config_refusals(tmp_path):
     base = ["model.path=/m", f"data.train_files={train}", "data.streaming=true"]
     with pytest.raises(ConfigError, match="data.streaming=true needs trainer.total_training_steps"):
         validate(load_config(None, base))
-    with pytest.raises(ConfigError, match="streams one training source, and data.train_files has 2 .a, b."):
-        validate(load_config(None, ["model.path=/m", "data.streaming=true", "trainer.total_training_steps=3",
-                                    f"data.train_files=[{{path: {train}, name: a}}, {{path: {train}, name: b}}]"]))
+    two = ["model.path=/m", "data.streaming=true", "trainer.total_training_steps=3",
+           f"data.train_files=[{{path: {train}, name: a}}, {{path: {train}, name: b}}]"]
+    with pytest.raises(ConfigError, match="data.mixture_unit=tokens divides the weights of 2 training sources"):
+        validate(load_config(None, [*two, "data.mixture_unit=tokens"]))
+    assert validate(load_config(None, two)).data.mixture_unit == "samples"  # a streamed mixture by samples
     with pytest.raises(ConfigError, match="data.shuffle_buffer must be >= 1"):
         validate(load_config(None, [*base, "trainer.total_training_steps=3", "data.shuffle_buffer=0"]))
     ok = validate(load_config(None, [*base, "trainer.total_training_steps=3", "trainer.save_freq=after_each_epoch",

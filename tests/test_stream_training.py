@@ -104,7 +104,70 @@ def test_validate_checks_the_head_of_a_stream(tiny_model, files, tmp_path):
     r = run_cli("validate", *args(tiny_model, files, tmp_path / "run", "data.shuffle_buffer=25"))
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    assert "train: streamed (data.streaming=true) from 2 file(s)" in out and "checked the first 25 rows" in out
+    assert "train: streamed (data.streaming=true) from 2 file(s)" in out and "checked the first 25 rows of" in out
     assert "source 'data': 25 rows read, 25 kept, 25 samples" in out and "mask audit" in out
     assert "train: 16 optimizer steps" in out and "config and data OK" in out
     assert not (tmp_path / "run").exists()
+
+
+# -- a weighted mixture of streamed sources ------------------------------------------------------------------
+def mixture_args(tiny_model, files, run_dir, *extra):
+    train = (f"data.train_files=[{{path: {files}/a.jsonl, name: chat, weight: 0.75}}, "
+             f"{{path: {files}/b.parquet, name: more, weight: 0.25}}]")
+    return [*args(tiny_model, files, run_dir, "data.shuffle_buffer=6", "trainer.total_training_steps=12"), train,
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def mixture_run(tiny_model, files, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smix") / "run"
+    r = run_cli("train", *mixture_args(tiny_model, files, run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return read_metrics(run_dir)
+
+
+def test_a_streamed_mixture_draws_six_of_eight_from_the_three_quarter_source(mixture_run):
+    assert [row["step"] for row in mixture_run] == list(range(1, 13))
+    for row in mixture_run:
+        assert (row["data/samples/chat"], row["data/samples/more"]) == (6, 2), row
+        assert row["data/tokens/chat"] + row["data/tokens/more"] == row["train/global_tokens"]
+    # 72 chat samples: three whole passes over its 20 rows; "more" has done its first pass by step 10
+    assert [row["train/epoch"] for row in mixture_run] == [0] * 9 + [1] * 3
+
+
+@pytest.mark.slow
+def test_a_streamed_mixture_resumes_after_sigkill_bitwise(tiny_model, files, tmp_path, mixture_run):
+    run_dir = tmp_path / "run"
+    cmd = mixture_args(tiny_model, files, run_dir, "trainer.save_freq=4")
+    kill_after(cmd, run_dir, steps=7)
+    r = run_cli("train", *cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resume = next(e for e in events if e.get("event") == "resume")
+    assert resume["step"] == 4 and resume["data"]["step"] == 4 and resume["data"]["chat"]["buffered"] == 6
+    after = [e for e in events[events.index(resume):] if "step" in e and "event" not in e]
+    reference = {row["step"]: row for row in mixture_run}
+    assert [row["step"] for row in after] == list(range(5, 13))
+    for row in after:
+        assert row["train/loss"] == reference[row["step"]]["train/loss"], row["step"]
+        assert row["data/tokens/more"] == reference[row["step"]]["data/tokens/more"]
+
+
+@pytest.mark.dist
+def test_two_processes_stream_a_mixture_and_train_what_one_does(tiny_model, files, tmp_path, mixture_run):
+    r = torchrun(2, "train", *mixture_args(tiny_model, files, tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = read_metrics(tmp_path / "run")
+    assert [(row["data/tokens/chat"], row["data/tokens/more"]) for row in two] == \
+        [(row["data/tokens/chat"], row["data/tokens/more"]) for row in mixture_run]
+    for a, b in zip(mixture_run, two):
+        assert math.isclose(a["train/loss"], b["train/loss"], rel_tol=1e-5), (a["step"], b["step"])
+
+
+def test_validate_checks_the_head_of_each_streamed_source(tiny_model, files, tmp_path):
+    r = run_cli("validate", *mixture_args(tiny_model, files, tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "a mixture of 2 sources drawn by weight" in out
+    assert "checked the first 6 rows of 'chat'" in out and "checked the first 6 rows of 'more'" in out
+    assert "source 'chat' (weight 0.75): 6 rows read" in out and "source 'more' (weight 0.25)" in out

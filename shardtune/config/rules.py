@@ -25,11 +25,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             for path in source.paths:
                 if is_url(path):  # credentials in it, or no filesystem for its scheme: refused here
                     check_url(path, key)
-        if data.streaming and key == "data.train_files" and len(sources) > 1:
-            raise ConfigError(f"data.streaming=true streams one training source, and data.train_files has "
-                              f"{len(sources)} ({', '.join(s.name for s in sources)}): weighted mixtures are drawn "
-                              "from tokenized sources. Fix: list the files as plain paths (one source, read in "
-                              "order), or set data.streaming=false to mix them by weight.")
+        if data.streaming and key == "data.train_files" and len(sources) > 1 and data.mixture_unit == "tokens":
+            raise ConfigError(f"data.mixture_unit=tokens divides the weights of {len(sources)} training sources by "
+                              "their mean sample lengths, which a stream does not know before it has been read. "
+                              "Fix: data.mixture_unit=samples (weights divide samples), or data.streaming=false.")
     trainer = cfg.trainer
     for sink in trainer.logger:
         package = LOGGER_PACKAGES.get(sink)

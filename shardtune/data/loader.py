@@ -8,7 +8,8 @@ divisor; it never sees samples, plans or the tokenizer.
 
 Two batch sources: `SampledBatches` draws from tokenized datasets by a sampler (a seeded permutation per
 epoch, or the weighted mixture); a `SampleStream` (data/stream.py, `data.streaming=true`) reads, tokenizes and
-shuffles rows as it goes, inside the prefetch thread. Planning works on the positions of a global batch's
+shuffles rows as it goes, inside the prefetch thread (`MixedStream`, data/stream_mixture.py: several streamed
+sources drawn by weight). Planning works on the positions of a global batch's
 samples and their lengths, so both share it. The source's state (sampler position or stream position) is
 what a checkpoint saves.
 
@@ -39,6 +40,7 @@ from shardtune.data.batching import (
 from shardtune.data.dataset import CombinedDataset
 from shardtune.data.mixture import MixtureSampler
 from shardtune.data.stream import CONTINUE_WEIGHTS, SampleStream
+from shardtune.data.stream_mixture import MixedStream
 from shardtune.errors import ConfigError
 
 
@@ -136,11 +138,11 @@ class SampledBatches:
 
 
 class StepLoader:
-    def __init__(self, data: CombinedDataset | SampleStream, cfg: DataConfig, layout: RankLayout, *, seed: int,
-                 packed: bool, pad_id: int, pin_memory: bool = False):
+    def __init__(self, data: CombinedDataset | SampleStream | MixedStream, cfg: DataConfig, layout: RankLayout, *,
+                 seed: int, packed: bool, pad_id: int, pin_memory: bool = False):
         self.cfg, self.layout = cfg, layout
         self.packed, self.pad_id, self.pin = packed, pad_id, pin_memory
-        self.batches = data if isinstance(data, SampleStream) else SampledBatches(data, cfg, seed)
+        self.batches = SampledBatches(data, cfg, seed) if isinstance(data, CombinedDataset) else data
 
     @property
     def steps_per_epoch(self) -> int | None:

@@ -35,16 +35,11 @@ class MixtureSampler(StepSampler):
                  mean_lengths: list[float] | None = None, drop_last: bool = False, shuffle: bool = True):
         if any(n <= 0 for n in sizes):
             raise ConfigError(f"Every data source needs at least one usable sample (sizes {sizes}).")
-        w = np.asarray(weights, dtype=np.float64)
-        if mean_lengths is not None:  # weights divide tokens: fewer samples from sources of long samples
-            w = w / np.asarray(mean_lengths, dtype=np.float64)
-        self.shares = w / w.sum()
+        self.draws = DrawCounts(weights, global_batch, mean_lengths)
         self.sizes, self.global_batch, self.seed, self.drop_last = list(sizes), global_batch, seed, drop_last
         self.shuffle = shuffle
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.epoch, self.step_in_epoch = 0, 0
-        # cumulative draws of each source before each global step (row g), grown as steps are asked for
-        self._counts = np.zeros((1, len(sizes)), dtype=np.int64)
         self._laps: dict[int, dict[int, np.ndarray]] = {}
         if self.steps_per_epoch == 0:
             raise ConfigError(f"The sources hold {sum(sizes)} samples, fewer than one global batch ({global_batch}), "
@@ -58,29 +53,11 @@ class MixtureSampler(StepSampler):
 
     def per_step_counts(self, global_step: int) -> np.ndarray:
         """Samples each source gives the batch of this step (counted from the start of training)."""
-        return self._cumulative(global_step + 1) - self._cumulative(global_step)
-
-    def _cumulative(self, global_step: int) -> np.ndarray:
-        while len(self._counts) <= global_step:
-            grown = np.zeros((2 * len(self._counts), len(self.sizes)), dtype=np.int64)
-            grown[: len(self._counts)] = self._counts
-            known, self._counts = len(self._counts), grown
-            for g in range(known, len(grown)):
-                self._counts[g] = self._next_counts(self._counts[g - 1], self.global_batch)
-        return self._counts[global_step]
-
-    def _next_counts(self, drawn: np.ndarray, size: int) -> np.ndarray:
-        """Cumulative draws after a step of `size` samples: the floors of the shares, and the samples they leave
-        over to the sources furthest behind their running target."""
-        take = np.floor(self.shares * size).astype(np.int64)
-        deficit = self.shares * (drawn.sum() + size) - (drawn + take)
-        for s in np.argsort(-deficit, kind="stable")[: size - int(take.sum())]:
-            take[s] += 1
-        return drawn + take
+        return self.draws.per_step(global_step)
 
     def batch(self, epoch: int, step: int) -> np.ndarray:
         global_step = epoch * self.steps_per_epoch + step
-        start, counts = self._cumulative(global_step), self.per_step_counts(global_step)
+        start, counts = self.draws.cumulative(global_step), self.draws.per_step(global_step)
         parts = [self.offsets[s] + self._source_positions(s, int(start[s]), int(counts[s]))
                  for s in range(len(self.sizes))]
         return np.concatenate(parts).astype(np.int64)
@@ -105,3 +82,42 @@ class MixtureSampler(StepSampler):
             for old in sorted(laps)[:-2]:
                 del laps[old]
         return laps[lap]
+
+
+class DrawCounts:
+    """How many samples each source gives each global batch of `global_batch` samples: the shares of the
+    weights (divided by the sources' mean lengths when they divide tokens), rounded so that every source
+    stays within one sample of its share per step and its running total within one sample of the running
+    target. A pure function of the step: a resumed run draws what an uninterrupted one would."""
+
+    def __init__(self, weights: list[float], global_batch: int, mean_lengths: list[float] | None = None):
+        w = np.asarray(weights, dtype=np.float64)
+        if mean_lengths is not None:  # weights divide tokens: fewer samples from sources of long samples
+            w = w / np.asarray(mean_lengths, dtype=np.float64)
+        self.shares, self.global_batch = w / w.sum(), global_batch
+        # cumulative draws of each source before each global step (row g), grown as steps are asked for
+        self._counts = np.zeros((1, len(w)), dtype=np.int64)
+
+    def per_step(self, global_step: int) -> np.ndarray:
+        """Samples each source gives the batch of this step (counted from the start of training)."""
+        return self.cumulative(global_step + 1) - self.cumulative(global_step)
+
+    def cumulative(self, global_step: int) -> np.ndarray:
+        """Samples each source gave the steps before `global_step`."""
+        while len(self._counts) <= global_step:
+            grown = np.zeros((2 * len(self._counts), len(self.shares)), dtype=np.int64)
+            grown[: len(self._counts)] = self._counts
+            known, self._counts = len(self._counts), grown
+            for g in range(known, len(grown)):
+                self._counts[g] = self._next(self._counts[g - 1])
+        return self._counts[global_step]
+
+    def _next(self, drawn: np.ndarray) -> np.ndarray:
+        """Cumulative draws after one more step: the floors of the shares, and the samples they leave over to
+        the sources furthest behind their running target."""
+        size = self.global_batch
+        take = np.floor(self.shares * size).astype(np.int64)
+        deficit = self.shares * (drawn.sum() + size) - (drawn + take)
+        for s in np.argsort(-deficit, kind="stable")[: size - int(take.sum())]:
+            take[s] += 1
+        return drawn + take

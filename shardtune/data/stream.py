@@ -180,6 +180,10 @@ class SampleStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at the saved position; refused when it would name other rows or another order."""
+        if "streams" in state:
+            raise ConfigError("The checkpoint was written by a run that streamed a weighted mixture of "
+                              f"{len(state['streams'])} sources; data.train_files now names one. Fix: resume with "
+                              f"the same data.train_files; or {CONTINUE_WEIGHTS}.")
         if not state.get("streaming"):
             raise ConfigError("The checkpoint was written by a run that did not stream its training data "
                               "(data.streaming=false), so it holds no stream position. Fix: resume it with "
@@ -209,27 +213,34 @@ class SampleStream:
 
     def _epoch(self, state: StreamState) -> Iterator[tuple[list[Sample], StreamState]]:
         """The rest of one epoch from `state`: each global batch's samples and the state once it has trained."""
+        buffer, rows = self.reopen(state)
+        step = state.step_in_epoch
+        while True:
+            batch: list[tuple[Ref, Sample]] = []
+            while len(batch) < self.global_batch and (item := next_sample(buffer, rows)) is not None:
+                batch.append(item)
+            if not batch or (len(batch) < self.global_batch and self.drop_last):
+                if step == 0:
+                    self.nothing_to_train(rows)
+                return
+            step += 1
+            yield [sample for _, sample in batch], self.snapshot(state.epoch, step, buffer, rows)
+            if len(batch) < self.global_batch:
+                return
+
+    def reopen(self, state: StreamState) -> tuple[ShuffleBuffer, _Rows]:
+        """The buffer and the row reader of a saved state (its buffered rows read again)."""
         formats = FileFormats(self.cfg, state.formats)
         buffer = ShuffleBuffer(self.capacity, self.seed + state.epoch, self.shuffle)
         buffer.items, buffer.draining = self._reread(state.buffer, formats), state.draining
         if state.generator is not None:
             buffer.set_generator_state(state.generator)
-        rows = _Rows(self, state.next, formats, Counter(state.dropped))
-        step = state.step_in_epoch
-        while True:
-            batch: list[tuple[Ref, Sample]] = []
-            while len(batch) < self.global_batch and (item := _next(buffer, rows)) is not None:
-                batch.append(item)
-            if not batch or (len(batch) < self.global_batch and self.drop_last):
-                if step == 0:
-                    self._nothing_to_train(rows)
-                return
-            step += 1
-            yield [sample for _, sample in batch], StreamState(
-                state.epoch, step, rows.position, tuple(ref for ref, _ in buffer.items), buffer.draining,
-                buffer.generator_state() if self.shuffle else None, dict(formats.known), dict(rows.dropped))
-            if len(batch) < self.global_batch:
-                return
+        return buffer, _Rows(self, state.next, formats, Counter(state.dropped))
+
+    def snapshot(self, epoch: int, step: int, buffer: ShuffleBuffer, rows: _Rows) -> StreamState:
+        return StreamState(epoch, step, rows.position, tuple(ref for ref, _ in buffer.items), buffer.draining,
+                           buffer.generator_state() if self.shuffle else None, dict(rows.formats.known),
+                           dict(rows.dropped))
 
     def _global_batch(self, samples: list[Sample], state: StreamState, last: bool) -> GlobalBatch:
         lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
@@ -258,7 +269,7 @@ class SampleStream:
                 samples[ref] = _arrays(kept[ref[4]])
         return [(ref, samples[ref]) for ref in refs]
 
-    def _nothing_to_train(self, rows: _Rows) -> None:
+    def nothing_to_train(self, rows: _Rows) -> None:
         if not rows.kept_rows:
             raise DataError(f"No usable rows in {list(self.source.paths)} (dropped: {dict(rows.dropped)}). "
                             "Fix: check the data format keys and data.max_length.")
@@ -267,7 +278,7 @@ class SampleStream:
                         "data.train_batch_size or set data.drop_last=false.")
 
 
-def _next(buffer: ShuffleBuffer, rows: _Rows) -> tuple[Ref, Sample] | None:
+def next_sample(buffer: ShuffleBuffer, rows: _Rows) -> tuple[Ref, Sample] | None:
     """The next emitted sample of the epoch, or None when it is over."""
     while not buffer.draining:
         new = next(rows, None)
