@@ -128,7 +128,6 @@ def test_hydra_override_syntax(capsys, monkeypatch):
                              "Did you mean data.train_files?"),
     (["trainer.logger=console,wandb"], "a comma makes it a Hydra sweep"),
     (["data.train_files=~/x.parquet"], "is not a Hydra override"),
-    (["+data.max_length=10"], "Could not append to config. An item is already at 'data.max_length'"),
     (["~trainer.nope"], "Could not delete from config"),
     (["engine=fsdp9"], "no such config group option (options: fsdp, fsdp2)"),
     (["trainer.experiment_name=${trainer.nope}"], "an interpolation does not resolve"),

@@ -59,6 +59,40 @@ def _multiturn(key: str, value: Any, ctx: Any) -> None:
     ctx.assign("data.append_eos", "auto" if value else "always", key)
 
 
+# verl's own dataset classes, as `data.custom_cls` can name them (a module path, pkg:// or a file of verl's tree)
+VERL_DATASETS = {("verl.utils.dataset.sft_dataset", "SFTDataset"): False,
+                 ("verl.utils.dataset.multiturn_sft_dataset", "MultiTurnSFTDataset"): True}
+
+
+def _custom_cls(key: str, value: Any, ctx: Any) -> None:
+    """A custom dataset class is code shardtune does not run, except verl's own two, which are the two
+    formats: SFTDataset reads prompt/response rows (data.prompt_key, ...), MultiTurnSFTDataset messages."""
+    path, name = (value or {}).get("path"), (value or {}).get("name")
+    if path is None and name is None:
+        return
+    module = str(path).removeprefix("pkg://").removesuffix(".py").replace("/", ".")
+    multiturn = next((m for (mod, cls), m in VERL_DATASETS.items() if module.endswith(mod) and name == cls), None)
+    if multiturn is None:
+        ctx.refuse(f"{key}={{path: {path!r}, name: {name!r}}}",
+                   "custom dataset classes are not supported (verl's own SFTDataset and MultiTurnSFTDataset are: "
+                   "data.format=prompt_response and messages); closest shardtune setting: data.format")
+    else:
+        _multiturn(key, multiturn, ctx)
+
+
+def _chat_template_kwargs(key: str, value: Any, ctx: Any) -> None:
+    """verl passes data.enable_thinking_default to the chat template as enable_thinking where a row has no
+    enable_thinking column; shardtune's rows override data.apply_chat_template_kwargs the same way."""
+    kwargs, default_key = dict(value or {}), "data.enable_thinking_default"
+    default = ctx.tree["data"].get("enable_thinking_default")
+    default = {"none": None, "null": None, "true": True, "false": False}.get(str(default).lower(), default)
+    if default is not None and not isinstance(default, bool):
+        ctx.refuse(f"{default_key}={default!r}", "one of true, false, none")
+    elif default is not None and "enable_thinking" not in kwargs:
+        kwargs["enable_thinking"] = default
+    ctx.assign("data.apply_chat_template_kwargs", kwargs, key if ctx.is_set(key) else default_key)
+
+
 def _fsdp_size(key: str, value: Any, ctx: Any) -> None:
     """verl shards over all ranks when fsdp_size is -1 or at least the number of processes."""
     world = int(os.environ.get("WORLD_SIZE", "0"))
@@ -161,8 +195,7 @@ COMMON: dict[str, Any] = {
     "data.use_shm": Warn(HARMLESS),
     "data.num_workers": Warn(DATA_LOADING),
     "data.apply_chat_template_kwargs": Map("data.apply_chat_template_kwargs"),
-    "data.custom_cls.path": Refuse("custom dataset classes are not supported", closest="data.format"),
-    "data.custom_cls.name": Refuse("custom dataset classes are not supported", closest="data.format"),
+    "data.custom_cls": Custom(_custom_cls),
     "model.trust_remote_code": Map("model.trust_remote_code"),
     "model.enable_gradient_checkpointing": Map("model.enable_gradient_checkpointing"),
     "model.lora_rank": Map("model.lora_rank"),
@@ -231,12 +264,16 @@ LEGACY: dict[str, Any] = {
     "model.fsdp_config.offload_params": READ_BY_ITS_PAIR,  # read by model.fsdp_config.cpu_offload's rule
     "model.strategy": Map("engine.strategy"),
     "optim.lr_scheduler": Map("optim.lr_scheduler_type"),
+    "optim.warmup_steps_ratio": Map("optim.lr_warmup_steps_ratio", alias=True),  # its name in verl until mid-2025
     **{f"optim.{k}": Warn(LEGACY_OPTIM) for k in _LEGACY_IGNORED_OPTIM},
     "ulysses_sequence_parallel_size": Map("ulysses_sequence_parallel_size"),
     "use_remove_padding": Map("model.use_remove_padding"),
     "trainer.seed": Map("trainer.seed"),
     "trainer.checkpoint.save_contents": Map("checkpoint.save_contents"),
     "trainer.checkpoint.load_contents": Map("checkpoint.load_contents"),
+    "trainer.resume_path": Warn("verl's fsdp_sft_trainer of the versions that had this key never read it (they did "
+                                "not resume), so the run starts fresh as it did in verl; to resume, "
+                                "trainer.resume_mode=resume_path trainer.resume_from_path=DIR"),
 }
 
 ENGINE: dict[str, Any] = {
@@ -248,6 +285,15 @@ ENGINE: dict[str, Any] = {
     "data.enable_thinking_key": Map("data.enable_thinking_key"),
     "data.pad_mode": Custom(_pad_mode),
     "data.ignore_input_ids_mismatch": Map("data.ignore_input_ids_mismatch"),
+    "data.apply_chat_template_kwargs": Custom(_chat_template_kwargs),
+    "data.enable_thinking_default": READ_BY_ITS_PAIR,  # read by data.apply_chat_template_kwargs's rule
+    "data.tokenize_whole_message": Warn("shardtune always renders the whole conversation once and finds each "
+                                        "assistant turn in it"),
+    # read by verl's SFTDataset, which data.custom_cls can name; on the engine trainer they come with `+`
+    "data.prompt_key": Map("data.prompt_key"),
+    "data.response_key": Map("data.response_key"),
+    "data.prompt_dict_keys": Map("data.prompt_dict_keys"),
+    "data.response_dict_keys": Map("data.response_dict_keys"),
     "data.image_key": Refuse("images are not supported (text-only SFT)", allowed=(None, "images"),
                              closest="data.messages_key"),
     "data.video_key": Refuse("videos are not supported (text-only SFT)", allowed=(None, "videos"),
@@ -257,6 +303,9 @@ ENGINE: dict[str, Any] = {
     "checkpoint.async_save": Map("checkpoint.async_save"),
     "trainer.seed": Map("trainer.seed", alias=True),  # engine.seed seeds verl's engine trainer
     "trainer.profile_interval": Warn("profiling is not built in; use torch.profiler around shardtune"),
+    "trainer.balance_batch": Warn("shardtune plans each step's micro-batches by token count over the ranks "
+                                  "(data.use_dynamic_bsz) and weighs the loss by tokens; the results do not "
+                                  "depend on it"),
     "model.path": Map("model.path"),
     "model.hf_config_path": Refuse("a separate config path is not supported", closest="model.override_config"),
     "model.tokenizer_path": Map("model.tokenizer_path"),
