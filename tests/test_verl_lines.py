@@ -68,6 +68,26 @@ def test_engine_keys_of_newer_verl(capsys):
         translate([*ENGINE_BASE, "data.enable_thinking_default=maybe"], ENGINE)
 
 
+def test_test_freq_without_val_files_validates_nothing_with_one_note(capsys):
+    """A legacy line with trainer.test_freq=5 and no data.val_files (verl read its gsm8k default there)."""
+    for spec, base in ((LEGACY, LEGACY_BASE), (ENGINE, ENGINE_BASE)):
+        assert config_of([*base, "trainer.test_freq=5"], spec).trainer.test_freq == -1
+        assert config_of([*base, "trainer.test_freq=5", "data.val_files=/v"], spec).trainer.test_freq == 5
+    err = capsys.readouterr().err
+    assert err.count("verl key trainer.test_freq: 5 asks for validation, but the line gives no data.val_files") == 2
+    assert config_of([*ENGINE_BASE, "data.val_files=/v", "trainer.test_freq=after_each_epoch"]).trainer.test_freq \
+        == "after_each_epoch"
+
+
+def test_save_contents_without_model_saves_the_model_shards_too(capsys):
+    cfg = config_of([*ENGINE_BASE, "checkpoint.save_contents=[hf_model]"])
+    assert cfg.checkpoint.save_contents == ["model", "hf_model"]
+    assert "verl key checkpoint.save_contents: ['hf_model']: the model shards are saved too" in capsys.readouterr().err
+    cfg = config_of([*LEGACY_BASE, "trainer.checkpoint.save_contents=[model,optimizer,extra,hf_model]"], LEGACY)
+    assert cfg.checkpoint.save_contents == ["model", "optimizer", "extra", "hf_model"]
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("path", ["pkg://verl.utils.dataset.sft_dataset", "verl.utils.dataset.sft_dataset",
                                   "/src/verl/verl/utils/dataset/sft_dataset.py"])
 def test_verls_own_sftdataset_named_by_custom_cls_is_the_prompt_response_format(path):

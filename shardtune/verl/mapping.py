@@ -93,6 +93,28 @@ def _chat_template_kwargs(key: str, value: Any, ctx: Any) -> None:
     ctx.assign("data.apply_chat_template_kwargs", kwargs, key if ctx.is_set(key) else default_key)
 
 
+def _test_freq(key: str, value: Any, ctx: Any) -> None:
+    """Without data.val_files there is nothing to validate: verl's engine trainer then skips validation (its
+    legacy one read the ~/data/gsm8k/test.parquet default, which shardtune does not have); so does shardtune."""
+    if value not in (None, -1) and not ctx.tree["data"].get("val_files"):
+        if ctx.is_set(key):
+            ctx.note(key, f"{value!r} asks for validation, but the line gives no data.val_files: no validation runs "
+                          "(set data.val_files to validate)")
+        value = -1
+    ctx.assign("trainer.test_freq", value, key)
+
+
+def _save_contents(key: str, value: Any, ctx: Any) -> None:
+    """shardtune's checkpoints always hold the model shards (resume and `shardtune export` read them): a
+    verl line that saves only the Hugging Face weights (`[hf_model]`) gets them too."""
+    contents = [value] if isinstance(value, str) else list(value or [])
+    if value is not None and "model" not in contents:
+        if ctx.is_set(key):
+            ctx.note(key, f"{contents}: the model shards are saved too (shardtune resumes and exports from them)")
+        contents = ["model", *contents]
+    ctx.assign("checkpoint.save_contents", contents if value is not None else None, key)
+
+
 def _fsdp_size(key: str, value: Any, ctx: Any) -> None:
     """verl shards over all ranks when fsdp_size is -1 or at least the number of processes."""
     world = int(os.environ.get("WORLD_SIZE", "0"))
@@ -229,7 +251,7 @@ COMMON: dict[str, Any] = {
     "trainer.total_training_steps": Map("trainer.total_training_steps"),
     "trainer.logger": Custom(_logger),
     "trainer.save_freq": Map("trainer.save_freq"),
-    "trainer.test_freq": Map("trainer.test_freq"),
+    "trainer.test_freq": Custom(_test_freq),
     "trainer.nnodes": Warn(LAUNCH),
     "trainer.n_gpus_per_node": Warn(LAUNCH),
     "trainer.max_ckpt_to_keep": Map("trainer.max_ckpt_to_keep"),
@@ -269,7 +291,7 @@ LEGACY: dict[str, Any] = {
     "ulysses_sequence_parallel_size": Map("ulysses_sequence_parallel_size"),
     "use_remove_padding": Map("model.use_remove_padding"),
     "trainer.seed": Map("trainer.seed"),
-    "trainer.checkpoint.save_contents": Map("checkpoint.save_contents"),
+    "trainer.checkpoint.save_contents": Custom(_save_contents),
     "trainer.checkpoint.load_contents": Map("checkpoint.load_contents"),
     "trainer.resume_path": Warn("verl's fsdp_sft_trainer of the versions that had this key never read it (they did "
                                 "not resume), so the run starts fresh as it did in verl; to resume, "
@@ -298,7 +320,7 @@ ENGINE: dict[str, Any] = {
                              closest="data.messages_key"),
     "data.video_key": Refuse("videos are not supported (text-only SFT)", allowed=(None, "videos"),
                              closest="data.messages_key"),
-    "checkpoint.save_contents": Map("checkpoint.save_contents"),
+    "checkpoint.save_contents": Custom(_save_contents),
     "checkpoint.load_contents": Map("checkpoint.load_contents"),
     "checkpoint.async_save": Map("checkpoint.async_save"),
     "trainer.seed": Map("trainer.seed", alias=True),  # engine.seed seeds verl's engine trainer

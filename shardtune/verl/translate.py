@@ -73,6 +73,10 @@ class Context:
     def warn(self, key: str, why: str) -> None:
         self.warnings.append(f"verl key {key} is ignored: {why}.")
 
+    def note(self, key: str, what: str) -> None:
+        """A key that is honoured with an adjustment the user should know of."""
+        self.warnings.append(f"verl key {key}: {what}.")
+
     def refuse(self, key: str, why: str) -> None:
         self.refused.append(f"{key} ({why})")
 
