@@ -13,7 +13,7 @@ from shardtune.config import load_config
 from shardtune.data.formats import to_conversation
 from shardtune.data.readers import Row
 from shardtune.errors import ConfigError
-from shardtune.verl.translate import ENGINE, LEGACY, translate
+from shardtune.verl.translate import ENGINE, LEGACY, RAY, translate
 
 LEGACY_BASE = ["model.partial_pretrain=/m", "data.train_files=/t"]
 ENGINE_BASE = ["model.path=/m", "data.train_files=/t"]
@@ -161,9 +161,10 @@ def test_data_shapes_of_users_lines():
 
 def test_every_users_line_translates_or_is_refused_as_verl_refuses_it(monkeypatch):
     """The collected lines (bench/verl_user_lines.json) all translate to a valid shardtune config, except the
-    one whose keys no verl SFT config had (verl's Hydra refuses it too); bench/verl_lines.py trains them."""
+    one whose keys no verl SFT config had (verl's Hydra refuses it too) and the one on verl's TorchTitan
+    backend (refused in one message); bench/verl_lines.py trains them."""
     lines = json.loads((Path(__file__).parents[1] / "bench" / "verl_user_lines.json").read_text())
-    specs = {"fsdp_sft_trainer": LEGACY, "sft_trainer": ENGINE}
+    specs = {"fsdp_sft_trainer": LEGACY, "sft_trainer": ENGINE, "sft_trainer_ray": RAY}
     refused = []
     for line in lines:
         monkeypatch.setenv("WORLD_SIZE", str(line.get("nproc", 2)))
@@ -175,5 +176,8 @@ def test_every_users_line_translates_or_is_refused_as_verl_refuses_it(monkeypatc
         except ConfigError as e:
             refused.append((line["source"], str(e)))
     assert len(lines) >= 30
-    assert [(s, "data.max_prompt_length (not a key of verl's sft_trainer_engine.yaml" in e) for s, e in refused] == [
-        ("verl CI run_sft_engine.sh, autumn-2025 version (older engine keys) (id 6473531092)", True)]
+    assert [(s, needle in e) for (s, e), needle in zip(refused, [
+        "data.max_prompt_length (not a key of verl's sft_trainer_engine.yaml",
+        "selects verl's TorchTitan backend; shardtune runs PyTorch FSDP2"])] == [
+        ("verl CI run_sft_engine.sh, autumn-2025 version (older engine keys) (id 6473531092)", True),
+        ("TPU SFT on verl's TorchTitan engine, Ray (id 69631226564)", True)]

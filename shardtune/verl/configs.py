@@ -108,7 +108,8 @@ ENGINE_OWN = {
 }
 
 # verl's other training backends: a group option shardtune refuses, with the backend's name
-BACKENDS = {"megatron": "Megatron-Core", "veomni": "VeOmni", "deepspeed": "DeepSpeed", "mindspeed": "MindSpeed"}
+BACKENDS = {"megatron": "Megatron-Core", "veomni": "VeOmni", "deepspeed": "DeepSpeed", "mindspeed": "MindSpeed",
+            "torchtitan": "TorchTitan"}
 
 
 @dataclass(frozen=True)
