@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from shardtune.config import load_config
+from shardtune.config.rules import validate
 from shardtune.data.formats import to_conversation
 from shardtune.data.readers import Row
 from shardtune.errors import ConfigError
@@ -159,25 +160,30 @@ def test_data_shapes_of_users_lines():
     assert conv.messages == CHAT
 
 
-def test_every_users_line_translates_or_is_refused_as_verl_refuses_it(monkeypatch):
-    """The collected lines (bench/verl_user_lines.json) all translate to a valid shardtune config, except the
-    one whose keys no verl SFT config had (verl's Hydra refuses it too) and the one on verl's TorchTitan
-    backend (refused in one message); bench/verl_lines.py trains them."""
+def test_every_users_line_translates_or_is_refused_for_a_reason_it_names(monkeypatch):
+    """The collected lines (bench/verl_user_lines.json) translate to a shardtune config that passes its rules
+    for the line's process count, except: one whose keys no verl SFT config had (verl's Hydra refuses it
+    too), one on verl's TorchTitan backend (refused in one message), and one whose token budget is below its
+    max_length (shardtune's rule; verl fails only on a sample longer than the budget).
+    bench/verl_lines.py trains them."""
     lines = json.loads((Path(__file__).parents[1] / "bench" / "verl_user_lines.json").read_text())
     specs = {"fsdp_sft_trainer": LEGACY, "sft_trainer": ENGINE, "sft_trainer_ray": RAY}
-    refused = []
+    refused = {}
     for line in lines:
-        monkeypatch.setenv("WORLD_SIZE", str(line.get("nproc", 2)))
+        nproc = line.get("nproc", 2)
+        monkeypatch.setenv("WORLD_SIZE", str(nproc))
         args = line["args"]
         for name in ("model", "gsm8k", "sft", "retool", "pr", "mt", "ckpt", "remote"):
             args = [a.replace("{" + name + "}", f"/data/{name}") for a in args]
         try:
-            load_config(None, translate(args, specs[line["module"]]))
+            validate(load_config(None, translate(args, specs[line["module"]])), world_size=nproc)
         except ConfigError as e:
-            refused.append((line["source"], str(e)))
-    assert len(lines) >= 30
-    assert [(s, needle in e) for (s, e), needle in zip(refused, [
-        "data.max_prompt_length (not a key of verl's sft_trainer_engine.yaml",
-        "selects verl's TorchTitan backend; shardtune runs PyTorch FSDP2"])] == [
-        ("verl CI run_sft_engine.sh, autumn-2025 version (older engine keys) (id 6473531092)", True),
-        ("TPU SFT on verl's TorchTitan engine, Ray (id 69631226564)", True)]
+            refused[line["source"]] = str(e)
+    assert len(lines) >= 40
+    expected = {"verl CI run_sft_engine.sh, autumn-2025 version (older engine keys) (id 6473531092)":
+                "data.max_prompt_length (not a key of verl's sft_trainer_engine.yaml",
+                "TPU SFT on verl's TorchTitan engine, Ray (id 69631226564)":
+                "selects verl's TorchTitan backend; shardtune runs PyTorch FSDP2",
+                "watermark SFT: engine trainer with verl's own SFTDataset via custom_cls (id 52113643043)":
+                "data.max_token_len_per_gpu=40960 is below data.max_length=81920"}
+    assert {k: expected.get(k, "") in v for k, v in refused.items()} == dict.fromkeys(expected, True)
