@@ -69,6 +69,25 @@ def test_engine_keys_of_newer_verl(capsys):
         translate([*ENGINE_BASE, "data.enable_thinking_default=maybe"], ENGINE)
 
 
+def test_token_budget_is_per_gpu_after_the_sequence_parallel_split_as_in_verl(capsys):
+    """verl's engine packs max_token_len_per_gpu x SP tokens per micro-batch; shardtune's budget is the
+    micro-batch before the split. A users' line: max_length=32768 with 16384 per GPU on SP 2."""
+    line = [*ENGINE_BASE, "data.max_length=32768", "data.max_token_len_per_gpu=16384",
+            "engine.ulysses_sequence_parallel_size=2"]
+    cfg = config_of(line)
+    assert cfg.data.max_token_len_per_gpu == 32768
+    validate(cfg, world_size=2)  # the budget holds a max_length sample, as in verl
+    assert "verl key data.max_token_len_per_gpu: 16384 per GPU after the sequence-parallel split is " \
+           "data.max_token_len_per_gpu=32768 in shardtune" in capsys.readouterr().err
+    assert config_of([*ENGINE_BASE, "data.max_token_len_per_gpu=2048"]).data.max_token_len_per_gpu == 2048
+    assert config_of([*ENGINE_BASE, "engine.ulysses_sequence_parallel_size=4"]).data.max_token_len_per_gpu == 8192 * 4
+    assert config_of([*ENGINE_BASE, "engine.max_token_len_per_gpu=1000", "engine.ulysses_sequence_parallel_size=2"]
+                     ).data.max_token_len_per_gpu == 2000
+    with pytest.raises(ConfigError, match="engine.max_token_len_per_gpu=3000 and data.max_token_len_per_gpu=2048 "):
+        translate([*ENGINE_BASE, "data.max_token_len_per_gpu=2048", "engine.max_token_len_per_gpu=3000",
+                   "engine.ulysses_sequence_parallel_size=2"], ENGINE)
+
+
 def test_test_freq_without_val_files_validates_nothing_with_one_note(capsys):
     """A legacy line with trainer.test_freq=5 and no data.val_files (verl read its gsm8k default there)."""
     for spec, base in ((LEGACY, LEGACY_BASE), (ENGINE, ENGINE_BASE)):

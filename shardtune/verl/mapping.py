@@ -115,6 +115,19 @@ def _save_contents(key: str, value: Any, ctx: Any) -> None:
     ctx.assign("checkpoint.save_contents", contents if value is not None else None, key)
 
 
+def _token_budget(key: str, value: Any, ctx: Any, alias: bool) -> None:
+    """verl's engine packs micro-batches of max_token_len_per_gpu x the sequence-parallel size tokens and each
+    GPU holds its share after the Ulysses split; shardtune's data.max_token_len_per_gpu bounds a micro-batch
+    before the split. The same micro-batches: the verl value times the SP size."""
+    if value is None:
+        return
+    sp = int(ctx.tree["engine"].get("ulysses_sequence_parallel_size") or 1)
+    if sp > 1 and ctx.is_set(key):
+        ctx.note(key, f"{value} per GPU after the sequence-parallel split is data.max_token_len_per_gpu={value * sp} "
+                      f"in shardtune, which bounds a micro-batch before the split ({sp} ranks share it)")
+    ctx.assign("data.max_token_len_per_gpu", value * sp, key, alias)
+
+
 def _fsdp_size(key: str, value: Any, ctx: Any) -> None:
     """verl shards over all ranks when fsdp_size is -1 or at least the number of processes."""
     world = int(os.environ.get("WORLD_SIZE", "0"))
@@ -300,7 +313,7 @@ LEGACY: dict[str, Any] = {
 
 ENGINE: dict[str, Any] = {
     **COMMON,
-    "data.max_token_len_per_gpu": Map("data.max_token_len_per_gpu"),
+    "data.max_token_len_per_gpu": Custom(lambda key, value, ctx: _token_budget(key, value, ctx, alias=False)),
     "data.use_dynamic_bsz": Map("data.use_dynamic_bsz"),
     "data.messages_key": Map("data.messages_key"),
     "data.tools_key": Map("data.tools_key"),
@@ -369,7 +382,7 @@ ENGINE: dict[str, Any] = {
     "engine.mixed_precision.reduce_dtype": Map("engine.mixed_precision.reduce_dtype", _dtype),
     "engine.mixed_precision.buffer_dtype": Warn("buffers keep the model dtype"),
     "engine.use_dynamic_bsz": Map("data.use_dynamic_bsz", alias=True),
-    "engine.max_token_len_per_gpu": Map("data.max_token_len_per_gpu", alias=True),
+    "engine.max_token_len_per_gpu": Custom(lambda key, value, ctx: _token_budget(key, value, ctx, alias=True)),
     "engine.micro_batch_size_per_gpu": Map("data.micro_batch_size_per_gpu", alias=True),
     "engine.infer_max_token_len_per_gpu": Warn("an inference option"),
     "engine.infer_micro_batch_size_per_gpu": Warn("an inference option"),

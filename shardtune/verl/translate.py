@@ -160,7 +160,7 @@ def _resolve(ctx: Context) -> list[str]:
         on_line = [e for e in entries if e.set_on_line]
         values = {repr(e.value) for e in on_line}
         if len(values) > 1:
-            both = " and ".join(f"{e.key}={e.value!r}" for e in on_line)
+            both = " and ".join(f"{e.key}={_get(ctx.tree, e.key, e.value)!r}" for e in on_line)  # as the line wrote it
             ctx.refuse(both, f"both set shardtune's {target}, to different values. Fix: keep one of them")
             continue
         chosen = on_line or [e for e in entries if not e.alias]
@@ -185,12 +185,12 @@ def _did_you_mean(key: str, spec: Spec) -> str:
     return f". Did you mean {close[0]}?" if close else ""
 
 
-def _get(tree: dict[str, Any], key: str) -> Any:
+def _get(tree: dict[str, Any], key: str, missing: Any = None) -> Any:
     node: Any = tree
     for part in key.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
     return node
 
 
