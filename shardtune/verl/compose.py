@@ -67,7 +67,8 @@ def parse(argv: list[str]) -> tuple[list[Any], list[str]]:
     for arg in argv:
         if arg.startswith("-"):  # Hydra's app flags: --config-name, --config-path, --cfg, --multirun, ...
             errors.append(f"'{arg}': a Hydra application flag; shardtune composes verl's own config for this "
-                          "trainer. Fix: give the keys of your YAML on the command line (key=value)")
+                          "trainer (--config-name naming it is accepted) and reads no other YAML. Fix: give the "
+                          "keys of your YAML on the command line (key=value)")
             continue
         try:
             ov = parser.parse_override(arg)
