@@ -7,9 +7,14 @@ model (a tiny Qwen2 with 8 heads), the data files (tiny parquet files of the sam
 and the batch sizes made tiny; processes: 2, or the sequence-parallel size when it is larger (1 where the
 line says one GPU). A line counts as run when it exits 0 having trained its steps.
 
-    python bench/verl_lines.py [--only SUBSTRING] [--keep DIR]
+    python bench/verl_lines.py [--only SUBSTRING] [--keep DIR] [--file LINES.json]
 
-Prints a markdown table and the totals per entry point.
+Prints a markdown table and the totals per entry point. `--file` runs another list instead, e.g. the verl
+users' lines of bench/verl_user_lines.json (a JSON list of {source, module, args, nproc}; module is
+`fsdp_sft_trainer`, `sft_trainer` or `sft_trainer_ray`, args as the shell passes them with the paths written
+{model}, {gsm8k}, {sft}, {retool}, {pr}, {mt}, {ckpt}, {remote}). Those lines are made tiny the same way
+(`tiny()`: batch sizes and the step count); each runs in its own directory, so a line that names no
+`trainer.default_local_dir` writes under it as verl would under its working directory.
 """
 
 from __future__ import annotations
@@ -37,6 +42,31 @@ class Line:
     args: list[str]
     nproc: int = 2
     after: str = ""  # continues in the run directory of this earlier line (verl's CI resume step)
+
+
+# what tiny() sets on a users' line: the tiny data has 32 rows, and 2 steps show that it trains
+TINY_VALUES = {"data.train_batch_size": "8", "data.micro_batch_size": "2", "data.micro_batch_size_per_gpu": "2",
+               "trainer.total_training_steps": "2"}
+
+
+def tiny(args: list[str]) -> list[str]:
+    """A users' line with TINY_VALUES in place of its own (its `+`/`++` prefixes kept), and the step count
+    appended where the line names none."""
+    out, seen = [], set()
+    for arg in args:
+        key, eq, _ = arg.partition("=")
+        bare = key.lstrip("+")
+        if eq and bare in TINY_VALUES:
+            seen.add(bare)
+            arg = f"{key}={TINY_VALUES[bare]}"
+        out.append(arg)
+    return out + ([] if "trainer.total_training_steps" in seen else [f"trainer.total_training_steps={TINY_VALUES['trainer.total_training_steps']}"])
+
+
+def load_lines(path: Path) -> list[Line]:
+    modules = {"fsdp_sft_trainer": LEGACY, "sft_trainer": ENGINE, "sft_trainer_ray": RAY}
+    return [Line(x["source"], modules[x["module"]], tiny(x["args"]), x.get("nproc", 2))
+            for x in json.loads(path.read_text())]
 
 
 def run_sft(**env) -> list[str]:
@@ -235,27 +265,43 @@ def make_inputs(work: Path) -> dict[str, str]:
     model = save_tiny_model(work / "model", seed=0, heads=8, kv_heads=2)
     gsm = [{"data_source": "gsm8k", "prompt": [{"role": "user", "content": f"What is {i}+{i}?"}], "ability": "math",
             "question": f"What is {i}+{i}?", "answer": f"#### {2 * i}", "messages": [], "response": "",
-            "extra_info": {"split": "train", "index": i, "question": f"What is {i}+{i}?", "answer": f"#### {2 * i}"}}
+            "extra_info": {"split": "train", "index": i, "question": f"What is {i}+{i}?", "answer": f"#### {2 * i}",
+                           "solution": f"{i}+{i}={2 * i}. #### {2 * i}"}}
            for i in range(32)]
     sft = arithmetic_rows(32, seed=1)
     retool = [{**r, "tools": None} for r in arithmetic_rows(32, seed=2, multi_turn=True)]
+    # users' shapes: string prompt/response columns under several names; messages under two names, with
+    # verl's optional per-row tools and enable_thinking columns
+    pr = [{"prompt": f"What is {i}*3?", "response": f"{3 * i}", "question": f"What is {i}*3?",
+           "formatted_answer": f"The answer is {3 * i}.", "answer": f"{3 * i}"} for i in range(32)]
+    mt = [{"messages": r["messages"], "multiturn": r["messages"], "tools": None, "enable_thinking": i % 2 == 0}
+          for i, r in enumerate(arithmetic_rows(32, seed=3))]
     return {"model": str(model), "gsm8k": str(write_parquet(work / "gsm8k.parquet", gsm)),
             "sft": str(write_parquet(work / "sft.parquet", sft)),
-            "retool": str(write_parquet(work / "retool.parquet", retool))}
+            "retool": str(write_parquet(work / "retool.parquet", retool)),
+            "pr": str(write_parquet(work / "pr.parquet", pr)), "mt": str(write_parquet(work / "mt.parquet", mt))}
+
+
+def fill(arg: str, values: dict[str, str]) -> str:
+    """The placeholders ({model}, {ckpt}, ...) filled in; other braces (Hydra dicts, ${...}) kept."""
+    for name, value in values.items():
+        arg = arg.replace("{" + name + "}", value)
+    return arg
 
 
 def run_line(line: Line, inputs: dict[str, str], work: Path, index: int) -> tuple[str, str]:
     run_dir = work / f"run{[x.source for x in LINES].index(line.after) if line.after else index}"
+    run_dir.mkdir(parents=True, exist_ok=True)
     values = {**inputs, "ckpt": str(run_dir), "remote": f"file://{work / f'remote{index}'}"}
-    args = [a.format(**values) if "{" in a and "${" not in a else a for a in line.args]
+    args = [fill(a, values) for a in line.args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "offline", "HF_DATASETS_CACHE": str(work / "cache")}
     launch = [] if line.module == RAY else ["-m", "torch.distributed.run", "--standalone",
                                             f"--nproc-per-node={line.nproc}"]
     cmd = [sys.executable, *launch, "-m", line.module, *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    metrics = run_dir / "metrics.jsonl"
-    events = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=run_dir)
+    found = sorted(run_dir.rglob("metrics.jsonl"), key=lambda f: f.stat().st_mtime)  # the run dir, or below it
+    events = [json.loads(x) for x in found[-1].read_text().splitlines()] if found else []
     steps = [s for s in events if "event" not in s]
     if r.returncode == 0 and steps:
         resumed = [e["step"] for e in events if e.get("event") == "resume"]
@@ -270,12 +316,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--keep", default=None)
+    ap.add_argument("--file", default=None, help="a JSON list of lines to run instead of verl's own")
     args = ap.parse_args()
+    lines = load_lines(Path(args.file)) if args.file else LINES
     work = Path(args.keep or tempfile.mkdtemp(prefix="verl_lines_"))
     work.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(work)
     rows, totals = [], {}
-    for i, line in enumerate(LINES):
+    for i, line in enumerate(lines):
         if args.only not in line.source:
             continue
         t0 = time.time()

@@ -128,7 +128,6 @@ def test_hydra_override_syntax(capsys, monkeypatch):
                              "Did you mean data.train_files?"),
     (["trainer.logger=console,wandb"], "a comma makes it a Hydra sweep"),
     (["data.train_files=~/x.parquet"], "is not a Hydra override"),
-    (["+data.max_length=10"], "Could not append to config. An item is already at 'data.max_length'"),
     (["~trainer.nope"], "Could not delete from config"),
     (["engine=fsdp9"], "no such config group option (options: fsdp, fsdp2)"),
     (["trainer.experiment_name=${trainer.nope}"], "an interpolation does not resolve"),
@@ -175,13 +174,18 @@ MEGATRON = ["engine=megatron", "optim=megatron", *OPTIM_CI, "optim.lr_warmup_ini
             "engine.virtual_pipeline_model_parallel_size=2", "engine.context_parallel_size=2", "engine.use_mbridge=True"]
 VEOMNI = ["engine=veomni", "optim=veomni", *OPTIM_CI, "optim.lr_min=1e-6", "optim.lr_scheduler_type=cosine",
           "engine.ulysses_parallel_size=2", "engine.data_parallel_size=4"]
+# verl's TorchTitan engine (newer verl; a users' TPU line)
+TORCHTITAN = ["engine=torchtitan", "optim=torchtitan", *OPTIM_CI, "optim.min_lr_factor=0.1", "optim.decay_type=cosine",
+              "engine.tensor_parallel_size=1", "engine.data_parallel_shard_size=8", "engine.attn_type=varlen"]
 
 
 @pytest.mark.parametrize("backend,name,only", [
     (MEGATRON, "Megatron-Core", ["optim.lr_warmup_init", "optim.lr_decay_style", "optim.min_lr",
                                  "engine.tensor_model_parallel_size", "engine.use_mbridge"]),
     (VEOMNI, "VeOmni", ["optim.lr_min", "engine.ulysses_parallel_size", "engine.data_parallel_size"]),
-], ids=["megatron", "veomni"])
+    (TORCHTITAN, "TorchTitan", ["optim.min_lr_factor", "optim.decay_type", "engine.tensor_parallel_size",
+                                "engine.data_parallel_shard_size", "engine.attn_type"]),
+], ids=["megatron", "veomni", "torchtitan"])
 def test_other_backends_refused_in_one_message_then_the_rest_runs(backend, name, only):
     with pytest.raises(ConfigError) as e:
         translate(ENGINE_CI + backend, ENGINE)

@@ -1,7 +1,8 @@
 """A verl command line -> verl's composed config, with Hydra's own override grammar and semantics.
 
 Hydra (hydra-core, which verl users already have) parses every `key=value` exactly as verl's entry points
-do: `+key` adds, `++key` adds or sets, `~key` removes, `group=option` picks a config group (`engine=fsdp`),
+do: `+key` adds (and sets a key verl's config has: a line written for a verl version whose YAML did not have
+the key yet, e.g. `+model.fsdp_config.model_dtype=bf16`, means what it meant there), `++key` adds or sets, `~key` removes, `group=option` picks a config group (`engine=fsdp`),
 lists, dicts, quoting and `${...}` interpolations. Group selections are applied first and key overrides
 after them, whatever their order on the line, as in Hydra; interpolations are resolved by OmegaConf
 against the composed config, so `checkpoints/${trainer.project_name}` means what it means in verl.
@@ -9,6 +10,7 @@ against the composed config, so `checkpoints/${trainer.project_name}` means what
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,23 @@ def hydra_modules() -> tuple[Any, Any, Any]:
     return OverridesParser, ConfigLoaderImpl, OmegaConf
 
 
+CONFIG_NAME_FLAGS = ("--config-name", "-cn")
+
+
+def without_own_config_name(argv: list[str], trainer: VerlTrainer) -> list[str]:
+    """`--config-name sft_trainer_engine` (or `=`) names the config verl composes for this trainer anyway:
+    nothing to do. Another name is a config shardtune cannot see; parse() refuses it."""
+    own, out, i = trainer.yaml.removesuffix(".yaml"), [], 0
+    while i < len(argv):
+        flag, eq, name = argv[i].partition("=")
+        if flag in CONFIG_NAME_FLAGS and not eq and i + 1 < len(argv):
+            flag, eq, name, i = flag, "=", argv[i + 1], i + 1
+        if not (flag in CONFIG_NAME_FLAGS and eq and name.removesuffix(".yaml") == own):
+            out.append(argv[i] if not (flag in CONFIG_NAME_FLAGS and eq) else f"{flag}={name}")
+        i += 1
+    return out
+
+
 def parse(argv: list[str]) -> tuple[list[Any], list[str]]:
     """Hydra `Override` objects, and a message for each argument Hydra cannot read."""
     parser_cls, _, _ = hydra_modules()
@@ -48,7 +67,8 @@ def parse(argv: list[str]) -> tuple[list[Any], list[str]]:
     for arg in argv:
         if arg.startswith("-"):  # Hydra's app flags: --config-name, --config-path, --cfg, --multirun, ...
             errors.append(f"'{arg}': a Hydra application flag; shardtune composes verl's own config for this "
-                          "trainer. Fix: give the keys of your YAML on the command line (key=value)")
+                          "trainer (--config-name naming it is accepted) and reads no other YAML. Fix: give the "
+                          "keys of your YAML on the command line (key=value)")
             continue
         try:
             ov = parser.parse_override(arg)
@@ -66,7 +86,7 @@ def parse(argv: list[str]) -> tuple[list[Any], list[str]]:
 
 
 def compose(argv: list[str], trainer: VerlTrainer) -> Composed:
-    overrides, errors = parse(argv)
+    overrides, errors = parse(without_own_config_name(argv, trainer))
     _, loader, omegaconf = hydra_modules()
     selected, backends = dict(trainer.defaults), []
     config_overrides = []
@@ -111,6 +131,8 @@ def _apply(ov: Any, cfg: Any, loader: Any, omegaconf: Any, out: Composed) -> Non
         out.touched.add(key)  # Hydra's own settings (output dirs, logging): not part of the trainer's config
         return
     existed = omegaconf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING
+    if ov.is_add() and existed:  # Hydra: `Could not append`; in the verl the line was written for, a new key
+        ov = dataclasses.replace(ov, type=_force_add_type())
     try:
         loader._apply_overrides_to_config([ov], cfg)
     except Exception as e:  # ConfigCompositionException, with Hydra's own wording
@@ -126,6 +148,12 @@ def _apply(ov: Any, cfg: Any, loader: Any, omegaconf: Any, out: Composed) -> Non
 
 
 _MISSING = object()
+
+
+def _force_add_type() -> Any:
+    from hydra.core.override_parser.types import OverrideType
+
+    return OverrideType.FORCE_ADD
 
 
 def _restore_default(key: str, cfg: Any, defaults: dict[str, Any], omegaconf: Any) -> None:

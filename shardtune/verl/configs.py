@@ -2,9 +2,11 @@
 selects), with verl's default values: what a verl command line is applied to.
 
 Both are written down here as data (verl is not imported). A few keys are kept although verl's YAML only
-knows them from its dataclasses or from older versions (e.g. `engine.use_dynamic_bsz`,
-`wrap_policy.transformer_layer_cls_to_wrap`), so a line that sets them without Hydra's `+` still reads.
-Free-form mappings (`model.override_config`, ...) accept new keys, as verl's code reads them.
+knows them from its dataclasses, from older versions or from newer ones (e.g. `engine.use_dynamic_bsz`,
+`wrap_policy.transformer_layer_cls_to_wrap`, `optim.warmup_steps_ratio` before verl renamed it,
+`data.enable_thinking_default` since verl 0.7), so a line written for that version, which sets them without
+Hydra's `+`, still reads. Free-form mappings (`model.override_config`, ...) accept new keys, as verl's code
+reads them.
 """
 
 from __future__ import annotations
@@ -81,10 +83,12 @@ LEGACY_OWN = {
         "lora_adapter_path": None,
     },
     "optim": {"lr": 1e-5, "betas": [0.9, 0.95], "weight_decay": 0.01, "lr_warmup_steps_ratio": 0.1, "clip_grad": 1.0,
-              "lr_scheduler": "cosine"},
+              "lr_scheduler": "cosine",
+              "warmup_steps_ratio": None},  # verl until mid-2025: the same ratio's first name
     "ulysses_sequence_parallel_size": 1,
     "use_remove_padding": False,
-    "trainer": {**_TRAINER, "checkpoint": dict(_CHECKPOINT)},
+    # resume_path: verl until mid-2025 (its trainer did not resume and never read it)
+    "trainer": {**_TRAINER, "checkpoint": dict(_CHECKPOINT), "resume_path": None},
 }
 
 # sft_trainer_engine.yaml (engine-based sft_trainer)
@@ -93,14 +97,19 @@ ENGINE_OWN = {
         **_DATA, "max_token_len_per_gpu": 8192, "use_dynamic_bsz": True, "messages_key": "messages",
         "tools_key": "tools", "enable_thinking_key": "enable_thinking", "pad_mode": "no_padding",
         "ignore_input_ids_mismatch": False, "image_key": "images", "video_key": "videos",
+        # verl 0.7-era trees: the template's enable_thinking where a row has no enable_thinking column;
+        # tokenizing the whole conversation at once instead of turn by turn
+        "enable_thinking_default": None, "tokenize_whole_message": False,
     },
     "checkpoint": {**_CHECKPOINT, "async_save": False,
                    "mbridge_config": {"memory_efficient": True, "distributed_filesystem": True}},
-    "trainer": {**_TRAINER, "seed": 1, "n_gpus_per_node": 1, "profile_interval": [-1, -1]},
+    "trainer": {**_TRAINER, "seed": 1, "n_gpus_per_node": 1, "profile_interval": [-1, -1],
+                "balance_batch": True},  # verl 0.8
 }
 
 # verl's other training backends: a group option shardtune refuses, with the backend's name
-BACKENDS = {"megatron": "Megatron-Core", "veomni": "VeOmni", "deepspeed": "DeepSpeed", "mindspeed": "MindSpeed"}
+BACKENDS = {"megatron": "Megatron-Core", "veomni": "VeOmni", "deepspeed": "DeepSpeed", "mindspeed": "MindSpeed",
+            "torchtitan": "TorchTitan"}
 
 
 @dataclass(frozen=True)

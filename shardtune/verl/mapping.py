@@ -59,6 +59,75 @@ def _multiturn(key: str, value: Any, ctx: Any) -> None:
     ctx.assign("data.append_eos", "auto" if value else "always", key)
 
 
+# verl's own dataset classes, as `data.custom_cls` can name them (a module path, pkg:// or a file of verl's tree)
+VERL_DATASETS = {("verl.utils.dataset.sft_dataset", "SFTDataset"): False,
+                 ("verl.utils.dataset.multiturn_sft_dataset", "MultiTurnSFTDataset"): True}
+
+
+def _custom_cls(key: str, value: Any, ctx: Any) -> None:
+    """A custom dataset class is code shardtune does not run, except verl's own two, which are the two
+    formats: SFTDataset reads prompt/response rows (data.prompt_key, ...), MultiTurnSFTDataset messages."""
+    path, name = (value or {}).get("path"), (value or {}).get("name")
+    if path is None and name is None:
+        return
+    module = str(path).removeprefix("pkg://").removesuffix(".py").replace("/", ".")
+    multiturn = next((m for (mod, cls), m in VERL_DATASETS.items() if module.endswith(mod) and name == cls), None)
+    if multiturn is None:
+        ctx.refuse(f"{key}={{path: {path!r}, name: {name!r}}}",
+                   "custom dataset classes are not supported (verl's own SFTDataset and MultiTurnSFTDataset are: "
+                   "data.format=prompt_response and messages); closest shardtune setting: data.format")
+    else:
+        _multiturn(key, multiturn, ctx)
+
+
+def _chat_template_kwargs(key: str, value: Any, ctx: Any) -> None:
+    """verl passes data.enable_thinking_default to the chat template as enable_thinking where a row has no
+    enable_thinking column; shardtune's rows override data.apply_chat_template_kwargs the same way."""
+    kwargs, default_key = dict(value or {}), "data.enable_thinking_default"
+    default = ctx.tree["data"].get("enable_thinking_default")
+    default = {"none": None, "null": None, "true": True, "false": False}.get(str(default).lower(), default)
+    if default is not None and not isinstance(default, bool):
+        ctx.refuse(f"{default_key}={default!r}", "one of true, false, none")
+    elif default is not None and "enable_thinking" not in kwargs:
+        kwargs["enable_thinking"] = default
+    ctx.assign("data.apply_chat_template_kwargs", kwargs, key if ctx.is_set(key) else default_key)
+
+
+def _test_freq(key: str, value: Any, ctx: Any) -> None:
+    """Without data.val_files there is nothing to validate: verl's engine trainer then skips validation (its
+    legacy one read the ~/data/gsm8k/test.parquet default, which shardtune does not have); so does shardtune."""
+    if value not in (None, -1) and not ctx.tree["data"].get("val_files"):
+        if ctx.is_set(key):
+            ctx.note(key, f"{value!r} asks for validation, but the line gives no data.val_files: no validation runs "
+                          "(set data.val_files to validate)")
+        value = -1
+    ctx.assign("trainer.test_freq", value, key)
+
+
+def _save_contents(key: str, value: Any, ctx: Any) -> None:
+    """shardtune's checkpoints always hold the model shards (resume and `shardtune export` read them): a
+    verl line that saves only the Hugging Face weights (`[hf_model]`) gets them too."""
+    contents = [value] if isinstance(value, str) else list(value or [])
+    if value is not None and "model" not in contents:
+        if ctx.is_set(key):
+            ctx.note(key, f"{contents}: the model shards are saved too (shardtune resumes and exports from them)")
+        contents = ["model", *contents]
+    ctx.assign("checkpoint.save_contents", contents if value is not None else None, key)
+
+
+def _token_budget(key: str, value: Any, ctx: Any, alias: bool) -> None:
+    """verl's engine packs micro-batches of max_token_len_per_gpu x the sequence-parallel size tokens and each
+    GPU holds its share after the Ulysses split; shardtune's data.max_token_len_per_gpu bounds a micro-batch
+    before the split. The same micro-batches: the verl value times the SP size."""
+    if value is None:
+        return
+    sp = int(ctx.tree["engine"].get("ulysses_sequence_parallel_size") or 1)
+    if sp > 1 and ctx.is_set(key):
+        ctx.note(key, f"{value} per GPU after the sequence-parallel split is data.max_token_len_per_gpu={value * sp} "
+                      f"in shardtune, which bounds a micro-batch before the split ({sp} ranks share it)")
+    ctx.assign("data.max_token_len_per_gpu", value * sp, key, alias)
+
+
 def _fsdp_size(key: str, value: Any, ctx: Any) -> None:
     """verl shards over all ranks when fsdp_size is -1 or at least the number of processes."""
     world = int(os.environ.get("WORLD_SIZE", "0"))
@@ -161,8 +230,7 @@ COMMON: dict[str, Any] = {
     "data.use_shm": Warn(HARMLESS),
     "data.num_workers": Warn(DATA_LOADING),
     "data.apply_chat_template_kwargs": Map("data.apply_chat_template_kwargs"),
-    "data.custom_cls.path": Refuse("custom dataset classes are not supported", closest="data.format"),
-    "data.custom_cls.name": Refuse("custom dataset classes are not supported", closest="data.format"),
+    "data.custom_cls": Custom(_custom_cls),
     "model.trust_remote_code": Map("model.trust_remote_code"),
     "model.enable_gradient_checkpointing": Map("model.enable_gradient_checkpointing"),
     "model.lora_rank": Map("model.lora_rank"),
@@ -196,7 +264,7 @@ COMMON: dict[str, Any] = {
     "trainer.total_training_steps": Map("trainer.total_training_steps"),
     "trainer.logger": Custom(_logger),
     "trainer.save_freq": Map("trainer.save_freq"),
-    "trainer.test_freq": Map("trainer.test_freq"),
+    "trainer.test_freq": Custom(_test_freq),
     "trainer.nnodes": Warn(LAUNCH),
     "trainer.n_gpus_per_node": Warn(LAUNCH),
     "trainer.max_ckpt_to_keep": Map("trainer.max_ckpt_to_keep"),
@@ -231,32 +299,48 @@ LEGACY: dict[str, Any] = {
     "model.fsdp_config.offload_params": READ_BY_ITS_PAIR,  # read by model.fsdp_config.cpu_offload's rule
     "model.strategy": Map("engine.strategy"),
     "optim.lr_scheduler": Map("optim.lr_scheduler_type"),
+    "optim.warmup_steps_ratio": Map("optim.lr_warmup_steps_ratio", alias=True),  # its name in verl until mid-2025
     **{f"optim.{k}": Warn(LEGACY_OPTIM) for k in _LEGACY_IGNORED_OPTIM},
     "ulysses_sequence_parallel_size": Map("ulysses_sequence_parallel_size"),
     "use_remove_padding": Map("model.use_remove_padding"),
     "trainer.seed": Map("trainer.seed"),
-    "trainer.checkpoint.save_contents": Map("checkpoint.save_contents"),
+    "trainer.checkpoint.save_contents": Custom(_save_contents),
     "trainer.checkpoint.load_contents": Map("checkpoint.load_contents"),
+    "trainer.resume_path": Warn("verl's fsdp_sft_trainer of the versions that had this key never read it (they did "
+                                "not resume), so the run starts fresh as it did in verl; to resume, "
+                                "trainer.resume_mode=resume_path trainer.resume_from_path=DIR"),
 }
 
 ENGINE: dict[str, Any] = {
     **COMMON,
-    "data.max_token_len_per_gpu": Map("data.max_token_len_per_gpu"),
+    "data.max_token_len_per_gpu": Custom(lambda key, value, ctx: _token_budget(key, value, ctx, alias=False)),
     "data.use_dynamic_bsz": Map("data.use_dynamic_bsz"),
     "data.messages_key": Map("data.messages_key"),
     "data.tools_key": Map("data.tools_key"),
     "data.enable_thinking_key": Map("data.enable_thinking_key"),
     "data.pad_mode": Custom(_pad_mode),
     "data.ignore_input_ids_mismatch": Map("data.ignore_input_ids_mismatch"),
+    "data.apply_chat_template_kwargs": Custom(_chat_template_kwargs),
+    "data.enable_thinking_default": READ_BY_ITS_PAIR,  # read by data.apply_chat_template_kwargs's rule
+    "data.tokenize_whole_message": Warn("shardtune always renders the whole conversation once and finds each "
+                                        "assistant turn in it"),
+    # read by verl's SFTDataset, which data.custom_cls can name; on the engine trainer they come with `+`
+    "data.prompt_key": Map("data.prompt_key"),
+    "data.response_key": Map("data.response_key"),
+    "data.prompt_dict_keys": Map("data.prompt_dict_keys"),
+    "data.response_dict_keys": Map("data.response_dict_keys"),
     "data.image_key": Refuse("images are not supported (text-only SFT)", allowed=(None, "images"),
                              closest="data.messages_key"),
     "data.video_key": Refuse("videos are not supported (text-only SFT)", allowed=(None, "videos"),
                              closest="data.messages_key"),
-    "checkpoint.save_contents": Map("checkpoint.save_contents"),
+    "checkpoint.save_contents": Custom(_save_contents),
     "checkpoint.load_contents": Map("checkpoint.load_contents"),
     "checkpoint.async_save": Map("checkpoint.async_save"),
     "trainer.seed": Map("trainer.seed", alias=True),  # engine.seed seeds verl's engine trainer
     "trainer.profile_interval": Warn("profiling is not built in; use torch.profiler around shardtune"),
+    "trainer.balance_batch": Warn("shardtune plans each step's micro-batches by token count over the ranks "
+                                  "(data.use_dynamic_bsz) and weighs the loss by tokens; the results do not "
+                                  "depend on it"),
     "model.path": Map("model.path"),
     "model.hf_config_path": Refuse("a separate config path is not supported", closest="model.override_config"),
     "model.tokenizer_path": Map("model.tokenizer_path"),
@@ -298,7 +382,7 @@ ENGINE: dict[str, Any] = {
     "engine.mixed_precision.reduce_dtype": Map("engine.mixed_precision.reduce_dtype", _dtype),
     "engine.mixed_precision.buffer_dtype": Warn("buffers keep the model dtype"),
     "engine.use_dynamic_bsz": Map("data.use_dynamic_bsz", alias=True),
-    "engine.max_token_len_per_gpu": Map("data.max_token_len_per_gpu", alias=True),
+    "engine.max_token_len_per_gpu": Custom(lambda key, value, ctx: _token_budget(key, value, ctx, alias=True)),
     "engine.micro_batch_size_per_gpu": Map("data.micro_batch_size_per_gpu", alias=True),
     "engine.infer_max_token_len_per_gpu": Warn("an inference option"),
     "engine.infer_micro_batch_size_per_gpu": Warn("an inference option"),

@@ -73,6 +73,10 @@ class Context:
     def warn(self, key: str, why: str) -> None:
         self.warnings.append(f"verl key {key} is ignored: {why}.")
 
+    def note(self, key: str, what: str) -> None:
+        """A key that is honoured with an adjustment the user should know of."""
+        self.warnings.append(f"verl key {key}: {what}.")
+
     def refuse(self, key: str, why: str) -> None:
         self.refused.append(f"{key} ({why})")
 
@@ -156,7 +160,7 @@ def _resolve(ctx: Context) -> list[str]:
         on_line = [e for e in entries if e.set_on_line]
         values = {repr(e.value) for e in on_line}
         if len(values) > 1:
-            both = " and ".join(f"{e.key}={e.value!r}" for e in on_line)
+            both = " and ".join(f"{e.key}={_get(ctx.tree, e.key, e.value)!r}" for e in on_line)  # as the line wrote it
             ctx.refuse(both, f"both set shardtune's {target}, to different values. Fix: keep one of them")
             continue
         chosen = on_line or [e for e in entries if not e.alias]
@@ -181,12 +185,12 @@ def _did_you_mean(key: str, spec: Spec) -> str:
     return f". Did you mean {close[0]}?" if close else ""
 
 
-def _get(tree: dict[str, Any], key: str) -> Any:
+def _get(tree: dict[str, Any], key: str, missing: Any = None) -> Any:
     node: Any = tree
     for part in key.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
+        if not isinstance(node, dict) or part not in node:
+            return missing
+        node = node[part]
     return node
 
 
