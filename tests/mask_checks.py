@@ -25,9 +25,9 @@ FAMILIES = [
     ("<start_of_turn>", "<bos>", "<eos>"), ("<turn|>", "<bos>", "<eos>"), ("<|im_end|>", None, "<|im_end|>"),
     ("<|end|>", "<s>", "<|endoftext|>"), ("<end_of_utterance>", "<|begin_of_text|>", "<end_of_utterance>"),
     ("<SPECIAL_12>", None, "<SPECIAL_12>"), ("<seed:eos>", "<seed:bos>", "<seed:eos>"),
-    ("<|message_sep|>", None, "<|message_sep|>"),
+    ("<|message_sep|>", None, "<|message_sep|>"), ("<|header_start|>", "<|begin_of_text|>", "<|eot|>"),
 ]
-END_RE = re.compile(r"(?i)(end(?!_header|_of_role)|eot|eos|return|call\|>|^</s>$|^<[a-z_]+\|>$|stop|^<\|tool_response>$)")
+END_RE = re.compile(r"(?i)((?<!header_)end(?!_header|_of_role)|eot|eos|return|call\|>|^</s>$|^<[a-z_]+\|>$|stop|^<\|tool_response>$)")
 
 
 def template_tokens(text: str) -> list[str]:

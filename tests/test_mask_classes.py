@@ -5,7 +5,8 @@
 2. end of turn not trained when it is written only before a following turn, or never;
 3. boundaries off by characters when the generation prompt differs from a history turn's header;
 4. several {% generation %} blocks in one turn;
-5. refused though consistent: history rewritten (reasoning), system moved into the last user turn, tool use.
+5. refused though consistent: history rewritten (reasoning), system moved into the last user turn, tool use;
+6. the closing token a tool-call turn writes after the usual end of turn (`<|im_end|><|stop|>`) left out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from conftest import TEMPLATES
 from mask_checks import check_mask
 
-from shardtune.data.chat import IGNORE_INDEX, conversation_samples, tokenize_conversation
+from shardtune.data.chat import IGNORE_INDEX, MaskOptions, conversation_samples, tokenize_conversation
 from shardtune.tiny import byte_tokenizer
 
 TWO_TURNS = [
@@ -131,6 +132,28 @@ def test_class5_tool_use_template():
     assert masks(tok, msgs, tools=None) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Quitoville"}}\n</tool_call><|im_end|>',
         "It is sunny.<|im_end|>"]
+
+
+TOOL_CALL = {"role": "assistant", "content": "", "tool_calls": [
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Quitoville"}}}]}
+
+
+def test_class6_tool_call_turn_closes_with_one_more_token():
+    tok = tokenizer("class6_tool_call_stop", ["<|im_start|>", "<|im_end|>", "<|stop|>"], eos="<|im_end|>")
+    msgs = [TWO_TURNS[0], TOOL_CALL, {"role": "tool", "content": "Ibex result"}, TWO_TURNS[1]]
+    # the prompt "<|im_start|>assistant" stops before the newline or the call marker the model writes
+    assert masks(tok, msgs) == [' -> call\nget_weather {"city": "Quitoville"}<|im_end|><|stop|>', "\nA1.<|im_end|>"]
+    # as the final turn (one sample per turn) it is closed by the template: no EOS appended
+    samples, audit = conversation_samples(msgs, tok, options=MaskOptions(thinking_history="per_turn"))
+    assert trained(tok, *samples[0]) == [' -> call\nget_weather {"city": "Quitoville"}<|im_end|><|stop|>']
+    assert audit["eos_appended"] == 0 and audit["turns_without_end"] == 0
+
+
+def test_a_header_closing_token_is_not_an_end_of_turn():
+    # the checker once took `<|header_end|>` for an end-of-turn token left out of every history turn
+    tok = tokenizer("header_end_token", ["<|header_start|>", "<|header_end|>", "<|eot|>"], eos="<|eot|>",
+                    bos="<|begin_of_text|>")
+    assert masks(tok, TWO_TURNS) == ["A1.<|eot|>", "A2.<|eot|>"]
 
 
 def test_refusal_names_the_turn_and_the_template_behaviour():

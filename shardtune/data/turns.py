@@ -142,11 +142,23 @@ def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mi
     # closing tokens of this turn: not those of a message before it (when the turn has no text itself)
     closers = [m for m in view.added_re.finditer(text, max(base, start), limit) if m.group() in facts.closers]
     common = [m for m in closers if m.end() <= end]
-    if common:  # both forms close the turn the same way: up to the last closing token they share
-        return common[-1].end()
+    if common:  # both forms close the turn the same way: up to the last closing token they share, and the
+        # added tokens both write right after it (`<|im_end|><|stop|>` after a tool call, which the probe
+        # conversation never shows)
+        return _token_run_end(view, text, common[-1].end(), end)
     if closers:  # the history form writes more (an id after a tool call) up to its closing token
         return closers[0].end()
     return end
+
+
+def _token_run_end(view: TemplateView, text: str, pos: int, limit: int) -> int:
+    """The end of the added tokens that follow `pos` one after another (whitespace between them allowed) and
+    end before `limit`; `pos` when none does."""
+    for m in view.added_re.finditer(text, pos, limit):
+        if m.end() > limit or text[pos:m.start()].strip():
+            break
+        pos = m.end()
+    return pos
 
 
 def _anchor(prefix: str | None, loc: Located) -> tuple[str, int] | None:
@@ -193,7 +205,22 @@ def finalize(real: str, tokens: Tokens, start: int, end: int, closers: frozenset
             else:
                 break
     end = max(start, start + len(real[start:end].rstrip()))
+    return TurnSpan(start, end, _closed(real, tokens, start, end, closers))
+
+
+def _closed(real: str, tokens: Tokens, start: int, end: int, closers: frozenset[str] | None) -> bool:
+    """The span ends with added tokens (whitespace between them allowed), one of which closes a turn."""
+    offsets, starts, added = tokens
     k = bisect_left(starts, end) - 1
-    last = real[offsets[k][0]:offsets[k][1]] if 0 <= k < len(offsets) and offsets[k][1] <= end else ""
-    closed = 0 <= k < len(offsets) and added[k] and offsets[k][1] == end and (closers is None or last in closers)
-    return TurnSpan(start, end, closed)
+    if not (0 <= k < len(offsets) and added[k] and offsets[k][1] == end):
+        return False
+    if closers is None:
+        return True
+    while k >= 0 and offsets[k][0] >= start:
+        piece = real[offsets[k][0]:offsets[k][1]]
+        if added[k] and piece in closers:
+            return True
+        if not added[k] and piece.strip():
+            return False
+        k -= 1
+    return False
