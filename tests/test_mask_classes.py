@@ -6,7 +6,9 @@
 3. boundaries off by characters when the generation prompt differs from a history turn's header;
 4. several {% generation %} blocks in one turn;
 5. refused though consistent: history rewritten (reasoning), system moved into the last user turn, tool use;
-6. the closing token a tool-call turn writes after the usual end of turn (`<|im_end|><|stop|>`) left out.
+6. the closing token a tool-call turn writes after the usual end of turn (`<|im_end|><|stop|>`) left out;
+7. a history header trained when it names the role otherwise than the generation prompt (`<s>assistant` vs
+   `<s>bot`).
 """
 
 from __future__ import annotations
@@ -147,6 +149,13 @@ def test_class6_tool_call_turn_closes_with_one_more_token():
     samples, audit = conversation_samples(msgs, tok, options=MaskOptions(thinking_history="per_turn"))
     assert trained(tok, *samples[0]) == [' -> call\nget_weather {"city": "Quitoville"}<|im_end|><|stop|>']
     assert audit["eos_appended"] == 0 and audit["turns_without_end"] == 0
+
+
+def test_class7_history_header_names_the_role_otherwise_than_the_prompt():
+    tok = tokenizer("class7_renamed_role", ["<s>"], bos="<s>")
+    # the prompt "<s>bot" differs from "<s>assistant" (and in the whitespace before it): the header is not
+    # trained, from its opening token to the end of its line
+    assert masks(tok, TWO_TURNS) == ["A1.</s>", "A2.</s>"]
 
 
 def test_a_header_closing_token_is_not_an_end_of_turn():

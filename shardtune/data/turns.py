@@ -118,9 +118,24 @@ def _turn_start(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, 
     if facts.prompt and not text.endswith(facts.prompt, 0, start):
         closer = next((m.start() for m in view.added_re.finditer(text, start, limit) if m.group() in facts.closers),
                       limit)
-        header = text.find(facts.prompt, start, mine[0].start if mine else closer)
-        start = header + len(facts.prompt) if header >= 0 else start
+        bound = mine[0].start if mine else closer
+        header = text.find(facts.prompt, start, bound)
+        start = header + len(facts.prompt) if header >= 0 else max(start, _renamed_header_end(view, text, base, bound,
+                                                                                                  facts.prompt))
     return start
+
+
+def _renamed_header_end(view: TemplateView, text: str, lo: int, hi: int, prompt: str) -> int:
+    """A history header that opens with the prompt's first token but names the role otherwise (the turn
+    writes `<s>assistant`, the prompt `<s>bot`): where that header ends (after its line, or where markup
+    or the turn's text begins); `lo` when there is none."""
+    first = view.added_re.search(prompt)
+    q = text.rfind(first.group(), lo, hi) if first else -1
+    if q < 0:
+        return lo
+    p = q + len(first.group())
+    line, markup = text.find("\n", p, hi), view.markup.search(text, p, hi)
+    return min(line + 1 if line >= 0 else hi, markup.start() if markup else hi)
 
 
 def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mine: list[Occurrence],
