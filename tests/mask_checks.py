@@ -183,13 +183,14 @@ def _find_all(text: str, needle: str) -> list[int]:
 def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs) -> list[str]:
     problems = []
     first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    head = None
+    head = prompt = None
     if first:
         with_prompt = render(tok, template, msgs[:first], tools, True, **kwargs)
         without = render(tok, template, msgs[:first], tools, **kwargs)
         k = next((j for j, (x, y) in enumerate(zip(with_prompt, without)) if x != y), len(without))
         found = [(with_prompt.find(t, k), t) for t in added if with_prompt.find(t, k) >= 0]
         head = min(found)[1] if found else None
+        prompt = with_prompt[min(found)[0]:] if found else None  # the prompt from its first token on
     cursor = 0
     for m in msgs:
         found = [(q, q + len(t)) for t in (visible(m) if m["role"] == "assistant" else (text_of(m["content"]).strip(),))
@@ -199,7 +200,9 @@ def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
         p = min(found)[0]
         before = full[cursor:p]
         if m["role"] == "assistant":
-            q = before.rfind(head) if head else -1
+            # the head token that opens the prompt's text when the turn has it (the same token may open markup
+            # the model generates further on, Kimi K3's `<|open|>response`), else the last one
+            q = before.rfind(prompt) if prompt and prompt in before else before.rfind(head) if head else -1
             if q >= 0 and any(trained[cursor + q: cursor + q + len(head)]):
                 problems.append(f"assistant header {head!r} trained")
         else:

@@ -165,6 +165,13 @@ def test_a_header_closing_token_is_not_an_end_of_turn():
     assert masks(tok, TWO_TURNS) == ["A1.<|eot|>", "A2.<|eot|>"]
 
 
+def test_the_header_token_may_open_markup_the_model_writes():
+    # the checker once took the `<|open|>` of `<|open|>answer` (generated) for the role header's
+    tok = tokenizer("header_token_reused", ["<|open|>", "<|sep|>", "<|close|>", "<|end_of_msg|>"], eos="<|end_of_msg|>")
+    assert masks(tok, TWO_TURNS) == ["<|open|>answer<|sep|>A1.<|close|><|end_of_msg|>",
+                                     "<|open|>answer<|sep|>A2.<|close|><|end_of_msg|>"]
+
+
 def test_refusal_names_the_turn_and_the_template_behaviour():
     newest_first = ("{% for m in messages | reverse %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
