@@ -8,7 +8,9 @@
 5. refused though consistent: history rewritten (reasoning), system moved into the last user turn, tool use;
 6. the closing token a tool-call turn writes after the usual end of turn (`<|im_end|><|stop|>`) left out;
 7. a history header trained when it names the role otherwise than the generation prompt (`<s>assistant` vs
-   `<s>bot`).
+   `<s>bot`);
+8. refused though consistent: the final form of a turn drops its tool calls (Llama-Nemotron), so it can only
+   close as in history.
 """
 
 from __future__ import annotations
@@ -156,6 +158,13 @@ def test_class7_history_header_names_the_role_otherwise_than_the_prompt():
     # the prompt "<s>bot" differs from "<s>assistant" (and in the whitespace before it): the header is not
     # trained, from its opening token to the end of its line
     assert masks(tok, TWO_TURNS) == ["A1.</s>", "A2.</s>"]
+
+
+def test_class8_final_form_drops_the_tool_calls():
+    tok = tokenizer("class8_final_drops_calls", ["<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<call>",
+                                                  "</call>"], eos="<|end|>")
+    msgs = [TWO_TURNS[0], TOOL_CALL, {"role": "tool", "content": "Ibex result"}, TWO_TURNS[1]]
+    assert masks(tok, msgs) == ['<call>get_weather {"city": "Quitoville"}</call>\n<|end|>', "A1.\n<|end|>"]
 
 
 def test_a_header_closing_token_is_not_an_end_of_turn():

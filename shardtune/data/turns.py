@@ -152,6 +152,12 @@ def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mi
             raise _Unsure(i, "the conversation up to this turn cannot be rendered on its own")
         return mine[-1].end
     tail, base = anchor
+    if mine and base < mine[-1].end:  # the final form drops the turn's text (Llama-Nemotron renders a final
+        # turn's content, never its tool calls): the turn closes as in history, with the first closing token
+        limit = _next_text(occ, mine[-1].end, len(text))
+        closer = next((m for m in view.added_re.finditer(text, mine[-1].end, limit) if m.group() in facts.closers),
+                      None)
+        return closer.end() if closer else mine[-1].end
     limit = _next_text(occ, base, len(text))
     end = base + common_prefix(drop_suffix(tail, facts.always), text, base, limit)
     # closing tokens of this turn: not those of a message before it (when the turn has no text itself)
