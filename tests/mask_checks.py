@@ -249,9 +249,14 @@ def _check_markers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
     texts = sorted(p for m in msgs if m.get("train", True) for t in (visible(m)[0] if m["role"] == "assistant"
                    else text_of(m["content"]).strip(),) if t for p in (full.find(t), full.find(t) + len(t)) if p >= 0)
     skipped = []
-    for m in msgs:
-        if m["role"] == "assistant" and not m.get("train", True) and full.find(visible(m)[0]) >= 0:
-            p = full.find(visible(m)[0])
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant" or m.get("train", True):
+            continue
+        # an empty turn lies right after the text of the message before it
+        before = (visible(msgs[k - 1])[0] if msgs[k - 1]["role"] == "assistant" else text_of(msgs[k - 1]["content"]).strip()
+                  ) if k else ""
+        p = full.find(visible(m)[0]) if visible(m)[0] else full.find(before) + len(before) if before in full else -1
+        if p >= 0:
             skipped.append((max([q for q in texts if q <= p], default=0), min([q for q in texts if q > p], default=len(full))))
     msgs = [{k: v for k, v in m.items() if k != "train"} for m in msgs]
     _, blocks = render_jinja_template([msgs], tools=tools, chat_template=template, return_assistant_tokens_mask=True,

@@ -181,6 +181,13 @@ def test_the_header_token_may_open_markup_the_model_writes():
                                      "<|open|>answer<|sep|>A2.<|close|><|end_of_msg|>"]
 
 
+def test_an_empty_turn_with_train_false_under_generation_markers():
+    # the checker once expected the marked block of an empty `train: false` turn to be trained
+    tok = tokenizer("chatml_generation", ["<|im_start|>", "<|im_end|>"], eos="<|im_end|>")
+    msgs = [TWO_TURNS[0], {"role": "assistant", "content": "", "train": False}, *TWO_TURNS[2:]]
+    assert masks(tok, msgs) == ["A2.<|im_end|>"]
+
+
 def test_refusal_names_the_turn_and_the_template_behaviour():
     newest_first = ("{% for m in messages | reverse %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
