@@ -10,7 +10,9 @@
 7. a history header trained when it names the role otherwise than the generation prompt (`<s>assistant` vs
    `<s>bot`);
 8. refused though consistent: the final form of a turn drops its tool calls (Llama-Nemotron), so it can only
-   close as in history.
+   close as in history;
+9. a tool result trained that the template writes inside the assistant turn (Gemma 4, when the call comes with
+   text): refused without markers, left out between the generation blocks with them.
 """
 
 from __future__ import annotations
@@ -165,6 +167,25 @@ def test_class8_final_form_drops_the_tool_calls():
                                                   "</call>"], eos="<|end|>")
     msgs = [TWO_TURNS[0], TOOL_CALL, {"role": "tool", "content": "Ibex result"}, TWO_TURNS[1]]
     assert masks(tok, msgs) == ['<call>get_weather {"city": "Quitoville"}</call>\n<|end|>', "A1.\n<|end|>"]
+
+
+CALL_WITH_TEXT = [TWO_TURNS[0], {**TOOL_CALL, "content": "Checking."}, {"role": "tool", "content": "Ibex result"},
+                  TWO_TURNS[1]]
+CLASS9_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>", "<call>", "</call>", "<result>", "</result>"]
+
+
+def test_class9_tool_result_inside_the_turn_is_refused_without_markers():
+    from shardtune.data.chat import TemplateMismatch
+
+    tok = tokenizer("class9_result_inside_turn", CLASS9_TOKENS, eos="<|end|>")
+    with pytest.raises(TemplateMismatch, match="another message's text lies between"):
+        tokenize_conversation(CALL_WITH_TEXT, tok)
+
+
+def test_class9_tool_result_between_generation_blocks_is_not_trained():
+    tok = tokenizer("class9_result_inside_turn_generation", CLASS9_TOKENS, eos="<|end|>")
+    assert masks(tok, CALL_WITH_TEXT) == ['<call>get_weather {"city": "Quitoville"}</call>', "Checking.<|end|>",
+                                          "A1.<|end|>"]
 
 
 def test_a_header_closing_token_is_not_an_end_of_turn():

@@ -20,7 +20,7 @@ from bisect import bisect_left, bisect_right
 from typing import Any, NamedTuple
 
 from shardtune.data.markers import marker_spans
-from shardtune.data.sentinels import Located, Occurrence, locate, sentinel_avoid
+from shardtune.data.sentinels import Located, Occurrence, Sentinels, locate, sentinel_avoid
 from shardtune.data.template import (
     TemplateFacts,
     TemplateView,
@@ -45,6 +45,7 @@ class TurnSpan(NamedTuple):
     start: int  # character offsets in the real render
     end: int
     closed: bool  # the span ends with a token that ends the turn
+    holes: tuple[tuple[int, int], ...] = ()  # parts inside that are not trained (between generation blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,7 +59,8 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, tokens
     template branches on other messages' texts) or `search` (the real texts looked up: the last resort)."""
     if GENERATION_RE.search(view.template):
         raw = marker_spans(view, msgs, real, wanted)
-        return {i: finalize(real, tokens, s, e, None) for i, (s, e) in raw.items()}, "markers"
+        return {i: finalize(real, tokens, s, e, None)._replace(holes=holes)
+                for i, (s, e, holes) in raw.items()}, "markers"
     facts = template_facts(view)
     avoid = sentinel_avoid(view, msgs)
     why = None  # the first failure (the most precise way of locating texts that got that far)
@@ -66,8 +68,9 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, tokens
         loc = locate(view, msgs, real, level, avoid)
         if loc is None:
             continue
+        foreign = _texts_left_in_place(view, loc, msgs) if level == "assistant" else []
         try:
-            raw = {i: raw_turn_span(view, loc, i, facts) for i in wanted}
+            raw = {i: raw_turn_span(view, loc, i, facts, foreign) for i in wanted}
         except _Unsure as e:
             why = why or (e.turn, e.why)
             continue
@@ -87,15 +90,27 @@ class _Unsure(Exception):
         self.turn, self.why = turn, why
 
 
-def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts) -> tuple[int, int]:
-    """Turn i's (start, end) in the real render, before snapping to tokens; raises _Unsure."""
+def _texts_left_in_place(view: TemplateView, loc: Located, msgs: list[dict[str, Any]]) -> list[int]:
+    """Where the other messages' texts (not replaced by sentinels) start in the sentinel render, so that a turn
+    that holds one (Gemma 4 writes tool results inside the assistant turn) is caught. A text the template or the
+    tools or assistant messages also hold could be theirs: it is left out."""
+    shared = view.template + repr(view.tools) + repr([m for m in msgs if m.get("role") == "assistant"])
+    texts = {p.text for p in Sentinels(msgs, view.markup, "", roles=None, replace=False).pieces
+             if msgs[p.message].get("role") != "assistant" and p.text not in shared}
+    return sorted(m.start() for t in texts for m in re.finditer(re.escape(t), loc.text))
+
+
+def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts,
+                  foreign: list[int] = ()) -> tuple[int, int]:
+    """Turn i's (start, end) in the real render, before snapping to tokens; raises _Unsure. `foreign`: where
+    texts of other messages that are not among the located ones start."""
     owner = [loc.sent.pieces[o.piece].message for o in loc.occ]
     mine = [o for o, m in zip(loc.occ, owner) if m == i]
     start = _turn_start(view, loc, i, facts, mine)
     end = max(markup_start(view, loc.text, _turn_end(view, loc, i, facts, mine, start)), start)
     if any(o.start < start or o.end > end for o in mine):
         raise _Unsure(i, "its text lies outside the place where the template opens and closes the turn")
-    if any(start < o.start < end for o, m in zip(loc.occ, owner) if m != i):
+    if any(start < o.start < end for o, m in zip(loc.occ, owner) if m != i) or any(start < q < end for q in foreign):
         raise _Unsure(i, "another message's text lies between where the template opens and closes the turn")
     return loc.alignment.to_real(start), loc.alignment.to_real(end)
 
