@@ -12,7 +12,9 @@
 8. refused though consistent: the final form of a turn drops its tool calls (Llama-Nemotron), so it can only
    close as in history;
 9. a tool result trained that the template writes inside the assistant turn (Gemma 4, when the call comes with
-   text): refused without markers, left out between the generation blocks with them.
+   text): refused without markers, left out between the generation blocks with them;
+10. a tool-call turn cut inside its arguments when the template cannot render it as the final message and
+    closes it with a token plain turns never write (gpt-oss's `<|call|>`).
 """
 
 from __future__ import annotations
@@ -186,6 +188,12 @@ def test_class9_tool_result_between_generation_blocks_is_not_trained():
     tok = tokenizer("class9_result_inside_turn_generation", CLASS9_TOKENS, eos="<|end|>")
     assert masks(tok, CALL_WITH_TEXT) == ['<call>get_weather {"city": "Quitoville"}</call>', "Checking.<|end|>",
                                           "A1.<|end|>"]
+
+
+def test_class10_call_that_cannot_be_final_closes_before_the_next_header():
+    tok = tokenizer("class10_call_not_final", ["<|start|>", "<|message|>", "<|end|>", "<|call|>"], eos="<|end|>")
+    msgs = [TWO_TURNS[0], TOOL_CALL, {"role": "tool", "content": "Ibex result"}, TWO_TURNS[1]]
+    assert masks(tok, msgs) == ['<|message|>get_weather {"city": "Quitoville"}<|call|>', "<|message|>A1.<|end|>"]
 
 
 def test_a_header_closing_token_is_not_an_end_of_turn():

@@ -162,17 +162,15 @@ def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mi
         base = occ[-1].end if occ else 0
         return base + len(drop_suffix(text[base:], facts.always))
     anchor = _anchor(view.try_render(loc.sent.messages[: i + 1]), loc)
-    if anchor is None:
+    if anchor is None:  # the template cannot render the turn as the final message (gpt-oss, a call with text
+        # parts): it closes as in history
         if not mine:
             raise _Unsure(i, "the conversation up to this turn cannot be rendered on its own")
-        return mine[-1].end
+        return _closed_as_in_history(view, loc, facts, mine)
     tail, base = anchor
     if mine and base < mine[-1].end:  # the final form drops the turn's text (Llama-Nemotron renders a final
-        # turn's content, never its tool calls): the turn closes as in history, with the first closing token
-        limit = _next_text(occ, mine[-1].end, len(text))
-        closer = next((m for m in view.added_re.finditer(text, mine[-1].end, limit) if m.group() in facts.closers),
-                      None)
-        return closer.end() if closer else mine[-1].end
+        # turn's content, never its tool calls)
+        return _closed_as_in_history(view, loc, facts, mine)
     limit = _next_text(occ, base, len(text))
     end = base + common_prefix(drop_suffix(tail, facts.always), text, base, limit)
     # closing tokens of this turn: not those of a message before it (when the turn has no text itself)
@@ -185,6 +183,20 @@ def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mi
     if closers:  # the history form writes more (an id after a tool call) up to its closing token
         return closers[0].end()
     return end
+
+
+def _closed_as_in_history(view: TemplateView, loc: Located, facts: TemplateFacts, mine: list[Occurrence]) -> int:
+    """The end of the first closing token after the turn's last text (before the next message's text); without
+    one (a call closed by gpt-oss's `<|call|>`, which the probe conversation never shows), where the next header
+    opens with the prompt's first token; else the end of that text."""
+    limit = _next_text(loc.occ, mine[-1].end, len(loc.text))
+    closer = next((m for m in view.added_re.finditer(loc.text, mine[-1].end, limit) if m.group() in facts.closers),
+                  None)
+    if closer:
+        return closer.end()
+    opener = view.added_re.search(facts.prompt)
+    header = loc.text.find(opener.group(), mine[-1].end, limit) if opener else -1
+    return header if header >= 0 else mine[-1].end
 
 
 def _token_run_end(view: TemplateView, text: str, pos: int, limit: int) -> int:
