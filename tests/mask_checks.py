@@ -25,9 +25,9 @@ FAMILIES = [
     ("<start_of_turn>", "<bos>", "<eos>"), ("<turn|>", "<bos>", "<eos>"), ("<|im_end|>", None, "<|im_end|>"),
     ("<|end|>", "<s>", "<|endoftext|>"), ("<end_of_utterance>", "<|begin_of_text|>", "<end_of_utterance>"),
     ("<SPECIAL_12>", None, "<SPECIAL_12>"), ("<seed:eos>", "<seed:bos>", "<seed:eos>"),
-    ("<|message_sep|>", None, "<|message_sep|>"),
+    ("<|message_sep|>", None, "<|message_sep|>"), ("<|header_start|>", "<|begin_of_text|>", "<|eot|>"),
 ]
-END_RE = re.compile(r"(?i)(end(?!_header|_of_role)|eot|eos|return|call\|>|^</s>$|^<[a-z_]+\|>$|stop|^<\|tool_response>$)")
+END_RE = re.compile(r"(?i)((?<!header_)end(?!_header|_of_role)|eot|eos|return|call\|>|^</s>$|^<[a-z_]+\|>$|stop|^<\|tool_response>$)")
 
 
 def template_tokens(text: str) -> list[str]:
@@ -183,13 +183,14 @@ def _find_all(text: str, needle: str) -> list[int]:
 def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs) -> list[str]:
     problems = []
     first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    head = None
+    head = prompt = None
     if first:
         with_prompt = render(tok, template, msgs[:first], tools, True, **kwargs)
         without = render(tok, template, msgs[:first], tools, **kwargs)
         k = next((j for j, (x, y) in enumerate(zip(with_prompt, without)) if x != y), len(without))
         found = [(with_prompt.find(t, k), t) for t in added if with_prompt.find(t, k) >= 0]
         head = min(found)[1] if found else None
+        prompt = with_prompt[min(found)[0]:] if found else None  # the prompt from its first token on
     cursor = 0
     for m in msgs:
         found = [(q, q + len(t)) for t in (visible(m) if m["role"] == "assistant" else (text_of(m["content"]).strip(),))
@@ -199,7 +200,9 @@ def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
         p = min(found)[0]
         before = full[cursor:p]
         if m["role"] == "assistant":
-            q = before.rfind(head) if head else -1
+            # the head token that opens the prompt's text when the turn has it (the same token may open markup
+            # the model generates further on, Kimi K3's `<|open|>response`), else the last one
+            q = before.rfind(prompt) if prompt and prompt in before else before.rfind(head) if head else -1
             if q >= 0 and any(trained[cursor + q: cursor + q + len(head)]):
                 problems.append(f"assistant header {head!r} trained")
         else:
@@ -246,9 +249,14 @@ def _check_markers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
     texts = sorted(p for m in msgs if m.get("train", True) for t in (visible(m)[0] if m["role"] == "assistant"
                    else text_of(m["content"]).strip(),) if t for p in (full.find(t), full.find(t) + len(t)) if p >= 0)
     skipped = []
-    for m in msgs:
-        if m["role"] == "assistant" and not m.get("train", True) and full.find(visible(m)[0]) >= 0:
-            p = full.find(visible(m)[0])
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant" or m.get("train", True):
+            continue
+        # an empty turn lies right after the text of the message before it
+        before = (visible(msgs[k - 1])[0] if msgs[k - 1]["role"] == "assistant" else text_of(msgs[k - 1]["content"]).strip()
+                  ) if k else ""
+        p = full.find(visible(m)[0]) if visible(m)[0] else full.find(before) + len(before) if before in full else -1
+        if p >= 0:
             skipped.append((max([q for q in texts if q <= p], default=0), min([q for q in texts if q > p], default=len(full))))
     msgs = [{k: v for k, v in m.items() if k != "train"} for m in msgs]
     _, blocks = render_jinja_template([msgs], tools=tools, chat_template=template, return_assistant_tokens_mask=True,

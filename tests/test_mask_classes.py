@@ -5,7 +5,16 @@
 2. end of turn not trained when it is written only before a following turn, or never;
 3. boundaries off by characters when the generation prompt differs from a history turn's header;
 4. several {% generation %} blocks in one turn;
-5. refused though consistent: history rewritten (reasoning), system moved into the last user turn, tool use.
+5. refused though consistent: history rewritten (reasoning), system moved into the last user turn, tool use;
+6. the closing token a tool-call turn writes after the usual end of turn (`<|im_end|><|stop|>`) left out;
+7. a history header trained when it names the role otherwise than the generation prompt (`<s>assistant` vs
+   `<s>bot`);
+8. refused though consistent: the final form of a turn drops its tool calls (Llama-Nemotron), so it can only
+   close as in history;
+9. a tool result trained that the template writes inside the assistant turn (Gemma 4, when the call comes with
+   text): refused without markers, left out between the generation blocks with them;
+10. a tool-call turn cut inside its arguments when the template cannot render it as the final message and
+    closes it with a token plain turns never write (gpt-oss's `<|call|>`).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import pytest
 from conftest import TEMPLATES
 from mask_checks import check_mask
 
-from shardtune.data.chat import IGNORE_INDEX, conversation_samples, tokenize_conversation
+from shardtune.data.chat import IGNORE_INDEX, MaskOptions, conversation_samples, tokenize_conversation
 from shardtune.tiny import byte_tokenizer
 
 TWO_TURNS = [
@@ -131,6 +140,81 @@ def test_class5_tool_use_template():
     assert masks(tok, msgs, tools=None) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Quitoville"}}\n</tool_call><|im_end|>',
         "It is sunny.<|im_end|>"]
+
+
+TOOL_CALL = {"role": "assistant", "content": "", "tool_calls": [
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Quitoville"}}}]}
+
+
+def test_class6_tool_call_turn_closes_with_one_more_token():
+    tok = tokenizer("class6_tool_call_stop", ["<|im_start|>", "<|im_end|>", "<|stop|>"], eos="<|im_end|>")
+    msgs = [TWO_TURNS[0], TOOL_CALL, {"role": "tool", "content": "Ibex result"}, TWO_TURNS[1]]
+    # the prompt "<|im_start|>assistant" stops before the newline or the call marker the model writes
+    assert masks(tok, msgs) == [' -> call\nget_weather {"city": "Quitoville"}<|im_end|><|stop|>', "\nA1.<|im_end|>"]
+    # as the final turn (one sample per turn) it is closed by the template: no EOS appended
+    samples, audit = conversation_samples(msgs, tok, options=MaskOptions(thinking_history="per_turn"))
+    assert trained(tok, *samples[0]) == [' -> call\nget_weather {"city": "Quitoville"}<|im_end|><|stop|>']
+    assert audit["eos_appended"] == 0 and audit["turns_without_end"] == 0
+
+
+def test_class7_history_header_names_the_role_otherwise_than_the_prompt():
+    tok = tokenizer("class7_renamed_role", ["<s>"], bos="<s>")
+    # the prompt "<s>bot" differs from "<s>assistant" (and in the whitespace before it): the header is not
+    # trained, from its opening token to the end of its line
+    assert masks(tok, TWO_TURNS) == ["A1.</s>", "A2.</s>"]
+
+
+def test_class8_final_form_drops_the_tool_calls():
+    tok = tokenizer("class8_final_drops_calls", ["<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<call>",
+                                                  "</call>"], eos="<|end|>")
+    msgs = [TWO_TURNS[0], TOOL_CALL, {"role": "tool", "content": "Ibex result"}, TWO_TURNS[1]]
+    assert masks(tok, msgs) == ['<call>get_weather {"city": "Quitoville"}</call>\n<|end|>', "A1.\n<|end|>"]
+
+
+CALL_WITH_TEXT = [TWO_TURNS[0], {**TOOL_CALL, "content": "Checking."}, {"role": "tool", "content": "Ibex result"},
+                  TWO_TURNS[1]]
+CLASS9_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>", "<call>", "</call>", "<result>", "</result>"]
+
+
+def test_class9_tool_result_inside_the_turn_is_refused_without_markers():
+    from shardtune.data.chat import TemplateMismatch
+
+    tok = tokenizer("class9_result_inside_turn", CLASS9_TOKENS, eos="<|end|>")
+    with pytest.raises(TemplateMismatch, match="another message's text lies between"):
+        tokenize_conversation(CALL_WITH_TEXT, tok)
+
+
+def test_class9_tool_result_between_generation_blocks_is_not_trained():
+    tok = tokenizer("class9_result_inside_turn_generation", CLASS9_TOKENS, eos="<|end|>")
+    assert masks(tok, CALL_WITH_TEXT) == ['<call>get_weather {"city": "Quitoville"}</call>', "Checking.<|end|>",
+                                          "A1.<|end|>"]
+
+
+def test_class10_call_that_cannot_be_final_closes_before_the_next_header():
+    tok = tokenizer("class10_call_not_final", ["<|start|>", "<|message|>", "<|end|>", "<|call|>"], eos="<|end|>")
+    msgs = [TWO_TURNS[0], TOOL_CALL, {"role": "tool", "content": "Ibex result"}, TWO_TURNS[1]]
+    assert masks(tok, msgs) == ['<|message|>get_weather {"city": "Quitoville"}<|call|>', "<|message|>A1.<|end|>"]
+
+
+def test_a_header_closing_token_is_not_an_end_of_turn():
+    # the checker once took `<|header_end|>` for an end-of-turn token left out of every history turn
+    tok = tokenizer("header_end_token", ["<|header_start|>", "<|header_end|>", "<|eot|>"], eos="<|eot|>",
+                    bos="<|begin_of_text|>")
+    assert masks(tok, TWO_TURNS) == ["A1.<|eot|>", "A2.<|eot|>"]
+
+
+def test_the_header_token_may_open_markup_the_model_writes():
+    # the checker once took the `<|open|>` of `<|open|>answer` (generated) for the role header's
+    tok = tokenizer("header_token_reused", ["<|open|>", "<|sep|>", "<|close|>", "<|end_of_msg|>"], eos="<|end_of_msg|>")
+    assert masks(tok, TWO_TURNS) == ["<|open|>answer<|sep|>A1.<|close|><|end_of_msg|>",
+                                     "<|open|>answer<|sep|>A2.<|close|><|end_of_msg|>"]
+
+
+def test_an_empty_turn_with_train_false_under_generation_markers():
+    # the checker once expected the marked block of an empty `train: false` turn to be trained
+    tok = tokenizer("chatml_generation", ["<|im_start|>", "<|im_end|>"], eos="<|im_end|>")
+    msgs = [TWO_TURNS[0], {"role": "assistant", "content": "", "train": False}, *TWO_TURNS[2:]]
+    assert masks(tok, msgs) == ["A2.<|im_end|>"]
 
 
 def test_refusal_names_the_turn_and_the_template_behaviour():

@@ -143,7 +143,7 @@ def _sample(view: TemplateView, msgs: list[dict[str, Any]], turns: list[int], ap
     audit[f"method_{method}"] += 1
     audit["trained_turns"] += len(spans)
     audit["turns_without_end"] += sum(not s.closed for s in spans.values())
-    ranges = {i: (s.start, s.end) for i, s in spans.items()}
+    ranges = {i: _pieces(s.start, s.end, s.holes) for i, s in spans.items()}
     eos = tokenizer.eos_token_id
     if spans and eos is not None and append_eos != "never":
         last = max(spans)
@@ -152,12 +152,21 @@ def _sample(view: TemplateView, msgs: list[dict[str, Any]], turns: list[int], ap
         # a second one after a turn that already ends with it
         ends_with_eos = real[: spans[last].end].endswith(tokenizer.eos_token)
         if at_end and (not spans[last].closed or (append_eos == "always" and not ends_with_eos)):
-            ranges[last] = (spans[last].start, len(real))
+            ranges[last] = _pieces(spans[last].start, len(real), spans[last].holes)
             audit["eos_appended"] += 1
             audit["closed_by_eos"] += not spans[last].closed
-            labels = _label_tokens(ids, tokens, list(ranges.values()))
+            labels = _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs])
             return Tokenized(ids + [eos], labels + [eos])
-    return Tokenized(ids, _label_tokens(ids, tokens, list(ranges.values())))
+    return Tokenized(ids, _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs]))
+
+
+def _pieces(start: int, end: int, holes: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """A trained span without its holes."""
+    out, pos = [], start
+    for a, b in holes:
+        out.append((pos, a))
+        pos = b
+    return out + [(pos, end)]
 
 
 def _label_tokens(input_ids: list[int], tokens: Tokens, spans: list[tuple[int, int]]) -> list[int]:

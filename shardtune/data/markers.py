@@ -3,7 +3,8 @@
 The blocks are authoritative. A template may mark several blocks in one assistant turn (TRL's
 phi3_training.jinja marks the content and, at the end, the EOS separately); each block is given to the
 assistant turn it lies in (or right after, or right before), located with sentinel renders when the block
-count differs from the turn count, and the blocks of a turn are merged into one span.
+count differs from the turn count, and the blocks of a turn are merged into one span; what lies between
+two blocks is trained only when it is whitespace (it is a hole of the span otherwise).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from shardtune.errors import TemplateMismatch
 
 
 def marker_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str,
-                 wanted: list[int]) -> dict[int, tuple[int, int]]:
+                 wanted: list[int]) -> dict[int, tuple[int, int, tuple[tuple[int, int], ...]]]:
+    """Per wanted turn: (start, end, holes), holes being the text between its blocks that is not marked and
+    not only whitespace (Gemma 4 writes a tool result between the call and the rest of the turn)."""
     rendered, marked = view.render_tracked(msgs, generation=True)
     if rendered != real:
         raise TemplateMismatch("The chat template renders differently with generation tracking on. Fix: report "
@@ -24,10 +27,16 @@ def marker_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str,
     blocks = sorted(b for b in marked if b[1] > b[0])
     assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     owners = assistant if len(blocks) == len(assistant) else _owners(view, msgs, real, blocks, assistant)
-    spans: dict[int, tuple[int, int]] = {}
-    for (s, e), i in zip(blocks, owners):
-        spans[i] = (min(spans[i][0], s), max(spans[i][1], e)) if i in spans else (s, e)
-    return {i: spans[i] for i in wanted if i in spans}
+    per_turn: dict[int, list[tuple[int, int]]] = {}
+    for block, i in zip(blocks, owners):
+        per_turn.setdefault(i, []).append(block)
+    out = {}
+    for i in wanted:
+        if i in per_turn:
+            mine = sorted(per_turn[i])
+            holes = tuple((a[1], b[0]) for a, b in zip(mine, mine[1:]) if real[a[1]:b[0]].strip())
+            out[i] = (mine[0][0], max(e for _, e in mine), holes)
+    return out
 
 
 def _owners(view: TemplateView, msgs: list[dict[str, Any]], real: str, blocks: list[tuple[int, int]],

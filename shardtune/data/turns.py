@@ -20,7 +20,7 @@ from bisect import bisect_left, bisect_right
 from typing import Any, NamedTuple
 
 from shardtune.data.markers import marker_spans
-from shardtune.data.sentinels import Located, Occurrence, locate, sentinel_avoid
+from shardtune.data.sentinels import Located, Occurrence, Sentinels, locate, sentinel_avoid
 from shardtune.data.template import (
     TemplateFacts,
     TemplateView,
@@ -45,6 +45,7 @@ class TurnSpan(NamedTuple):
     start: int  # character offsets in the real render
     end: int
     closed: bool  # the span ends with a token that ends the turn
+    holes: tuple[tuple[int, int], ...] = ()  # parts inside that are not trained (between generation blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,7 +59,8 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, tokens
     template branches on other messages' texts) or `search` (the real texts looked up: the last resort)."""
     if GENERATION_RE.search(view.template):
         raw = marker_spans(view, msgs, real, wanted)
-        return {i: finalize(real, tokens, s, e, None) for i, (s, e) in raw.items()}, "markers"
+        return {i: finalize(real, tokens, s, e, None)._replace(holes=holes)
+                for i, (s, e, holes) in raw.items()}, "markers"
     facts = template_facts(view)
     avoid = sentinel_avoid(view, msgs)
     why = None  # the first failure (the most precise way of locating texts that got that far)
@@ -66,8 +68,9 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, tokens
         loc = locate(view, msgs, real, level, avoid)
         if loc is None:
             continue
+        foreign = _texts_left_in_place(view, loc, msgs) if level == "assistant" else []
         try:
-            raw = {i: raw_turn_span(view, loc, i, facts) for i in wanted}
+            raw = {i: raw_turn_span(view, loc, i, facts, foreign) for i in wanted}
         except _Unsure as e:
             why = why or (e.turn, e.why)
             continue
@@ -87,15 +90,27 @@ class _Unsure(Exception):
         self.turn, self.why = turn, why
 
 
-def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts) -> tuple[int, int]:
-    """Turn i's (start, end) in the real render, before snapping to tokens; raises _Unsure."""
+def _texts_left_in_place(view: TemplateView, loc: Located, msgs: list[dict[str, Any]]) -> list[int]:
+    """Where the other messages' texts (not replaced by sentinels) start in the sentinel render, so that a turn
+    that holds one (Gemma 4 writes tool results inside the assistant turn) is caught. A text the template or the
+    tools or assistant messages also hold could be theirs: it is left out."""
+    shared = view.template + repr(view.tools) + repr([m for m in msgs if m.get("role") == "assistant"])
+    texts = {p.text for p in Sentinels(msgs, view.markup, "", roles=None, replace=False).pieces
+             if msgs[p.message].get("role") != "assistant" and p.text not in shared}
+    return sorted(m.start() for t in texts for m in re.finditer(re.escape(t), loc.text))
+
+
+def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts,
+                  foreign: list[int] = ()) -> tuple[int, int]:
+    """Turn i's (start, end) in the real render, before snapping to tokens; raises _Unsure. `foreign`: where
+    texts of other messages that are not among the located ones start."""
     owner = [loc.sent.pieces[o.piece].message for o in loc.occ]
     mine = [o for o, m in zip(loc.occ, owner) if m == i]
     start = _turn_start(view, loc, i, facts, mine)
     end = max(markup_start(view, loc.text, _turn_end(view, loc, i, facts, mine, start)), start)
     if any(o.start < start or o.end > end for o in mine):
         raise _Unsure(i, "its text lies outside the place where the template opens and closes the turn")
-    if any(start < o.start < end for o, m in zip(loc.occ, owner) if m != i):
+    if any(start < o.start < end for o, m in zip(loc.occ, owner) if m != i) or any(start < q < end for q in foreign):
         raise _Unsure(i, "another message's text lies between where the template opens and closes the turn")
     return loc.alignment.to_real(start), loc.alignment.to_real(end)
 
@@ -118,9 +133,24 @@ def _turn_start(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, 
     if facts.prompt and not text.endswith(facts.prompt, 0, start):
         closer = next((m.start() for m in view.added_re.finditer(text, start, limit) if m.group() in facts.closers),
                       limit)
-        header = text.find(facts.prompt, start, mine[0].start if mine else closer)
-        start = header + len(facts.prompt) if header >= 0 else start
+        bound = mine[0].start if mine else closer
+        header = text.find(facts.prompt, start, bound)
+        start = header + len(facts.prompt) if header >= 0 else max(start, _renamed_header_end(view, text, base, bound,
+                                                                                                  facts.prompt))
     return start
+
+
+def _renamed_header_end(view: TemplateView, text: str, lo: int, hi: int, prompt: str) -> int:
+    """A history header that opens with the prompt's first token but names the role otherwise (the turn
+    writes `<s>assistant`, the prompt `<s>bot`): where that header ends (after its line, or where markup
+    or the turn's text begins); `lo` when there is none."""
+    first = view.added_re.search(prompt)
+    q = text.rfind(first.group(), lo, hi) if first else -1
+    if q < 0:
+        return lo
+    p = q + len(first.group())
+    line, markup = text.find("\n", p, hi), view.markup.search(text, p, hi)
+    return min(line + 1 if line >= 0 else hi, markup.start() if markup else hi)
 
 
 def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mine: list[Occurrence],
@@ -132,21 +162,51 @@ def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mi
         base = occ[-1].end if occ else 0
         return base + len(drop_suffix(text[base:], facts.always))
     anchor = _anchor(view.try_render(loc.sent.messages[: i + 1]), loc)
-    if anchor is None:
+    if anchor is None:  # the template cannot render the turn as the final message (gpt-oss, a call with text
+        # parts): it closes as in history
         if not mine:
             raise _Unsure(i, "the conversation up to this turn cannot be rendered on its own")
-        return mine[-1].end
+        return _closed_as_in_history(view, loc, facts, mine)
     tail, base = anchor
+    if mine and base < mine[-1].end:  # the final form drops the turn's text (Llama-Nemotron renders a final
+        # turn's content, never its tool calls)
+        return _closed_as_in_history(view, loc, facts, mine)
     limit = _next_text(occ, base, len(text))
     end = base + common_prefix(drop_suffix(tail, facts.always), text, base, limit)
     # closing tokens of this turn: not those of a message before it (when the turn has no text itself)
     closers = [m for m in view.added_re.finditer(text, max(base, start), limit) if m.group() in facts.closers]
     common = [m for m in closers if m.end() <= end]
-    if common:  # both forms close the turn the same way: up to the last closing token they share
-        return common[-1].end()
+    if common:  # both forms close the turn the same way: up to the last closing token they share, and the
+        # added tokens both write right after it (`<|im_end|><|stop|>` after a tool call, which the probe
+        # conversation never shows)
+        return _token_run_end(view, text, common[-1].end(), end)
     if closers:  # the history form writes more (an id after a tool call) up to its closing token
         return closers[0].end()
     return end
+
+
+def _closed_as_in_history(view: TemplateView, loc: Located, facts: TemplateFacts, mine: list[Occurrence]) -> int:
+    """The end of the first closing token after the turn's last text (before the next message's text); without
+    one (a call closed by gpt-oss's `<|call|>`, which the probe conversation never shows), where the next header
+    opens with the prompt's first token; else the end of that text."""
+    limit = _next_text(loc.occ, mine[-1].end, len(loc.text))
+    closer = next((m for m in view.added_re.finditer(loc.text, mine[-1].end, limit) if m.group() in facts.closers),
+                  None)
+    if closer:
+        return closer.end()
+    opener = view.added_re.search(facts.prompt)
+    header = loc.text.find(opener.group(), mine[-1].end, limit) if opener else -1
+    return header if header >= 0 else mine[-1].end
+
+
+def _token_run_end(view: TemplateView, text: str, pos: int, limit: int) -> int:
+    """The end of the added tokens that follow `pos` one after another (whitespace between them allowed) and
+    end before `limit`; `pos` when none does."""
+    for m in view.added_re.finditer(text, pos, limit):
+        if m.end() > limit or text[pos:m.start()].strip():
+            break
+        pos = m.end()
+    return pos
 
 
 def _anchor(prefix: str | None, loc: Located) -> tuple[str, int] | None:
@@ -193,7 +253,22 @@ def finalize(real: str, tokens: Tokens, start: int, end: int, closers: frozenset
             else:
                 break
     end = max(start, start + len(real[start:end].rstrip()))
+    return TurnSpan(start, end, _closed(real, tokens, start, end, closers))
+
+
+def _closed(real: str, tokens: Tokens, start: int, end: int, closers: frozenset[str] | None) -> bool:
+    """The span ends with added tokens (whitespace between them allowed), one of which closes a turn."""
+    offsets, starts, added = tokens
     k = bisect_left(starts, end) - 1
-    last = real[offsets[k][0]:offsets[k][1]] if 0 <= k < len(offsets) and offsets[k][1] <= end else ""
-    closed = 0 <= k < len(offsets) and added[k] and offsets[k][1] == end and (closers is None or last in closers)
-    return TurnSpan(start, end, closed)
+    if not (0 <= k < len(offsets) and added[k] and offsets[k][1] == end):
+        return False
+    if closers is None:
+        return True
+    while k >= 0 and offsets[k][0] >= start:
+        piece = real[offsets[k][0]:offsets[k][1]]
+        if added[k] and piece in closers:
+            return True
+        if not added[k] and piece.strip():
+            return False
+        k -= 1
+    return False
