@@ -159,6 +159,32 @@ def test_truncation_modes(tmp_path, tok):
     assert len(tiny) == 1 and tiny.stats["dropped"] == {"no_trained_tokens": 1}
 
 
+def test_a_token_budget_below_max_length_holds_when_every_sample_fits(tmp_path, tok):
+    """verl accepts data.max_token_len_per_gpu < data.max_length; so does shardtune, as long as no sample is
+    longer than the budget: checked per source when the dataset is built, before any model is loaded."""
+    from shardtune.config import load_config, validate
+    from shardtune.errors import ConfigError
+
+    rows = [{"messages": [{"role": "user", "content": "q" * 30}, {"role": "assistant", "content": "a" * 30}]},
+            {"messages": [{"role": "user", "content": "short"}, {"role": "assistant", "content": "ok"}]}]
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    full = build_dataset([str(f)], cfg(max_length=4096), tok)
+    longest = int(full.lengths.max())
+    fits = build_dataset([str(f)], cfg(max_length=4096, use_dynamic_bsz=True, max_token_len_per_gpu=longest), tok)
+    assert np.array_equal(fits.lengths, full.lengths)
+    budget = longest - 1
+    with pytest.raises(DataError, match=rf"source 't' \(.*t.jsonl\): 1 of 2 samples have more tokens than one "
+                                        rf"micro-batch may hold, data.max_token_len_per_gpu={budget} \(the longest "
+                                        rf"has {longest}; .* raise data.max_token_len_per_gpu to at least {longest}, "
+                                        rf"or set data.max_length={budget}"):
+        build_dataset([str(f)], cfg(max_length=4096, use_dynamic_bsz=True, max_token_len_per_gpu=budget), tok)
+    line = ["model.path=/m", f"data.train_files={f}", "data.use_dynamic_bsz=true", "data.max_length=4096",
+            "data.max_token_len_per_gpu=1024"]
+    assert validate(load_config(None, line)).data.max_token_len_per_gpu == 1024
+    with pytest.raises(ConfigError, match="a streamed sample could exceed the budget"):  # not read ahead
+        validate(load_config(None, [*line, "data.streaming=true", "trainer.total_training_steps=2"]))
+
+
 def test_bad_row_policy_skip_counts(tmp_path, tok):
     rows = arithmetic_rows(4) + [{"messages": [{"role": "user", "content": "no answer"}]}]
     f = write_jsonl(tmp_path / "d.jsonl", rows)

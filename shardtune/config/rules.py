@@ -61,10 +61,12 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          "data.streaming=true needs trainer.total_training_steps: a stream's epoch length is unknown until it has "
          "been read, so the run's length (and the learning-rate schedule) cannot come from trainer.total_epochs. "
          "Fix: set trainer.total_training_steps=N."),
+        # a tokenized dataset is checked against the budget once built (data/dataset.py); a stream cannot be
+        (not (data.streaming and data.use_dynamic_bsz) or data.max_token_len_per_gpu >= data.max_length,
+         f"data.max_token_len_per_gpu={data.max_token_len_per_gpu} is below data.max_length={data.max_length}: a "
+         "streamed sample could exceed the budget, and a stream is not read ahead to check. Fix: raise "
+         "data.max_token_len_per_gpu or lower data.max_length."),
         (data.micro_batch_size_per_gpu >= 1, f"data.micro_batch_size_per_gpu must be >= 1, got {data.micro_batch_size_per_gpu}."),
-        (not data.use_dynamic_bsz or data.max_token_len_per_gpu >= data.max_length,
-         f"data.max_token_len_per_gpu={data.max_token_len_per_gpu} is below data.max_length={data.max_length}, so a "
-         "sample could exceed the budget. Fix: raise data.max_token_len_per_gpu or lower data.max_length."),
         (data.train_batch_size % max(1, world_size // cfg.sp_size) == 0 or world_size % cfg.sp_size != 0,
          f"data.train_batch_size={data.train_batch_size} must be divisible by the number of data-parallel "
          f"ranks ({world_size // cfg.sp_size}). Fix: pick a multiple of {world_size // cfg.sp_size}."),

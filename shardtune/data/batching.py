@@ -145,7 +145,7 @@ def token_budget_micro_batches(share: list[int], lengths: np.ndarray, budget: in
     loads: list[int] = []
     for i in sorted(share, key=lambda i: -int(lengths[i])):
         n = int(lengths[i])
-        if n > budget:
+        if n > budget:  # never for valid configs: datasets are checked when built, streams by the config rules
             raise ValueError(f"sample {i} has {n} tokens, more than the budget data.max_token_len_per_gpu={budget}")
         cost = [int(lengths[b[0]]) if padded else n for b in bins]
         fits = [b for b in range(len(bins)) if loads[b] + cost[b] <= budget]

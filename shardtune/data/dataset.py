@@ -140,7 +140,24 @@ def build_dataset(entries: list[str | dict[str, Any]], cfg: DataConfig, tokenize
                         "place the loss mask. Fix: use a tokenizer folder with tokenizer.json.")
     sources = resolve_sources(entries, cfg, max_samples)
     datasets = [build_source(s, tokenizer, progress, shard_rows) for s in sources]
+    if cfg.use_dynamic_bsz:
+        for source, data in zip(sources, datasets):
+            check_token_budget(data.lengths, cfg, f"source '{source.name}' ({', '.join(source.paths)})")
     return CombinedDataset(sources, datasets)
+
+
+def check_token_budget(lengths: np.ndarray, cfg: DataConfig, what: str) -> None:
+    """With data.use_dynamic_bsz every sample must fit one micro-batch's token budget. A budget below
+    data.max_length is accepted (as verl does) as long as the data has no sample longer than the budget."""
+    over = lengths > cfg.max_token_len_per_gpu
+    if over.any():
+        longest = int(lengths.max())
+        raise DataError(f"{what}: {int(over.sum())} of {len(lengths)} samples have more tokens than one "
+                        f"micro-batch may hold, data.max_token_len_per_gpu={cfg.max_token_len_per_gpu} (the longest "
+                        f"has {longest}; data.max_length={cfg.max_length} lets them through). Fix: raise "
+                        f"data.max_token_len_per_gpu to at least {longest}, or set "
+                        f"data.max_length={cfg.max_token_len_per_gpu} so that longer samples are truncated or "
+                        "dropped (data.truncation).")
 
 
 def build_source(source: Source, tokenizer: Any, progress: bool = True, shard_rows: int = SHARD_ROWS) -> TokenizedDataset:
