@@ -88,6 +88,10 @@ class Checkpointer:
         self.model_path = Path(os.path.expanduser(model_path))
         self.pending: tuple[Any, Callable[[], None]] | None = None
         self.group = dist.new_group(backend="gloo") if cfg.async_save and world.distributed else None
+        # poll's done-check gets a group of its own: DCP's background thread gathers the write results on
+        # `self.group`, and a collective from the main thread on the same group can pair with it on one rank
+        # and not on the other (an intermittent hang, seen with 2 processes)
+        self.done_group = dist.new_group(backend="gloo") if self.group is not None else None
 
     def save(self, step: int, hf_weights: bool = False) -> None:
         self.wait()
@@ -125,12 +129,12 @@ class Checkpointer:
 
     def poll(self) -> None:
         """Called by every rank after every step: finalise an asynchronous save once every rank's shards are
-        written (one small collective on the save's gloo group, only while a save is pending), and let the
+        written (one small collective on a gloo group of its own, only while a save is pending), and let the
         remote copier report a finished copy and start the next."""
         if self.pending is not None and self.pending[0] is not None:
             done = torch.tensor([int(self.pending[0].done())])
-            if self.group is not None:
-                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
+            if self.done_group is not None:
+                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.done_group)
             if done.item():
                 self.wait()
         if self.remote is not None:
