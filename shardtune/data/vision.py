@@ -52,7 +52,7 @@ class ImageProcessing:
                             f"(id {self.image_token_id}) of the model. Fix: use the model's own chat template "
                             "(data.chat_template).")
 
-    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row) -> tuple[list, list, list]:
+    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row) -> tuple[list, list, tuple]:
         """Each image marker of a sample's tokens replaced by that image's tokens, with no label. A sample cut
         from the conversation (thinking_history=per_turn) holds the first images only: they are returned."""
         places = _find(ids, self.marker_ids)
@@ -69,7 +69,7 @@ class ImageProcessing:
             out_ids += tokens
             out_labels += [IGNORE_INDEX] * len(tokens)
             at = start + len(self.marker_ids)
-        return out_ids + ids[at:], out_labels + labels[at:], images[: len(places)]
+        return out_ids + ids[at:], out_labels + labels[at:], tuple(images[: len(places)])
 
     def image_tokens(self, image: bytes) -> list[int]:
         """The tokens one image becomes in place of the marker."""
