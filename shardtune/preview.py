@@ -20,7 +20,7 @@ from shardtune.data.formats import detect_format
 from shardtune.data.loader import batch_sampler, planned_steps
 from shardtune.data.readers import data_files, expand_paths, read_rows
 from shardtune.data.tokenize import row_samples, truncate
-from shardtune.data.vision import image_processing
+from shardtune.data.vision import image_processing, images_of
 from shardtune.errors import DataError
 from shardtune.memory import GIB, estimate, model_shape
 from shardtune.model import load_tokenizer
@@ -198,8 +198,8 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
         n_trained = supervised_count(np.asarray(tok.labels))
         pictures = [int(lab) != IGNORE_INDEX for t, lab in zip(tok.input_ids, tok.labels) if int(t) == image_token]
         print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained"
-              + (f"; {len(tok.images)} images, {len(pictures)} image tokens, {sum(pictures)} of them trained"
-                 if tok.images else "")
+              + (f"; {len(images_of(tok))} images, {len(pictures)} image tokens, {sum(pictures)} of them trained"
+                 if images_of(tok) else "")
               + (f"; EOS appended ({eos_reason})" if audit["eos_appended"] and k == len(samples) - 1 else ""))
     if not samples:
         print(f"# {row.path}, row {row.index}: no assistant turn to train")

@@ -54,7 +54,6 @@ def audit_totals(per_file: dict[str, dict[str, int]]) -> dict[str, Any]:
 class Tokenized(NamedTuple):
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids (not shifted); IGNORE_INDEX where not trained
-    images: tuple[bytes, ...] = ()  # the encoded pictures whose tokens the sample holds, in order (data/vision.py)
 
 
 @dataclass(frozen=True)

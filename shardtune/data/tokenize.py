@@ -31,7 +31,7 @@ from shardtune.data.chat import MaskOptions, TemplateMismatch, Tokenized, conver
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.media import place_images, row_has_media
 from shardtune.data.readers import Row
-from shardtune.data.vision import image_processing
+from shardtune.data.vision import image_processing, images_of
 from shardtune.errors import DataError, row_error
 
 CHUNK_ROWS = 64  # rows per unit of work handed to a worker (what it holds, times two per worker, in flight)
@@ -198,7 +198,7 @@ def _tokenize_chunk(rows: list[tuple[Row, str | None]]) -> Chunk:
             masks.setdefault(row.path, Counter()).update(out.audit)
         ids += [tok.input_ids for tok in out.samples]
         labels += [tok.labels for tok in out.samples]
-        images += [list(tok.images) for tok in out.samples]
+        images += [list(images_of(tok)) for tok in out.samples]
         kept_rows += bool(out.samples)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat_labels = np.fromiter((t for x in labels for t in x), dtype=np.int32, count=int(lengths.sum()))
@@ -261,7 +261,7 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
                                           options=MaskOptions.from_config(cfg),
                                           **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
     if vision is not None:
-        samples = [Tokenized(*vision.expand(s.input_ids, s.labels, images, row)) for s in samples]
+        samples = [vision.expand(s.input_ids, s.labels, images, row) for s in samples]
         audit.update(images=sum(len(s.images) for s in samples),
                      image_tokens=sum(s.input_ids.count(vision.image_token_id) for s in samples))
     return samples, audit
@@ -291,7 +291,7 @@ def truncate(tok: Tokenized, max_length: int, policy: str, row: Row) -> tuple[To
                 f"{max_length}. Fix: raise data.max_length, or set data.truncation to right, left or drop.")
         if policy == "drop":
             return tok, "too_long"
-        if tok.images:  # cutting would leave a picture with part of its tokens, or tokens without their picture
+        if images_of(tok):  # cutting would leave a picture with part of its tokens, or tokens without their picture
             return tok, "too_long_with_images"
         keep = slice(0, max_length) if policy == "right" else slice(n - max_length, n)
         tok = Tokenized(tok.input_ids[keep], tok.labels[keep])

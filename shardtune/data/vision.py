@@ -18,7 +18,7 @@ import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,6 +28,19 @@ from shardtune.data.readers import Row
 from shardtune.errors import DataError, row_error
 
 _PROBE = ("\x01shardtune-before\x01", "\x01shardtune-after\x01")
+
+
+class WithImages(NamedTuple):
+    """A tokenized sample (as data/chat.py's `Tokenized`) with the encoded pictures whose tokens it holds."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: tuple[bytes, ...]
+
+
+def images_of(sample: Any) -> tuple[bytes, ...]:
+    """The pictures of a tokenized sample (none for text)."""
+    return getattr(sample, "images", ())
 
 
 class ImageProcessing:
@@ -52,7 +65,7 @@ class ImageProcessing:
                             f"(id {self.image_token_id}) of the model. Fix: use the model's own chat template "
                             "(data.chat_template).")
 
-    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row) -> tuple[list, list, tuple]:
+    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row) -> WithImages:
         """Each image marker of a sample's tokens replaced by that image's tokens, with no label. A sample cut
         from the conversation (thinking_history=per_turn) holds the first images only: they are returned."""
         places = _find(ids, self.marker_ids)
@@ -69,7 +82,7 @@ class ImageProcessing:
             out_ids += tokens
             out_labels += [IGNORE_INDEX] * len(tokens)
             at = start + len(self.marker_ids)
-        return out_ids + ids[at:], out_labels + labels[at:], tuple(images[: len(places)])
+        return WithImages(out_ids + ids[at:], out_labels + labels[at:], tuple(images[: len(places)]))
 
     def image_tokens(self, image: bytes) -> list[int]:
         """The tokens one image becomes in place of the marker."""
