@@ -84,6 +84,13 @@ def print_source(source: Source, data: TokenizedDataset, weighted: bool, append_
           f": {s.get('rows_read', '?')} rows read, {s.get('rows_kept', '?')} kept, {len(data)} samples; "
           f"dropped: {dropped}; truncated {s.get('truncated', 0)}" + (" [cache hit]" if s.get("cache_hit") else ""))
     print(f"    {tokens} tokens, {supervised} supervised ({supervised / max(tokens, 1):.1%})")
+    images = sum(c.get("images", 0) for c in s.get("mask", {}).values())
+    if images:
+        image_tokens, trained = (sum(c.get(k, 0) for c in s.get("mask", {}).values())
+                                 for k in ("image_tokens", "trained_image_tokens"))
+        print(f"    {images} images, {image_tokens} image tokens ({image_tokens / max(tokens, 1):.1%} of tokens, "
+              f"{image_tokens / images:.0f} per image, {images / max(len(data), 1):.2f} images per sample; "
+              f"{trained} of them trained)")
     for line in length_histogram(data.lengths):
         print("    " + line)
     for line in mask_audit(s.get("mask", {}), append_eos):

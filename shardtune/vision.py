@@ -71,7 +71,7 @@ class VisionInputsBuilder:
     """What a vision-language model takes beside input_ids for one micro-batch."""
 
     def __init__(self, model: torch.nn.Module, pixels: Callable[[list[bytes]], dict[str, torch.Tensor]] | None,
-                 distributed: bool):
+                 distributed: bool, sp_rank: int = 0):
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.base.config
         self.image_token_id = getattr(config, "image_token_id", None)
@@ -80,18 +80,24 @@ class VisionInputsBuilder:
         self.rope = next((m for m in self.base.modules() if hasattr(m, "get_rope_index")), None)
         self.takes_types = "mm_token_type_ids" in inspect.signature(self.base.forward).parameters
         self.blank = _blank_inputs(pixels) if distributed and pixels is not None else None
+        self.sp_rank = sp_rank
         self._pending_blank: dict[str, torch.Tensor] | None = None
-        if self.blank is not None:
-            self.base.get_decoder().register_forward_pre_hook(self._run_blank, with_kwargs=True)
+        self._part: slice | None = None  # this rank's part of the whole row (sequence parallelism with pictures)
+        self.base.get_decoder().register_forward_pre_hook(self._before_language_model, with_kwargs=True)
 
     def inputs(self, mb: MicroBatch, to_device: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
         """The vision keyword arguments (and mrope position_ids for packed rows) of one micro-batch."""
+        self._part = None
         if mb.vision is None:
             self._pending_blank = None if self.blank is None else {k: to_device(v) for k, v in self.blank.items()}
             return {}
         self._pending_blank = None
         ids = mb.full_input_ids if mb.full_input_ids is not None else mb.input_ids
         out: dict[str, Any] = {k: to_device(v) for k, v in mb.vision.tensors.items()}
+        if mb.full_input_ids is not None:  # the whole row goes in; the language model gets this rank's part
+            width = mb.input_ids.shape[1]
+            self._part = slice(self.sp_rank * width, (self.sp_rank + 1) * width)
+            out["input_ids"] = to_device(ids)
         if self.takes_types:
             out["mm_token_type_ids"] = to_device((ids == self.image_token_id).int())
         if self.rope is not None:
@@ -114,16 +120,36 @@ class VisionInputsBuilder:
         plain = mb.position_ids if mb.full_input_ids is None else _plain_positions(mb, ids.shape[1])
         return torch.cat([plain[None], torch.cat(rows, dim=2)], dim=0)
 
-    def _run_blank(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Before the language model of a micro-batch without pictures: the vision tower on the blank picture,
-        its features times zero added to the input embeddings (so its gradients are zeros, not missing)."""
+    def _before_language_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._part is not None:
+            kwargs = _split_for_rank(kwargs, self._part)
         blank, self._pending_blank = self._pending_blank, None
-        if blank is None or kwargs.get("inputs_embeds") is None:
-            return None
+        if blank is not None and kwargs.get("inputs_embeds") is not None:
+            kwargs = self._with_blank_picture(kwargs, blank)
+        return args, kwargs
+
+    def _with_blank_picture(self, kwargs: dict, blank: dict[str, torch.Tensor]) -> dict:
+        """For a micro-batch without pictures: the vision tower on the blank picture, its features times zero
+        added to the input embeddings (so its gradients are zeros, not missing)."""
         features = self.base.get_image_features(**blank)
         zero = sum(t.float().sum() for t in _tensors(features)) * 0.0
-        kwargs["inputs_embeds"] = kwargs["inputs_embeds"] + zero.to(kwargs["inputs_embeds"].dtype)
-        return args, kwargs
+        return {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] + zero.to(kwargs["inputs_embeds"].dtype)}
+
+
+def _split_for_rank(kwargs: dict, part: slice) -> dict:
+    """The language model's inputs for this rank's part of the row: embeddings and positions, and Qwen3-VL's
+    deepstack features of the image tokens that fall in the part."""
+    out = dict(kwargs)
+    out["inputs_embeds"] = kwargs["inputs_embeds"][:, part]
+    out["position_ids"] = kwargs["position_ids"][..., part]
+    mask = kwargs.get("visual_pos_masks")
+    if mask is not None:
+        out["visual_pos_masks"] = mask[:, part]
+        places = mask.flatten().nonzero().flatten()
+        keep = (places >= part.start) & (places < part.stop)
+        if kwargs.get("deepstack_visual_embeds") is not None:
+            out["deepstack_visual_embeds"] = [e[keep] for e in kwargs["deepstack_visual_embeds"]]
+    return out
 
 
 def _plain_positions(mb: MicroBatch, total: int) -> torch.Tensor:

@@ -266,6 +266,8 @@ def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: i
     width = (total + pad) // sp
     part = slice(sp_rank * width, (sp_rank + 1) * width)
     local_targets = targets[:, part]
+    # pictures: the whole row's tokens travel too (their features are placed into the whole row's embeddings,
+    # which are split before the language model: shardtune/vision.py)
     return MicroBatch(ids[:, part], local_targets, positions[:, part], None, cu, max(mb.max_seqlen, pad),
                       mb.num_tokens, int((local_targets != IGNORE_INDEX).sum()), mb.num_padded + pad,
-                      mb.seq_lengths)
+                      mb.seq_lengths, mb.vision, ids if mb.vision is not None else None)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from shardtune.batch import supervised_count, supervised_counts
+from shardtune.batch import IGNORE_INDEX, supervised_count, supervised_counts
 from shardtune.config import DataConfig
 from shardtune.data.cache import ShardSpec, ShardWriter
 from shardtune.data.chat import MaskOptions, TemplateMismatch, Tokenized, conversation_samples
@@ -263,7 +263,9 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
     if vision is not None:
         samples = [vision.expand(s.input_ids, s.labels, images, row) for s in samples]
         audit.update(images=sum(len(s.images) for s in samples),
-                     image_tokens=sum(s.input_ids.count(vision.image_token_id) for s in samples))
+                     image_tokens=sum(s.input_ids.count(vision.image_token_id) for s in samples),
+                     trained_image_tokens=sum(t == vision.image_token_id and lab != IGNORE_INDEX
+                                              for s in samples for t, lab in zip(s.input_ids, s.labels)))
     return samples, audit
 
 

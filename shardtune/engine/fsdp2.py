@@ -42,7 +42,7 @@ from shardtune.model import (
     load_model,
 )
 from shardtune.optim import build_optimizer, build_scheduler
-from shardtune.vision import VisionInputsBuilder, is_vision_config
+from shardtune.vision import VisionInputsBuilder, attention_per_part, is_vision_config
 
 
 class FSDP2Engine(Engine):
@@ -54,7 +54,7 @@ class FSDP2Engine(Engine):
         if liger_message and world.is_main:
             warnings.warn(liger_message, stacklevel=1)
         self.model = self._build_model()
-        self.vision = (VisionInputsBuilder(self.model, pixels_for(tokenizer), world.distributed)
+        self.vision = (VisionInputsBuilder(self.model, pixels_for(tokenizer), world.distributed, world.sp_rank)
                        if is_vision_config(self.model.config) else None)
         self.loss_head = find_loss_head(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -82,7 +82,8 @@ class FSDP2Engine(Engine):
                                           liger_layers=not ecfg.use_torch_compile)
             full_state = {}
         if world.sp_size > 1:
-            model.set_attn_implementation(attention.register_ulysses(world.sp_group))
+            # the vision tower keeps plain sdpa: each rank runs it on every picture of the micro-batch
+            model.set_attn_implementation(attention_per_part(model.config, attention.register_ulysses(world.sp_group)))
         if ecfg.use_torch_compile:
             compile_layers(model)
         offload = ecfg.param_offload or ecfg.optimizer_offload
