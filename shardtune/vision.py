@@ -12,6 +12,9 @@ model's inputs.
 - Every rank runs the vision tower once in every micro-batch: FSDP2 gathers the tower's blocks when they run, so
   a rank whose micro-batch has no picture runs it on one blank picture (its features times zero join the input
   embeddings) while another rank runs it on real ones; otherwise the ranks' collectives would not pair up.
+- Ulysses sequence parallelism: the micro-batch keeps the whole row's tokens (`full_input_ids`); the model embeds
+  the whole row and places the pictures' features, and a pre-hook on the language model hands it this rank's part
+  of the embeddings and positions (and of Qwen3-VL's deepstack features); attention gathers the row as for text.
 """
 
 from __future__ import annotations

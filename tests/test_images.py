@@ -152,34 +152,88 @@ def losses(run_dir) -> list[float]:
     return [r["train/loss"] for r in read_metrics(run_dir)]
 
 
+def test_the_vision_tower_and_projector_are_frozen_by_default_and_lora_adapts_the_language_model(vlm):
+    from shardtune.model import load_model
+    from shardtune.vision import part_of
+
+    def trainable(**keys) -> dict[str, set[bool]]:
+        model = load_model(ModelConfig(path=str(vlm), **keys))
+        parts: dict[str, set[bool]] = {}
+        for name, p in model.named_parameters():
+            parts.setdefault(part_of(name), set()).add(p.requires_grad)
+        return parts, model
+
+    parts, _ = trainable()
+    assert parts == {"tower": {False}, "projector": {False}, "language": {True}}
+    parts, _ = trainable(freeze_vision_model=False, freeze_language_model=True)
+    assert parts == {"tower": {True}, "projector": {False}, "language": {False}}
+    parts, model = trainable(lora_rank=4)
+    lora = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n and part_of(n) == "language" for n in lora)
+
+
+def same(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
+    return len(a) == len(b) == 3 and all(math.isclose(x, y, rel_tol=rel) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Rows with one or two pictures, every fourth without (ranks then run the tower on a blank picture)."""
+    return write_parquet(tmp_path_factory.mktemp("mixed") / "train.parquet", verl_rows(18, text_every=4))
+
+
 @pytest.mark.slow
-@pytest.mark.dist
-def test_packed_equals_padded_equals_two_processes_and_pictures_matter(vlm, tmp_path):
-    rows = verl_rows(18, text_every=4)  # some rows without a picture: ranks run the tower on a blank one
-    data = write_parquet(tmp_path / "train.parquet", rows)
+def test_packed_equals_padded_streamed_and_checkpointed_and_pictures_matter(vlm, mixed, tmp_path):
     runs = {}
     for name, extra in (("packed", ()), ("padded", ("model.use_remove_padding=false",)),
-                        ("lora", ("model.lora_rank=4", "model.lora_alpha=8"))):
-        r = run_cli("train", *train_args(vlm, data, tmp_path / name, *extra))
+                        ("streamed", ("data.streaming=true", "data.shuffle_buffer=64",
+                                      "model.enable_gradient_checkpointing=true"))):
+        r = run_cli("train", *train_args(vlm, mixed, tmp_path / name, *extra))
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = losses(tmp_path / name)
-    budget = ("data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=160")
-    r = run_cli("train", *train_args(vlm, data, tmp_path / "budget", *budget))
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, "train", *train_args(vlm, data, tmp_path / "two", *budget))
-    assert r.returncode == 0, r.stderr[-3000:]
-    for name, other in (("padded", runs["packed"]), ("two", losses(tmp_path / "budget"))):
-        mine = runs.get(name) or losses(tmp_path / name)
-        assert len(mine) == len(other) == 3
-        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(mine, other)), (name, mine, other)
+    assert same(runs["padded"], runs["packed"]) and same(runs["streamed"], runs["packed"]), runs
     # the same rows, each with the next picture row's pictures: another loss from the first step on
-    swapped = [dict(r) for r in rows]
+    rows = verl_rows(18, text_every=4)
     with_pictures = [i for i, r in enumerate(rows) if r["images"]]
+    swapped = [dict(r) for r in rows]
     for a, b in zip(with_pictures, with_pictures[1:] + with_pictures[:1]):
-        n = len(rows[a]["images"])
-        swapped[a]["images"] = (rows[b]["images"] * 2)[:n]
+        swapped[a]["images"] = (rows[b]["images"] * 2)[: len(rows[a]["images"])]
     other = write_parquet(tmp_path / "swapped.parquet", swapped)
     r = run_cli("train", *train_args(vlm, other, tmp_path / "swapped"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert abs(losses(tmp_path / "swapped")[0] - runs["packed"][0]) > 1e-4 * runs["packed"][0]
-    assert runs["lora"][0] == pytest.approx(runs["packed"][0], rel=1e-5)  # LoRA starts at the base model
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_processes_and_ulysses_sp2_equal_one_process(vlm, mixed, tmp_path):
+    budget = ("data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=160")
+    r = run_cli("train", *train_args(vlm, mixed, tmp_path / "one", *budget))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, extra in (("dp2", ()), ("sp2", ("engine.ulysses_sequence_parallel_size=2",))):
+        r = torchrun(2, "train", *train_args(vlm, mixed, tmp_path / name, *budget, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert same(losses(tmp_path / name), losses(tmp_path / "one")), name
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_verls_vlm_line_runs_on_two_processes(vlm, mixed, tmp_path):
+    """verl 0.9's examples/sft/vlm/run_qwen3_vl_2b.sh (fsdp backend, its SP_SIZE=2 default), on the tiny model;
+    its first step's loss is that of shardtune's own keys on one process (the same samples, the same model)."""
+    line = [f"data.train_files={mixed}", "data.train_batch_size=6", "data.max_length=2048", "data.pad_mode=no_padding",
+            "data.truncation=error", "data.use_dynamic_bsz=True", "data.max_token_len_per_gpu=65536",
+            f"model.path={vlm}", "model.use_remove_padding=True", "engine=fsdp", "optim=fsdp", "optim.lr=2e-5",
+            "optim.lr_warmup_steps_ratio=0.01", "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]",
+            "optim.clip_grad=1.0", "optim.min_lr_ratio=0.1", "optim.warmup_style=cosine",
+            "engine.ulysses_sequence_parallel_size=2", "engine.strategy=fsdp2", "engine.fsdp_size=-1",
+            "trainer.test_freq=-1", "trainer.save_freq=4000", "trainer.logger=['console','file']",
+            "trainer.project_name=verl_sft_test", "trainer.experiment_name=pokemon", "trainer.total_epochs=1",
+            f"trainer.default_local_dir={tmp_path / 'verl'}", "trainer.resume_mode=auto", "trainer.max_ckpt_to_keep=5",
+            "checkpoint.save_contents=[model,optimizer,extra]"]
+    r = torchrun(2, *line, module="shardtune.verl.sft_trainer")
+    assert r.returncode == 0, r.stderr[-3000:]
+    verl = losses(tmp_path / "verl")
+    r = run_cli("train", *train_args(vlm, mixed, tmp_path / "one"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(verl) == 3 and math.isclose(verl[0], losses(tmp_path / "one")[0], rel_tol=1e-5)
