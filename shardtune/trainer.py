@@ -2,7 +2,7 @@
 
 It sees ready batches and plain numbers: the data path lives in the step loader (data/loader.py), the model,
 optimizer and every collective behind the engine, checkpoints of the run's `Stateful` parts in
-checkpoint.py, the metric row and its sinks in metrics.py.
+checkpoint/ (one manager), the metric row and its sinks in metrics.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shardtune import checkpoint, flops, parallel, remote
+from shardtune import flops, parallel
+from shardtune.checkpoint import CheckpointManager
 from shardtune.config import Config, dump_yaml, notes, resolve_sources, to_dict
 from shardtune.data.chat import audit_totals
 from shardtune.data.dataset import CombinedDataset, build_dataset
@@ -62,10 +63,8 @@ class Trainer:
         # data problems surface before anything is written to the run directory
         self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
         self.run_dir = cfg.run_dir
-        checkpoint.fetch_remote_for_resume(cfg, self.run_dir, self.world)  # a requeued job on a new node
-        # a wrong resume path, or another run's checkpoints, are reported before the run directory is touched
-        resume_from = checkpoint.find_resume_path(self.run_dir, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
-        checkpoint.check_fresh_start(self.run_dir, resume_from, cfg.checkpoint.load_contents)
+        # where to resume is found (and a wrong path refused) before the run directory is touched
+        self.checkpoints = CheckpointManager(cfg, self.world, on_event=lambda kind, **info: self.metrics.event(kind, **info))
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
@@ -80,16 +79,11 @@ class Trainer:
         self.engine = build_engine(cfg, w, self.total_steps, self.tokenizer)
         self.state = TrainState()
         parts = {**self.engine.checkpoint_parts(), "train": self.state, "loader": self.loader, "rng": RNGState()}
-        self.resumed = checkpoint.load(resume_from, parts, w, cfg.checkpoint.load_contents) if resume_from else None
-        self.last_saved = self.state.step
+        self.resumed = self.checkpoints.resume(parts, self.engine, self.tokenizer)
         trainer_cfg = cfg.trainer
         self.metrics = Metrics(self.run_dir, trainer_cfg.logger, w.is_main, self.total_steps, self.state.step,
                                trainer_cfg.progress_bar, trainer_cfg.project_name, trainer_cfg.experiment_name,
                                to_dict(cfg))
-        self.checkpointer = checkpoint.Checkpointer(self.run_dir, cfg.checkpoint, w, parts, self.engine,
-                                                    self.tokenizer, cfg.model.path, trainer_cfg.max_ckpt_to_keep,
-                                                    on_saved=self.metrics.event,
-                                                    remote=remote.uploader(cfg, w, self._remote_saved))
         self.peak_flops = flops.device_peak_flops(w.device, self.engine.compute_dtype)
         self.history: list[dict[str, Any]] = []
 
@@ -112,7 +106,8 @@ class Trainer:
         cadence = self.cfg.trainer
         steps = iter(self.loader)
         try:
-            while self.state.step < self.total_steps:  # checked before drawing, so the sampler stops there
+            # checked before drawing, so the sampler stops there
+            while self.state.step < self.total_steps and not self.state.stopped_early:
                 t0 = time.perf_counter()
                 batch = next(steps)
                 metrics = self.train_step(batch, data_wait=time.perf_counter() - t0)
@@ -123,26 +118,14 @@ class Trainer:
                                                         cadence.early_stopping_min_delta)
                 self.metrics.log(self.state.step, metrics)
                 self.history.append({"step": self.state.step, **metrics})
-                self.checkpointer.poll()
-                if self._due(cadence.save_freq) and not self._last_step() and not stop:
-                    self.save()
                 if stop:
                     self.state.stopped_early = True
                     self.metrics.event("early_stop", step=self.state.step, best_val_loss=self.state.best_val)
-                    break
+                # always a checkpoint after the last step
+                self.checkpoints.save_if_due(self.state.step, due=self._due(cadence.save_freq),
+                                             final=self._last_step() or stop)
         finally:
             steps = None  # releasing the loader's iterator stops its prefetch thread (also when the loop raised)
-        if self.state.step > self.last_saved:  # always a checkpoint after the last step
-            self.save(final=True)
-        self.checkpointer.close()
-
-    def _remote_saved(self, info: dict[str, Any]) -> None:
-        """A remote copy finished, failed (retried at the next save) or was skipped for a newer checkpoint."""
-        if "error" in info:
-            self.metrics.event("warning", message="copying a checkpoint to trainer.remote_dir failed; the newest "
-                                                  "checkpoint is copied again at the next save", **info)
-        else:
-            self.metrics.event("remote_checkpoint", **info)
 
     def _last_step(self) -> bool:
         return self.state.step == self.total_steps
@@ -157,12 +140,10 @@ class Trainer:
             if data is not None and data.stats.get("mask"):  # what the loss masks train, once per dataset
                 self.metrics.event("mask", data=name, **audit_totals(data.stats["mask"]))
         if self.resumed:
-            skipped = checkpoint.incomplete_after(self.run_dir, self.state.step)
-            self.metrics.event("resume", **self.resumed, data=self.loader.describe(),
-                               skipped_incomplete=[str(p) for p in skipped])
-            if skipped:
+            self.metrics.event("resume", **self.resumed, data=self.loader.describe())
+            if self.resumed["skipped_incomplete"]:
                 self.metrics.event("warning", message="skipped checkpoint folders a crash left incomplete",
-                                   paths=[str(p) for p in skipped])
+                                   paths=self.resumed["skipped_incomplete"])
 
     def train_step(self, batch: StepBatch, data_wait: float = 0.0) -> dict[str, Any]:
         """One optimizer step; `data_wait` is how long the loop waited for `batch` (counted in the step time)."""
@@ -192,12 +173,6 @@ class Trainer:
             if len(self.val_data.sources) > 1:
                 out[f"val/loss/{source.name}"] = loss_sum / max(count, 1.0)
         return {"val/loss": sum(sums) / max(sum(counts), 1.0), **out}
-
-    def save(self, final: bool = False) -> None:
-        self.checkpointer.save(self.state.step, hf_weights=final and self.cfg.trainer.save_hf_at_end)
-        if final:
-            self.checkpointer.wait()
-        self.last_saved = self.state.step
 
     def _due(self, freq: int | str) -> bool:
         """Whether a cadence of N steps, or `after_each_epoch`, falls on the step just taken."""

@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import SLOW_STEPS, arithmetic_rows, kill_after, read_metrics, run_cli, torchrun, write_jsonl
 
-from shardtune.checkpoint import TRACKER, complete_checkpoints, find_resume_path, rotate
+from shardtune.checkpoint import TRACKER, LocalFolder, RunDir, find_resume_path
 from shardtune.errors import ConfigError
 
 
@@ -83,14 +83,14 @@ def test_rotation_keeps_newest_complete_and_skips_incomplete(tiny_model, data, t
     r = run_cli("train", *args(tiny_model, data, run_dir, "trainer.save_freq=2", "trainer.total_training_steps=7",
                                "trainer.max_ckpt_to_keep=2"))
     assert r.returncode == 0, r.stderr
-    assert [s for s, _ in complete_checkpoints(run_dir)] == [6, 7]
+    assert RunDir(LocalFolder(run_dir)).complete_steps() == [6, 7]
     # a save killed half-way: the folder exists without DCP's .metadata / trainer_state.json
     broken = run_dir / "global_step_9"
     shutil.copytree(run_dir / "global_step_7", broken)
     (broken / "trainer_state.json").unlink()
     assert find_resume_path(run_dir, "auto", None) == run_dir / "global_step_7"
-    rotate(run_dir, 1)
-    assert [s for s, _ in complete_checkpoints(run_dir)] == [7] and broken.exists()
+    RunDir(LocalFolder(run_dir)).rotate(1)
+    assert RunDir(LocalFolder(run_dir)).complete_steps() == [7] and broken.exists()
     (run_dir / TRACKER).write_text("9")  # even a tracker pointing at it does not make it resumable
     assert find_resume_path(run_dir, "auto", None) == run_dir / "global_step_7"
 
@@ -153,7 +153,7 @@ def test_epoch_cadence_contents_and_hf_weights(tiny_model, data, tmp_path):
                                "checkpoint.save_contents=[model,extra]", f"data.val_files={data}",
                                "trainer.test_freq=after_each_epoch"))
     assert r.returncode == 0, r.stderr
-    assert [s for s, _ in complete_checkpoints(run_dir)] == [5, 10, 12]  # 5 steps per epoch, and the end
+    assert RunDir(LocalFolder(run_dir)).complete_steps() == [5, 10, 12]  # 5 steps per epoch, and the end
     assert [x["step"] for x in read_metrics(run_dir) if "val/loss" in x] == [5, 10, 12]
     assert (run_dir / "global_step_12" / "huggingface" / "model.safetensors").is_file()
     assert not (run_dir / "global_step_10" / "huggingface" / "model.safetensors").exists()

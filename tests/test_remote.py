@@ -22,6 +22,7 @@ import pytest
 from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_parquet
 
 from shardtune import remote
+from shardtune.checkpoint import RemoteCheckpoints
 from shardtune.config import load_config, validate
 from shardtune.errors import ConfigError, DataError, StorageError
 
@@ -67,20 +68,20 @@ def fake_checkpoint(path: Path, step: int, files: int = 3) -> Path:
 def test_upload_rotation_and_download_through_file_urls(tmp_path):
     url = f"file://{tmp_path / 'remote'}"
     uploaded = []
-    store = remote.RemoteCheckpoints(url, max_to_keep=2, on_uploaded=uploaded.append)
+    store = RemoteCheckpoints(url, max_to_keep=2, on_uploaded=uploaded.append)
     for step in (1, 2, 3):
         store.upload(fake_checkpoint(tmp_path / "run" / f"global_step_{step}", step), step)
         store.wait()
-    assert store.steps() == {2: True, 3: True} and store.tracker_step() == 3  # rotated there too
+    assert store.run.steps() == {2: True, 3: True} and store.run.tracker_step() == 3  # rotated there too
     assert [u["step"] for u in uploaded] == [1, 2, 3] and uploaded[-1]["files"] == 6
     assert uploaded[-1]["url"] == f"{url}/global_step_3"
     # a copy a killed upload left behind is never newest, and is dropped by the next rotation
     (tmp_path / "remote" / "global_step_4").mkdir()
     (tmp_path / "remote" / "global_step_4" / "__0_0.distcp").write_bytes(b"x")
-    assert store.newest_complete() == 3
+    assert store.run.newest_complete() == 3
     store.upload(fake_checkpoint(tmp_path / "run" / "global_step_5", 5), 5)
     store.wait()
-    assert store.steps() == {3: True, 5: True}
+    assert store.run.steps() == {3: True, 5: True}
     target = store.download(5, tmp_path / "fresh")
     assert (tmp_path / "fresh" / "latest_checkpointed_iteration.txt").read_text() == "5"
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
@@ -122,7 +123,7 @@ def test_data_urls_globs_and_fingerprints(s3, tmp_path):
 
 
 def test_store_errors_name_what_failed(s3, tmp_path):
-    store = remote.RemoteCheckpoints("s3://no-such-bucket/run")
+    store = RemoteCheckpoints("s3://no-such-bucket/run")
     store.upload(fake_checkpoint(tmp_path / "global_step_1", 1), 1)  # in the background: training goes on
     with pytest.raises(StorageError, match="Copying checkpoint .* to s3://no-such-bucket/run/global_step_1 .*failed"):
         store.wait()
@@ -135,7 +136,7 @@ def test_store_errors_name_what_failed(s3, tmp_path):
 UPLOAD_SCRIPT = """
 import sys
 from pathlib import Path
-from shardtune.remote import RemoteCheckpoints
+from shardtune.checkpoint import RemoteCheckpoints
 store = RemoteCheckpoints(sys.argv[1])
 store.upload(Path(sys.argv[2]), int(sys.argv[3]))
 store.wait()
@@ -144,7 +145,7 @@ store.wait()
 
 def test_sigkill_during_an_upload_never_leaves_the_tracker_on_an_incomplete_copy(s3, tmp_path):
     url = "s3://bucket/killed"
-    store = remote.RemoteCheckpoints(url)
+    store = RemoteCheckpoints(url)
     store.upload(fake_checkpoint(tmp_path / "global_step_1", 1), 1)
     store.wait()
     big = fake_checkpoint(tmp_path / "global_step_2", 2, files=400)
@@ -157,10 +158,10 @@ def test_sigkill_during_an_upload_never_leaves_the_tracker_on_an_incomplete_copy
     proc.wait()
     uploaded = store.fs.find("bucket/killed/global_step_2")
     assert 20 <= len(uploaded) < 400 + 3  # killed mid-copy
-    assert store.steps() == {1: True, 2: False} and store.tracker_step() == 1 and store.newest_complete() == 1
+    assert store.run.steps() == {1: True, 2: False} and store.run.tracker_step() == 1 and store.run.newest_complete() == 1
     store.upload(big, 2)  # the relaunched run saves step 2 again
     store.wait()
-    assert store.steps() == {1: True, 2: True} and store.tracker_step() == 2
+    assert store.run.steps() == {1: True, 2: True} and store.run.tracker_step() == 2
 
 
 def _lines(tiny_model, data, run_dir, steps, *extra):
@@ -190,8 +191,8 @@ def test_s3_round_trip_resumes_a_requeued_job_with_identical_losses(s3, tiny_mod
         assert r.returncode == 0, r.stderr[-3000:]
         outputs.append(r.stdout + r.stderr)
         if steps == 4:
-            store = remote.RemoteCheckpoints("s3://bucket/run")
-            assert store.steps() == {2: True, 4: True} and store.tracker_step() == 4
+            store = RemoteCheckpoints("s3://bucket/run")
+            assert store.run.steps() == {2: True, 4: True} and store.run.tracker_step() == 4
             first = [row["train/loss"] for row in read_metrics(run_dir)]
             events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             assert [e["step"] for e in events if e.get("event") == "remote_checkpoint"] == [2, 4]
@@ -202,7 +203,7 @@ def test_s3_round_trip_resumes_a_requeued_job_with_identical_losses(s3, tiny_mod
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "resume"] == [4]
     assert first + resumed == whole  # bit for bit
-    assert remote.RemoteCheckpoints("s3://bucket/run").tracker_step() == 6
+    assert RemoteCheckpoints("s3://bucket/run").run.tracker_step() == 6
     assert not any(s3["AWS_SECRET_ACCESS_KEY"] in out for out in outputs)
 
 
@@ -219,13 +220,13 @@ def test_file_url_background_upload_rotation_and_resume(tiny_model, tmp_path):
     whole = [row["train/loss"] for row in read_metrics(tmp_path / "whole")]
     r = run_cli("train", *_lines(tiny_model, data, tmp_path / "run", 4, *extra))
     assert r.returncode == 0, r.stderr
-    assert remote.RemoteCheckpoints(url).steps() == {4: True}
+    assert RemoteCheckpoints(url).run.steps() == {4: True}
     first = [row["train/loss"] for row in read_metrics(tmp_path / "run")]
     shutil.rmtree(tmp_path / "run")
     r = run_cli("train", *_lines(tiny_model, data, tmp_path / "run", 6, *extra))
     assert r.returncode == 0, r.stderr
     assert first + [row["train/loss"] for row in read_metrics(tmp_path / "run")] == whole
-    assert remote.RemoteCheckpoints(url).steps() == {6: True}
+    assert RemoteCheckpoints(url).run.steps() == {6: True}
     r = run_cli("train", *_lines(tiny_model, data, tmp_path / "other", 2, *extra, "trainer.resume_mode=disable"))
     assert r.returncode == 2 and "already holds checkpoints of another run (up to global_step_6)" in r.stderr
 
@@ -234,7 +235,7 @@ def test_a_failed_copy_is_reported_and_the_newest_checkpoint_copied_later(tmp_pa
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the remote folder should be")
     reports = []
-    store = remote.RemoteCheckpoints(f"file://{blocked}/run", on_uploaded=reports.append)
+    store = RemoteCheckpoints(f"file://{blocked}/run", on_uploaded=reports.append)
     store.upload(fake_checkpoint(tmp_path / "run" / "global_step_1", 1), 1)
     while not store.pending[2].done():
         time.sleep(0.01)
@@ -242,7 +243,7 @@ def test_a_failed_copy_is_reported_and_the_newest_checkpoint_copied_later(tmp_pa
     store.upload(fake_checkpoint(tmp_path / "run" / "global_step_2", 2), 2)  # reports the failure, copies 2
     store.wait()
     assert [r["step"] for r in reports] == [1, 2] and "failed" in reports[0]["error"] and "error" not in reports[1]
-    assert store.tracker_step() == 2 and store.steps() == {2: True}
+    assert store.run.tracker_step() == 2 and store.run.steps() == {2: True}
 
 
 def test_urls_inside_source_mappings_are_checked_before_anything_is_loaded(tmp_path):
