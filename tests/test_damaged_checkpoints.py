@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,30 @@ def test_disk_full_while_saving_says_no_space_and_keeps_the_earlier_checkpoints(
     before = {x["step"]: x["train/loss"] for x in read_metrics(finished)}
     after = [x for x in read_metrics(run_dir) if x["step"] > 3][-6:]
     assert [x["step"] for x in after] == [4, 5, 6, 7, 8, 9] and all(x["train/loss"] == before[x["step"]] for x in after)
+
+
+def test_a_remote_store_that_dies_mid_run_leaves_every_local_checkpoint_whole(tiny_model, data, finished, tmp_path):
+    """Every step runs, the failed copies are warnings, the local checkpoints stay complete, and the final copy's
+    failure ends the run with exit 4 and a message naming the URL."""
+    from conftest import SLOW_STEPS
+
+    run_dir, store = tmp_path / "run", tmp_path / "store"
+    url = f"file://{store}"
+    proc = subprocess.Popen([sys.executable, str(SLOW_STEPS), "train", *args(tiny_model, data, run_dir),
+                             f"trainer.remote_dir={url}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None:
+        if metrics.exists() and '"step": 4,' in metrics.read_text():
+            shutil.rmtree(store, ignore_errors=True)
+            store.write_text("the store is gone")  # a file where its folder was: every later copy fails
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4, err[-3000:]
+    assert url in err and "Traceback" not in err, err[-3000:]
+    assert [x["step"] for x in read_metrics(run_dir)] == list(range(1, 10))
+    events = [json.loads(x) for x in metrics.read_text().splitlines() if '"event": "warning"' in x]
+    assert events and all("trainer.remote_dir" in e["message"] for e in events)
+    assert all(damage(run_dir / f"global_step_{s}") is None for s in (3, 6, 9))
+    assert (run_dir / TRACKER).read_text() == "9"
