@@ -7,10 +7,11 @@ checkpoint/ (one manager), the metric row and its sinks in metrics.py.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
-from shardtune import flops, parallel
+from shardtune import flops, parallel, preempt
 from shardtune.checkpoint import CheckpointManager
 from shardtune.config import Config, dump_yaml, notes, resolve_sources, to_dict
 from shardtune.data.chat import audit_totals
@@ -21,7 +22,7 @@ from shardtune.data.stream_mixture import MixedStream
 from shardtune.data.vision import pixels_for
 from shardtune.engine import build_engine
 from shardtune.metrics import Metrics, step_metrics
-from shardtune.model import load_tokenizer
+from shardtune.model import check_token_ids, load_tokenizer
 from shardtune.state import RNGState, TrainState, seed_everything
 
 
@@ -59,15 +60,13 @@ class Trainer:
         # without a world given: join the torchrun job of the environment, else one process on CUDA when present
         self.world = world or parallel.init_world(cfg.sp_size, cfg.engine.timeout_minutes)
         seed_everything(cfg.trainer.seed)
+        self.run_dir = cfg.run_dir
+        # the run directory, where to resume and a wrong resume path are checked before the data is read
+        self.checkpoints = CheckpointManager(cfg, self.world, on_event=lambda kind, **info: self.metrics.event(kind, **info))
         self.tokenizer = load_tokenizer(cfg.model)
         # data problems surface before anything is written to the run directory
         self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
-        self.run_dir = cfg.run_dir
-        # where to resume is found (and a wrong path refused) before the run directory is touched
-        self.checkpoints = CheckpointManager(cfg, self.world, on_event=lambda kind, **info: self.metrics.event(kind, **info))
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, self.run_dir / "config.yaml")
+        check_token_ids(cfg.model, self.tokenizer, [d for d in (self.train_data, self.val_data) if d is not None])
         w = self.world
         self.loader = StepLoader(self.train_data, cfg.data, RankLayout(w.dp_rank, w.dp_size, w.sp_rank, w.sp_size),
                                  seed=cfg.trainer.seed, packed=cfg.model.use_remove_padding,
@@ -79,13 +78,18 @@ class Trainer:
         self.engine = build_engine(cfg, w, self.total_steps, self.tokenizer)
         self.state = TrainState()
         parts = {**self.engine.checkpoint_parts(), "train": self.state, "loader": self.loader, "rng": RNGState()}
-        self.resumed = self.checkpoints.resume(parts, self.engine, self.tokenizer)
+        self.resumed, self.skipped = self.checkpoints.resume(parts, self.engine, self.tokenizer)
+        if w.is_main:  # only now: a resume that fails leaves the run's config.yaml as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
         trainer_cfg = cfg.trainer
         self.metrics = Metrics(self.run_dir, trainer_cfg.logger, w.is_main, self.total_steps, self.state.step,
                                trainer_cfg.progress_bar, trainer_cfg.project_name, trainer_cfg.experiment_name,
                                to_dict(cfg))
         self.peak_flops = flops.device_peak_flops(w.device, self.engine.compute_dtype)
         self.history: list[dict[str, Any]] = []
+        self.stop_agreement = preempt.StopAgreement(w.distributed)
+        self.preempted = False  # stopped on SIGTERM (shardtune/preempt.py)
 
     # ------------------------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
@@ -104,10 +108,10 @@ class Trainer:
 
     def _loop(self) -> None:
         cadence = self.cfg.trainer
-        steps = iter(self.loader)
+        steps, saved = iter(self.loader), None
         try:
             # checked before drawing, so the sampler stops there
-            while self.state.step < self.total_steps and not self.state.stopped_early:
+            while self.state.step < self.total_steps and not self.state.stopped_early and not self.preempted:
                 t0 = time.perf_counter()
                 batch = next(steps)
                 metrics = self.train_step(batch, data_wait=time.perf_counter() - t0)
@@ -121,11 +125,21 @@ class Trainer:
                 if stop:
                     self.state.stopped_early = True
                     self.metrics.event("early_stop", step=self.state.step, best_val_loss=self.state.best_val)
-                # always a checkpoint after the last step
-                self.checkpoints.save_if_due(self.state.step, due=self._due(cadence.save_freq),
-                                             final=self._last_step() or stop)
+                final = self._last_step() or stop  # always a checkpoint after the last step
+                self.preempted = not final and self.stop_agreement.stop()  # SIGTERM on any rank: stop after this step
+                saved = self.checkpoints.save_if_due(self.state.step, due=self._due(cadence.save_freq), final=final,
+                                                     preempted=self.preempted)
         finally:
             steps = None  # releasing the loader's iterator stops its prefetch thread (also when the loop raised)
+        if self.preempted:
+            self._report_preemption(saved)
+
+    def _report_preemption(self, saved: Any) -> None:
+        self.metrics.event("preempt", step=self.state.step, saved=saved is not None)
+        if self.world.is_main:
+            what = f"saved {saved}" if saved else "not saved: checkpoint.save_on_preempt=false"
+            print(f"shardtune: SIGTERM: stopped after step {self.state.step} ({what}); exit code {preempt.EXIT_CODE}. "
+                  "Run the same command again to resume.", file=sys.stderr, flush=True)
 
     def _last_step(self) -> bool:
         return self.state.step == self.total_steps
@@ -141,9 +155,11 @@ class Trainer:
                 self.metrics.event("mask", data=name, **audit_totals(data.stats["mask"]))
         if self.resumed:
             self.metrics.event("resume", **self.resumed, data=self.loader.describe())
-            if self.resumed["skipped_incomplete"]:
-                self.metrics.event("warning", message="skipped checkpoint folders a crash left incomplete",
-                                   paths=self.resumed["skipped_incomplete"])
+            if self.skipped:
+                self.metrics.event("warning", message=f"resumed from the newest intact checkpoint "
+                                   f"({self.resumed['path']}), skipping newer ones: "
+                                   + "; ".join(f"{p} is {why}" for p, why in self.skipped.items()),
+                                   paths=list(self.skipped))
 
     def train_step(self, batch: StepBatch, data_wait: float = 0.0) -> dict[str, Any]:
         """One optimizer step; `data_wait` is how long the loop waited for `batch` (counted in the step time)."""

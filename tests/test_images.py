@@ -120,6 +120,12 @@ def test_a_bad_picture_names_the_file_row_and_key(tokenizer, tmp_path, case, key
     skipped = build_dataset(cfg.train_files, DataConfig(train_files=cfg.train_files, cache_dir=None,
                                                          on_bad_row="skip"), tokenizer)
     assert len(skipped) == 5 and skipped.stats["dropped"] == {"bad_row": 1}
+    if case == "corrupt":  # the command line says it in one paragraph, without a traceback
+        vlm = tokenizer.name_or_path
+        r = run_cli("train", f"model.path={vlm}", f"data.train_files=[{path}]", "data.cache_dir=null",
+                    f"trainer.default_local_dir={tmp_path / 'run'}")
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert "row 3, key 'images[0]': the image cannot be decoded" in r.stderr
 
 
 def test_a_text_model_refuses_rows_with_pictures(tiny_model, tmp_path):
@@ -208,36 +214,48 @@ def test_packed_equals_padded_streamed_and_checkpointed_and_pictures_matter(vlm,
     assert abs(losses(tmp_path / "swapped")[0] - runs["packed"][0]) > 1e-4 * runs["packed"][0]
 
 
+VERL_VLM_LINE = [  # verl 0.9's examples/sft/vlm/run_qwen3_vl_2b.sh, fsdp backend, its SP_SIZE=2 default
+    "data.train_batch_size=6", "data.max_length=2048", "data.pad_mode=no_padding", "data.truncation=error",
+    "data.use_dynamic_bsz=True", "data.max_token_len_per_gpu=65536", "model.use_remove_padding=True", "engine=fsdp",
+    "optim=fsdp", "optim.lr=2e-5", "optim.lr_warmup_steps_ratio=0.01", "optim.weight_decay=0.1",
+    "optim.betas=[0.9,0.95]", "optim.clip_grad=1.0", "optim.min_lr_ratio=0.1", "optim.warmup_style=cosine",
+    "engine.ulysses_sequence_parallel_size=2", "engine.strategy=fsdp2", "engine.fsdp_size=-1", "trainer.test_freq=-1",
+    "trainer.save_freq=4000", "trainer.logger=['console','file']", "trainer.project_name=verl_sft_test",
+    "trainer.experiment_name=pokemon", "trainer.total_epochs=1", "trainer.resume_mode=auto",
+    "trainer.max_ckpt_to_keep=5", "checkpoint.save_contents=[model,optimizer,extra]"]
+
+
 @pytest.mark.slow
 @pytest.mark.dist
-def test_two_processes_and_ulysses_sp2_equal_one_process(vlm, mixed, tmp_path):
+def test_two_processes_ulysses_sp2_and_verls_vlm_line_equal_one_process(vlm, mixed, tmp_path):
     budget = ("data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=160")
     r = run_cli("train", *train_args(vlm, mixed, tmp_path / "one", *budget))
     assert r.returncode == 0, r.stderr[-3000:]
+    one = losses(tmp_path / "one")
     for name, extra in (("dp2", ()), ("sp2", ("engine.ulysses_sequence_parallel_size=2",))):
         r = torchrun(2, "train", *train_args(vlm, mixed, tmp_path / name, *budget, *extra))
         assert r.returncode == 0, r.stderr[-3000:]
-        assert same(losses(tmp_path / name), losses(tmp_path / "one")), name
+        assert same(losses(tmp_path / name), one), name
+    # verl's line, unchanged but for the paths: its first step trains the same samples from the same model
+    paths = [f"data.train_files={mixed}", f"model.path={vlm}", f"trainer.default_local_dir={tmp_path / 'verl'}"]
+    r = torchrun(2, *paths, *VERL_VLM_LINE, module="shardtune.verl.sft_trainer")
+    assert r.returncode == 0, r.stderr[-3000:]
+    verl = losses(tmp_path / "verl")
+    assert len(verl) == 3 and math.isclose(verl[0], one[0], rel_tol=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_verls_vlm_line_runs_on_two_processes(vlm, mixed, tmp_path):
-    """verl 0.9's examples/sft/vlm/run_qwen3_vl_2b.sh (fsdp backend, its SP_SIZE=2 default), on the tiny model;
-    its first step's loss is that of shardtune's own keys on one process (the same samples, the same model)."""
-    line = [f"data.train_files={mixed}", "data.train_batch_size=6", "data.max_length=2048", "data.pad_mode=no_padding",
-            "data.truncation=error", "data.use_dynamic_bsz=True", "data.max_token_len_per_gpu=65536",
-            f"model.path={vlm}", "model.use_remove_padding=True", "engine=fsdp", "optim=fsdp", "optim.lr=2e-5",
-            "optim.lr_warmup_steps_ratio=0.01", "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]",
-            "optim.clip_grad=1.0", "optim.min_lr_ratio=0.1", "optim.warmup_style=cosine",
-            "engine.ulysses_sequence_parallel_size=2", "engine.strategy=fsdp2", "engine.fsdp_size=-1",
-            "trainer.test_freq=-1", "trainer.save_freq=4000", "trainer.logger=['console','file']",
-            "trainer.project_name=verl_sft_test", "trainer.experiment_name=pokemon", "trainer.total_epochs=1",
-            f"trainer.default_local_dir={tmp_path / 'verl'}", "trainer.resume_mode=auto", "trainer.max_ckpt_to_keep=5",
-            "checkpoint.save_contents=[model,optimizer,extra]"]
-    r = torchrun(2, *line, module="shardtune.verl.sft_trainer")
+def test_qwen3_vl_packed_equals_padded_and_ulysses_sp2(mixed, tmp_path):
+    """Qwen3-VL (the family of verl's VLM line): deepstack features, interleaved mrope; under sequence parallelism
+    its deepstack features are split with the row."""
+    from shardtune.tiny import save_tiny_vlm
+
+    vlm = save_tiny_vlm(tmp_path / "model", family="qwen3_vl")
+    for name, extra in (("packed", ()), ("padded", ("model.use_remove_padding=false",))):
+        r = run_cli("train", *train_args(vlm, mixed, tmp_path / name, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, "train", *train_args(vlm, mixed, tmp_path / "sp2", "engine.ulysses_sequence_parallel_size=2"))
     assert r.returncode == 0, r.stderr[-3000:]
-    verl = losses(tmp_path / "verl")
-    r = run_cli("train", *train_args(vlm, mixed, tmp_path / "one"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert len(verl) == 3 and math.isclose(verl[0], losses(tmp_path / "one")[0], rel_tol=1e-5)
+    assert same(losses(tmp_path / "padded"), losses(tmp_path / "packed"))
+    assert same(losses(tmp_path / "sp2"), losses(tmp_path / "packed"))

@@ -8,14 +8,20 @@ and a remote copy alike:
 
 A checkpoint is complete once DCP's `.metadata` and `trainer_state.json`, written after every other file, are
 both there (`is_complete_folder`, the one completeness rule). The tracker only ever names a complete checkpoint;
-a folder a crash left incomplete is never resumed from and never counted by rotation.
+a folder a crash left incomplete is never resumed from and never counted by rotation. A complete local folder
+can still be damaged afterwards (a shard deleted or cut off): `damage` checks it against its DCP metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
-from collections.abc import Collection
+import warnings
+from collections.abc import Collection, Iterator
 from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
 
 from shardtune.checkpoint.storage import LocalFolder, Storage
 
@@ -44,6 +50,46 @@ def is_complete(path: Path) -> bool:
     return is_complete_folder(LocalFolder(path.parent), path.name)
 
 
+def damage(path: Path) -> str | None:
+    """What is wrong with a local checkpoint folder that `is_complete` calls complete, or None when it is whole:
+    trainer_state.json must parse, and every file DCP's .metadata names must be there, at least as long as the
+    last byte it records in it (a deleted or cut-off shard). Reads the metadata, never the tensors."""
+    try:
+        record = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            return "trainer_state.json holds no step"
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json cannot be read ({e})"
+    try:
+        with single_process_ok():
+            metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a cut-off or overwritten .metadata fails to unpickle in many ways
+        return f".metadata cannot be read ({type(e).__name__}: {e})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            return f"the shard {name} is missing"
+        if f.stat().st_size < end:
+            return f"the shard {name} is cut off ({f.stat().st_size} bytes; the metadata records data up to {end})"
+    return None
+
+
+def problem(path: Path) -> str | None:
+    """Why a local checkpoint folder cannot be resumed from (incomplete, or damaged), or None."""
+    return "incomplete (a save that did not finish)" if not is_complete(path) else damage(path)
+
+
+@contextlib.contextmanager
+def single_process_ok() -> Iterator[None]:
+    """DCP warns when used without a process group; one process is a supported, intended case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 class RunDir:
     """The checkpoints under one root: their steps, which are complete, the tracker, rotation."""
 
@@ -66,9 +112,11 @@ class RunDir:
         return [s for s, done in self.steps().items() if s > step and not done]
 
     def tracker_step(self) -> int | None:
-        if not self.storage.exists(TRACKER):
+        """The step the tracker names; None when there is none or it holds no step number (overwritten)."""
+        try:
+            return int(self.storage.read_text(TRACKER).strip()) if self.storage.exists(TRACKER) else None
+        except (OSError, ValueError):
             return None
-        return int(self.storage.read_text(TRACKER).strip())
 
     def write_tracker(self, step: int | None) -> None:
         """Name `step` as the newest checkpoint (None: remove the tracker)."""

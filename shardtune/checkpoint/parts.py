@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import shutil
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from shardtune import parallel
-from shardtune.config import CheckpointConfig
+from shardtune.checkpoint.layout import RunDir, single_process_ok, step_name
+from shardtune.checkpoint.storage import LocalFolder
+from shardtune.config import CheckpointConfig, ModelConfig
 from shardtune.engine.base import Engine
+from shardtune.errors import ConfigError, ShardtuneError
 from shardtune.model import generation_config
 
 TENSOR_PARTS = ("model", "optimizer")  # the parts DCP stores; the rest is JSON ("extra" in save_contents)
@@ -61,7 +65,7 @@ class Writer:
                  saved: Callable[[dict[str, Any]], None]):
         self.cfg, self.world, self.parts, self.engine, self.tokenizer = cfg, world, parts, engine, tokenizer
         self.model_path, self.complete, self.saved = model_path, complete, saved
-        self.pending: tuple[Any, Callable[[], None]] | None = None
+        self.pending: tuple[Any, Callable[[], None], Path] | None = None
         self.group = dist.new_group(backend="gloo") if cfg.async_save and world.distributed else None
         # poll's done-check gets a group of its own: DCP's background thread gathers the write results on
         # `self.group`, and a collective from the main thread on the same group can pair with it on one rank
@@ -70,6 +74,10 @@ class Writer:
 
     def save(self, path: Path, step: int, hf_weights: bool = False) -> None:
         self.wait()
+        with self._disk_full(path):
+            self._save(path, step, hf_weights)
+
+    def _save(self, path: Path, step: int, hf_weights: bool) -> None:
         t0 = time.perf_counter()
         if self.world.is_main and path.exists():  # a leftover of a crashed save at the same step
             shutil.rmtree(path)
@@ -87,7 +95,7 @@ class Writer:
             else:
                 dcp.save(tensors, checkpoint_id=str(path))
         info = {"step": step, "path": str(path), "async": future is not None}
-        self.pending = (future, lambda: self._finish(path, step, shared, own, info, t0))
+        self.pending = (future, lambda: self._finish(path, step, shared, own, info, t0), path)
         if future is None:
             self.wait()
 
@@ -95,11 +103,31 @@ class Writer:
         """Finish the pending save, if any: every rank's shards written, then the side files."""
         if self.pending is None:
             return
-        future, finish = self.pending
+        future, finish, path = self.pending
         self.pending = None
-        if future is not None:
-            future.result()
-        finish()
+        with self._disk_full(path):
+            if future is not None:
+                future.result()
+            finish()
+
+    @contextlib.contextmanager
+    def _disk_full(self, path: Path) -> Iterator[None]:
+        """A save that runs out of disk space: its folder is removed (the earlier checkpoints stay as they were,
+        and the tracker names the newest of them), and the error says so, naming the path."""
+        try:
+            yield
+        except BaseException as e:
+            if not _no_space(e, path):
+                raise
+            if self.world.is_main:
+                shutil.rmtree(path, ignore_errors=True)
+            intact = [s for s in reversed(RunDir(LocalFolder(path.parent)).complete_steps()) if step_name(s) != path.name]
+            kept = (f"the earlier checkpoints are intact; a relaunch resumes from {step_name(intact[0])}" if intact
+                    else "no earlier checkpoint exists")
+            raise ShardtuneError(f"No space left on the device while saving {path} (removed; {kept}). Fix: free space "
+                                 f"on {path.parent}, keep fewer checkpoints (trainer.max_ckpt_to_keep), or set "
+                                 "trainer.default_local_dir on a larger disk, then run the same command again."
+                                 ) from None
 
     def poll(self) -> None:
         """Called by every rank after every step: finish an asynchronous save once every rank's shards are
@@ -129,6 +157,32 @@ class Writer:
         self.saved(info)
 
 
+def _no_space(e: BaseException, path: Path) -> bool:
+    """Whether a save failed for want of disk space: ENOSPC somewhere in the chain, or in DCP's per-rank
+    failures; torch.save's zip writer says only "file write failed" / "unexpected pos", so those count when
+    the disk is (nearly) full."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left on device" in str(x):
+            return True
+        if ("file write failed" in str(x) or "unexpected pos" in str(x)) and _nearly_full(path):
+            return True
+        todo += [x.__cause__, x.__context__]
+        todo += [failure[0] for failure in getattr(x, "failures", {}).values()]  # DCP's CheckpointException
+    return False
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free < 64 * 2**20
+    except OSError:
+        return False
+
+
 def save_hf_side_files(engine: Engine, tokenizer: Any, model_path: Path, out: Path) -> None:
     """Config (with the KV cache back on, for inference), the base model's generation config, tokenizer, and
     the LoRA adapter config (export rebuilds the adapters from it, then merges them)."""
@@ -142,6 +196,26 @@ def save_hf_side_files(engine: Engine, tokenizer: Any, model_path: Path, out: Pa
         adapter.save_pretrained(out)
 
 
+def check_same_kind(path: Path, model: ModelConfig, contents: list[str] | None) -> None:
+    """A LoRA checkpoint holds adapter weights (and their optimizer state), a full one every weight: one cannot
+    be loaded as the other. Checked before the model is built."""
+    if contents is not None and "model" not in contents:
+        return
+    adapter = path / "huggingface" / "adapter_config.json"
+    saved_rank = json.loads(adapter.read_text()).get("r") if adapter.is_file() else 0
+    if bool(saved_rank) == bool(model.lora_rank):
+        return
+    if saved_rank:
+        raise ConfigError(f"{path} was trained with LoRA (rank {saved_rank}), and this run is a full fine-tune "
+                          "(model.lora_rank=0): its adapter weights cannot be resumed as full weights. Fix: set "
+                          f"model.lora_rank={saved_rank} to continue it, or start a full fine-tune from its merged "
+                          f"weights: `shardtune export {path} --out DIR`, then model.path=DIR in a new run.")
+    raise ConfigError(f"{path} is a full fine-tune, and this run trains LoRA adapters (model.lora_rank="
+                      f"{model.lora_rank}): its weights and optimizer state do not fit adapters. Fix: "
+                      "model.lora_rank=0 to continue it, or LoRA on its weights: `shardtune export "
+                      f"{path} --out DIR`, then model.path=DIR in a new run.")
+
+
 def load(path: Path, parts: dict[str, Stateful], world: parallel.World, contents: list[str] | None) -> dict[str, Any]:
     """Load what `contents` names (default: all that was saved) into `parts`; returns what happened.
 
@@ -152,8 +226,13 @@ def load(path: Path, parts: dict[str, Stateful], world: parallel.World, contents
     saved = record.get("contents", ["model", "optimizer", "extra"])
     wanted = [c for c in (contents or saved) if c in saved]
     tensors = {k: parts[k].state_dict() for k in TENSOR_PARTS if k in wanted}
-    with single_process_ok():
-        dcp.load(tensors, checkpoint_id=str(path))
+    try:
+        with single_process_ok():
+            dcp.load(tensors, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # damage that the sizes do not show, or another model's shape
+        raise ShardtuneError(f"Resuming from {path} failed ({type(e).__name__}: {str(e)[:400]}). Fix: point "
+                             "trainer.resume_from_path at an earlier checkpoint of the run, or check that model.* "
+                             "is as it was when it was saved.") from None
     for name, state in tensors.items():  # model first: the optimizer's state is keyed by its parameters
         parts[name].load_state_dict(state)
     same_world = record["world_size"] == world.world_size
@@ -179,11 +258,3 @@ def _upgraded(record: dict[str, Any]) -> dict[str, Any]:
     train = {k: record[k] for k in ("step", "tokens_seen", "skipped_steps", "best_val", "bad_validations",
                                     "stopped_early") if k in record}
     return {**record, "train": train, "loader": record["sampler"]}
-
-
-@contextlib.contextmanager
-def single_process_ok():
-    """DCP warns when used without a process group; one process is a supported, intended case here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield

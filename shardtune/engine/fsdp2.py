@@ -27,14 +27,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from shardtune import parallel
 from shardtune.batch import IGNORE_INDEX, MicroBatch
-from shardtune.data.vision import pixels_for
 from shardtune.engine.base import Engine, StepResult
 from shardtune.errors import ConfigError
 from shardtune.loss import find_loss_head
 from shardtune.model import build_from_config, compute_dtype, liger_usable, load_hf_config, load_model
 from shardtune.optim import build_optimizer, build_scheduler
 from shardtune.parallelize import parallelize
-from shardtune.vision import VisionInputsBuilder, is_vision_config
+from shardtune.vision import VisionInputsBuilder, blank_picture, is_vision_config
 
 
 class FSDP2Engine(Engine):
@@ -46,8 +45,10 @@ class FSDP2Engine(Engine):
         if liger_message and world.is_main:
             warnings.warn(liger_message, stacklevel=1)
         self.model = self._build_model()
-        self.vision = (VisionInputsBuilder(self.model, pixels_for(tokenizer), world.distributed, world.sp_rank)
-                       if is_vision_config(self.model.config) else None)
+        self.vision = None
+        if is_vision_config(self.model.config):  # the image processor lives beside the tokenizer
+            blank = blank_picture(tokenizer.name_or_path) if world.distributed else None
+            self.vision = VisionInputsBuilder(self.model, blank, world.sp_rank)
         self.loss_head = find_loss_head(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
