@@ -25,7 +25,7 @@ from pathlib import Path
 
 from shardtune.config import load_config, resolve_sources, validate
 from shardtune.data.dataset import build_dataset
-from shardtune.data.loader import RankLayout, StepLoader
+from shardtune.data.loader import RankLayout, SampledBatches, StepLoader
 from shardtune.data.stream import SampleStream
 from shardtune.model import load_tokenizer
 from shardtune.tiny import save_tiny_model
@@ -51,9 +51,9 @@ def data_only(work: Path, args: argparse.Namespace, streaming: bool) -> dict:
     if streaming:
         data = SampleStream(resolve_sources(cfg.data.train_files, cfg.data)[0], tokenizer, cfg.data, cfg.trainer.seed)
     else:
-        data = build_dataset(cfg.data.train_files, cfg.data, tokenizer, progress=False)
-    loader = StepLoader(data, cfg.data, RankLayout(), seed=cfg.trainer.seed, packed=True,
-                        pad_id=tokenizer.pad_token_id)
+        data = SampledBatches(build_dataset(cfg.data.train_files, cfg.data, tokenizer, progress=False), cfg.data,
+                              cfg.trainer.seed)
+    loader = StepLoader(data, cfg.data, RankLayout(), packed=True, pad_id=tokenizer.pad_token_id)
     steps = iter(loader)
     skip = -(-min(args.buffer, args.rows) // args.batch) + 1  # the steps that fill the buffer first
     for _ in range(skip):

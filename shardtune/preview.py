@@ -14,13 +14,14 @@ import torch
 
 from shardtune.batch import supervised_count
 from shardtune.checkpoint import check_run_dir
-from shardtune.config import Config, Source, resolve_sources
+from shardtune.config import Config, Source
+from shardtune.data import build
 from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template
-from shardtune.data.dataset import TokenizedDataset, build_dataset, build_source
+from shardtune.data.dataset import TokenizedDataset, build_source, tokenize_sources
 from shardtune.data.formats import detect_format
 from shardtune.data.loader import batch_sampler, planned_steps
-from shardtune.data.readers import data_files, expand_paths, read_rows
-from shardtune.data.tokenize import row_samples, truncate
+from shardtune.data.readers import data_files
+from shardtune.data.tokenize import tokenize_row
 from shardtune.data.vision import image_processing, images_of
 from shardtune.errors import DataError
 from shardtune.memory import GIB, estimate, model_shape
@@ -33,14 +34,13 @@ def validate_data(cfg: Config) -> None:
     check_run_dir(cfg.run_dir)
     tokenizer = load_tokenizer(cfg.model)
     data_cfg = cfg.data
-    for name, files, max_samples in (("train", data_cfg.train_files, data_cfg.train_max_samples),
-                                     ("val", data_cfg.val_files, data_cfg.val_max_samples)):
-        if not files:
+    for name, sources in zip(("train", "val"), build.data_sources(cfg)):
+        if not sources:
             continue
         if name == "train" and data_cfg.streaming:
-            validate_stream_head(cfg, tokenizer)
+            validate_stream_head(cfg, sources, tokenizer)
             continue
-        ds = build_dataset(files, data_cfg, tokenizer, max_samples)
+        ds = tokenize_sources(sources, data_cfg, tokenizer)
         check_token_ids(cfg.model, tokenizer, [ds])
         lengths = ds.lengths
         s = ds.stats
@@ -58,11 +58,10 @@ def validate_data(cfg: Config) -> None:
     print("config and data OK")
 
 
-def validate_stream_head(cfg: Config, tokenizer: Any) -> None:
+def validate_stream_head(cfg: Config, sources: list[Source], tokenizer: Any) -> None:
     """Streamed training data is not tokenized ahead: check the head of each streamed source (one shuffle
     buffer's worth of rows) with the same per-source report, in a temporary folder."""
     data_cfg = cfg.data
-    sources = resolve_sources(data_cfg.train_files, data_cfg, data_cfg.train_max_samples)
     files = [f for source in sources for f in data_files(list(source.paths))]
     print(f"train: streamed (data.streaming=true) from {len(files)} file(s), read and tokenized as it trains"
           + (f"; a mixture of {len(sources)} sources drawn by weight" if len(sources) > 1 else ""))
@@ -183,29 +182,30 @@ def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, st
 
 
 def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
+    """Row `index` of the training data as training sees it: the samples `tokenize_row` makes of it (truncation
+    and the bad-row policy included), trained spans marked."""
     tokenizer = load_tokenizer(cfg.model)
-    sources = resolve_sources(cfg.data.train_files, cfg.data, cfg.data.train_max_samples)
-    rows = ((s.data, row) for s in sources for row in read_rows(expand_paths(list(s.paths)), s.max_samples))
-    found = list(islice(rows, index, index + 1)) if index >= 0 else []
+    sources = build.data_sources(cfg).train
+    found = list(islice(build.rows(sources), index, index + 1)) if index >= 0 else []
     if not found:
-        count = sum(1 for s in sources for _ in read_rows(expand_paths(list(s.paths)), s.max_samples))
+        count = sum(1 for _ in build.rows(sources))
         raise DataError(f"--index {index} is not a sample of data.train_files, which holds {count} rows. Fix: "
                         f"pass an --index from 0 to {count - 1}.")
-    source_cfg, row = found[0]
+    source, row = found[0]
+    source_cfg = source.data
     fmt = source_cfg.format if source_cfg.format != "auto" else detect_format(row, source_cfg)
     template = resolve_chat_template(source_cfg.chat_template, tokenizer)
-    samples, audit = row_samples(row, fmt, tokenizer, source_cfg, template)  # as tokenization does it
+    result = tokenize_row(row, fmt, tokenizer, source_cfg, template)  # as tokenization does it
+    samples, audit = result.samples, result.audit
     vision = image_processing(tokenizer, template) if audit.get("images") else None
     image_token = vision.image_token_id if vision is not None else None
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     method = next((k.removeprefix("method_") for k in audit if k.startswith("method_")), "none")
     eos_reason = ("data.append_eos=always" if source_cfg.append_eos == "always"
                   else "the template writes no end-of-turn token after the last trained turn")
-    for k, sample in enumerate(samples):
-        tok, reason = truncate(sample, source_cfg.max_length, source_cfg.truncation, row)
+    for k, tok in enumerate(samples):
         part = f", sample {k + 1} of {len(samples)}" if len(samples) > 1 else ""
-        print(f"# {row.path}, row {row.index}{part} (format {fmt}; spans from {method})"
-              + (f" [{reason}]" if reason else ""))
+        print(f"# {row.path}, row {row.index}{part} (format {fmt}; spans from {method})")
         print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color, image_token))
         n_trained = supervised_count(np.asarray(tok.labels))
         pictures = [int(lab) != IGNORE_INDEX for t, lab in zip(tok.input_ids, tok.labels) if int(t) == image_token]
@@ -213,7 +213,12 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
               + (f"; {len(images_of(tok))} images, {len(pictures)} image tokens, {sum(pictures)} of them trained"
                  if images_of(tok) else "")
               + (f"; EOS appended ({eos_reason})" if audit["eos_appended"] and k == len(samples) - 1 else ""))
-    if not samples:
+    dropped = {reason: n for reason, n in result.dropped.items() if reason != "no_trained_tokens"}
+    if result.truncated or dropped:
+        print(f"# {row.path}, row {row.index}: " + ", ".join(
+            [f"{result.truncated} truncated to data.max_length={source_cfg.max_length}"] * bool(result.truncated)
+            + [f"{n} dropped ({reason})" for reason, n in sorted(dropped.items())]))
+    elif not samples:
         print(f"# {row.path}, row {row.index}: no assistant turn to train")
 
 

@@ -13,45 +13,15 @@ from typing import Any
 
 from shardtune import flops, parallel, preempt
 from shardtune.checkpoint import CheckpointManager
-from shardtune.config import Config, dump_yaml, notes, resolve_sources, to_dict
+from shardtune.config import Config, dump_yaml, notes, to_dict
+from shardtune.data.build import build_data
 from shardtune.data.chat import audit_totals
-from shardtune.data.dataset import CombinedDataset, build_dataset
 from shardtune.data.loader import RankLayout, StepBatch, StepLoader, planned_steps
-from shardtune.data.stream import SampleStream
-from shardtune.data.stream_mixture import MixedStream
 from shardtune.data.vision import pixels_for
 from shardtune.engine import build_engine
 from shardtune.metrics import Metrics, step_metrics
 from shardtune.model import check_token_ids, load_tokenizer
 from shardtune.state import RNGState, TrainState, seed_everything
-
-
-def load_datasets(cfg: Config, tokenizer: Any, world: parallel.World
-                  ) -> tuple[CombinedDataset | SampleStream | MixedStream, CombinedDataset | None]:
-    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. Without a cache
-    (data.cache_dir=null) every rank tokenizes for itself, all at once. Streamed training data
-    (data.streaming) is only opened here: every rank reads and tokenizes it as it trains."""
-    def build() -> tuple[CombinedDataset | SampleStream | MixedStream, CombinedDataset | None]:
-        data = cfg.data
-        if data.streaming:
-            sources = resolve_sources(data.train_files, data, data.train_max_samples)
-            train = (SampleStream(sources[0], tokenizer, data, cfg.trainer.seed) if len(sources) == 1
-                     else MixedStream(sources, tokenizer, data, cfg.trainer.seed))
-        else:
-            train = build_dataset(data.train_files, data, tokenizer, data.train_max_samples, progress=world.is_main)
-        val = (build_dataset(data.val_files, data, tokenizer, data.val_max_samples, progress=world.is_main)
-               if data.val_files else None)
-        return train, val
-
-    if not cfg.data.cache_dir:
-        return build()
-    if world.is_main:
-        out = build()
-        parallel.barrier(world)
-    else:
-        parallel.barrier(world)
-        out = build()
-    return out
 
 
 class Trainer:
@@ -65,11 +35,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg, self.world, on_event=lambda kind, **info: self.metrics.event(kind, **info))
         self.tokenizer = load_tokenizer(cfg.model)
         # data problems surface before anything is written to the run directory
-        self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
+        self.train_data, self.val_data = build_data(cfg, self.tokenizer, self.world)
         check_token_ids(cfg.model, self.tokenizer, [d for d in (self.train_data, self.val_data) if d is not None])
         w = self.world
         self.loader = StepLoader(self.train_data, cfg.data, RankLayout(w.dp_rank, w.dp_size, w.sp_rank, w.sp_size),
-                                 seed=cfg.trainer.seed, packed=cfg.model.use_remove_padding,
+                                 packed=cfg.model.use_remove_padding,
                                  pad_id=self.tokenizer.pad_token_id, pin_memory=w.device.type == "cuda",
                                  pixels=pixels_for(self.tokenizer))
         self.total_steps = planned_steps(cfg.trainer.total_training_steps, cfg.trainer.total_epochs,
@@ -145,7 +115,7 @@ class Trainer:
         return self.state.step == self.total_steps
 
     def _start_events(self) -> None:
-        samples = "streamed" if self.cfg.data.streaming else len(self.train_data)
+        samples = "streamed" if self.train_data.samples is None else self.train_data.samples
         self.metrics.event("start", steps=self.total_steps, steps_per_epoch=self.loader.steps_per_epoch,
                            samples=samples, world_size=self.world.world_size, run_dir=str(self.run_dir))
         for message in notes(self.cfg):

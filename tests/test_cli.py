@@ -55,6 +55,39 @@ def test_validate_and_render(tiny_model, files):
     assert "[[" in r.stdout and "<|im_end|>]]" in r.stdout and "tokens," in r.stdout
 
 
+def test_train_validate_and_render_build_their_data_through_one_function(tiny_model, files, tmp_path, monkeypatch,
+                                                                         capsys):
+    """The three commands start from data/build.py's `data_sources`, the one place the config's data files
+    become sources: each calls it once (train through `build_data`), and what it returns is what they read
+    (here the source cut to 12 of its 24 rows)."""
+    import dataclasses
+    import json
+    import traceback
+
+    from shardtune import cli, preempt
+    from shardtune.data import build
+
+    calls, real = [], build.data_sources
+
+    def spy(cfg):
+        calls.append(traceback.extract_stack(limit=2)[0].name)
+        sources = real(cfg)
+        return build.DataSources([dataclasses.replace(sources.train[0], max_samples=12)], sources.val)
+
+    monkeypatch.setattr(build, "data_sources", spy)
+    monkeypatch.setattr(preempt, "install", lambda: None)  # train in this process: leave pytest's SIGTERM alone
+    keys = [f"model.path={tiny_model}", f"data.train_files={files['multi']}", "data.cache_dir=null"]
+    assert cli.main(["validate", *keys]) == 0
+    assert cli.main(["render", *keys, "--index", "2", "--color", "never"]) == 0
+    assert cli.main(["train", *keys, f"trainer.default_local_dir={tmp_path / 'run'}", "data.train_batch_size=8",
+                     "trainer.total_training_steps=1", "trainer.logger=[jsonl]", "trainer.progress_bar=false"]) == 0
+    assert calls == ["validate_data", "render_sample", "build_data"]
+    out = capsys.readouterr().out
+    assert "train: 12 rows read, 12 kept" in out and "<|im_end|>]]" in out
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["samples"] for e in events if e.get("event") == "start"] == [12]
+
+
 def test_misspelled_key_is_refused_by_name_without_traceback(tmp_path):
     r = run_cli("train", "data.trian_files=x", "model.path=/nope")
     assert r.returncode == 2

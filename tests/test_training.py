@@ -63,7 +63,7 @@ def test_first_step_loss_equals_a_plain_transformers_forward(tiny_model, data_fi
     total, count = 0.0, 0
     with torch.no_grad():
         for i in indices:  # one unpadded sequence at a time, the textbook way
-            ids, labels = (torch.as_tensor(x.astype("int64"))[None] for x in trainer.train_data[i])
+            ids, labels = (torch.as_tensor(x.astype("int64"))[None] for x in trainer.train_data.data[i])
             logits = ref(input_ids=ids).logits[0, :-1]
             target = labels[0, 1:]
             total += F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum").item()
@@ -85,8 +85,8 @@ def test_padded_and_packed_batches_agree(tiny_model, data_files, tmp_path):
 def test_packed_logits_equal_each_sequence_alone(tiny_model, data_files, tmp_path):
     trainer = run(tiny_model, data_files, tmp_path, fit=False)
     model = trainer.engine.model.eval()
-    samples = [trainer.train_data[i] for i in range(3)]
-    mb = trainer.loader.micro_batches(trainer.train_data.lengths[:3], trainer.train_data.__getitem__)[1][0]
+    samples = [trainer.train_data.data[i] for i in range(3)]
+    mb = trainer.loader.micro_batches(trainer.train_data.data.lengths[:3], trainer.train_data.data.__getitem__)[1][0]
     assert model.config._attn_implementation == "shardtune_varlen_sdpa"  # auto on CPU with packed rows
     with torch.no_grad():
         by_cu = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,

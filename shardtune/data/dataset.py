@@ -1,8 +1,7 @@
 """Sources -> tokenized, memory-mapped datasets, one cached per source, and their combined view.
 
-`build_dataset(entries, cfg, tokenizer)` resolves `data.train_files`-style entries into sources
-(config/sources.py), tokenizes each into its own cache folder (data/cache.py, data/tokenize.py) unless the
-cache is already complete, and returns a `CombinedDataset`: every source's samples one after another, with
+`tokenize_sources(sources, cfg, tokenizer)` tokenizes each source (config/sources.py) into its own cache folder
+(data/cache.py, data/tokenize.py) unless the cache is already complete, and returns a `CombinedDataset`: every source's samples one after another, with
 the per-source datasets and the sample -> source map the step loader draws mixtures from. With one source it
 is exactly that source's dataset. Without a cache folder (data.cache_dir=null) the shards go to a temporary
 folder that is removed once mapped, so memory stays bounded either way.
@@ -137,11 +136,17 @@ def _combined_stats(sources: list[Source], datasets: list[TokenizedDataset]) -> 
 
 def build_dataset(entries: list[str | dict[str, Any]], cfg: DataConfig, tokenizer: Any, max_samples: int = -1,
                   progress: bool = True, shard_rows: int = SHARD_ROWS) -> CombinedDataset:
-    """The entries of data.train_files (or val_files), tokenized and cached per source."""
+    """Entries written as in data.train_files, tokenized (for callers that hold entries, not a config: tests, bench;
+    a run resolves its sources once, in data/build.py)."""
+    return tokenize_sources(resolve_sources(entries, cfg, max_samples), cfg, tokenizer, progress, shard_rows)
+
+
+def tokenize_sources(sources: list[Source], cfg: DataConfig, tokenizer: Any, progress: bool = True,
+                     shard_rows: int = SHARD_ROWS) -> CombinedDataset:
+    """The sources, tokenized and cached per source."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("The tokenizer has no fast (Rust) version; shardtune needs its character offsets to "
                         "place the loss mask. Fix: use a tokenizer folder with tokenizer.json.")
-    sources = resolve_sources(entries, cfg, max_samples)
     datasets = [build_source(s, tokenizer, progress, shard_rows) for s in sources]
     if cfg.use_dynamic_bsz:
         for source, data in zip(sources, datasets):

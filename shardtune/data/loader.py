@@ -6,7 +6,7 @@ sequence parallelism, pins them for asynchronous GPU copies, and with `data.pref
 in a background thread ahead of the loop. The engine receives ready micro-batches and the step's loss
 divisor; it never sees samples, plans or the tokenizer.
 
-Two batch sources: `SampledBatches` draws from tokenized datasets by a sampler (a seeded permutation per
+Batch sources (`BatchSource`): `SampledBatches` draws from tokenized datasets by a sampler (a seeded permutation per
 epoch, or the weighted mixture); a `SampleStream` (data/stream.py, `data.streaming=true`) reads, tokenizes and
 shuffles rows as it goes, inside the prefetch thread (`MixedStream`, data/stream_mixture.py: several streamed
 sources drawn by weight). Planning works on the positions of a global batch's
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from torchdata.nodes import IterableWrapper, Loader, Prefetcher
 
 from shardtune.batch import MicroBatch
-from shardtune.config import DataConfig
+from shardtune.config import DataConfig, Source
 from shardtune.data.batching import (
     GlobalBatch,
     GlobalBatchSampler,
@@ -39,8 +39,7 @@ from shardtune.data.batching import (
 )
 from shardtune.data.dataset import CombinedDataset
 from shardtune.data.mixture import MixtureSampler
-from shardtune.data.stream import CONTINUE_WEIGHTS, SampleStream
-from shardtune.data.stream_mixture import MixedStream
+from shardtune.data.stream import CONTINUE_WEIGHTS
 from shardtune.errors import ConfigError
 
 
@@ -82,12 +81,38 @@ class StepBatch:
         return self.drawn.sources
 
 
+class BatchSource(Protocol):
+    """What the step loader draws from: `SampledBatches` (tokenized, cached sources), `SampleStream` and
+    `MixedStream` (streamed). Iterating gives the global batches from the position on and never moves it;
+    `consumed` does, once a batch has trained; the position is the source's checkpoint state."""
+
+    sources: list[Source]
+    stats: dict[str, Any]  # what reading the data counted (drops, the mask audit); {"streaming": True} for streams
+    samples: int | None  # samples of a pass (None for a stream: known once read)
+    steps_per_epoch: int | None  # likewise
+
+    def __iter__(self) -> Iterator[GlobalBatch]: ...
+
+    def consumed(self, batch: GlobalBatch) -> None: ...
+
+    def epoch_progress(self, batch: GlobalBatch) -> float: ...
+
+    def at_epoch_end(self) -> bool: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
 class SampledBatches:
     """Global batches of tokenized datasets: one source by a seeded permutation per epoch, several by the
     weighted mixture (data/mixture.py)."""
 
     def __init__(self, data: CombinedDataset, cfg: DataConfig, seed: int):
         self.data, self.sampler = data, batch_sampler(data, cfg, seed)
+        self.sources, self.datasets, self.stats, self.samples = data.sources, data.datasets, data.stats, len(data)
         self.dropped_rows = sum(data.stats.get("dropped", {}).values())
 
     @property
@@ -138,13 +163,11 @@ class SampledBatches:
 
 
 class StepLoader:
-    def __init__(self, data: CombinedDataset | SampleStream | MixedStream, cfg: DataConfig, layout: RankLayout, *,
-                 seed: int, packed: bool, pad_id: int, pin_memory: bool = False,
-                 pixels: Callable[[list[bytes]], dict[str, Any]] | None = None):
-        self.cfg, self.layout = cfg, layout
+    def __init__(self, batches: BatchSource, cfg: DataConfig, layout: RankLayout, *, packed: bool, pad_id: int,
+                 pin_memory: bool = False, pixels: Callable[[list[bytes]], dict[str, Any]] | None = None):
+        self.batches, self.cfg, self.layout = batches, cfg, layout
         self.packed, self.pad_id, self.pin = packed, pad_id, pin_memory
         self.pixels = pixels  # pictures -> the image processor's tensors (vision-language models)
-        self.batches = SampledBatches(data, cfg, seed) if isinstance(data, CombinedDataset) else data
 
     @property
     def steps_per_epoch(self) -> int | None:

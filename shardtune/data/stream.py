@@ -136,7 +136,7 @@ class SampleStream:
     """One training source, streamed: global batches from the current state on (`__iter__`), the state a
     trained step leaves (`consumed`), and its JSON for checkpoints (`state_dict` / `load_state_dict`)."""
 
-    steps_per_epoch = None  # unknown until a pass has been read
+    steps_per_epoch = samples = None  # unknown until a pass has been read
 
     def __init__(self, source: Source, tokenizer: Any, cfg: DataConfig, seed: int):
         if not getattr(tokenizer, "is_fast", False):

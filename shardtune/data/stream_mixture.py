@@ -74,7 +74,7 @@ def passes_done(state: StreamState) -> int:
 class MixedStream:
     """Streamed sources drawn by weight, with the loader interface of `SampleStream`."""
 
-    steps_per_epoch = None  # a mixture of streams has no known pass length
+    steps_per_epoch = samples = None  # a mixture of streams has no known pass length
 
     def __init__(self, sources: list[Source], tokenizer: Any, cfg: DataConfig, seed: int):
         self.sources, self.seed = list(sources), seed
