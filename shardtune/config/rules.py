@@ -7,8 +7,8 @@ import importlib.util
 
 from shardtune.config.schema import ENGINE_ALIASES, LOGGER_PACKAGES, LOGGERS, Config, ModelConfig
 from shardtune.config.sources import resolve_sources
+from shardtune.config.urls import check_url, is_url
 from shardtune.errors import ConfigError
-from shardtune.remote import check_url, is_url
 
 
 def validate(cfg: Config, world_size: int = 1) -> Config:

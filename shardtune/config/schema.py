@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# the loss-mask options, shared with data/chat.py's MaskOptions
+APPEND_EOS = Literal["auto", "always", "never"]
+TRAIN_ON_TURNS = Literal["all", "last"]
+THINKING_HISTORY = Literal["as_rendered", "per_turn"]
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -33,11 +38,11 @@ class DataConfig:
     ignore_input_ids_mismatch: bool = False
     # the tokenizer's EOS after the last trained turn: auto = only where the template writes no end-of-turn
     # token there; always; never
-    append_eos: Literal["auto", "always", "never"] = "auto"
-    train_on_turns: Literal["all", "last"] = "all"  # which assistant turns are trained (a message's `train` wins)
+    append_eos: APPEND_EOS = "auto"
+    train_on_turns: TRAIN_ON_TURNS = "all"  # which assistant turns are trained (a message's `train` wins)
     # per_turn: one sample per trained assistant turn, cut after it, so each turn's reasoning is trained as the
     # template renders a final turn
-    thinking_history: Literal["as_rendered", "per_turn"] = "as_rendered"
+    thinking_history: THINKING_HISTORY = "as_rendered"
     max_length: int = 1024
     truncation: Literal["error", "left", "right", "drop"] = "error"
     on_bad_row: Literal["error", "skip"] = "error"

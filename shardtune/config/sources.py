@@ -26,8 +26,8 @@ from typing import Any
 
 from shardtune.config.loading import coerce
 from shardtune.config.schema import DataConfig
+from shardtune.config.urls import DATA_SUFFIXES
 from shardtune.errors import ConfigError
-from shardtune.remote import DATA_SUFFIXES
 
 FORMAT_KEYS = ("format", "messages_key", "tools_key", "enable_thinking_key", "prompt_key", "response_key",
                "prompt_dict_keys", "response_dict_keys", "system_prompt")

@@ -31,6 +31,7 @@ from jinja2 import TemplateSyntaxError
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from shardtune.batch import IGNORE_INDEX
+from shardtune.config.schema import APPEND_EOS, THINKING_HISTORY, TRAIN_ON_TURNS
 from shardtune.data.template import TemplateView
 from shardtune.data.turns import Tokens, turn_spans
 from shardtune.errors import DataError, TemplateMismatch
@@ -61,9 +62,9 @@ class Tokenized(NamedTuple):
 
 @dataclass(frozen=True)
 class MaskOptions:
-    append_eos: str = "auto"  # auto | always | never
-    train_on_turns: str = "all"  # all | last
-    thinking_history: str = "as_rendered"  # as_rendered | per_turn
+    append_eos: APPEND_EOS = "auto"
+    train_on_turns: TRAIN_ON_TURNS = "all"
+    thinking_history: THINKING_HISTORY = "as_rendered"
 
     @classmethod
     def from_config(cls, cfg: Any) -> MaskOptions:
