@@ -95,6 +95,42 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in rows if "step" in r and "event" not in r]
 
 
+def train_args(model: Path, train: object, run_dir: Path, *extra: str) -> list[str]:
+    """The keys of a small training run: global batches of 8 in micro-batches of 4, lr 2e-3, metrics to jsonl,
+    the tokenization cache beside the run directory. Each `key=value` of `extra` replaces its key's default
+    (given once, so the CLI notes no repeated key) or adds it."""
+    keys = {"model.path": model, "data.train_files": train, "trainer.default_local_dir": run_dir,
+            "data.train_batch_size": 8, "data.micro_batch_size_per_gpu": 4, "optim.lr": "2e-3",
+            "trainer.logger": "[jsonl]", "data.cache_dir": f"{run_dir}_cache"}
+    keys.update(item.split("=", 1) for item in extra)
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def train_once(*args: str) -> list[dict]:
+    """`shardtune train` with these arguments (`--nproc N` among them launches N processes); its metric rows."""
+    r = run_cli("train", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("trainer.default_local_dir="))
+    return read_metrics(Path(run_dir))
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["train/loss"] for row in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A byte-level tokenizer (its own chat template)."""
+    from shardtune.tiny import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chatml_tok():
+    return template_tokenizer("chatml")
+
+
 def torchrun(nproc: int, *args: str, script: str | None = None, module: str = "shardtune", timeout: int = 300,
              env: dict | None = None):
     """Launch `torchrun --standalone` with `nproc` CPU workers (gloo) running a module or a test script."""

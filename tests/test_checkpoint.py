@@ -10,7 +10,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SLOW_STEPS, arithmetic_rows, kill_after, read_metrics, run_cli, torchrun, write_jsonl
+from conftest import (
+    SLOW_STEPS,
+    arithmetic_rows,
+    kill_after,
+    losses_by_step,
+    read_metrics,
+    run_cli,
+    torchrun,
+    train_args,
+    train_once,
+    write_jsonl,
+)
 
 from shardtune.checkpoint import TRACKER, LocalFolder, RunDir, find_resume_path
 from shardtune.errors import ConfigError
@@ -23,17 +34,14 @@ def data(tmp_path_factory):
 
 
 def args(tiny_model, data, run_dir, *extra):
-    return [f"model.path={tiny_model}", f"data.train_files={data}", f"trainer.default_local_dir={run_dir}",
-            "data.train_batch_size=8", "data.micro_batch_size_per_gpu=4", "optim.lr=2e-3", "trainer.total_training_steps=16",
-            "trainer.logger=[jsonl]", f"data.cache_dir={run_dir}_cache", *extra]
+    return train_args(tiny_model, data, run_dir, "trainer.total_training_steps=16", *extra)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model, data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full") / "run"
-    r = run_cli("train", *args(tiny_model, data, run_dir))
-    assert r.returncode == 0, r.stderr
-    return {row["step"]: row["train/loss"] for row in read_metrics(run_dir)}
+    train_once(*args(tiny_model, data, run_dir))
+    return losses_by_step(run_dir)
 
 
 @pytest.mark.parametrize("save_freq,resume_step", [(3, 6), (5, 5)], ids=["mid-epoch", "epoch-boundary"])

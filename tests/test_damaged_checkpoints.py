@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import arithmetic_rows, read_metrics, run_cli, write_jsonl
+from conftest import arithmetic_rows, read_metrics, run_cli, train_args, write_jsonl
 
 from shardtune.checkpoint import TRACKER, damage, find_resume_path
 from shardtune.errors import ConfigError
@@ -31,9 +31,9 @@ def data(tmp_path_factory):
 
 
 def args(tiny_model, data, run_dir, *extra):
-    return [f"model.path={tiny_model}", f"data.train_files={data}", f"trainer.default_local_dir={run_dir}",
-            "data.train_batch_size=4", "optim.lr=2e-3", "trainer.total_training_steps=9", "trainer.save_freq=3",
-            "trainer.logger=[jsonl]", f"data.cache_dir={run_dir.parent}/cache", *extra]
+    return train_args(tiny_model, data, run_dir, "data.train_batch_size=4",
+                      "trainer.total_training_steps=9", "trainer.save_freq=3", f"data.cache_dir={run_dir.parent}/cache",
+                      *extra)
 
 
 @pytest.fixture(scope="module")

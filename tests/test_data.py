@@ -14,12 +14,6 @@ from shardtune.data.dataset import build_dataset
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.readers import Row, expand_paths, read_rows
 from shardtune.errors import DataError
-from shardtune.tiny import byte_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
 
 
 def cfg(**kw) -> DataConfig:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_jsonl
+from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, train_args, train_once, write_jsonl
 
 pytestmark = pytest.mark.dist
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -22,10 +22,8 @@ def data(tmp_path_factory):
 
 def args(tiny_model, data, run_dir, *extra):
     train, val = data
-    return [f"model.path={tiny_model}", f"data.train_files={train}", f"data.val_files={val}",
-            f"trainer.default_local_dir={run_dir}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2",
-            "optim.lr=2e-3", "optim.lr_warmup_steps=1", "trainer.test_freq=3", "trainer.logger=[jsonl]",
-            f"data.cache_dir={run_dir}_cache", *extra]
+    return train_args(tiny_model, train, run_dir, f"data.val_files={val}", "data.micro_batch_size_per_gpu=2",
+                      "optim.lr_warmup_steps=1", "trainer.test_freq=3", *extra)
 
 
 def assert_steps_close(a, b, loss_rel=1e-5, norm_rel=1e-5):
@@ -47,10 +45,7 @@ def assert_run_matches(nproc, reference, tiny_model, data, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def one_process(tiny_model, data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("one") / "run"
-    r = run_cli("train", *args(tiny_model, data, run_dir))
-    assert r.returncode == 0, r.stderr
-    return read_metrics(run_dir)
+    return train_once(*args(tiny_model, data, tmp_path_factory.mktemp("one") / "run"))
 
 
 def test_two_processes_equal_one(tiny_model, data, tmp_path, one_process):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_jsonl
+from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, train_args, write_jsonl
 
 from shardtune.config import load_config, validate
 from shardtune.trainer import Trainer
@@ -18,9 +18,8 @@ def data(tmp_path_factory):
 
 
 def args(tiny_model, data, run_dir, *extra):
-    return [f"model.path={tiny_model}", f"data.train_files={data}", f"trainer.default_local_dir={run_dir}",
-            "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2", "optim.lr=1e-2", "model.lora_rank=8",
-            "trainer.total_training_steps=6", "trainer.logger=[jsonl]", f"data.cache_dir={run_dir}_cache", *extra]
+    return train_args(tiny_model, data, run_dir, "data.micro_batch_size_per_gpu=2", "optim.lr=1e-2", "model.lora_rank=8",
+                      "trainer.total_training_steps=6", *extra)
 
 
 def test_only_adapters_change_and_loss_falls(tiny_model, data, tmp_path):

@@ -8,7 +8,7 @@ import math
 import random
 
 import pytest
-from conftest import arithmetic_rows, kill_after, read_metrics, run_cli, torchrun, write_jsonl
+from conftest import arithmetic_rows, kill_after, read_metrics, run_cli, torchrun, train_once, write_jsonl
 
 
 def alpaca_rows(n: int, seed: int) -> list[dict]:
@@ -42,10 +42,7 @@ def args(tiny_model, files, run_dir, *extra, val=("chat", "math")):
 
 @pytest.fixture(scope="module")
 def one_process(tiny_model, files, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("one") / "run"
-    r = run_cli("train", *args(tiny_model, files, run_dir))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return read_metrics(run_dir)
+    return train_once(*args(tiny_model, files, tmp_path_factory.mktemp("one") / "run"))
 
 
 def test_every_step_draws_six_of_eight_from_the_three_quarter_source(one_process):

@@ -11,12 +11,22 @@ import sys
 import time
 
 import pytest
-from conftest import SLOW_STEPS, arithmetic_rows, read_metrics, run_cli, write_jsonl
+from conftest import (
+    SLOW_STEPS,
+    arithmetic_rows,
+    losses_by_step,
+    read_metrics,
+    run_cli,
+    train_args,
+    train_once,
+    write_jsonl,
+)
 
 from shardtune.checkpoint import TRACKER, LocalFolder, RunDir
 from shardtune.preempt import EXIT_CODE
 
 pytestmark = pytest.mark.slow  # real training runs, relaunched
+STEPS = "trainer.total_training_steps=12"
 
 
 @pytest.fixture(scope="module")
@@ -24,24 +34,13 @@ def data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("preempt") / "train.jsonl", arithmetic_rows(40, seed=11))
 
 
-def args(tiny_model, data, run_dir, *extra):
-    return [f"model.path={tiny_model}", f"data.train_files={data}", f"trainer.default_local_dir={run_dir}",
-            "data.train_batch_size=8", "data.micro_batch_size_per_gpu=4", "optim.lr=2e-3",
-            "trainer.total_training_steps=12", "trainer.logger=[jsonl]", f"data.cache_dir={run_dir}_cache", *extra]
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {row["step"]: row["train/loss"] for row in read_metrics(run_dir)}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model, data, tmp_path_factory):
     out = {}
     for nproc in (1, 2):
         run_dir = tmp_path_factory.mktemp(f"full{nproc}") / "run"
-        r = run_cli("train", *args(tiny_model, data, run_dir), *(["--nproc", "2"] if nproc == 2 else []))
-        assert r.returncode == 0, r.stderr[-2000:]
-        out[nproc] = losses(run_dir)
+        train_once(*train_args(tiny_model, data, run_dir, STEPS), *(["--nproc", "2"] if nproc == 2 else []))
+        out[nproc] = losses_by_step(run_dir)
     return out
 
 
@@ -81,7 +80,7 @@ def signal_everything_mentioning(text: str, sig: int) -> None:
 def test_sigterm_saves_exits_cleanly_and_resumes_bitwise(tiny_model, data, tmp_path, uninterrupted, nproc, everyone):
     run_dir = tmp_path / "run"
     launch = ["--nproc", "2"] if nproc == 2 else []
-    cmd = args(tiny_model, data, run_dir, *launch)
+    cmd = [*train_args(tiny_model, data, run_dir, STEPS), *launch]
     code, err = sigterm_after(cmd, run_dir, steps=4, everyone=everyone)
     assert code == EXIT_CODE, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]

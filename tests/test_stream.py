@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import arithmetic_rows, template_tokenizer, write_jsonl, write_parquet
+from conftest import arithmetic_rows, write_jsonl, write_parquet
 from test_remote import s3  # noqa: F401  (moto's S3 server, a fixture)
 
 from shardtune import remote
@@ -22,19 +22,14 @@ from shardtune.data.stream import SampleStream, ShuffleBuffer
 from shardtune.errors import ConfigError, DataError
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return template_tokenizer("chatml")
-
-
 def config(train, *extra):
     return validate(load_config(None, ["model.path=/m", f"data.train_files={train}", "data.cache_dir=null",
                                        "data.num_proc=1", "data.train_batch_size=8", "data.streaming=true",
                                        "trainer.total_training_steps=10", *extra]))
 
 
-def stream_of(cfg, tok, seed=42):
-    return SampleStream(resolve_sources(cfg.data.train_files, cfg.data, cfg.data.train_max_samples)[0], tok,
+def stream_of(cfg, chatml_tok, seed=42):
+    return SampleStream(resolve_sources(cfg.data.train_files, cfg.data, cfg.data.train_max_samples)[0], chatml_tok,
                         cfg.data, seed)
 
 
@@ -106,16 +101,16 @@ def test_the_buffer_state_round_trips_mid_stream_and_mid_drain():
 @pytest.mark.parametrize("extra", [[], ["data.drop_last=true"], ["data.shuffle=false"], ["data.train_max_samples=30"],
                                    ["data.thinking_history=per_turn", "data.max_length=80", "data.truncation=drop"]],
                          ids=["shuffled", "drop_last", "file_order", "max_samples", "per_turn_and_drops"])
-def test_a_buffer_holding_the_whole_set_gives_the_map_style_batches(tmp_path, tok, extra):
+def test_a_buffer_holding_the_whole_set_gives_the_map_style_batches(tmp_path, chatml_tok, extra):
     """42 rows in two files (jsonl, parquet), global batches of 8: three epochs, the last partial batch kept or
     dropped, samples split from one row and rows dropped by truncation, all as the cached path has them."""
     rows = arithmetic_rows(42, seed=3, multi_turn=True)
     write_jsonl(tmp_path / "a.jsonl", rows[:20])
     write_parquet(tmp_path / "b.parquet", rows[20:])
     cfg = config(f"{tmp_path}/*", *extra)
-    mapped = SampledBatches(build_dataset(cfg.data.train_files, cfg.data, tok, cfg.data.train_max_samples),
+    mapped = SampledBatches(build_dataset(cfg.data.train_files, cfg.data, chatml_tok, cfg.data.train_max_samples),
                             cfg.data, 42)
-    stream = stream_of(cfg, tok)
+    stream = stream_of(cfg, chatml_tok)
     n = 3 * mapped.steps_per_epoch
     for a, b in zip(take(mapped, n), take(stream, n)):
         assert (a.epoch, a.step_in_epoch, a.ends_epoch) == (b.epoch, b.step_in_epoch, b.ends_epoch)
@@ -153,7 +148,7 @@ def counted_rows(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "json", "save_to_disk"])
-def test_resuming_from_any_step_continues_exactly_and_rereads_only_the_buffer(tmp_path, tok, kind, monkeypatch):
+def test_resuming_from_any_step_continues_exactly_and_rereads_only_the_buffer(tmp_path, chatml_tok, kind, monkeypatch):
     """A small buffer (7 samples), rows that give two samples each (a position can fall inside a row), a
     skipped bad row: the state saved after each of 14 steps (three epochs), through JSON, resumes into a new
     stream that gives exactly the batches an uninterrupted one gives next; it reads the buffered rows again
@@ -162,13 +157,13 @@ def test_resuming_from_any_step_continues_exactly_and_rereads_only_the_buffer(tm
     rows[9] = {"messages": [{"role": "user", "content": "Nothing to answer."}]}  # a bad row, skipped
     train = write_format(kind, tmp_path, rows)
     cfg = config(train, "data.shuffle_buffer=7", "data.thinking_history=per_turn", "data.on_bad_row=skip")
-    stream = stream_of(cfg, tok)
+    stream = stream_of(cfg, chatml_tok)
     whole = take(stream, 14 + 3)
     for k in range(14):
         state = saved(stream, whole[k])
         if kind == "jsonl" and k == 3:
             assert 0 < state["next"]["start"][1] < os.path.getsize(tmp_path / "d.jsonl")  # a byte offset
-        resumed = stream_of(cfg, tok)
+        resumed = stream_of(cfg, chatml_tok)
         resumed.load_state_dict(state)
         materialized = counted_rows(monkeypatch)
         got = take(resumed, 3)
@@ -183,51 +178,51 @@ def test_resuming_from_any_step_continues_exactly_and_rereads_only_the_buffer(tm
             assert len(materialized) <= resumed.rows_reread + resumed.rows_read + 1  # + the row at a jsonl seek
 
 
-def test_a_state_resumes_across_the_end_of_an_epoch_and_counts_drops_once(tmp_path, tok):
+def test_a_state_resumes_across_the_end_of_an_epoch_and_counts_drops_once(tmp_path, chatml_tok):
     rows = arithmetic_rows(20, seed=8)
     rows[3] = rows[17] = {"messages": 5}
     train = write_jsonl(tmp_path / "d.jsonl", rows)
     cfg = config(train, "data.shuffle_buffer=5", "data.on_bad_row=skip")
-    stream = stream_of(cfg, tok)
+    stream = stream_of(cfg, chatml_tok)
     whole = take(stream, 9)
     assert [b.ends_epoch for b in whole] == [False, False, True] * 3
     # 5 buffered + 8 emitted samples: the first batch has read rows 0-13, one of them bad; counted per pass
     assert [b.dropped_rows for b in whole[:4]] == [1, 2, 2, 1]
-    resumed = stream_of(cfg, tok)
+    resumed = stream_of(cfg, chatml_tok)
     resumed.load_state_dict(saved(stream, whole[1]))
     assert [b.dropped_rows for b in take(resumed, 2)] == [2, 1]
     end = saved(stream, whole[2])  # an epoch's end: the next epoch's start, nothing buffered
     assert (end["epoch"], end["step_in_epoch"], end["buffer"]) == (1, 0, []) and stream.at_epoch_end()
 
 
-def test_a_resume_refuses_changed_files_another_order_and_the_other_data_path(tmp_path, tok):
+def test_a_resume_refuses_changed_files_another_order_and_the_other_data_path(tmp_path, chatml_tok):
     train = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(20, seed=8))
     cfg = config(train, "data.shuffle_buffer=5")
-    stream = stream_of(cfg, tok)
+    stream = stream_of(cfg, chatml_tok)
     state = saved(stream, next(iter(stream)))
     with pytest.raises(ConfigError, match="saved for seed 42, and this run has 7: .* start a new "
                                           "trainer.default_local_dir with trainer.resume_from_path"):
-        stream_of(cfg, tok, seed=7).load_state_dict(state)
+        stream_of(cfg, chatml_tok, seed=7).load_state_dict(state)
     with pytest.raises(ConfigError, match="saved for shuffle_buffer 5, and this run has 6"):
-        stream_of(config(train, "data.shuffle_buffer=6"), tok).load_state_dict(state)
+        stream_of(config(train, "data.shuffle_buffer=6"), chatml_tok).load_state_dict(state)
     with pytest.raises(ConfigError, match="did not stream its training data"):
-        stream_of(cfg, tok).load_state_dict({"epoch": 0, "step_in_epoch": 1, "seed": 42})
-    mapped = SampledBatches(build_dataset([str(train)], cfg.data, tok), cfg.data, 42)
+        stream_of(cfg, chatml_tok).load_state_dict({"epoch": 0, "step_in_epoch": 1, "seed": 42})
+    mapped = SampledBatches(build_dataset([str(train)], cfg.data, chatml_tok), cfg.data, 42)
     with pytest.raises(ConfigError, match="streamed its training data"):
         mapped.load_state_dict(state)
     write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(21, seed=8))
     with pytest.raises(ConfigError, match="training files changed since the checkpoint"):
-        stream_of(cfg, tok).load_state_dict(state)
+        stream_of(cfg, chatml_tok).load_state_dict(state)
 
 
-def test_a_stream_with_nothing_to_train_says_so(tmp_path, tok):
+def test_a_stream_with_nothing_to_train_says_so(tmp_path, chatml_tok):
     unusable = write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "Hi."}]}] * 3)
     with pytest.raises(DataError, match=r"No usable rows in .*u.jsonl.* \(dropped: \{'bad_row': 3\}\)"):
-        next(iter(stream_of(config(unusable, "data.on_bad_row=skip"), tok)))
+        next(iter(stream_of(config(unusable, "data.on_bad_row=skip"), chatml_tok)))
     small = write_jsonl(tmp_path / "s.jsonl", arithmetic_rows(5))
     with pytest.raises(DataError, match="fewer samples than one global batch .8., and data.drop_last=true"):
-        next(iter(stream_of(config(small, "data.drop_last=true"), tok)))
-    assert len(next(iter(stream_of(config(small), tok))).lengths) == 5
+        next(iter(stream_of(config(small, "data.drop_last=true"), chatml_tok)))
+    assert len(next(iter(stream_of(config(small), chatml_tok))).lengths) == 5
 
 
 # -- reading rows again by reference ----------------------------------------------------------------------------
@@ -261,15 +256,15 @@ def big_rows(n):
                           {"role": "assistant", "content": f"{i}"}]} for i in range(n)]
 
 
-def test_file_urls_are_streamed_incrementally(tmp_path, tok, monkeypatch):
+def test_file_urls_are_streamed_incrementally(tmp_path, chatml_tok, monkeypatch):
     """A stream from a file:// URL gives what the local path gives, and its first batch comes before the
     reader has gone far into the file (it is never copied to local disk first)."""
     path = write_jsonl(tmp_path / "big.jsonl", big_rows(400))
     opened = []
     open_data = remote.open_data
     monkeypatch.setattr(remote, "open_data", lambda url: opened.append(open_data(url)) or opened[-1])
-    local = stream_of(config(path, "data.shuffle_buffer=16", "data.max_length=2048"), tok)
-    url = stream_of(config(f"file://{path}", "data.shuffle_buffer=16", "data.max_length=2048"), tok)
+    local = stream_of(config(path, "data.shuffle_buffer=16", "data.max_length=2048"), chatml_tok)
+    url = stream_of(config(f"file://{path}", "data.shuffle_buffer=16", "data.max_length=2048"), chatml_tok)
     it = iter(url)
     first = next(it)
     assert len(opened) == 1 and opened[0].tell() < os.path.getsize(path) / 10
@@ -277,7 +272,7 @@ def test_file_urls_are_streamed_incrementally(tmp_path, tok, monkeypatch):
     assert [contents(b) for b in take(it, 3)] == [contents(b) for b in take(local, 4)[1:]]
 
 
-def test_s3_objects_are_streamed_in_blocks_and_resume_by_range(s3, tmp_path, tok, monkeypatch):  # noqa: F811
+def test_s3_objects_are_streamed_in_blocks_and_resume_by_range(s3, tmp_path, chatml_tok, monkeypatch):  # noqa: F811
     """Against moto's S3 server: a 1.6 MB jsonl object read in 128 KiB blocks gives its first batch after
     fetching a small part of it, the same batches as the local file, and a resumed stream re-reads its
     buffered lines by range."""
@@ -289,11 +284,11 @@ def test_s3_objects_are_streamed_in_blocks_and_resume_by_range(s3, tmp_path, tok
     open_data = remote.open_data
     monkeypatch.setattr(remote, "open_data", lambda url: opened.append(open_data(url)) or opened[-1])
     extra = ("data.shuffle_buffer=16", "data.max_length=2048")
-    url = stream_of(config("s3://bucket/stream/big.jsonl", *extra), tok)
+    url = stream_of(config("s3://bucket/stream/big.jsonl", *extra), chatml_tok)
     batches = take(url, 3)
     assert opened[0].cache.total_requested_bytes <= 2 * (128 << 10) < os.path.getsize(path) / 4
-    assert [contents(b) for b in batches] == [contents(b) for b in take(stream_of(config(path, *extra), tok), 3)]
-    resumed = stream_of(config("s3://bucket/stream/big.jsonl", *extra), tok)
+    assert [contents(b) for b in batches] == [contents(b) for b in take(stream_of(config(path, *extra), chatml_tok), 3)]
+    resumed = stream_of(config("s3://bucket/stream/big.jsonl", *extra), chatml_tok)
     resumed.load_state_dict(saved(url, batches[0]))
     assert [contents(b) for b in take(resumed, 2)] == [contents(b) for b in batches[1:]]
     assert resumed.rows_reread == 16 and resumed.rows_read < 40

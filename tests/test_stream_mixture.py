@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import arithmetic_rows, template_tokenizer, write_jsonl, write_parquet
+from conftest import arithmetic_rows, write_jsonl, write_parquet
 
 from shardtune.config import load_config, resolve_sources, validate
 from shardtune.data.stream import SampleStream
@@ -17,11 +17,6 @@ from shardtune.data.stream_mixture import MixedStream, source_seed
 from shardtune.errors import ConfigError, DataError
 
 BATCH, SEED = 8, 5
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return template_tokenizer("chatml")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +37,8 @@ def config(files, *extra, weights=(0.75, 0.25)):
                                        "trainer.total_training_steps=10", *extra]))
 
 
-def mixed(cfg, tok, seed=SEED):
-    return MixedStream(resolve_sources(cfg.data.train_files, cfg.data, cfg.data.train_max_samples), tok,
+def mixed(cfg, chatml_tok, seed=SEED):
+    return MixedStream(resolve_sources(cfg.data.train_files, cfg.data, cfg.data.train_max_samples), chatml_tok,
                        cfg.data, seed)
 
 
@@ -57,11 +52,11 @@ def take(stream, n):
     return [next(it) for _ in range(n)]
 
 
-def alone(cfg, tok, index, passes):
+def alone(cfg, chatml_tok, index, passes):
     """Source `index` streamed by itself with its mixture seed: its samples over `passes` passes, in order,
     and the number of samples in one pass."""
     source = resolve_sources(cfg.data.train_files, cfg.data, cfg.data.train_max_samples)[index]
-    stream = SampleStream(source, tok, cfg.data, source_seed(SEED, index))
+    stream = SampleStream(source, chatml_tok, cfg.data, source_seed(SEED, index))
     out, per_pass, it = [], 0, iter(stream)
     while True:
         batch = next(it)
@@ -71,12 +66,12 @@ def alone(cfg, tok, index, passes):
         per_pass += len(batch.lengths) if batch.epoch == 0 else 0
 
 
-def test_each_source_comes_in_its_own_stream_order_and_every_batch_keeps_the_weights(files, tok):
+def test_each_source_comes_in_its_own_stream_order_and_every_batch_keeps_the_weights(files, chatml_tok):
     cfg = config(files)
-    batches = take(mixed(cfg, tok), 20)  # 120 chat samples (5+ passes of 23), 40 math (4+ passes of 9)
+    batches = take(mixed(cfg, chatml_tok), 20)  # 120 chat samples (5+ passes of 23), 40 math (4+ passes of 9)
     drawn = [[s[:2] for b in batches for s in contents(b) if s[2] == k] for k in (0, 1)]
     for k in (0, 1):
-        reference, per_pass = alone(cfg, tok, k, passes=6)
+        reference, per_pass = alone(cfg, chatml_tok, k, passes=6)
         assert drawn[k] == reference[: len(drawn[k])], k
     totals = np.zeros(2)
     for step, b in enumerate(batches, 1):
@@ -86,12 +81,12 @@ def test_each_source_comes_in_its_own_stream_order_and_every_batch_keeps_the_wei
         assert np.all(np.abs(totals - step * BATCH * np.array([0.75, 0.25])) <= 1)
 
 
-def test_the_epoch_counts_the_passes_every_source_has_completed(files, tok):
+def test_the_epoch_counts_the_passes_every_source_has_completed(files, chatml_tok):
     cfg = config(files, weights=(0.5, 0.5))
-    per_pass = [alone(cfg, tok, k, passes=1)[1] for k in (0, 1)]
+    per_pass = [alone(cfg, chatml_tok, k, passes=1)[1] for k in (0, 1)]
     assert per_pass == [23, 9]
     totals = np.zeros(2, dtype=int)
-    for b in take(mixed(cfg, tok), 12):
+    for b in take(mixed(cfg, chatml_tok), 12):
         totals += np.bincount(b.sources, minlength=2)
         done = int(min(totals // per_pass))  # the passes of the source furthest behind
         assert b.epoch + int(b.ends_epoch) == done
@@ -99,15 +94,15 @@ def test_the_epoch_counts_the_passes_every_source_has_completed(files, tok):
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-def test_resume_from_every_step_continues_exactly_and_rereads_only_buffered_rows(files, tok, tmp_path, fmt):
+def test_resume_from_every_step_continues_exactly_and_rereads_only_buffered_rows(files, chatml_tok, tmp_path, fmt):
     chat = files["chat"] if fmt == "jsonl" else write_parquet(tmp_path / "chat.parquet", arithmetic_rows(23, seed=31))
     cfg = config({**files, "chat": chat})
-    stream = mixed(cfg, tok)
+    stream = mixed(cfg, chatml_tok)
     batches = take(stream, 9)
     for k in range(8):
         stream.consumed(batches[k])
         state = json.loads(json.dumps(stream.state_dict()))
-        resumed = mixed(cfg, tok)
+        resumed = mixed(cfg, chatml_tok)
         resumed.load_state_dict(state)
         assert [contents(b) for b in take(resumed, 9 - k - 1)] == [contents(b) for b in batches[k + 1:]], k
         buffered_rows = sum(len({(r[0], r[1]) for r in s["buffer"]}) for s in state["streams"].values())
@@ -115,22 +110,22 @@ def test_resume_from_every_step_continues_exactly_and_rereads_only_buffered_rows
         assert [b.epoch for b in take(resumed, 1)] == [batches[k + 1].epoch]
 
 
-def test_refusals_on_resume_and_sources_without_rows(files, tok, tmp_path):
+def test_refusals_on_resume_and_sources_without_rows(files, chatml_tok, tmp_path):
     cfg = config(files)
-    stream = mixed(cfg, tok)
+    stream = mixed(cfg, chatml_tok)
     stream.consumed(take(stream, 2)[1])
     state = json.loads(json.dumps(stream.state_dict()))
     with pytest.raises(ConfigError, match="would draw other batches"):
-        mixed(config(files, weights=(0.5, 0.5)), tok).load_state_dict(state)
+        mixed(config(files, weights=(0.5, 0.5)), chatml_tok).load_state_dict(state)
     with pytest.raises(ConfigError, match="would draw other batches"):
-        mixed(cfg, tok, seed=SEED + 1).load_state_dict(state)
+        mixed(cfg, chatml_tok, seed=SEED + 1).load_state_dict(state)
     single = validate(load_config(None, ["model.path=/m", f"data.train_files={files['chat']}", "data.cache_dir=null",
                                          "data.streaming=true", "trainer.total_training_steps=3"]))
-    one = SampleStream(resolve_sources(single.data.train_files, single.data, -1)[0], tok, single.data, SEED)
+    one = SampleStream(resolve_sources(single.data.train_files, single.data, -1)[0], chatml_tok, single.data, SEED)
     with pytest.raises(ConfigError, match="streamed a weighted mixture of 2 sources"):
         one.load_state_dict(state)
     with pytest.raises(ConfigError, match="streamed one source"):
-        mixed(cfg, tok).load_state_dict(one.state_dict())
+        mixed(cfg, chatml_tok).load_state_dict(one.state_dict())
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"messages": [{"role": "user", "content": "no answer"}]}])
     with pytest.raises(DataError, match="No usable rows in .*empty.jsonl"):
-        take(mixed(config({**files, "math": empty}, "data.on_bad_row=skip"), tok), 1)
+        take(mixed(config({**files, "math": empty}, "data.on_bad_row=skip"), chatml_tok), 1)

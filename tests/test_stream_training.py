@@ -8,7 +8,16 @@ import json
 import math
 
 import pytest
-from conftest import arithmetic_rows, kill_after, read_metrics, run_cli, torchrun, write_jsonl, write_parquet
+from conftest import (
+    arithmetic_rows,
+    kill_after,
+    read_metrics,
+    run_cli,
+    torchrun,
+    train_args,
+    write_jsonl,
+    write_parquet,
+)
 
 from shardtune.config import load_config, validate
 from shardtune.trainer import Trainer
@@ -29,10 +38,8 @@ def files(tmp_path_factory):
 
 
 def args(tiny_model, files, run_dir, *extra):
-    return [f"model.path={tiny_model}", f"data.train_files=[{files}/a.jsonl, {files}/b.parquet]",
-            f"trainer.default_local_dir={run_dir}", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=4",
-            "optim.lr=2e-3", "trainer.total_training_steps=16", "trainer.logger=[jsonl]", "data.cache_dir=null",
-            "data.streaming=true", "data.shuffle_buffer=12", *extra]
+    return train_args(tiny_model, f"[{files}/a.jsonl, {files}/b.parquet]", run_dir, "trainer.total_training_steps=16",
+                      "data.cache_dir=null", "data.streaming=true", "data.shuffle_buffer=12", *extra)
 
 
 def train(cli_args):

@@ -25,14 +25,8 @@ from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.readers import read_rows
 from shardtune.data.tokenize import truncate
 from shardtune.errors import ConfigError, DataError
-from shardtune.tiny import byte_tokenizer
 
 ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
 
 
 def long_rows(n: int) -> list[dict]:
