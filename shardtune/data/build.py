@@ -42,8 +42,8 @@ def build_data(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[Batc
     sources = data_sources(cfg)
 
     def build() -> tuple[BatchSource, CombinedDataset | None]:
-        val = tokenize_sources(sources.val, cfg.data, tokenizer, progress=world.is_main) if sources.val else None
-        return train_batches(sources.train, cfg, tokenizer, progress=world.is_main), val
+        train = train_batches(sources.train, cfg, tokenizer, progress=world.is_main)
+        return train, tokenize_sources(sources.val, cfg.data, tokenizer, world.is_main) if sources.val else None
 
     if not cfg.data.cache_dir:
         return build()
