@@ -19,6 +19,7 @@ from transformers.initialization import no_init_weights
 from shardtune.checkpoint import is_complete, single_process_ok
 from shardtune.errors import ShardtuneError
 from shardtune.model import DTYPES, generation_config
+from shardtune.vision import copy_processor_files
 
 
 def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB",
@@ -52,6 +53,7 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_
         dst.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(dst, safe_serialization=True)
         AutoTokenizer.from_pretrained(hf).save_pretrained(dst)
+        copy_processor_files(hf, dst)
         print(f"exported the LoRA adapter of {src} -> {dst}")
         return dst
     if lora:
@@ -61,6 +63,7 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst, safe_serialization=True, max_shard_size=max_shard_size)
     AutoTokenizer.from_pretrained(hf).save_pretrained(dst)
+    copy_processor_files(hf, dst)
     generation_config(hf, config).save_pretrained(dst)
     print(f"exported {src} -> {dst} ({dtype}, {time.perf_counter() - t0:.1f} s)")
     return dst
