@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import read_metrics, run_cli, torchrun, write_parquet
 
 from shardtune.batch import IGNORE_INDEX
@@ -195,13 +196,20 @@ def mixed(tmp_path_factory):
 @pytest.mark.slow
 def test_packed_equals_padded_streamed_and_checkpointed_and_pictures_matter(vlm, mixed, tmp_path):
     runs = {}
-    for name, extra in (("packed", ()), ("padded", ("model.use_remove_padding=false",)),
+    for name, extra in (("packed", ("trainer.save_hf_at_end=true",)), ("padded", ("model.use_remove_padding=false",)),
                         ("streamed", ("data.streaming=true", "data.shuffle_buffer=64",
                                       "model.enable_gradient_checkpointing=true"))):
         r = run_cli("train", *train_args(vlm, mixed, tmp_path / name, *extra))
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = losses(tmp_path / name)
     assert same(runs["padded"], runs["packed"]) and same(runs["streamed"], runs["packed"]), runs
+    # the weights written at the end: the whole model, the frozen tower bit for bit, the image processor beside it
+    from safetensors.torch import load_file
+
+    hf = tmp_path / "packed" / "global_step_3" / "huggingface"
+    before, after = load_file(vlm / "model.safetensors"), load_file(hf / "model.safetensors")
+    assert set(before) == set(after) and (hf / "preprocessor_config.json").is_file()
+    assert all(torch.equal(before[k], after[k]) == (".visual." in f".{k}") for k in before)
     # the same rows, each with the next picture row's pictures: another loss from the first step on
     rows = verl_rows(18, text_every=4)
     with_pictures = [i for i, r in enumerate(rows) if r["images"]]
