@@ -21,18 +21,14 @@ from shardtune.errors import ShardtuneError
 from shardtune.model import DTYPES, generation_config
 
 
-def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB",
-                      adapter_only: bool = False) -> Path:
-    """LoRA checkpoints are merged into the base weights (a plain model folder), or with `adapter_only`
-    written as a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
-    src, dst = Path(checkpoint), Path(out)
+def load_checkpoint_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Path, bool]:
+    """The model of a checkpoint written by any world size, in fp32 on the CPU (with its LoRA adapters when it
+    was trained with them, not merged), the folder of its config and tokenizer, and whether it is LoRA."""
+    src = Path(checkpoint)
     hf = src / "huggingface"
     if not is_complete(src) or not (hf / "config.json").is_file():
         raise ShardtuneError(f"'{checkpoint}' is not a complete shardtune checkpoint (global_step_N with .metadata, "
                              "trainer_state.json and huggingface/config.json).")
-    if dtype not in DTYPES:
-        raise ShardtuneError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    t0 = time.perf_counter()
     config = AutoConfig.from_pretrained(hf)
     with no_init_weights():  # allocate without random init; buffers such as rotary inv_freq are still computed
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -41,13 +37,26 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig.from_pretrained(hf))
-    elif adapter_only:
-        raise ShardtuneError(f"'{checkpoint}' was not trained with LoRA (no adapter_config.json): there is no "
-                             "adapter to export. Fix: drop --adapter-only.")
     state = {"model": get_model_state_dict(model)}
     with single_process_ok():
         dcp.load(state, checkpoint_id=str(src))  # reads into the model's own tensors: no second copy
     set_model_state_dict(model, state["model"])
+    return model, hf, lora
+
+
+def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB",
+                      adapter_only: bool = False) -> Path:
+    """LoRA checkpoints are merged into the base weights (a plain model folder), or with `adapter_only`
+    written as a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    src, dst = Path(checkpoint), Path(out)
+    if dtype not in DTYPES:
+        raise ShardtuneError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    t0 = time.perf_counter()
+    if adapter_only and is_complete(src) and not (src / "huggingface" / "adapter_config.json").is_file():
+        raise ShardtuneError(f"'{checkpoint}' was not trained with LoRA (no adapter_config.json): there is no "
+                             "adapter to export. Fix: drop --adapter-only.")
+    model, hf, lora = load_checkpoint_model(src)
+    config = model.config
     if lora and adapter_only:
         dst.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(dst, safe_serialization=True)
