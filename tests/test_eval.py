@@ -148,3 +148,25 @@ def test_bad_eval_settings_are_refused_before_loading(setup, tmp_path, overrides
     with pytest.raises(ConfigError, match=needle):
         validate(load_config(None, [a for a in args if not a.startswith("eval.scorer")]
                              + [f"trainer.default_local_dir={tmp_path}", *overrides]))
+
+
+def test_plot_draws_the_eval_panel(one_process, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from shardtune.plot import plot_run
+
+    _, _, run_dir = one_process
+    drawn = {}
+    real_subplots = plt.subplots
+
+    def spy(rows, cols, **kw):
+        fig, axes = real_subplots(rows, cols, **kw)
+        drawn["axes"] = axes
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", spy)
+    out = plot_run(str(run_dir), str(tmp_path / "curves.png"))
+    assert out.is_file() and out.stat().st_size > 0
+    titles = {ax.get_title(): ax for ax in drawn["axes"].flat}
+    labels = {line.get_label() for line in titles["evaluation"].get_lines()}
+    assert {"eval/exact_match", "eval/contains", "eval/ref_len"} <= labels
