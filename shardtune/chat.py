@@ -27,12 +27,13 @@ def load_model_for_chat(path: str, device: torch.device, dtype: torch.dtype = to
     """(model, tokenizer) of a checkpoint folder or a Hugging Face model folder, ready for generation."""
     folder = Path(path)
     if is_complete(folder):
-        from shardtune.export import load_checkpoint_model
+        from shardtune.export import check_checkpoint, load_checkpoint_model
 
-        model, hf, lora = load_checkpoint_model(folder)
+        check_checkpoint(folder)
+        model, lora = load_checkpoint_model(folder)
         if lora:
             model = model.merge_and_unload()
-        tokenizer = AutoTokenizer.from_pretrained(hf)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "huggingface")
     elif (folder / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
