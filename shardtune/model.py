@@ -210,7 +210,7 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
     return get_peft_model(model, LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        exclude_modules=cfg.exclude_modules or None, task_type="CAUSAL_LM"))
+        exclude_modules=cfg.exclude_modules or None, use_dora=cfg.use_dora, task_type="CAUSAL_LM"))
 
 
 def compile_layers(model: torch.nn.Module) -> None:
