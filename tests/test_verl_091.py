@@ -175,7 +175,7 @@ def test_lora_group_maps_to_peft_keys_with_hf_module_names(capsys):
 
 @pytest.mark.parametrize("line,needle", [
     (["model.lora.rank=8", "model.lora.type=vlm_lora", "model.lora.freeze_vision_model=false"],
-     "training a vision tower or projector is not supported"),
+     "vlm_lora then trains that part's full weights beside the adapters"),
     (["model.lora.rank=8", "model.lora.type=vlm_lora", "model.lora.freeze_language_model=false"],
      "LoRA adapters with a trainable base language model are not supported"),
     (["model.lora.rank=8", "model.lora.target_modules=['*.layers.0.*.linear_qkv']"], "a Megatron module name or pattern"),
@@ -190,6 +190,8 @@ def test_lora_group_refusals_say_why(line, needle):
 def test_vlm_lora_with_frozen_vision_runs_as_lora():
     cfg = config_of([*BASE, "model.lora.rank=4", "model.lora.type=vlm_lora"])
     assert cfg.model.lora_rank == 4 and not cfg.model.use_dora
+    assert cfg.model.freeze_vision_model and cfg.model.freeze_vision_projection and not cfg.model.freeze_language_model
+    assert config_of([*BASE, "data.image_key=pictures"]).data.image_key == "pictures"  # images are read now
 
 
 def test_dora_reaches_peft(tiny_model):

@@ -4,7 +4,8 @@ The group is Megatron-Bridge's PEFT settings: its module names are Megatron's (`
 ...), and verl's FSDP engine reads only the flat keys (`model.lora_rank`, `model.lora_alpha`,
 `model.target_modules`), so on verl's FSDP engine a line that sets only `model.lora.rank` trains every
 weight. A line that turns the group on asks for an adapter, and shardtune trains that adapter (peft),
-with the module names translated to the Hugging Face ones, and says so in a note.
+with the module names translated to the Hugging Face ones, and says so in a note. vlm_lora's freeze keys
+(the vision tower and projector frozen) are shardtune's model.freeze_vision_* keys.
 """
 
 from __future__ import annotations
@@ -87,13 +88,17 @@ def _checks(key: str, lora: dict[str, Any], ctx: Any) -> None:
 
 
 def _freeze(key: str, lora: dict[str, Any], ctx: Any) -> None:
-    """vlm_lora's freeze keys. Adapters train with the base frozen; vision towers are not trained."""
+    """vlm_lora's freeze keys: the base language model frozen beside its adapters (shardtune's LoRA), and the
+    vision tower / projector frozen (shardtune's model.freeze_vision_* keys). An unfrozen part would train its
+    full weights beside the adapters; shardtune's LoRA puts adapters on unfrozen vision parts instead."""
     if not lora.get("freeze_language_model", True):
         ctx.refuse(f"{key}.freeze_language_model=False", "LoRA adapters with a trainable base language model are "
                                                          "not supported (the base weights stay frozen); closest: "
                                                          "model.lora.rank=0 (full fine-tuning)")
     for part in ("freeze_vision_model", "freeze_vision_projection"):
-        if not lora.get(part, True):
-            ctx.refuse(f"{key}.{part}=False", "training a vision tower or projector is not supported: shardtune "
-                                              "trains text-only models (image data is refused); closest: "
-                                              f"model.lora.{part}=True")
+        if lora.get(part, True):
+            ctx.assign(f"model.{part}", True, f"{key}.{part}")
+        else:
+            ctx.refuse(f"{key}.{part}=False", "vlm_lora then trains that part's full weights beside the adapters; "
+                                              "shardtune's LoRA puts adapters on the unfrozen vision parts instead; "
+                                              f"closest shardtune setting: model.{part}=false (adapters there too)")

@@ -136,10 +136,8 @@ ENGINE: dict[str, Any] = {
     "data.response_key": Map("data.response_key"),
     "data.prompt_dict_keys": Map("data.prompt_dict_keys"),
     "data.response_dict_keys": Map("data.response_dict_keys"),
-    "data.image_key": Refuse("images are not supported (text-only SFT)", allowed=(None, "images"),
-                             closest="data.messages_key"),
-    "data.video_key": Refuse("videos are not supported (text-only SFT)", allowed=(None, "videos"),
-                             closest="data.messages_key"),
+    "data.image_key": Map("data.image_key"),  # verl 0.7/0.8's engine YAML; its dataset reads it
+    "data.video_key": Map("data.video_key"),
     "checkpoint.save_contents": Custom(rules.save_contents),
     "checkpoint.load_contents": Map("checkpoint.load_contents"),
     "checkpoint.async_save": Map("checkpoint.async_save"),
