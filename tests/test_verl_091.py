@@ -205,3 +205,22 @@ def test_dora_reaches_peft(tiny_model):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("o_proj" in n for n in names)
     assert any("lora_magnitude_vector" in n for n in names)  # DoRA's magnitude, trained with the adapter
+
+
+def test_the_release_lines_translate_or_get_the_backend_message():
+    """bench/verl_091_lines.json (verl 0.9.1's examples/sft lines): each reads into a shardtune config or is
+    refused in the one message naming another backend (bench/verl_lines.py runs them)."""
+    import json
+
+    lines = json.loads((Path(__file__).parents[1] / "bench" / "verl_091_lines.json").read_text())
+    outcomes = {"ran": 0, "backend": 0}
+    for line in lines:
+        args = [a.replace("{sft}", "/d/sft.parquet").replace("{model}", "/m").replace("{ckpt}", "/ck")
+                for a in line["args"]]
+        try:
+            load_config(None, translate(args, ENGINE))
+            outcomes["ran"] += 1
+        except ConfigError as e:
+            assert "selects verl's" in str(e) and "shardtune runs PyTorch FSDP2" in str(e), (line["source"], str(e))
+            outcomes["backend"] += 1
+    assert outcomes == {"ran": 10, "backend": 15}  # 8 example lines + 2 new-key lines; 15 of other backends
