@@ -190,15 +190,20 @@ def mixed(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_packed_equals_padded_streamed_and_checkpointed_and_pictures_matter(vlm, mixed, tmp_path):
+def test_packed_equals_padded_streamed_and_checkpointed_resumes_exactly_and_pictures_matter(vlm, mixed, tmp_path):
     runs = {}
-    for name, extra in (("packed", ("trainer.save_hf_at_end=true",)), ("padded", ("model.use_remove_padding=false",)),
+    for name, extra in (("packed", ("trainer.save_hf_at_end=true", "trainer.save_freq=2")), ("padded", ("model.use_remove_padding=false",)),
                         ("streamed", ("data.streaming=true", "data.shuffle_buffer=64",
                                       "model.enable_gradient_checkpointing=true"))):
         r = run_cli("train", *train_args(vlm, mixed, tmp_path / name, *extra))
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = losses(tmp_path / name)
     assert same(runs["padded"], runs["packed"]) and same(runs["streamed"], runs["packed"]), runs
+    # resumed from step 2: step 3 bit for bit (the cached pictures read again at the same positions)
+    r = run_cli("train", *train_args(vlm, mixed, tmp_path / "resumed", "trainer.resume_mode=resume_path",
+                                     f"trainer.resume_from_path={tmp_path / 'packed' / 'global_step_2'}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "resumed") == runs["packed"][2:]
     # the weights written at the end: the whole model, the frozen tower bit for bit, the image processor beside it
     from safetensors.torch import load_file
 
