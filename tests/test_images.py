@@ -160,11 +160,15 @@ def losses(run_dir) -> list[float]:
 
 
 def test_the_vision_tower_and_projector_are_frozen_by_default_and_lora_adapts_the_language_model(vlm):
+    from shardtune.config import Config
     from shardtune.model import load_model
+    from shardtune.parallel import World
+    from shardtune.parallelize import parallelize
     from shardtune.vision import part_of
 
     def trainable(**keys) -> dict[str, set[bool]]:
-        model = load_model(ModelConfig(path=str(vlm), **keys))
+        cfg = Config(model=ModelConfig(path=str(vlm), **keys))
+        model = parallelize(load_model(cfg.model), cfg, World())
         parts: dict[str, set[bool]] = {}
         for name, p in model.named_parameters():
             parts.setdefault(part_of(name), set()).add(p.requires_grad)
