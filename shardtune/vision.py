@@ -20,13 +20,15 @@ model's inputs.
 from __future__ import annotations
 
 import inspect
-import io
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from shardtune.batch import MicroBatch
+from shardtune.errors import ConfigError
 
 # module-name pieces of the vision tower and of its projector, as the families name them
 TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder")
@@ -73,8 +75,9 @@ def attention_per_part(hf_config: Any, text_attention: str) -> str | dict[str, s
 class VisionInputsBuilder:
     """What a vision-language model takes beside input_ids for one micro-batch."""
 
-    def __init__(self, model: torch.nn.Module, pixels: Callable[[list[bytes]], dict[str, torch.Tensor]] | None,
-                 distributed: bool, sp_rank: int = 0):
+    def __init__(self, model: torch.nn.Module, blank: dict[str, torch.Tensor] | None = None, sp_rank: int = 0):
+        """`blank`: the image processor's tensors of a blank picture, run through the tower by a micro-batch
+        without pictures (needed only when several ranks run FSDP2)."""
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.base.config
         self.image_token_id = getattr(config, "image_token_id", None)
@@ -82,7 +85,7 @@ class VisionInputsBuilder:
             self.image_token_id = getattr(config, "image_token_index", None)
         self.rope = next((m for m in self.base.modules() if hasattr(m, "get_rope_index")), None)
         self.takes_types = "mm_token_type_ids" in inspect.signature(self.base.forward).parameters
-        self.blank = _blank_inputs(pixels) if distributed and pixels is not None else None
+        self.blank = blank
         self.sp_rank = sp_rank
         self._pending_blank: dict[str, torch.Tensor] | None = None
         self._part: slice | None = None  # this rank's part of the whole row (sequence parallelism with pictures)
@@ -95,6 +98,12 @@ class VisionInputsBuilder:
             self._pending_blank = None if self.blank is None else {k: to_device(v) for k, v in self.blank.items()}
             return {}
         self._pending_blank = None
+        if self.rope is None:
+            raise ConfigError(
+                f"{type(self.base).__name__} is given pictures, and shardtune trains pictures for the Qwen-VL families "
+                "only (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: their 3-D rope positions are computed per packed sequence); "
+                "other families' image attention (e.g. Gemma 3's bidirectional image tokens) is not proven here. "
+                "Fix: train a Qwen-VL checkpoint, or drop the pictures (data.image_key).")
         ids = mb.full_input_ids if mb.full_input_ids is not None else mb.input_ids
         out: dict[str, Any] = {k: to_device(v) for k, v in mb.vision.tensors.items()}
         if mb.full_input_ids is not None:  # the whole row goes in; the language model gets this rank's part
@@ -172,10 +181,23 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return _tensors(x.to_tuple()) if hasattr(x, "to_tuple") else []
 
 
-def _blank_inputs(pixels: Callable[[list[bytes]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The image processor's tensors of one small black picture."""
-    from PIL import Image
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32)).save(buf, format="PNG")
-    return pixels([buf.getvalue()])
+
+def copy_processor_files(src: str | Path, dst: str | Path) -> None:
+    """The image/video processor configs of a model folder, copied beside the weights written from it (so the
+    folder serves and trains on pictures as the base model did)."""
+    for name in PROCESSOR_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+
+
+def blank_picture(folder: str) -> dict[str, torch.Tensor] | None:
+    """The tensors the model folder's image processor makes of one small black picture (None without one)."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    if not (Path(folder) / "preprocessor_config.json").is_file():
+        return None
+    out = AutoImageProcessor.from_pretrained(folder)(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}

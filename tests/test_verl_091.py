@@ -197,11 +197,11 @@ def test_vlm_lora_with_frozen_vision_runs_as_lora():
 def test_dora_reaches_peft(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from shardtune.model import apply_lora
+    from shardtune.parallelize import add_lora
 
     cfg = config_of([f"model.path={tiny_model}", "data.train_files=/t", "model.lora.rank=4", "model.lora.type=dora",
-                     "model.lora.target_modules=[linear_proj]"]).model
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model), cfg)
+                     "model.lora.target_modules=[linear_proj]"])
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model), cfg, None)  # the world is not read
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("o_proj" in n for n in names)
     assert any("lora_magnitude_vector" in n for n in names)  # DoRA's magnitude, trained with the adapter
