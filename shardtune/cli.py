@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -182,8 +181,7 @@ WORKER = ["-m", "shardtune"]  # what torchrun runs in each process (tests/script
 
 
 def launch_torchrun(nproc: int, path: str | None, overrides: list[str], debug: bool) -> int:
-    torchrun = shutil.which("torchrun")
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", "shardtune.launch"]  # torchrun, ending a failed job in one line
     # SIGTERM is this launcher's to handle (shardtune/preempt.py): torchrun leaves it alone
     cmd += ["--standalone", f"--nproc-per-node={nproc}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *WORKER]
     cmd += (["--debug"] if debug else []) + ["train"] + ([path] if path else []) + overrides
