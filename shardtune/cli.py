@@ -120,6 +120,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         world_size = nproc  # check (and estimate) for the launch being planned
     cfg = checked_config(path, overrides, world_size)
     if args.command == "train" and world_size > 1 and nproc:  # every rule that needs no data is checked before the launch
+        from shardtune.checkpoint import check_run_dir
+
+        check_run_dir(cfg.run_dir)
         return launch_torchrun(nproc, path, last_of_each(overrides), args.debug)
     if args.command == "validate":
         from shardtune.preview import print_memory_estimate, validate_data

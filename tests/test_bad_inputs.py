@@ -236,6 +236,8 @@ CLI_CASES = {
     "YAML section twice": (["{dir}/dup.yaml"], "the key 'optim' is written twice, on line 1 and line 5"),
     "--nproc 2, batch of 5": (["data.train_batch_size=5", "--nproc", "2"],
                               "data.train_batch_size=5 must be divisible by the number of data-parallel ranks (2)"),
+    "--nproc 2, run dir is a file": (["trainer.default_local_dir={dir}/a_file", "--nproc", "2"],
+                                     "'{dir}/a_file' is a file, not a folder"),
 }
 
 
@@ -250,6 +252,7 @@ def test_cli_refuses_before_anything_is_written(world, case):
                 *[x for x in extra if not x.endswith(".yaml")])
     assert r.returncode == 2, r.stderr[-3000:]
     assert needle.format(**world) in r.stderr and "Fix:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "(rank" not in r.stderr  # said once, by the command itself (under --nproc: before any launch)
     assert not run_dir.exists() and not (world["dir"] / "cache").exists()
     assert (world["dir"] / "a_file").read_text() == "mine"
 
