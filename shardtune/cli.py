@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +141,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         world_size = nproc  # check (and estimate) for the launch being planned
     cfg = checked_config(path, overrides, world_size)
     if args.command == "train" and world_size > 1 and nproc:  # every rule that needs no data is checked before the launch
+        from shardtune.checkpoint import check_run_dir
+
+        check_run_dir(cfg.run_dir)
         return launch_torchrun(nproc, path, last_of_each(overrides), args.debug)
     if args.command == "validate":
         from shardtune.preview import print_memory_estimate, validate_data
@@ -203,8 +205,7 @@ WORKER = ["-m", "shardtune"]  # what torchrun runs in each process (tests/script
 
 
 def launch_torchrun(nproc: int, path: str | None, overrides: list[str], debug: bool) -> int:
-    torchrun = shutil.which("torchrun")
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", "shardtune.launch"]  # torchrun, ending a failed job in one line
     # SIGTERM is this launcher's to handle (shardtune/preempt.py): torchrun leaves it alone
     cmd += ["--standalone", f"--nproc-per-node={nproc}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *WORKER]
     cmd += (["--debug"] if debug else []) + ["train"] + ([path] if path else []) + overrides

@@ -72,6 +72,13 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          f"data.train_batch_size={data.train_batch_size} must be divisible by the number of data-parallel "
          f"ranks ({world_size // cfg.sp_size}). Fix: pick a multiple of {world_size // cfg.sp_size}."),
         (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = off), got {cfg.model.lora_rank}."),
+        (not cfg.model.use_dora or cfg.model.lora_rank > 0, "model.use_dora=true needs model.lora_rank > 0 (LoRA on)."),
+        (data.pad_to_length_bucket >= 0,
+         f"data.pad_to_length_bucket must be >= 0 tokens (0 = off), got {data.pad_to_length_bucket}."),
+        (not data.pad_to_length_bucket or cfg.model.use_remove_padding,
+         f"data.pad_to_length_bucket={data.pad_to_length_bucket} pads packed micro-batches, and "
+         "model.use_remove_padding=false trains right-padded rows. Fix: model.use_remove_padding=true, or "
+         "data.pad_to_length_bucket=0."),
         (cfg.model.loss_chunk_size >= 0, f"model.loss_chunk_size must be >= 0 (0 = off), got {cfg.model.loss_chunk_size}."),
         (not (cfg.model.lora_rank and "lm_head" in cfg.model.target_modules and _fused_head(cfg.model)),
          "LoRA on lm_head cannot be combined with the chunked/fused loss head. Fix: drop lm_head from "

@@ -47,6 +47,10 @@ class DataConfig:
     micro_batch_size_per_gpu: int = 4
     use_dynamic_bsz: bool = False  # micro-batches by token budget instead of by count
     max_token_len_per_gpu: int = 8192  # the token budget of one micro-batch on one rank
+    # > 0: each packed micro-batch is padded (a dummy sequence, untrained, outside the loss normalisation) up to a
+    # multiple of this many tokens, rounded up to a multiple of the sequence-parallel size, so compiled kernels
+    # see few shapes; 0 = off. Needs packed rows (model.use_remove_padding=true)
+    pad_to_length_bucket: int = 0
     shuffle: bool = True
     drop_last: bool = False
     # read, tokenize and shuffle training rows as they are trained (data/stream.py) instead of tokenizing and
@@ -73,6 +77,7 @@ class ModelConfig:
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank (peft), base weights frozen
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA, peft's use_dora): a magnitude vector per adapted weight
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     exclude_modules: list[str] = field(default_factory=list)
     lora_adapter_path: str | None = None  # continue training this adapter (a peft folder)
@@ -99,6 +104,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     num_cycles: float = 0.5
     wsd_decay_ratio: float = 0.1  # fraction of the steps spent decaying at the end of a wsd schedule
+    # false: the schedule counts optimizer steps from 1 (step i takes the rate a 0-based schedule gives step i+1)
+    zero_indexed_step: bool = True
 
 
 @dataclass(frozen=True)
