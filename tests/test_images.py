@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import read_metrics, run_cli, torchrun, write_parquet
 
 from shardtune.batch import IGNORE_INDEX
@@ -79,7 +80,11 @@ def test_verl_trl_and_openai_layouts_give_the_same_sample(tokenizer, tmp_path):
     local = {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "Look: "}, {"type": "image", "path": "pic.png"}, {"type": "text", "text": " what?"}]},
         answer]}
-    got = [samples_of(r, tokenizer, path=str(tmp_path / "rows.jsonl"))[0][0] for r in (verl, trl, openai, local)]
+    remote = {"messages": [{"role": "user", "content": [  # an fsspec URL, read by the remote-storage readers
+        {"type": "text", "text": "Look: "}, {"type": "image", "url": f"file://{tmp_path / 'pic.png'}"},
+        {"type": "text", "text": " what?"}]}, answer]}
+    rows = (verl, trl, openai, local, remote)
+    got = [samples_of(r, tokenizer, path=str(tmp_path / "rows.jsonl"))[0][0] for r in rows]
     assert all(s == got[0] for s in got[1:])
     assert got[0].images == (picture,)
 
@@ -193,15 +198,27 @@ def mixed(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_packed_equals_padded_streamed_and_checkpointed_and_pictures_matter(vlm, mixed, tmp_path):
+def test_packed_equals_padded_streamed_and_checkpointed_resumes_exactly_and_pictures_matter(vlm, mixed, tmp_path):
     runs = {}
-    for name, extra in (("packed", ()), ("padded", ("model.use_remove_padding=false",)),
+    for name, extra in (("packed", ("trainer.save_hf_at_end=true", "trainer.save_freq=2")), ("padded", ("model.use_remove_padding=false",)),
                         ("streamed", ("data.streaming=true", "data.shuffle_buffer=64",
                                       "model.enable_gradient_checkpointing=true"))):
         r = run_cli("train", *train_args(vlm, mixed, tmp_path / name, *extra))
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = losses(tmp_path / name)
     assert same(runs["padded"], runs["packed"]) and same(runs["streamed"], runs["packed"]), runs
+    # resumed from step 2: step 3 bit for bit (the cached pictures read again at the same positions)
+    r = run_cli("train", *train_args(vlm, mixed, tmp_path / "resumed", "trainer.resume_mode=resume_path",
+                                     f"trainer.resume_from_path={tmp_path / 'packed' / 'global_step_2'}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "resumed") == runs["packed"][2:]
+    # the weights written at the end: the whole model, the frozen tower bit for bit, the image processor beside it
+    from safetensors.torch import load_file
+
+    hf = tmp_path / "packed" / "global_step_3" / "huggingface"
+    before, after = load_file(vlm / "model.safetensors"), load_file(hf / "model.safetensors")
+    assert set(before) == set(after) and (hf / "preprocessor_config.json").is_file()
+    assert all(torch.equal(before[k], after[k]) == (".visual." in f".{k}") for k in before)
     # the same rows, each with the next picture row's pictures: another loss from the first step on
     rows = verl_rows(18, text_every=4)
     with_pictures = [i for i, r in enumerate(rows) if r["images"]]
@@ -259,3 +276,26 @@ def test_qwen3_vl_packed_equals_padded_and_ulysses_sp2(mixed, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert same(losses(tmp_path / "padded"), losses(tmp_path / "packed"))
     assert same(losses(tmp_path / "sp2"), losses(tmp_path / "packed"))
+
+
+def test_collation_carries_each_micro_batchs_pictures_in_sequence_order(tokenizer):
+    from shardtune.data.batching import collate, slice_for_sequence_parallel
+    from shardtune.data.vision import pixels_for
+
+    rows = verl_rows(3)  # 1, 2 and 1 pictures
+    samples = [samples_of(r, tokenizer)[0][0] for r in rows]
+    pixels = pixels_for(tokenizer)
+    arrays = [(np.array(s.input_ids), np.array(s.labels), list(s.images)) for s in samples]
+    each = [pixels([im]) for s in samples for im in s.images]
+    for packed in (True, False):
+        mb = collate(arrays, packed, tokenizer.pad_token_id, pixels)
+        assert mb.vision.images_per_sequence == [1, 2, 1]
+        for key in ("pixel_values", "image_grid_thw"):
+            assert torch.equal(mb.vision.tensors[key], torch.cat([e[key] for e in each]))
+    text_only = collate([a[:2] for a in arrays], True, tokenizer.pad_token_id, pixels)
+    assert text_only.vision is None
+    # under sequence parallelism every rank keeps the whole row's tokens and all the pictures
+    mb = collate(arrays, True, tokenizer.pad_token_id, pixels)
+    part = slice_for_sequence_parallel(mb, 2, 1, tokenizer.pad_token_id)
+    assert part.vision is mb.vision and torch.equal(part.full_input_ids[:, : mb.input_ids.shape[1]], mb.input_ids)
+    assert part.input_ids.shape[1] * 2 == part.full_input_ids.shape[1]
