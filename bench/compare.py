@@ -46,7 +46,8 @@ def supervised_tokens(work: Path) -> int:
 def shardtune_overrides(work: Path) -> list[str]:
     """shardtune's settings for the bench run (also used by bench/profile_step.py and bench/scaling.py)."""
     return [
-        f"model.path={work / 'model'}", f"data.train_files={work / 'chats.jsonl'}", f"trainer.default_local_dir={work / 'st_run'}",
+        f"model.path={work / 'model'}", f"data.train_files={work / 'chats.jsonl'}",
+        f"trainer.default_local_dir={work / 'st_run'}",
         f"data.train_batch_size={GLOBAL_BATCH}", f"data.micro_batch_size_per_gpu={MICRO}", "data.max_length=4096",
         "data.cache_dir=null", f"optim.lr={LR}", "optim.lr_scheduler_type=constant", "optim.lr_warmup_steps=0",
         "optim.weight_decay=0.0", "trainer.total_epochs=1", "trainer.logger=[jsonl]", "trainer.resume_mode=disable",

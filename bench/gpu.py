@@ -82,7 +82,8 @@ def run_shardtune(work: Path, name: str, extra: list[str]) -> dict:
            "peak_gb": max(h["perf/max_memory_gb"] for h in history), "final_loss": history[-1]["train/loss"]}
     est = estimate(cfg, model_shape(cfg.model), 1)
     out["estimate_gib"] = {k: round(getattr(est, k) / GIB, 3) for k in
-                           ("parameters", "gradients", "optimizer", "working", "activations", "logits", "runtime", "total")}
+                           ("parameters", "gradients", "optimizer", "working", "activations", "logits", "runtime",
+                            "total")}
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         outside = (total - free - torch.cuda.memory_reserved()) / GIB  # CUDA context, cuBLAS/NCCL workspaces
@@ -108,7 +109,8 @@ def run_trl(work: Path) -> dict:
     args = SFTConfig(output_dir=str(work / "trl_out"), max_steps=STEPS, per_device_train_batch_size=8,
                      gradient_accumulation_steps=GLOBAL_BATCH // 8, learning_rate=1e-5, bf16=not DRY,
                      logging_steps=1, save_strategy="no", report_to="none", assistant_only_loss=True,
-                     max_length=TOKENS, gradient_checkpointing=False, padding_free=attn == "flash_attention_2", use_liger_kernel=_has("liger_kernel"),
+                     max_length=TOKENS, gradient_checkpointing=False, padding_free=attn == "flash_attention_2",
+                     use_liger_kernel=_has("liger_kernel"),
                      seed=0, use_cpu=DRY and not torch.cuda.is_available())
     times: list[float] = []
 

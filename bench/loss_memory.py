@@ -66,7 +66,8 @@ def main() -> None:
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
         name = "plain (full logits)" if chunk == 0 else f"chunked ({chunk} tokens)"
-        print(f"{name:24s} peak RSS {r['peak_rss_gb']:.2f} GB  wall {r['wall_s']:.1f} s  final loss {r['final_loss']:.4f}")
+        print(f"{name:24s} peak RSS {r['peak_rss_gb']:.2f} GB  wall {r['wall_s']:.1f} s  final loss "
+              f"{r['final_loss']:.4f}")
     print(f"peak_rss_ratio_chunked_vs_plain={results[1]['peak_rss_gb'] / results[0]['peak_rss_gb']:.2f}")
 
 

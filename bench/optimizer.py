@@ -22,13 +22,15 @@ def main() -> None:
     params += [torch.nn.Parameter(torch.randn(1024)) for _ in range(n)]
     for p_ in params:
         p_.grad = torch.randn_like(p_)
-    for name, kwargs in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("single-tensor", {"foreach": False})):
+    for name, kwargs in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("single-tensor",
+                                                                                      {"foreach": False})):
         opt = torch.optim.AdamW(params, lr=1e-3, **kwargs)
         opt.step()  # state allocation
         start = time.perf_counter()
         for _ in range(5):
             opt.step()
-        print(f"{name:14s} {(time.perf_counter() - start) / 5 * 1e3:7.1f} ms per step ({n * (1024 * 1024 + 1024) / 1e6:.0f} M params)")
+        print(f"{name:14s} {(time.perf_counter() - start) / 5 * 1e3:7.1f} ms per step "
+              f"({n * (1024 * 1024 + 1024) / 1e6:.0f} M params)")
 
 
 if __name__ == "__main__":

@@ -110,8 +110,10 @@ def main() -> None:
           f"stream={1e3 * med['stream_data']['s_per_step']:.1f} tokenization_overhead_ms={1e3 * overhead:.1f} "
           f"stream_rows_per_s={args.batch / med['stream_data']['s_per_step']:.0f}")
     print(f"train_step_ms map={1e3 * med['map_train']['step_s']:.1f} stream={1e3 * med['stream_train']['step_s']:.1f} "
-          f"data_wait_ms map={1e3 * med['map_train']['data_wait_s']:.2f} stream={1e3 * med['stream_train']['data_wait_s']:.2f}")
-    print(f"stream_state_bytes_per_buffered_sample={med['stream_data']['state_bytes'] / med['stream_data']['buffered']:.1f}")
+          f"data_wait_ms map={1e3 * med['map_train']['data_wait_s']:.2f} "
+          f"stream={1e3 * med['stream_train']['data_wait_s']:.2f}")
+    per_sample = med['stream_data']['state_bytes'] / med['stream_data']['buffered']
+    print(f"stream_state_bytes_per_buffered_sample={per_sample:.1f}")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def tiny(args: list[str]) -> list[str]:
             seen.add(bare)
             arg = f"{key}={TINY_VALUES[bare]}"
         out.append(arg)
-    return out + ([] if "trainer.total_training_steps" in seen else [f"trainer.total_training_steps={TINY_VALUES['trainer.total_training_steps']}"])
+    steps = "trainer.total_training_steps"
+    return out + ([] if steps in seen else [f"{steps}={TINY_VALUES[steps]}"])
 
 
 def load_lines(path: Path) -> list[Line]:
@@ -220,7 +221,8 @@ LINES = [
     Line("examples/sft/vlm/run_qwen3_vl_2b.sh (fsdp)", ENGINE, [
         "data.train_files={sft}", "data.train_batch_size=8", "data.max_length=2048", "data.pad_mode=no_padding",
         "data.truncation=error", "data.use_dynamic_bsz=True", "data.max_token_len_per_gpu=65536", "model.path={model}",
-        "model.use_remove_padding=True", "engine=fsdp", "optim=fsdp", "optim.lr=2e-5", "optim.lr_warmup_steps_ratio=0.01",
+        "model.use_remove_padding=True", "engine=fsdp", "optim=fsdp", "optim.lr=2e-5",
+        "optim.lr_warmup_steps_ratio=0.01",
         "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]", "optim.clip_grad=1.0", "optim.min_lr_ratio=0.1",
         "optim.warmup_style=cosine", "engine.ulysses_sequence_parallel_size=2", "engine.strategy=fsdp2",
         "engine.fsdp_size=-1", "trainer.test_freq=-1", "trainer.save_freq=4000", "trainer.logger=['console','wandb']",
@@ -309,7 +311,8 @@ def run_line(line: Line, inputs: dict[str, str], work: Path, index: int) -> tupl
     steps = [s for s in events if "event" not in s]
     if r.returncode == 0 and steps:
         resumed = [e["step"] for e in events if e.get("event") == "resume"]
-        return "ran", (f"steps {steps[0]['step']}-{steps[-1]['step']}" + (f" (resumed at {resumed[-1]})" if resumed else "")
+        return "ran", (f"steps {steps[0]['step']}-{steps[-1]['step']}"
+                       + (f" (resumed at {resumed[-1]})" if resumed else "")
                        + f", loss {steps[0]['train/loss']:.3f} -> {steps[-1]['train/loss']:.3f}")
     errors = [x.split("error", 1)[1].lstrip(" (rank0):") for x in r.stderr.splitlines() if "shardtune: error" in x]
     detail = errors[0] if errors else (r.stderr.strip().splitlines() or ["no output"])[-1]

@@ -140,7 +140,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {nproc}.")
         world_size = nproc  # check (and estimate) for the launch being planned
     cfg = checked_config(path, overrides, world_size)
-    if args.command == "train" and world_size > 1 and nproc:  # every rule that needs no data is checked before the launch
+    # every rule that needs no data is checked before the launch
+    if args.command == "train" and world_size > 1 and nproc:
         from shardtune.checkpoint import check_run_dir
 
         check_run_dir(cfg.run_dir)

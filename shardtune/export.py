@@ -71,7 +71,8 @@ def check_out(dst: Path, overwrite: bool) -> None:
         raise ShardtuneError(f"--out '{dst}': '{parent}' is not a writable folder. Fix: pass a folder you may write.")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         held = sorted(p.name for p in dst.iterdir())
-        raise ShardtuneError(f"--out '{dst}' is not empty (it holds {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}). "
+        raise ShardtuneError(f"--out '{dst}' is not empty (it holds "
+                             f"{', '.join(held[:5])}{' ...' if len(held) > 5 else ''}). "
                              "Fix: pass a new folder, or add --overwrite to replace the files export writes "
                              "(config.json, *.safetensors, tokenizer files; others are kept).")
     if not dst.exists():

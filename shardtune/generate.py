@@ -76,7 +76,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, conversations: list[list[di
     try:
         with inference_mode(model):
             for start in range(0, len(conversations), batch_size):
-                texts = [render_prompt(tokenizer, c, chat_template, template_kwargs) for c in conversations[start:start + batch_size]]
+                texts = [render_prompt(tokenizer, c, chat_template,
+                                       template_kwargs) for c in conversations[start:start + batch_size]]
                 batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
                 out = model.generate(**batch, max_new_tokens=sampling.max_new_tokens, eos_token_id=stops,
                                      pad_token_id=tokenizer.pad_token_id, use_cache=True, synced_gpus=synced,

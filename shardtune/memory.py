@@ -177,7 +177,8 @@ def compute_dtypes(cfg: Any, sharded: bool) -> tuple[int, int, bool]:
 
 
 def loss_chunk(cfg: Any, s: ModelShape, tokens: int, device_type: str) -> int:
-    if cfg.model.use_liger and cfg.model.loss_chunk_size == 0 and device_type == "cuda":  # Liger's heuristic: chunk logits ~ the hidden states' size
+    # Liger's heuristic: chunk logits ~ the hidden states' size
+    if cfg.model.use_liger and cfg.model.loss_chunk_size == 0 and device_type == "cuda":
         return 1 << (math.ceil(tokens / math.ceil(s.vocab / s.hidden)) - 1).bit_length()
     return cfg.model.loss_chunk_size
 

@@ -247,7 +247,8 @@ def override_config(config: Any, overrides: dict[str, Any]) -> Any:
     if unknown:
         close = {k: difflib.get_close_matches(k, sorted(fields), n=1) for k in unknown}
         hints = "; ".join(f"{k}" + (f" (did you mean {c[0]}?)" if c else "") for k, c in close.items())
-        raise ConfigError(f"model.override_config sets {hints}, which {'is not a field' if len(unknown) == 1 else 'are not fields'} "
+        raise ConfigError(f"model.override_config sets {hints}, which "
+                          f"{'is not a field' if len(unknown) == 1 else 'are not fields'} "
                           f"of the model's {type(config).__name__}. Fix: use fields of its config.json.")
     return new
 

@@ -47,7 +47,8 @@ def validate_data(cfg: Config) -> None:
         print(f"{name}: {s.get('rows_read', '?')} rows read, {len(ds)} kept, dropped {s.get('dropped', {})}, "
               f"truncated {s.get('truncated', 0)}; {int(lengths.sum())} tokens ({int(ds.target_counts.sum())} "
               f"supervised); length mean {lengths.mean():.0f} p50 {np.percentile(lengths, 50):.0f} "
-              f"p95 {np.percentile(lengths, 95):.0f} max {lengths.max()}" + (" [cache hit]" if s.get("cache_hit") else ""))
+              f"p95 {np.percentile(lengths, 95):.0f} max {lengths.max()}"
+              + (" [cache hit]" if s.get("cache_hit") else ""))
         for source, data in zip(ds.sources, ds.datasets):
             print_source(source, data, weighted=name == "train" and len(ds.sources) > 1,
                          append_eos=data_cfg.append_eos)
@@ -142,7 +143,8 @@ def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float
     if shared and world_size > 1:
         what += f", {world_size} processes"
     ok = need <= available
-    verdict = f"yes (headroom {(available - need) / GIB:.2f} GiB)" if ok else f"no (short by {(need - available) / GIB:.2f} GiB)"
+    verdict = (f"yes (headroom {(available - need) / GIB:.2f} GiB)" if ok
+               else f"no (short by {(need - available) / GIB:.2f} GiB)")
     print(f"fits in {available / GIB:.2f} GiB ({what}): {verdict}")
     if not ok:
         print("  to fit: " + "; ".join(_remedies(cfg)))
@@ -157,7 +159,8 @@ def _remedies(cfg: Config) -> list[str]:
         out.append("model.enable_gradient_checkpointing=true")
     if model.loss_chunk_size == 0 and not model.use_liger:
         out.append("model.loss_chunk_size=4096")
-    out.append("a smaller " + ("data.max_token_len_per_gpu" if data.use_dynamic_bsz else "data.micro_batch_size_per_gpu"))
+    out.append("a smaller " + ("data.max_token_len_per_gpu" if data.use_dynamic_bsz
+                               else "data.micro_batch_size_per_gpu"))
     if model.lora_rank == 0:
         out.append("model.lora_rank=16 (LoRA)")
     if not (engine.param_offload or engine.optimizer_offload):
@@ -173,7 +176,8 @@ def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, st
         ("gradients", est.gradients, "trainable parameters only"),
         ("optimizer state (AdamW)", est.optimizer, "2 per trainable parameter"),
         ("unsharded weight copies", est.working, "FSDP2 all-gather" if world_size > 1 else "bf16 autocast casts"),
-        ("activations", est.activations, f"gradient checkpointing {'on' if model.enable_gradient_checkpointing else 'off'}"),
+        ("activations", est.activations,
+         f"gradient checkpointing {'on' if model.enable_gradient_checkpointing else 'off'}"),
         ("logits and loss", est.logits, "Liger fused" if model.use_liger and est.device_type == "cuda" else
          f"chunks of {model.loss_chunk_size}" if model.loss_chunk_size else "full logits"),
         ("runtime overhead", est.runtime, "CUDA context, allocator slack; assumed" if est.device_type == "cuda"
@@ -237,7 +241,8 @@ def mask_audit(per_file: dict[str, dict[str, int]], append_eos: str) -> list[str
         methods = ", ".join(f"{_METHODS[k]} {v}" for k, v in c.items() if k in _METHODS and v)
         lines.append(
             f"mask audit {path}: {get('rows', 0)} rows checked -> {get('samples', 0)} samples"
-            + (f" ({get('per_turn_expansions', 0)} from thinking_history=per_turn)" if get("per_turn_expansions") else "")
+            + (f" ({get('per_turn_expansions', 0)} from thinking_history=per_turn)"
+               if get("per_turn_expansions") else "")
             + f"; {share:.1%} of tokens trained; {get('trained_turns', 0)} trained turns, "
             f"{get('turns_without_end', 0)} without an end-of-turn token in the template's render, "
             f"{get('closed_by_eos', 0)} closed by an appended EOS, {open_turns} left open; EOS appended to "

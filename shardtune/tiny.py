@@ -36,7 +36,8 @@ def byte_tokenizer(
     specials = list(dict.fromkeys((special_tokens or CHATML_SPECIALS) + [eos_token, pad_token]
                                   + ([bos_token] if bos_token else [])))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token, bos_token=bos_token)
-    fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in (eos_token, pad_token, bos_token)]})
+    fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in (eos_token, pad_token,
+                                                                                            bos_token)]})
     fast.chat_template = chat_template
     return fast
 
@@ -126,5 +127,6 @@ def save_tiny_vlm(out: str | Path, seed: int = 0, layers: int = 2, vision_depth:
     tok.save_pretrained(out)
     patch = config.vision_config.patch_size
     side = patch * 2  # one image token per merged 2 x 2 patches
-    Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=side * side * 4, max_pixels=side * side * 16).save_pretrained(out)
+    Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=side * side * 4,
+                             max_pixels=side * side * 16).save_pretrained(out)
     return out

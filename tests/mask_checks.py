@@ -21,13 +21,15 @@ TOKEN_RES = [r"<\|[^<>|\s]{1,48}\|>", r"<｜[^<>｜]{1,48}｜>", r"</?[A-Za-z_][
 FAMILIES = [
     ("<|return|>", "<|startoftext|>", "<|return|>"), ("[gMASK]", None, "<|endoftext|>"),
     ("<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
-    ("<|END_OF_TURN_TOKEN|>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"), ("<|eot_id|>", "<|begin_of_text|>", "<|eot_id|>"),
+    ("<|END_OF_TURN_TOKEN|>", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"), ("<|eot_id|>", "<|begin_of_text|>",
+                                                                        "<|eot_id|>"),
     ("<start_of_turn>", "<bos>", "<eos>"), ("<turn|>", "<bos>", "<eos>"), ("<|im_end|>", None, "<|im_end|>"),
     ("<|end|>", "<s>", "<|endoftext|>"), ("<end_of_utterance>", "<|begin_of_text|>", "<end_of_utterance>"),
     ("<SPECIAL_12>", None, "<SPECIAL_12>"), ("<seed:eos>", "<seed:bos>", "<seed:eos>"),
     ("<|message_sep|>", None, "<|message_sep|>"), ("<|header_start|>", "<|begin_of_text|>", "<|eot|>"),
 ]
-END_RE = re.compile(r"(?i)((?<!header_)end(?!_header|_of_role)|eot|eos|return|call\|>|^</s>$|^<[a-z_]+\|>$|stop|^<\|tool_response>$)")
+END_RE = re.compile(r"(?i)((?<!header_)end(?!_header|_of_role)|eot|eos|return|call\|>|^</s>$|^<[a-z_]+\|>$|stop"
+                    r"|^<\|tool_response>$)")
 
 
 def template_tokens(text: str) -> list[str]:
@@ -76,7 +78,8 @@ SHAPES: dict[str, tuple[list[dict], list | None]] = {
                       _u("Quokka question two?"), _a("<think>\nPlatypus musing two.\n</think>\n\nWombat answer two.")],
                      None),
     "reasoning_field": ([_u("Quokka question one?"), _a("Wombat answer one.", reasoning_content="Platypus musing one."),
-                         _u("Quokka question two?"), _a("Wombat answer two.", reasoning_content="Platypus musing two.")],
+                         _u("Quokka question two?"), _a("Wombat answer two.",
+                                                        reasoning_content="Platypus musing two.")],
                         None),
     "tool_call": ([_u("Quokka weather in Quito?"), _call({"city": "Quitoville"}), _TOOL_RESULT,
                    _a("Wombat it is sunny.")], TOOLS),
@@ -207,7 +210,8 @@ def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
                 problems.append(f"assistant header {head!r} trained")
         else:
             last = max(((before.rfind(t), t) for t in added if t in before), default=(-1, None))
-            if last[1] and not END_RE.search(last[1]) and any(trained[cursor + last[0]: cursor + last[0] + len(last[1])]):
+            start = cursor + last[0]
+            if last[1] and not END_RE.search(last[1]) and any(trained[start: start + len(last[1])]):
                 problems.append(f"header {last[1]!r} of a {m['role']} message trained")
         cursor = max(e for _, e in found)
     return problems
@@ -253,11 +257,13 @@ def _check_markers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
         if m["role"] != "assistant" or m.get("train", True):
             continue
         # an empty turn lies right after the text of the message before it
-        before = (visible(msgs[k - 1])[0] if msgs[k - 1]["role"] == "assistant" else text_of(msgs[k - 1]["content"]).strip()
-                  ) if k else ""
+        previous = msgs[k - 1] if k else None
+        before = ("" if previous is None else visible(previous)[0] if previous["role"] == "assistant"
+                  else text_of(previous["content"]).strip())
         p = full.find(visible(m)[0]) if visible(m)[0] else full.find(before) + len(before) if before in full else -1
         if p >= 0:
-            skipped.append((max([q for q in texts if q <= p], default=0), min([q for q in texts if q > p], default=len(full))))
+            skipped.append((max([q for q in texts if q <= p], default=0), min([q for q in texts if q > p],
+                                                                              default=len(full))))
     msgs = [{k: v for k, v in m.items() if k != "train"} for m in msgs]
     _, blocks = render_jinja_template([msgs], tools=tools, chat_template=template, return_assistant_tokens_mask=True,
                                       **{**tok.special_tokens_map, **kwargs})

@@ -210,7 +210,8 @@ def world(tmp_path_factory, tiny_model):
     shutil.copytree(tiny_model, sharded)
     (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
-        "lm_head.weight": "model-00001-of-00002.safetensors", "model.norm.weight": "model-00002-of-00002.safetensors"}}))
+        "lm_head.weight": "model-00001-of-00002.safetensors",
+        "model.norm.weight": "model-00002-of-00002.safetensors"}}))
     cut = d / "cut"
     shutil.copytree(tiny_model, cut)
     (cut / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes()[:5000])
@@ -224,7 +225,8 @@ CLI_CASES = {
     "index names a missing shard": (["model.path={sharded}"], "names 1 shard(s) that are not in the folder: "
                                                               "model-00002-of-00002.safetensors"),
     "cut-off safetensors": (["model.path={cut}"], "model.safetensors is cut off"),
-    "missing tokenizer_path": (["model.tokenizer_path={dir}/nope"], "model.tokenizer_path='{dir}/nope' is not a folder"),
+    "missing tokenizer_path": (["model.tokenizer_path={dir}/nope"],
+                               "model.tokenizer_path='{dir}/nope' is not a folder"),
     "missing lora_adapter_path": (["model.lora_rank=4", "model.lora_adapter_path={dir}/nope"],
                                   "model.lora_adapter_path='{dir}/nope' is not a folder"),
     "adapter folder without adapter_config": (["model.lora_rank=4", "model.lora_adapter_path={dir}"],
@@ -232,7 +234,8 @@ CLI_CASES = {
     "override_config changes the vocabulary": (["+model.override_config.vocab_size=512"],
                                                "model.override_config sets vocab_size=512 (the weights have 259)"),
     "run dir is a file": (["trainer.default_local_dir={dir}/a_file"], "'{dir}/a_file' is a file, not a folder"),
-    "run dir under a file": (["trainer.default_local_dir={dir}/a_file/run"], "lies under '{dir}/a_file', which is a file"),
+    "run dir under a file": (["trainer.default_local_dir={dir}/a_file/run"],
+                             "lies under '{dir}/a_file', which is a file"),
     "YAML section twice": (["{dir}/dup.yaml"], "the key 'optim' is written twice, on line 1 and line 5"),
     "--nproc 2, batch of 5": (["data.train_batch_size=5", "--nproc", "2"],
                               "data.train_batch_size=5 must be divisible by the number of data-parallel ranks (2)"),
@@ -281,7 +284,8 @@ def test_export_never_overwrites_or_deletes_what_the_user_had(world):
     for name, text in mine.items():
         (out / name).write_text(text)
     r = run_cli("export", str(ckpt), "--out", str(out))
-    assert r.returncode == 1 and "is not empty" in r.stderr and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "is not empty" in r.stderr and "--overwrite" in r.stderr
+    assert "Traceback" not in r.stderr
     assert {p.name: p.read_text() for p in out.iterdir()} == mine
     r = run_cli("export", str(ckpt), "--out", str(out), "--overwrite", "--dtype", "fp32")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -307,7 +311,8 @@ def test_a_cache_that_cannot_be_written_is_one_message(tmp_path, monkeypatch):
     blocked = tmp_path / "cache_is_a_file"
     blocked.write_text("mine")
     tok = byte_tokenizer()
-    with pytest.raises(DataError, match=f"data.cache_dir='{blocked}'.* failed: .*Fix: free space, or set data.cache_dir"):
+    with pytest.raises(DataError,
+                       match=f"data.cache_dir='{blocked}'.* failed: .*Fix: free space, or set data.cache_dir"):
         build_dataset([str(f)], DataConfig(cache_dir=str(blocked), num_proc=1), tok)
     assert blocked.read_text() == "mine"
 

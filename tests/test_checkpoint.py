@@ -68,7 +68,8 @@ def test_reshard_two_processes_to_one_and_back(tiny_model, data, tmp_path):
     a, b, c, d = (tmp_path / n for n in "abcd")
     r = torchrun(2, "train", *args(tiny_model, data, a, "trainer.save_freq=5", "trainer.total_training_steps=10"))
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli("train", *args(tiny_model, data, b, "trainer.total_training_steps=10", "trainer.resume_mode=resume_path",
+    r = run_cli("train", *args(tiny_model, data, b, "trainer.total_training_steps=10",
+                               "trainer.resume_mode=resume_path",
                                f"trainer.resume_from_path={a / 'global_step_5'}"))
     assert r.returncode == 0, r.stderr
     r = run_cli("train", *args(tiny_model, data, c, "trainer.save_freq=5", "trainer.total_training_steps=10"))
@@ -199,9 +200,11 @@ def test_an_async_checkpoint_is_complete_before_the_next_save(tiny_model, data, 
     """Each step polls the background save: the tracker names step 3 well before step 6 saves again, so a
     pre-emption in between loses nothing (before, the folder waited for the next save to be finalised)."""
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(SLOW_STEPS), "train", *args(tiny_model, data, run_dir, "trainer.save_freq=3",
+    r = subprocess.run([sys.executable, str(SLOW_STEPS), "train", *args(tiny_model, data, run_dir,
+                                                                        "trainer.save_freq=3",
                         "checkpoint.async_save=true", "trainer.total_training_steps=7")],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                       capture_output=True, text=True, timeout=300, env={**os.environ,
+                                                                         "TOKENIZERS_PARALLELISM": "false"})
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     saved = next(i for i, x in enumerate(lines) if x.get("event") == "checkpoint" and x["step"] == 3)
@@ -217,7 +220,8 @@ def test_resuming_on_other_data_is_refused_with_the_way_to_continue_the_weights(
     r = run_cli("train", *args(tiny_model, data, run_dir, *fewer))
     assert r.returncode == 2 and "data position was saved for sources {'train': 40}" in r.stderr
     assert "Traceback" not in r.stderr
-    r = run_cli("train", *args(tiny_model, data, tmp_path / "new", *fewer, f"trainer.resume_from_path={run_dir / 'global_step_3'}",
+    r = run_cli("train", *args(tiny_model, data, tmp_path / "new", *fewer,
+                               f"trainer.resume_from_path={run_dir / 'global_step_3'}",
                                "checkpoint.load_contents=[model,optimizer]"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [x["step"] for x in read_metrics(tmp_path / "new")] == list(range(1, 7))  # the data starts over

@@ -125,11 +125,13 @@ def test_bad_rows_exit_nonzero_naming_file_row_and_key(tiny_model, tmp_path, cas
     assert not any((tmp_path / "cache").rglob("*.npy"))
 
 
-@pytest.mark.parametrize("content,needle", [(b"", "is empty"), (b"PAR1 not really parquet", "cannot be read as parquet")])
+@pytest.mark.parametrize("content,needle", [(b"", "is empty"), (b"PAR1 not really parquet",
+                                                                "cannot be read as parquet")])
 def test_bad_files_exit_nonzero(tiny_model, tmp_path, content, needle):
     f = tmp_path / "d.parquet"
     f.write_bytes(content)
-    r = run_cli("train", f"model.path={tiny_model}", f"data.train_files={f}", f"trainer.default_local_dir={tmp_path}/run")
+    r = run_cli("train", f"model.path={tiny_model}", f"data.train_files={f}",
+                f"trainer.default_local_dir={tmp_path}/run")
     assert r.returncode != 0 and needle in r.stderr and str(f) in r.stderr and "Traceback" not in r.stderr
 
 

@@ -94,7 +94,8 @@ def test_fsdp_alias_is_noted_in_the_run(tiny_model, tmp_path):
 
     data = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(8))
     cfg = validate(load_config(None, [f"model.path={tiny_model}", f"data.train_files={data}", "engine.strategy=fsdp",
-                                      "data.train_batch_size=8", "trainer.total_training_steps=1", "data.cache_dir=null",
+                                      "data.train_batch_size=8", "trainer.total_training_steps=1",
+                                      "data.cache_dir=null",
                                       f"trainer.default_local_dir={tmp_path / 'run'}", "trainer.logger=[jsonl]"]))
     Trainer(cfg).fit()
     events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

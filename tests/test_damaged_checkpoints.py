@@ -64,7 +64,8 @@ DAMAGE = {
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(finished, tmp_path, case):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
-    assert damage(run_dir / "global_step_9") is None and find_resume_path(run_dir, "auto", None) == run_dir / "global_step_9"
+    assert damage(run_dir / "global_step_9") is None and find_resume_path(run_dir, "auto",
+                                                                          None) == run_dir / "global_step_9"
     harm, needle = DAMAGE[case]
     harm(run_dir / "global_step_9")
     assert needle in damage(run_dir / "global_step_9")
@@ -107,7 +108,8 @@ def test_cli_resumes_from_the_newest_intact_checkpoint_bitwise(tiny_model, data,
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resume = next(x for x in lines if x.get("event") == "resume")
     warning = next(x for x in lines if x.get("event") == "warning")
-    assert resume["step"] == 6 and "global_step_9 is the shard" in warning["message"] and "cut off" in warning["message"]
+    assert resume["step"] == 6
+    assert "global_step_9 is the shard" in warning["message"] and "cut off" in warning["message"]
     before = {x["step"]: x["train/loss"] for x in read_metrics(finished)}
     after = read_metrics(run_dir)[9:]  # the first run's 9 rows, then the relaunch's
     assert [x["step"] for x in after] == [7, 8, 9]

@@ -137,7 +137,8 @@ def test_truncation_modes(tmp_path, tok):
     rows = [{"messages": [{"role": "user", "content": "q" * 30}, {"role": "assistant", "content": "a" * 30}]},
             {"messages": [{"role": "user", "content": "short"}, {"role": "assistant", "content": "ok"}]}]
     f = write_jsonl(tmp_path / "t.jsonl", rows)
-    with pytest.raises(DataError, match=r"t.jsonl, row 0: the conversation is \d+ tokens, longer than data.max_length=60"):
+    with pytest.raises(DataError,
+                       match=r"t.jsonl, row 0: the conversation is \d+ tokens, longer than data.max_length=60"):
         build_dataset([str(f)], cfg(max_length=60, truncation="error"), tok)
     right = build_dataset([str(f)], cfg(max_length=60, truncation="right"), tok)
     left = build_dataset([str(f)], cfg(max_length=60, truncation="left"), tok)
@@ -256,7 +257,8 @@ def test_invalid_json_lines_follow_the_bad_row_policy(tmp_path, tok):
 def test_json_list_is_read_element_by_element_like_json_load(tmp_path, monkeypatch):
     import shardtune.data.json_rows as json_rows
 
-    rows = arithmetic_rows(40, seed=3) + [{"text": "brackets ] [ } { , and \"quotes\"", "n": 12345678901234, "x": -1.5e-3},
+    rows = arithmetic_rows(40, seed=3) + [{"text": "brackets ] [ } { , and \"quotes\"", "n": 12345678901234,
+                                           "x": -1.5e-3},
                                           {"nested": {"a": [1, {"b": "\u00e9\u4e2d\U0001f600"}]}, "s": "\\\\"}]
     f = tmp_path / "d.json"
     f.write_text(json.dumps(rows, indent=2, ensure_ascii=False))

@@ -24,7 +24,8 @@ def test_demo_learns_the_task_and_chat_answers_with_its_checkpoint(tmp_path):
     assert scores[0] == (0, result["accuracy_before"]) and scores[-1][1] == result["accuracy_after"]
     assert scores[-1][1] > scores[0][1]
     last = tmp_path / "run" / "eval" / f"step_{scores[-1][0]}.jsonl"
-    assert sum(json.loads(line)["exact_match"] for line in last.read_text().splitlines()) == 100 * result["accuracy_after"]
+    exact = sum(json.loads(line)["exact_match"] for line in last.read_text().splitlines())
+    assert exact == 100 * result["accuracy_after"]
 
     heldout = tmp_path / "heldout20.jsonl"
     heldout.write_text("".join((tmp_path / "heldout.jsonl").read_text().splitlines(keepends=True)[:20]))

@@ -17,7 +17,8 @@ SCRIPTS = Path(__file__).parent / "scripts"
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     # 44 rows at a global batch of 8: 6 steps per epoch, the last one holds 4 samples (uneven)
-    return write_jsonl(d / "train.jsonl", arithmetic_rows(44, seed=5)), write_jsonl(d / "val.jsonl", arithmetic_rows(9, seed=6))
+    return write_jsonl(d / "train.jsonl", arithmetic_rows(44, seed=5)), write_jsonl(d / "val.jsonl", arithmetic_rows(9,
+                                                                                                                     seed=6))
 
 
 def args(tiny_model, data, run_dir, *extra):
@@ -91,7 +92,8 @@ def test_hybrid_sharding_four_processes(tiny_model, data, tmp_path, one_process)
 
 # measured step-loss differences, 1 vs 2 processes: 5e-4 (bf16 compute) and 1e-4 (bf16 weights); computing
 # bf16 weights in fp32 (what FSDP2 did before it followed model.dtype) moves the losses by 3e-3
-@pytest.mark.parametrize("setting,loss_rel", [("engine.mixed_precision.param_dtype=bf16", 2e-3), ("model.dtype=bf16", 1e-3)],
+@pytest.mark.parametrize("setting,loss_rel", [("engine.mixed_precision.param_dtype=bf16", 2e-3), ("model.dtype=bf16",
+                                                                                                  1e-3)],
                          ids=["bf16-compute-fp32-weights", "bf16-weights"])
 def test_bf16_two_processes_track_one(tiny_model, data, tmp_path, setting, loss_rel):
     """bf16 compute under FSDP2 (MixedPrecisionPolicy) against one process (autocast, or bf16 weights):
@@ -144,7 +146,8 @@ def test_ulysses_with_fewer_kv_heads_than_sp_ranks(data, tmp_path):
     r = run_cli("train", *args(model, data, tmp_path / "one"))
     assert r.returncode == 0, r.stderr[-3000:]
     # verl's top-level key
-    assert_run_matches(2, read_metrics(tmp_path / "one"), model, data, tmp_path / "sp", "ulysses_sequence_parallel_size=2",
+    assert_run_matches(2, read_metrics(tmp_path / "one"), model, data, tmp_path / "sp",
+                       "ulysses_sequence_parallel_size=2",
                        "model.loss_chunk_size=8")
 
 
@@ -167,7 +170,8 @@ def test_checkpoint_from_sp2_resumes_on_one_process(tiny_model, data, tmp_path):
     sp = args(tiny_model, data, tmp_path / "sp", "engine.ulysses_sequence_parallel_size=2", "trainer.save_freq=3")
     r = torchrun(2, "train", *sp)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli("train", *args(tiny_model, data, tmp_path / "one", f"trainer.resume_from_path={tmp_path / 'sp' / 'global_step_3'}"))
+    r = run_cli("train", *args(tiny_model, data, tmp_path / "one",
+                               f"trainer.resume_from_path={tmp_path / 'sp' / 'global_step_3'}"))
     assert r.returncode == 0, r.stderr[-3000:]
     full = {x["step"]: x for x in read_metrics(tmp_path / "sp")}
     resumed = read_metrics(tmp_path / "one")

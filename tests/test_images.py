@@ -200,7 +200,8 @@ def mixed(tmp_path_factory):
 @pytest.mark.slow
 def test_packed_equals_padded_streamed_and_checkpointed_resumes_exactly_and_pictures_matter(vlm, mixed, tmp_path):
     runs = {}
-    for name, extra in (("packed", ("trainer.save_hf_at_end=true", "trainer.save_freq=2")), ("padded", ("model.use_remove_padding=false",)),
+    for name, extra in (("packed", ("trainer.save_hf_at_end=true", "trainer.save_freq=2")), ("padded",
+                                                                                             ("model.use_remove_padding=false",)),
                         ("streamed", ("data.streaming=true", "data.shuffle_buffer=64",
                                       "model.enable_gradient_checkpointing=true"))):
         r = run_cli("train", *train_args(vlm, mixed, tmp_path / name, *extra))

@@ -51,7 +51,8 @@ def test_workers_exit_within_seconds_of_a_killed_launcher(tiny_model, tmp_path, 
     train = ["train", f"model.path={tiny_model}", f"data.train_files={data}", f"trainer.default_local_dir={run_dir}",
              "data.train_batch_size=4", "trainer.total_training_steps=100000", "trainer.logger=[jsonl]",
              "data.cache_dir=null"]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "shardtune", *train]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "shardtune",
+            *train]
            if launcher == "torchrun" else [sys.executable, "-m", "shardtune", *train, "--nproc", "2"])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

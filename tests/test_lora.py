@@ -18,7 +18,8 @@ def data(tmp_path_factory):
 
 
 def args(tiny_model, data, run_dir, *extra):
-    return train_args(tiny_model, data, run_dir, "data.micro_batch_size_per_gpu=2", "optim.lr=1e-2", "model.lora_rank=8",
+    return train_args(tiny_model, data, run_dir, "data.micro_batch_size_per_gpu=2", "optim.lr=1e-2",
+                      "model.lora_rank=8",
                       "trainer.total_training_steps=6", *extra)
 
 

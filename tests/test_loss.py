@@ -15,7 +15,8 @@ from shardtune.loss import LossHead, linear_cross_entropy
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    return write_jsonl(d / "train.jsonl", arithmetic_rows(40, seed=1)), write_jsonl(d / "val.jsonl", arithmetic_rows(10, seed=2))
+    return write_jsonl(d / "train.jsonl", arithmetic_rows(40, seed=1)), write_jsonl(d / "val.jsonl", arithmetic_rows(10,
+                                                                                                                     seed=2))
 
 
 def _plain(hidden, weight, bias, targets):
@@ -95,7 +96,8 @@ def test_training_with_the_chunked_loss_equals_the_plain_loss(tiny_model, data_f
     assert isinstance(trainer.engine.model.get_output_embeddings(), LossHead)
     assert_close(losses(plain), losses(chunked), 1e-5)
     assert_close(losses(plain, "train/grad_norm"), losses(chunked, "train/grad_norm"), 1e-5)
-    assert_close([h["val/loss"] for h in plain if "val/loss" in h], [h["val/loss"] for h in chunked if "val/loss" in h], 1e-5)
+    assert_close([h["val/loss"] for h in plain if "val/loss" in h], [h["val/loss"] for h in chunked if "val/loss" in h],
+                 1e-5)
 
 
 def test_tied_embeddings_stay_tied_and_train_the_same(data_files, tmp_path):
@@ -137,7 +139,8 @@ def test_a_model_that_rescales_its_logits_is_refused_with_a_fix(data_files, tmp_
 def test_use_liger_on_cpu_warns_and_trains_as_without(tiny_model, data_files, tmp_path):
     _, plain = run(tiny_model, data_files, tmp_path / "plain", "trainer.total_training_steps=2")
     with pytest.warns(UserWarning, match="needs a CUDA GPU"):
-        _, liger = run(tiny_model, data_files, tmp_path / "liger", "trainer.total_training_steps=2", "model.use_liger=true")
+        _, liger = run(tiny_model, data_files, tmp_path / "liger", "trainer.total_training_steps=2",
+                       "model.use_liger=true")
     assert losses(plain) == losses(liger)
 
 

@@ -91,4 +91,5 @@ def test_dft_two_processes_equal_one(tiny_model, data, tmp_path):
 
 def test_dft_with_liger_is_refused(tiny_model, data, tmp_path):
     with pytest.raises(ConfigError, match="loss_type=dft"):
-        validate(load_config(None, overrides(tiny_model, data, tmp_path, "optim.loss_type=dft", "model.use_liger=true")))
+        validate(load_config(None, overrides(tiny_model, data, tmp_path, "optim.loss_type=dft",
+                                             "model.use_liger=true")))

@@ -95,7 +95,8 @@ def test_bad_urls_fail_before_anything_is_loaded(tmp_path):
         validate(load_config(None, [*base, "trainer.remote_dir=s3://key:secret@bucket/run"]))
     with pytest.raises(ConfigError, match="knows no 'nosuch://' filesystem"):
         validate(load_config(None, [*base, "trainer.remote_dir=nosuch://x"]))
-    with pytest.raises(ConfigError, match="loads libhdfs from a Hadoop install, and none was found. Fix: set HADOOP_HOME"):
+    with pytest.raises(ConfigError,
+                       match="loads libhdfs from a Hadoop install, and none was found. Fix: set HADOOP_HOME"):
         validate(load_config(None, [*base, "trainer.default_local_dir=x", "trainer.remote_dir=hdfs://nn:8020/ckpt"]))
 
 
@@ -158,7 +159,8 @@ def test_sigkill_during_an_upload_never_leaves_the_tracker_on_an_incomplete_copy
     proc.wait()
     uploaded = store.fs.find("bucket/killed/global_step_2")
     assert 20 <= len(uploaded) < 400 + 3  # killed mid-copy
-    assert store.run.steps() == {1: True, 2: False} and store.run.tracker_step() == 1 and store.run.newest_complete() == 1
+    assert store.run.steps() == {1: True,
+                                 2: False} and store.run.tracker_step() == 1 and store.run.newest_complete() == 1
     store.upload(big, 2)  # the relaunched run saves step 2 again
     store.wait()
     assert store.run.steps() == {1: True, 2: True} and store.run.tracker_step() == 2

@@ -154,7 +154,8 @@ def test_sigkill_during_tokenization_then_rerun_resumes_and_equals_an_uninterrup
     for a, b in zip(resumed.arrays(), fresh.arrays()):
         assert np.array_equal(a, b)
     assert np.array_equal(resumed.target_counts, fresh.target_counts)
-    assert {k: v for k, v in resumed.stats.items() if k != "cache"} == {k: v for k, v in fresh.stats.items() if k != "cache"}
+    assert {k: v for k, v in resumed.stats.items() if k != "cache"} == {k: v for k,
+                                                                        v in fresh.stats.items() if k != "cache"}
 
 
 # The peak of this process is VmHWM (ru_maxrss would keep the RSS of pytest, which forked it, across exec);
@@ -220,7 +221,8 @@ def test_source_entries_resolve_names_weights_and_format_keys():
 
 
 @pytest.mark.parametrize("files,needle", [
-    ([{"path": "a.jsonl", "wieght": 0.5}], "Unknown key 'wieght' in the source data.train_files[0]. Did you mean 'weight'?"),
+    ([{"path": "a.jsonl", "wieght": 0.5}],
+     "Unknown key 'wieght' in the source data.train_files[0]. Did you mean 'weight'?"),
     ([{"path": "a.jsonl", "mesages_key": "m"}], "Did you mean 'messages_key'?"),
     ([{"path": "a.jsonl", "format": "alpacca"}], "Did you mean 'alpaca'?"),
     ([{"weight": 1}], "data.train_files[0] has no path"),

@@ -19,7 +19,8 @@ from shardtune.trainer import Trainer
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    return write_jsonl(d / "train.jsonl", arithmetic_rows(40, seed=1)), write_jsonl(d / "val.jsonl", arithmetic_rows(10, seed=2))
+    return write_jsonl(d / "train.jsonl", arithmetic_rows(40, seed=1)), write_jsonl(d / "val.jsonl", arithmetic_rows(10,
+                                                                                                                     seed=2))
 
 
 def run(tiny_model, data_files, tmp_path, *overrides, fit=True):
@@ -211,7 +212,8 @@ def test_prefetching_changes_nothing(tiny_model, data_files, tmp_path):
     assert all(h["perf/data_wait_s"] >= 0 for h in ahead)
     assert trainer.loader.state_dict() == {"epoch": 1, "step_in_epoch": trainer.loader.steps_per_epoch, "seed": 42,
                                            "sources": {"train": 40}}
-    mid = run(tiny_model, data_files, tmp_path / "c", "data.prefetch_steps=2", "trainer.total_training_steps=3", fit=False)
+    mid = run(tiny_model, data_files, tmp_path / "c", "data.prefetch_steps=2", "trainer.total_training_steps=3",
+              fit=False)
     mid.fit()
     assert mid.loader.state_dict()["step_in_epoch"] == 3
 

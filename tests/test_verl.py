@@ -171,7 +171,8 @@ OPTIM_CI = ["optim.lr=1e-5", "optim.lr_warmup_steps_ratio=0.2", "optim.weight_de
             "optim.clip_grad=1.0"]
 MEGATRON = ["engine=megatron", "optim=megatron", *OPTIM_CI, "optim.lr_warmup_init=0", "optim.lr_decay_style=cosine",
             "optim.min_lr=1e-6", "engine.tensor_model_parallel_size=2", "engine.pipeline_model_parallel_size=2",
-            "engine.virtual_pipeline_model_parallel_size=2", "engine.context_parallel_size=2", "engine.use_mbridge=True"]
+            "engine.virtual_pipeline_model_parallel_size=2", "engine.context_parallel_size=2",
+            "engine.use_mbridge=True"]
 VEOMNI = ["engine=veomni", "optim=veomni", *OPTIM_CI, "optim.lr_min=1e-6", "optim.lr_scheduler_type=cosine",
           "engine.ulysses_parallel_size=2", "engine.data_parallel_size=4"]
 # verl's TorchTitan engine (newer verl; a users' TPU line)
@@ -233,12 +234,14 @@ def test_two_keys_setting_one_shardtune_key_differently_is_an_error(line, needle
 def test_keys_that_agree_or_stand_alone_run():
     base = ["model.path=/m", "data.train_files=/t"]
     assert config_of([*base, "optim.warmup_style=cosine"]).optim.lr_scheduler_type == "cosine"
-    assert config_of([*base, "optim.warmup_style=cosine", "optim.lr_scheduler_type=cosine"]).optim.lr_scheduler_type == "cosine"
+    assert config_of([*base, "optim.warmup_style=cosine",
+                      "optim.lr_scheduler_type=cosine"]).optim.lr_scheduler_type == "cosine"
     cfg = config_of([*base, "data.pad_mode=no_padding", "model.use_remove_padding=False", "data.use_dynamic_bsz=True"])
     assert cfg.model.use_remove_padding is False and cfg.data.use_dynamic_bsz is True  # verl's CI variant
     assert config_of([*base, "data.pad_mode=right"]).model.use_remove_padding is True  # layout: use_remove_padding
     assert config_of([*base, "engine.offload_policy=true"]).engine.param_offload is True
-    assert config_of([*base, "trainer.default_hdfs_dir=hdfs://nn:8020/ckpt"]).trainer.remote_dir == "hdfs://nn:8020/ckpt"
+    assert config_of([*base,
+                      "trainer.default_hdfs_dir=hdfs://nn:8020/ckpt"]).trainer.remote_dir == "hdfs://nn:8020/ckpt"
     assert config_of([*base, "engine.fsdp_size=8"]).engine.fsdp_size == 8  # no WORLD_SIZE: left to shardtune
 
 
@@ -249,7 +252,8 @@ def test_fsdp_size_at_least_the_world_means_all_ranks_as_in_verl(monkeypatch):
 
 def test_override_optimizer_config_maps_what_adamw_takes(capsys):
     base = ["model.path=/m", "data.train_files=/t"]
-    cfg = config_of([*base, "+optim.override_optimizer_config={eps: 1e-7, foreach: true, amsgrad: false, betas: [0.8, 0.9]}"])
+    cfg = config_of([*base,
+                     "+optim.override_optimizer_config={eps: 1e-7, foreach: true, amsgrad: false, betas: [0.8, 0.9]}"])
     assert cfg.optim.eps == 1e-7 and cfg.optim.betas == [0.8, 0.9]
     assert "override_optimizer_config.foreach is ignored" in capsys.readouterr().err
     with pytest.raises(ConfigError) as e:
@@ -281,10 +285,12 @@ def test_model_override_config_is_checked_before_loading_and_changes_the_estimat
     err = capsys.readouterr().err
     assert code == 2 and "attention_dropot (did you mean attention_dropout?)" in err and "Loading" not in err
     cfg = config_of([f"model.path={tiny_model}", "data.train_files=/t",
-                     "+model.override_config.num_hidden_layers=1", "+model.override_config.layer_types=[full_attention]",
+                     "+model.override_config.num_hidden_layers=1",
+                     "+model.override_config.layer_types=[full_attention]",
                      "+model.override_config.attn_implementation=eager"])
     assert cfg.model.attn_implementation == "eager"
-    full, small = model_shape(config_of([f"model.path={tiny_model}", "data.train_files=/t"]).model), model_shape(cfg.model)
+    full, small = model_shape(config_of([f"model.path={tiny_model}",
+                                         "data.train_files=/t"]).model), model_shape(cfg.model)
     assert small.layers == 1 and full.layers == 2 and small.params < full.params
 
 
@@ -293,7 +299,8 @@ def test_same_run_as_shardtune_spelled_out():
     verl = config_of(ENGINE_CI + ["engine=fsdp", "optim=fsdp", *OPTIM_CI, "optim.min_lr_ratio=0.1",
                                   "optim.lr_scheduler_type=cosine", "engine.fsdp_size=-1", "engine.strategy=fsdp2"])
     own = load_config(None, [
-        "model.path=/m", "data.train_files=[/d/train.parquet]", "data.val_files=[/d/test.parquet]", "data.format=messages",
+        "model.path=/m", "data.train_files=[/d/train.parquet]", "data.val_files=[/d/test.parquet]",
+        "data.format=messages",
         "data.train_batch_size=128", "data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=2048",
         "model.enable_gradient_checkpointing=true", "optim.lr=1e-5", "optim.lr_warmup_steps_ratio=0.2",
         "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]", "optim.min_lr_ratio=0.1", "optim.lr_scheduler_type=cosine",
@@ -356,10 +363,12 @@ def test_engine_ci_lines_pad_modes_and_sp_give_the_same_losses(tiny_model, tmp_p
     """run_sft_engine.sh (engine=fsdp optim=fsdp) as test_sft_engine_all.sh runs it: PAD_MODE=no_padding with and
     without remove-padding, and SP=2 with FSDP_SIZE=2 and FSDP2: the same steps, the same losses."""
     data = write_parquet(tmp_path / "train.parquet", arithmetic_rows(32, seed=11, multi_turn=True))
-    line = [f"data.train_files={data}", f"data.val_files={data}", "data.train_batch_size=16", "data.pad_mode=no_padding",
+    line = [f"data.train_files={data}", f"data.val_files={data}", "data.train_batch_size=16",
+            "data.pad_mode=no_padding",
             "data.truncation=error", "data.use_dynamic_bsz=True", "data.max_token_len_per_gpu=1024",
             "data.messages_key=messages", f"model.path={tiny_model}", "engine=fsdp", "optim=fsdp", "optim.lr=1e-3",
-            "optim.lr_warmup_steps_ratio=0.2", "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]", "optim.clip_grad=1.0",
+            "optim.lr_warmup_steps_ratio=0.2", "optim.weight_decay=0.1", "optim.betas=[0.9,0.95]",
+            "optim.clip_grad=1.0",
             "optim.min_lr_ratio=0.1", "optim.lr_scheduler_type=cosine", "trainer.test_freq=after_each_epoch",
             "trainer.save_freq=-1", "trainer.logger=['console','file']", "trainer.project_name=verl_sft_test",
             "trainer.total_epochs=2", "trainer.total_training_steps=3", "trainer.resume_mode=disable",
@@ -379,7 +388,8 @@ def test_engine_ci_lines_pad_modes_and_sp_give_the_same_losses(tiny_model, tmp_p
         if name == "rmpad":  # as verl's mode=ray runs it: the entry point starts the processes itself
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
             r = subprocess.run([sys.executable, "-m", "shardtune.verl.sft_trainer_ray", "trainer.nnodes=1",
-                                "trainer.n_gpus_per_node=2", *args], env=env, capture_output=True, text=True, timeout=300)
+                                "trainer.n_gpus_per_node=2", *args], env=env, capture_output=True, text=True,
+                                timeout=300)
             assert "trainer.n_gpus_per_node is ignored" not in r.stderr
         else:
             r = torchrun(2, *args, module="shardtune.verl.sft_trainer")

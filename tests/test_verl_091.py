@@ -172,7 +172,8 @@ def test_zero_indexed_step_false_counts_the_schedule_from_one(capsys):
     # verl's constant schedule never reads it: the same rates as verl
     assert config_of([*BASE, "optim.zero_indexed_step=false"]).optim.zero_indexed_step is True
     assert "verl's constant schedule does not read it" in capsys.readouterr().err
-    assert config_of([*BASE, "optim.warmup_style=cosine", "optim.zero_indexed_step=false"]).optim.zero_indexed_step is False
+    assert config_of([*BASE, "optim.warmup_style=cosine",
+                      "optim.zero_indexed_step=false"]).optim.zero_indexed_step is False
 
 
 # ---- the LoRA group -------------------------------------------------------------------------------------------
@@ -197,7 +198,8 @@ def test_lora_group_maps_to_peft_keys_with_hf_module_names(capsys):
      "vlm_lora then trains that part's full weights beside the adapters"),
     (["model.lora.rank=8", "model.lora.type=vlm_lora", "model.lora.freeze_language_model=false"],
      "LoRA adapters with a trainable base language model are not supported"),
-    (["model.lora.rank=8", "model.lora.target_modules=['*.layers.0.*.linear_qkv']"], "a Megatron module name or pattern"),
+    (["model.lora.rank=8", "model.lora.target_modules=['*.layers.0.*.linear_qkv']"],
+     "a Megatron module name or pattern"),
     (["model.lora.rank=8", "model.lora.dropout_position=post"], "peft applies LoRA dropout to the adapter's input"),
     (["model.lora.rank=8", "model.lora_rank=4"], "both set shardtune's model.lora_rank, to different values"),
     (["model.lora.rank=8", "model.lora.type=qlora"], "one of lora, vlm_lora, canonical_lora, dora"),

@@ -63,7 +63,8 @@ def test_engine_keys_of_newer_verl(capsys):
     assert warnings(err, "data.tokenize_whole_message") == 1 and warnings(err, "trainer.balance_batch") == 1
     assert config_of([*ENGINE_BASE, "data.enable_thinking_default=none"]).data.apply_chat_template_kwargs == {}
     # an explicit template argument stays as written; the default fills only what is missing
-    cfg = config_of([*ENGINE_BASE, "data.enable_thinking_default=true", "data.apply_chat_template_kwargs={enable_thinking: false, x: 1}"])
+    cfg = config_of([*ENGINE_BASE, "data.enable_thinking_default=true",
+                     "data.apply_chat_template_kwargs={enable_thinking: false, x: 1}"])
     assert cfg.data.apply_chat_template_kwargs == {"enable_thinking": False, "x": 1}
     with pytest.raises(ConfigError, match=r"data.enable_thinking_default='maybe' \(one of true, false, none\)"):
         translate([*ENGINE_BASE, "data.enable_thinking_default=maybe"], ENGINE)
@@ -174,7 +175,8 @@ def test_data_shapes_of_users_lines():
     assert conversation(line, {"messages": CHAT, "enable_thinking": True})[1] == {"enable_thinking": True}
     # engine + verl's SFTDataset: prompt/response columns
     conv, _ = conversation([*ENGINE_BASE, "data.custom_cls.path=pkg://verl.utils.dataset.sft_dataset",
-                            "data.custom_cls.name=SFTDataset", "+data.prompt_key=prompt", "+data.response_key=response"],
+                            "data.custom_cls.name=SFTDataset", "+data.prompt_key=prompt",
+                            "+data.response_key=response"],
                            {"prompt": "2+2?", "response": "4"})
     assert conv.messages == CHAT
 

@@ -121,7 +121,8 @@ class Writer:
                 raise
             if self.world.is_main:
                 shutil.rmtree(path, ignore_errors=True)
-            intact = [s for s in reversed(RunDir(LocalFolder(path.parent)).complete_steps()) if step_name(s) != path.name]
+            steps = reversed(RunDir(LocalFolder(path.parent)).complete_steps())
+            intact = [s for s in steps if step_name(s) != path.name]
             kept = (f"the earlier checkpoints are intact; a relaunch resumes from {step_name(intact[0])}" if intact
                     else "no earlier checkpoint exists")
             raise ShardtuneError(f"No space left on the device while saving {path} (removed; {kept}). Fix: free space "

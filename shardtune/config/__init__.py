@@ -35,7 +35,8 @@ from shardtune.config.sources import Source, resolve_sources
 
 __all__ = [
     "CHECKPOINT_CONTENTS", "ENGINE_ALIASES", "LOGGERS", "LOGGER_PACKAGES", "CheckpointConfig", "Config", "DataConfig",
-    "EngineConfig", "EvalConfig", "MixedPrecisionConfig", "ModelConfig", "OptimConfig", "Override", "Source", "TrainerConfig",
+    "EngineConfig", "EvalConfig", "MixedPrecisionConfig", "ModelConfig", "OptimConfig", "Override", "Source",
+    "TrainerConfig",
     "all_keys", "dump_yaml", "from_dict", "load_config", "notes", "parse_overrides", "resolve_sources", "set_dotted",
     "to_dict", "validate",
 ]

@@ -56,7 +56,8 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
         (bool(data.train_files), "data.train_files is required. Fix: data.train_files=train.parquet (or [a,b])."),
         (data.max_length > 1, f"data.max_length must be > 1, got {data.max_length}."),
         (data.train_batch_size >= 1, f"data.train_batch_size must be >= 1, got {data.train_batch_size}."),
-        (data.prefetch_steps >= 0, f"data.prefetch_steps must be >= 0 (0 = no prefetching), got {data.prefetch_steps}."),
+        (data.prefetch_steps >= 0,
+         f"data.prefetch_steps must be >= 0 (0 = no prefetching), got {data.prefetch_steps}."),
         (data.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1 (samples), got {data.shuffle_buffer}."),
         (not data.streaming or cfg.trainer.total_training_steps is not None,
          "data.streaming=true needs trainer.total_training_steps: a stream's epoch length is unknown until it has "
@@ -67,7 +68,8 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          f"data.max_token_len_per_gpu={data.max_token_len_per_gpu} is below data.max_length={data.max_length}: a "
          "streamed sample could exceed the budget, and a stream is not read ahead to check. Fix: raise "
          "data.max_token_len_per_gpu or lower data.max_length."),
-        (data.micro_batch_size_per_gpu >= 1, f"data.micro_batch_size_per_gpu must be >= 1, got {data.micro_batch_size_per_gpu}."),
+        (data.micro_batch_size_per_gpu >= 1,
+         f"data.micro_batch_size_per_gpu must be >= 1, got {data.micro_batch_size_per_gpu}."),
         (data.train_batch_size % max(1, world_size // cfg.sp_size) == 0 or world_size % cfg.sp_size != 0,
          f"data.train_batch_size={data.train_batch_size} must be divisible by the number of data-parallel "
          f"ranks ({world_size // cfg.sp_size}). Fix: pick a multiple of {world_size // cfg.sp_size}."),
@@ -79,7 +81,8 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          f"data.pad_to_length_bucket={data.pad_to_length_bucket} pads packed micro-batches, and "
          "model.use_remove_padding=false trains right-padded rows. Fix: model.use_remove_padding=true, or "
          "data.pad_to_length_bucket=0."),
-        (cfg.model.loss_chunk_size >= 0, f"model.loss_chunk_size must be >= 0 (0 = off), got {cfg.model.loss_chunk_size}."),
+        (cfg.model.loss_chunk_size >= 0,
+         f"model.loss_chunk_size must be >= 0 (0 = off), got {cfg.model.loss_chunk_size}."),
         (not (cfg.model.lora_rank and "lm_head" in cfg.model.target_modules and _fused_head(cfg.model)),
          "LoRA on lm_head cannot be combined with the chunked/fused loss head. Fix: drop lm_head from "
          "model.target_modules, or set model.loss_chunk_size=0 and model.use_liger=false."),
@@ -100,8 +103,10 @@ def _optim_trainer_rules(cfg: Config) -> list[tuple[bool, str]]:
         (trainer.max_ckpt_to_keep is None or trainer.max_ckpt_to_keep >= 1,
          f"trainer.max_ckpt_to_keep must be >= 1 or null (keep all), got {trainer.max_ckpt_to_keep}."),
         (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}."),
-        (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), f"optim.betas must be two numbers in [0, 1), got {optim.betas}."),
-        (0 <= optim.lr_warmup_steps_ratio < 1, f"optim.lr_warmup_steps_ratio must be in [0, 1), got {optim.lr_warmup_steps_ratio}."),
+        (len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+         f"optim.betas must be two numbers in [0, 1), got {optim.betas}."),
+        (0 <= optim.lr_warmup_steps_ratio < 1,
+         f"optim.lr_warmup_steps_ratio must be in [0, 1), got {optim.lr_warmup_steps_ratio}."),
         (0 <= optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}."),
         (0 < optim.wsd_decay_ratio <= 1, f"optim.wsd_decay_ratio must be in (0, 1], got {optim.wsd_decay_ratio}."),
         (optim.loss_type != "dft" or not cfg.model.use_liger,
@@ -111,9 +116,12 @@ def _optim_trainer_rules(cfg: Config) -> list[tuple[bool, str]]:
         (trainer.total_epochs >= 1, f"trainer.total_epochs must be >= 1, got {trainer.total_epochs}."),
         (trainer.total_training_steps is None or trainer.total_training_steps >= 1,
          f"trainer.total_training_steps must be >= 1 or null, got {trainer.total_training_steps}."),
-        (_is_freq(trainer.test_freq), f"trainer.test_freq must be -1, >= 1 or after_each_epoch, got {trainer.test_freq}."),
-        (_is_freq(trainer.save_freq), f"trainer.save_freq must be -1, >= 1 or after_each_epoch, got {trainer.save_freq}."),
-        (cfg.checkpoint.load_contents is None or set(cfg.checkpoint.load_contents) <= set(cfg.checkpoint.save_contents) | {"hf_model"},
+        (_is_freq(trainer.test_freq),
+         f"trainer.test_freq must be -1, >= 1 or after_each_epoch, got {trainer.test_freq}."),
+        (_is_freq(trainer.save_freq),
+         f"trainer.save_freq must be -1, >= 1 or after_each_epoch, got {trainer.save_freq}."),
+        (cfg.checkpoint.load_contents is None
+         or set(cfg.checkpoint.load_contents) <= set(cfg.checkpoint.save_contents) | {"hf_model"},
          "checkpoint.load_contents must be a subset of checkpoint.save_contents."),
         ("model" in cfg.checkpoint.save_contents, "checkpoint.save_contents must include model."),
         (trainer.resume_mode != "resume_path" or bool(trainer.resume_from_path),
@@ -129,7 +137,8 @@ def _optim_trainer_rules(cfg: Config) -> list[tuple[bool, str]]:
         (not trainer.early_stopping_metric.startswith("eval/") or cfg.eval.freq != -1,
          f"trainer.early_stopping_metric={trainer.early_stopping_metric} needs the evaluation on. Fix: set eval.freq."),
         (trainer.early_stopping_patience >= 0, "trainer.early_stopping_patience must be >= 0."),
-        (all(x in LOGGERS for x in trainer.logger), f"trainer.logger entries must be among {list(LOGGERS)}, got {trainer.logger}."),
+        (all(x in LOGGERS for x in trainer.logger),
+         f"trainer.logger entries must be among {list(LOGGERS)}, got {trainer.logger}."),
     ]
 
 

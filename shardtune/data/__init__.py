@@ -1,4 +1,5 @@
-"""The data pipeline: readers -> row formats -> conversations -> tokens -> micro-batches (pure, no torch.distributed)."""
+"""The data pipeline: readers -> row formats -> conversations -> tokens -> micro-batches (pure, no
+torch.distributed)."""
 
 from shardtune.data.chat import (
     IGNORE_INDEX,

@@ -122,7 +122,8 @@ def resolve_chat_template(spec: str | None, tokenizer: Any) -> str:
         if not template:
             raise DataError("The tokenizer has no chat template. Fix: set data.chat_template (a Jinja string or file).")
         template = template if isinstance(template, str) else template.get("default", next(iter(template.values())))
-        origin = f"the tokenizer's chat template (tokenizer_config.json / chat_template.jinja of {tokenizer.name_or_path})"
+        origin = ("the tokenizer's chat template (tokenizer_config.json / chat_template.jinja of "
+                  f"{tokenizer.name_or_path})")
     elif "{%" not in spec and "{{" not in spec:
         path = Path(os.path.expanduser(spec))
         if not path.is_file():

@@ -1,8 +1,9 @@
 """Sources -> tokenized, memory-mapped datasets, one cached per source, and their combined view.
 
 `tokenize_sources(sources, cfg, tokenizer)` tokenizes each source (config/sources.py) into its own cache folder
-(data/cache.py, data/tokenize.py) unless the cache is already complete, and returns a `CombinedDataset`: every source's samples one after another, with
-the per-source datasets and the sample -> source map the step loader draws mixtures from. With one source it
+(data/cache.py, data/tokenize.py) unless the cache is already complete, and returns a `CombinedDataset`: every
+source's samples one after another, with the per-source datasets and the sample -> source map the step loader
+draws mixtures from. With one source it
 is exactly that source's dataset. Without a cache folder (data.cache_dir=null) the shards go to a temporary
 folder that is removed once mapped, so memory stays bounded either way.
 """
@@ -102,7 +103,8 @@ class CombinedDataset:
         self.starts = np.cumsum([0] + [len(d) for d in datasets])
         single = len(datasets) == 1
         self.lengths = datasets[0].lengths if single else np.concatenate([d.lengths for d in datasets])
-        self.target_counts = datasets[0].target_counts if single else np.concatenate([d.target_counts for d in datasets])
+        self.target_counts = (datasets[0].target_counts if single
+                              else np.concatenate([d.target_counts for d in datasets]))
         self.stats = _combined_stats(sources, datasets)
 
     def __len__(self) -> int:
@@ -171,7 +173,8 @@ def check_token_budget(lengths: np.ndarray, cfg: DataConfig, what: str) -> None:
                         "dropped (data.truncation).")
 
 
-def build_source(source: Source, tokenizer: Any, progress: bool = True, shard_rows: int = SHARD_ROWS) -> TokenizedDataset:
+def build_source(source: Source, tokenizer: Any, progress: bool = True,
+                 shard_rows: int = SHARD_ROWS) -> TokenizedDataset:
     """One source's dataset: loaded from its cache when complete, else tokenized into it (resuming from the
     shards a previous, interrupted run completed)."""
     cfg = source.data

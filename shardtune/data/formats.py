@@ -130,7 +130,8 @@ def _clean_tool_call(row: Row, where: str, call: Any) -> dict[str, Any]:
     if isinstance(call, str):
         call = _json_or_error(row, where, call)
     if not isinstance(call, dict):
-        raise row_error(row.path, row.index, where, "expected a tool call object", "use {type, function: {name, arguments}}")
+        raise row_error(row.path, row.index, where, "expected a tool call object",
+                        "use {type, function: {name, arguments}}")
     call = {k: v for k, v in call.items() if v is not None}
     fn = call.get("function")
     if isinstance(fn, dict) and isinstance(fn.get("arguments"), str) and fn["arguments"].strip():
@@ -151,7 +152,8 @@ def _json_or_error(row: Row, key: str, text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise row_error(row.path, row.index, key, f"the string is not valid JSON ({e.msg})", "store a list/object") from None
+        raise row_error(row.path, row.index, key, f"the string is not valid JSON ({e.msg})",
+                        "store a list/object") from None
 
 
 def _nested(row: Row, key: str, dict_keys: list[str], what: str) -> Any:

@@ -122,7 +122,8 @@ def _image_bytes(row: Row, value: Any, where: str) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if not isinstance(value, str):
-        raise row_error(row.path, row.index, where, f"expected image bytes, a path or a URL, got {type(value).__name__}",
+        raise row_error(row.path, row.index, where,
+                        f"expected image bytes, a path or a URL, got {type(value).__name__}",
                         "store the image's bytes, a path or a URL")
     if value.startswith("data:"):
         try:

@@ -140,7 +140,8 @@ def read_file(path: str, skip_bad: bool = False, start: Start = Start()) -> Iter
     elif suffix == ".arrow":  # a datasets save_to_disk shard (an Arrow stream)
         yield from _read_arrow_stream(path, start.row)
     else:
-        raise DataError(f"Data file '{path}' has an unsupported type. Fix: use one of {', '.join(remote.DATA_SUFFIXES)} "
+        raise DataError(f"Data file '{path}' has an unsupported type. Fix: use one of "
+                        f"{', '.join(remote.DATA_SUFFIXES)} "
                         "or a folder written by datasets' save_to_disk.")
 
 

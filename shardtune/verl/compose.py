@@ -2,10 +2,11 @@
 
 Hydra (hydra-core, which verl users already have) parses every `key=value` exactly as verl's entry points
 do: `+key` adds (and sets a key verl's config has: a line written for a verl version whose YAML did not have
-the key yet, e.g. `+model.fsdp_config.model_dtype=bf16`, means what it meant there), `++key` adds or sets, `~key` removes, `group=option` picks a config group (`engine=fsdp`),
-lists, dicts, quoting and `${...}` interpolations. Group selections are applied first and key overrides
-after them, whatever their order on the line, as in Hydra; interpolations are resolved by OmegaConf
-against the composed config, so `checkpoints/${trainer.project_name}` means what it means in verl.
+the key yet, e.g. `+model.fsdp_config.model_dtype=bf16`, means what it meant there), `++key` adds or sets,
+`~key` removes, `group=option` picks a config group (`engine=fsdp`), lists, dicts, quoting and `${...}`
+interpolations. Group selections are applied first and key overrides after them, whatever their order on the
+line, as in Hydra; interpolations are resolved by OmegaConf against the composed config, so
+`checkpoints/${trainer.project_name}` means what it means in verl.
 """
 
 from __future__ import annotations

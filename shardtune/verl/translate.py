@@ -181,7 +181,8 @@ def _backend_message(composed: Composed, problems: list[str]) -> str:
     rest = [p for p in problems if not any(p.startswith(k + " ") for k in only)]
     others = ", ".join(v for v in known.values() if v not in names)
     msg = (f"{' '.join(composed.backends)} selects verl's {' and '.join(names)} backend; shardtune runs "
-           f"PyTorch FSDP2 (fully_shard) only (verl's other backends, {others}, are not run either). To run this line on shardtune's FSDP2 engine (verl's engine=fsdp), "
+           f"PyTorch FSDP2 (fully_shard) only (verl's other backends, {others}, are not run either). To run this line "
+           "on shardtune's FSDP2 engine (verl's engine=fsdp), "
            f"drop {' '.join(composed.backends)}" + (f" and these {'/'.join(names)}-only keys: {', '.join(only)}"
                                                      if only else ""))
     return msg + (". Also: " + "; ".join(rest) if rest else "") + "."
