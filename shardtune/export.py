@@ -12,10 +12,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 
+from shardtune import quantize
 from shardtune.checkpoint import is_complete, single_process_ok
 from shardtune.errors import ShardtuneError
 from shardtune.model import DTYPES, generation_config
@@ -44,10 +49,15 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_
     elif adapter_only:
         raise ShardtuneError(f"'{checkpoint}' was not trained with LoRA (no adapter_config.json): there is no "
                              "adapter to export. Fix: drop --adapter-only.")
-    state = {"model": get_model_state_dict(model)}
+    live = get_model_state_dict(model)
+    # a QLoRA base was saved in 4 bits: read its parts, then write them de-quantized into the model
+    saved = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata
+    state = {"model": quantize.part_buffers(live, saved)}
     with single_process_ok():
         dcp.load(state, checkpoint_id=str(src))  # reads into the model's own tensors: no second copy
-    set_model_state_dict(model, state["model"])
+    quantize.fill_dense(live, state["model"])
+    dense = quantize.without_parts(state["model"])  # the 4-bit weights are filled already
+    set_model_state_dict(model, dense, options=StateDictOptions(strict=len(dense) == len(state["model"])))
     if lora and adapter_only:
         dst.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(dst, safe_serialization=True)

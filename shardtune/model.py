@@ -157,7 +157,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
         os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
-    return prepare_for_training(model, cfg, use_liger, liger_layers).to(device)
+    return prepare_for_training(model, cfg, use_liger, liger_layers, compute_dtype).to(device)
 
 
 def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype,
@@ -172,12 +172,13 @@ def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | s
     """An uninitialised model of the right shape (used on the meta device)."""
     return prepare_for_training(AutoModelForCausalLM.from_config(
         hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype, hf_config),
-        trust_remote_code=cfg.trust_remote_code), cfg, use_liger, liger_layers)
+        trust_remote_code=cfg.trust_remote_code), cfg, use_liger, liger_layers, compute_dtype)
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig, use_liger: bool = False,
-                         liger_layers: bool = True) -> torch.nn.Module:
-    """Training switches, kernels and the loss head, then LoRA (which must wrap the final modules).
+                         liger_layers: bool = True, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Training switches, kernels and the loss head, the 4-bit base and activation offloading, then LoRA
+    (which must wrap the final modules).
 
     `liger_layers=False` keeps Liger out of the decoder layers (RMSNorm, SwiGLU, RoPE): under torch.compile
     the compiler fuses those itself and cannot trace Liger's autograd Functions."""
@@ -194,7 +195,21 @@ def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig, use_liger: bo
         install_loss_head(model, cfg.loss_chunk_size, use_liger and cfg.loss_chunk_size == 0)
     if cfg.enable_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.load_in_4bit:
+        from shardtune.quantize import quantize_base
+
+        quantize_base(model, cfg.bnb_4bit_quant_type, four_bit_dtype(cfg, compute_dtype))
+    if cfg.enable_activation_offload:
+        from shardtune.offload import offload_activations
+
+        offload_activations(model, cfg.enable_gradient_checkpointing)
     return apply_lora(model, cfg)
+
+
+def four_bit_dtype(cfg: ModelConfig, compute_dtype: torch.dtype) -> torch.dtype:
+    """What the 4-bit weights de-quantize to, and the dtype of the adapters over them."""
+    name = {"float32": "fp32", "bfloat16": "bf16"}.get(cfg.bnb_4bit_compute_dtype, cfg.bnb_4bit_compute_dtype)
+    return compute_dtype if name == "auto" else DTYPES[name]
 
 
 def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
@@ -205,12 +220,15 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
     if cfg.enable_gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    # over a 4-bit base the adapters take the base's compute dtype (peft would otherwise upcast bf16 ones)
+    autocast = not cfg.load_in_4bit
     if cfg.lora_adapter_path:
-        return PeftModel.from_pretrained(model, os.path.expanduser(cfg.lora_adapter_path), is_trainable=True)
+        return PeftModel.from_pretrained(model, os.path.expanduser(cfg.lora_adapter_path), is_trainable=True,
+                                         autocast_adapter_dtype=autocast)
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
     return get_peft_model(model, LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        exclude_modules=cfg.exclude_modules or None, task_type="CAUSAL_LM"))
+        exclude_modules=cfg.exclude_modules or None, task_type="CAUSAL_LM"), autocast_adapter_dtype=autocast)
 
 
 def compile_layers(model: torch.nn.Module) -> None:

@@ -35,6 +35,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         if package and importlib.util.find_spec(package) is None:
             raise ConfigError(f"trainer.logger includes {sink}, but the '{package}' package is not installed. "
                               f"Fix: pip install 'shardtune[{sink}]', or drop {sink} from trainer.logger.")
+    if cfg.model.load_in_4bit and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("model.load_in_4bit=true needs torchao (its NF4 tensor shards under FSDP2). "
+                          "Fix: pip install 'shardtune[qlora]'.")
     if "{" in trainer.default_local_dir:
         try:
             _ = cfg.run_dir
@@ -77,6 +80,12 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          "model.target_modules, or set model.loss_chunk_size=0 and model.use_liger=false."),
         (cfg.model.lora_adapter_path is None or cfg.model.lora_rank > 0,
          "model.lora_adapter_path needs model.lora_rank > 0 (LoRA on)."),
+        (not cfg.model.load_in_4bit or cfg.model.lora_rank > 0,
+         "model.load_in_4bit=true freezes the base in 4 bits, so only LoRA adapters can train. Fix: set "
+         "model.lora_rank > 0 (e.g. 16)."),
+        (not cfg.model.load_in_4bit or cfg.model.bnb_4bit_use_double_quant,
+         "model.bnb_4bit_use_double_quant=false is not offered: the 4-bit format that FSDP2 shards (torchao's) "
+         "always stores the block scales in 8 bits (0.13 instead of 0.5 bit per weight). Fix: set it true."),
         (data.system_prompt is None or data.format in ("auto", "prompt_response", "alpaca"),
          "data.system_prompt applies to prompt/response and alpaca rows only."),
     ]

@@ -78,6 +78,14 @@ class ModelConfig:
     # lm_head + cross_entropy over full logits); see shardtune/loss.py
     loss_chunk_size: int = 0
     use_liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA
+    # QLoRA (docs/qlora.md): the decoder layers' Linear weights stored in 4 bits and frozen, LoRA trains on top
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["auto", "fp32", "bf16", "float32", "bfloat16"] = "auto"  # auto: the engine's
+    bnb_4bit_use_double_quant: bool = True  # the block scales in 8 bits (the 4-bit format always does this)
+    # each decoder layer's saved activations (its checkpointed input under gradient checkpointing) held in host
+    # memory from its forward to its backward (verl's key; shardtune/offload.py)
+    enable_activation_offload: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shardtune import attention, parallel
+from shardtune import attention, parallel, quantize
 from shardtune.batch import IGNORE_INDEX, MicroBatch
 from shardtune.engine.base import Engine, StepResult
 from shardtune.errors import ConfigError
@@ -97,7 +97,10 @@ class FSDP2Engine(Engine):
             model.to(device)
         else:
             model.to_empty(device=device)
-        _load_full_state_from_rank0(model, full_state, world)
+        four_bit, full_state = quantize.split_state(full_state)
+        _load_full_state_from_rank0(model, full_state, world, strict=not mcfg.load_in_4bit)
+        if mcfg.load_in_4bit:  # rank 0 quantized each weight whole; every rank takes its rows
+            quantize.broadcast_from_rank0(model, four_bit, world.device)
         return model
 
     def _autocast(self):
@@ -204,10 +207,11 @@ class FSDP2Engine(Engine):
         return peft_config["default"] if peft_config else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The unsharded weights, on rank 0 only (empty elsewhere)."""
+        """The unsharded weights (4-bit ones de-quantized), on rank 0 only (empty elsewhere)."""
         if not self.world.distributed:
-            return {k: v.detach() for k, v in self.model.state_dict().items()}
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {k: quantize.dense(v.detach()) for k, v in self.model.state_dict().items()}
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: quantize.dense(v) for k, v in state.items()}
 
     def export(self, path: str) -> None:
         state = self.full_state_dict()
@@ -223,10 +227,13 @@ class _ModelState:
         self.engine = engine
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.engine.model)
+        # a 4-bit weight as its parts, views of the live tensors: DCP loads them in place
+        return quantize.checkpoint_entries(get_model_state_dict(self.engine.model))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.engine.model, state)
+        four_bit = self.engine.cfg.model.load_in_4bit
+        set_model_state_dict(self.engine.model, quantize.without_parts(state),
+                             options=StateDictOptions(strict=not four_bit))
 
 
 class _OptimizerState(_ModelState):
@@ -249,8 +256,9 @@ class _ScheduleState(_ModelState):
 
 
 def _load_full_state_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
-                                world: parallel.World) -> None:
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+                                world: parallel.World, strict: bool = True) -> None:
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                     strict=strict))
     # Buffers that are not in the state dict (rotary inv_freq) are garbage after to_empty: take rank 0's,
     # sent over the device the process group serves (NCCL cannot send CPU tensors, e.g. under offload).
     for buf in model.buffers():
