@@ -126,9 +126,12 @@ def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float
     print(f"  {'total':26s} {est.total / GIB:8.2f} GiB")
     if est.host:
         print(f"  {'on the host (offload)':26s} {est.host / GIB:8.2f} GiB per process")
+    if est.host_activations:
+        print(f"  {'activations on the host':26s} {est.host_activations / GIB:8.2f} GiB per process "
+              "(model.enable_activation_offload)")
     # processes on a CPU share the machine's memory (offloaded state included); each GPU has its own
     shared = est.device_type == "cpu"
-    need = (est.total + est.host) * world_size if shared else est.total
+    need = (est.total + est.host + est.host_activations) * world_size if shared else est.total
     if shared and world_size > 1:
         what += f", {world_size} processes"
     ok = need <= available
