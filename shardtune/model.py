@@ -157,7 +157,9 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
         os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
-    return prepare_for_training(model, cfg, use_liger, liger_layers, compute_dtype).to(device)
+    # 4-bit weights are quantized where the model will run (fast on a GPU)
+    quant_device = torch.device(attention_device or device)
+    return prepare_for_training(model, cfg, use_liger, liger_layers, compute_dtype, quant_device).to(device)
 
 
 def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype,
@@ -176,7 +178,8 @@ def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | s
 
 
 def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig, use_liger: bool = False,
-                         liger_layers: bool = True, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+                         liger_layers: bool = True, compute_dtype: torch.dtype = torch.float32,
+                         quant_device: torch.device | None = None) -> torch.nn.Module:
     """Training switches, kernels and the loss head, the 4-bit base and activation offloading, then LoRA
     (which must wrap the final modules).
 
@@ -198,7 +201,7 @@ def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig, use_liger: bo
     if cfg.load_in_4bit:
         from shardtune.quantize import quantize_base
 
-        quantize_base(model, cfg.bnb_4bit_quant_type, four_bit_dtype(cfg, compute_dtype))
+        quantize_base(model, cfg.bnb_4bit_quant_type, four_bit_dtype(cfg, compute_dtype), quant_device)
     if cfg.enable_activation_offload:
         from shardtune.offload import offload_activations
 
