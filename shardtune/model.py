@@ -14,9 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
-from shardtune import attention
+from shardtune import attention, vision
 from shardtune.config import ModelConfig
 from shardtune.errors import ConfigError
 from shardtune.loss import install_loss_head
@@ -93,7 +99,7 @@ def check_sequence_parallel(cfg: ModelConfig, sp_size: int) -> None:
     """Ulysses splits attention heads over the sequence-parallel ranks: heads must divide evenly."""
     if sp_size == 1:
         return
-    heads = load_hf_config(cfg).num_attention_heads
+    heads = load_hf_config(cfg).get_text_config().num_attention_heads
     if heads % sp_size:
         raise ConfigError(f"The model has {heads} attention heads, not divisible by the sequence-parallel size "
                           f"{sp_size}. Fix: pick an engine.ulysses_sequence_parallel_size that divides {heads}.")
@@ -153,7 +159,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
     if cfg.override_config:
         kwargs["config"] = hf_config
     attn = attention_for(cfg, attention_device or device, compute_dtype, hf_config)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_class(hf_config).from_pretrained(
         os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
@@ -162,17 +168,25 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
     return prepare_for_training(model, cfg, use_liger, liger_layers, compute_dtype, quant_device).to(device)
 
 
+def auto_class(hf_config: Any) -> Any:
+    """A vision-language checkpoint loads as its own class (vision tower included), any other as a causal LM."""
+    return AutoModelForImageTextToText if vision.is_vision_config(hf_config) else AutoModelForCausalLM
+
+
 def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype,
-                  hf_config: Any = None) -> str:
-    return attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device), compute_dtype,
-                            hf_config if hf_config is not None else load_hf_config(cfg))
+                  hf_config: Any = None) -> str | dict[str, str]:
+    hf_config = hf_config if hf_config is not None else load_hf_config(cfg)
+    text_config = hf_config.get_text_config() if vision.is_vision_config(hf_config) else hf_config
+    chosen = attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device), compute_dtype,
+                              text_config)
+    return vision.attention_per_part(hf_config, chosen)
 
 
 def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str,
                       compute_dtype: torch.dtype = torch.float32, use_liger: bool = False,
                       liger_layers: bool = True) -> torch.nn.Module:
     """An uninitialised model of the right shape (used on the meta device)."""
-    return prepare_for_training(AutoModelForCausalLM.from_config(
+    return prepare_for_training(auto_class(hf_config).from_config(
         hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype, hf_config),
         trust_remote_code=cfg.trust_remote_code), cfg, use_liger, liger_layers, compute_dtype)
 
@@ -198,6 +212,8 @@ def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig, use_liger: bo
         install_loss_head(model, cfg.loss_chunk_size, use_liger and cfg.loss_chunk_size == 0)
     if cfg.enable_gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if vision.is_vision_config(model.config):
+        vision.freeze(model, cfg)
     if cfg.load_in_4bit:
         from shardtune.quantize import quantize_base
 
@@ -229,9 +245,12 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
         return PeftModel.from_pretrained(model, os.path.expanduser(cfg.lora_adapter_path), is_trainable=True,
                                          autocast_adapter_dtype=autocast)
     targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    exclude = cfg.exclude_modules or None
+    if exclude is None and vision.is_vision_config(model.config):
+        exclude = vision.lora_exclude(cfg)  # LoRA on the language model (and the vision parts that train)
     return get_peft_model(model, LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        exclude_modules=cfg.exclude_modules or None, task_type="CAUSAL_LM"), autocast_adapter_dtype=autocast)
+        exclude_modules=exclude, task_type="CAUSAL_LM"), autocast_adapter_dtype=autocast)
 
 
 def compile_layers(model: torch.nn.Module) -> None:

@@ -17,6 +17,7 @@ from shardtune.data.dataset import CombinedDataset, build_dataset
 from shardtune.data.loader import RankLayout, StepBatch, StepLoader, planned_steps
 from shardtune.data.stream import SampleStream
 from shardtune.data.stream_mixture import MixedStream
+from shardtune.data.vision import pixels_for
 from shardtune.engine import build_engine
 from shardtune.metrics import Metrics, step_metrics
 from shardtune.model import load_tokenizer
@@ -71,7 +72,8 @@ class Trainer:
         w = self.world
         self.loader = StepLoader(self.train_data, cfg.data, RankLayout(w.dp_rank, w.dp_size, w.sp_rank, w.sp_size),
                                  seed=cfg.trainer.seed, packed=cfg.model.use_remove_padding,
-                                 pad_id=self.tokenizer.pad_token_id, pin_memory=w.device.type == "cuda")
+                                 pad_id=self.tokenizer.pad_token_id, pin_memory=w.device.type == "cuda",
+                                 pixels=pixels_for(self.tokenizer))
         self.total_steps = planned_steps(cfg.trainer.total_training_steps, cfg.trainer.total_epochs,
                                          self.loader.steps_per_epoch)
         seed_everything(cfg.trainer.seed)  # model init and dropout do not depend on how data was built

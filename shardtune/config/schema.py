@@ -21,6 +21,8 @@ class DataConfig:
     messages_key: str = "messages"
     tools_key: str = "tools"
     enable_thinking_key: str = "enable_thinking"
+    image_key: str = "images"  # the column of a row's pictures, matched in order to its <image> placeholders
+    video_key: str = "videos"  # the column of a row's videos (refused: videos are not trained yet)
     prompt_key: str = "prompt"
     response_key: str = "response"
     prompt_dict_keys: list[str] = field(default_factory=list)
@@ -86,6 +88,10 @@ class ModelConfig:
     # each decoder layer's saved activations (its checkpointed input under gradient checkpointing) held in host
     # memory from its forward to its backward (verl's key; shardtune/offload.py)
     enable_activation_offload: bool = False
+    # vision-language models: which parts train (verl's model.lora.freeze_* names); frozen parts get no gradient
+    freeze_vision_model: bool = True  # the vision tower (patch embedding and blocks)
+    freeze_vision_projection: bool = True  # the projector/merger from vision features into the language model
+    freeze_language_model: bool = False
 
 
 @dataclass(frozen=True)
