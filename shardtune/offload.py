@@ -3,8 +3,9 @@ forward waits for its backward in pinned host memory instead of on the GPU.
 
 Without gradient checkpointing, `saved_tensors_hooks` are active during each layer's forward: a saved
 tensor is copied to the host on a side stream (the compute stream goes on; the device memory is freed
-once the copy is done), and brought back when backward first needs a tensor of that layer; the layer below
-is then prefetched on the side stream, so its copies overlap this layer's backward. With gradient
+once the copy is done; a layer's forward waits for the copies of the layer two below, so that copies in
+flight stay few), and brought back when backward first needs a tensor of that layer; the layer below is
+then prefetched on the side stream, so its copies overlap this layer's backward. With gradient
 checkpointing a layer saves only its input (the rest is recomputed); that input is what moves to the host.
 
 On the CPU the same hooks run and keep each tensor where it is (host memory is where it already lives),
@@ -39,6 +40,7 @@ class LayerOffload:
         self.stream = stream  # the side stream on CUDA, None on the CPU
         self.saved: list[_Offloaded] = []
         self.below: LayerOffload | None = None
+        self.copied: Any = None  # an event on the side stream after this layer's copies to the host
 
     def pack(self, t: torch.Tensor) -> Any:
         if isinstance(t, torch.nn.Parameter) or type(t) is not torch.Tensor:
@@ -81,11 +83,19 @@ class LayerOffload:
         self.saved = []
 
     def __enter__(self) -> None:
+        # a layer's forward starts once the copies of the layer two below are done: the GPU computes faster
+        # than it copies to the host, and unbounded copies in flight would hold their device memory
+        two_below = self.below.below if self.below is not None else None
+        if two_below is not None and two_below.copied is not None:
+            torch.cuda.current_stream().wait_event(two_below.copied)
+            two_below.copied = None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._hooks.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         self._hooks.__exit__(*exc)
+        if self.stream is not None:
+            self.copied = self.stream.record_event()
 
 
 def offload_activations(model: torch.nn.Module, checkpointing: bool) -> list[LayerOffload]:
@@ -113,7 +123,9 @@ def _offloaded_input(checkpoint: Any, offload: LayerOffload) -> Any:
         if offload.stream is None or device.type != "cuda":
             host = _through_hooks(offload, hidden)  # the same hooks on the CPU, where nothing moves
         else:
-            host = hidden.to("cpu", non_blocking=True).pin_memory()  # a differentiable copy
+            # a differentiable copy into pinned memory (non_blocking), ordered on the compute stream before
+            # the copy back that the recomputation makes
+            host = hidden.to("cpu", non_blocking=True)
 
         def on_device(h: torch.Tensor, *a: Any) -> Any:
             return function(h.to(device, non_blocking=True), *a)
