@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from shardtune.batch import supervised_count
+from shardtune.checkpoint import check_run_dir
 from shardtune.config import Config, Source, resolve_sources
 from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template
 from shardtune.data.dataset import TokenizedDataset, build_dataset, build_source
@@ -23,12 +24,13 @@ from shardtune.data.tokenize import row_samples, truncate
 from shardtune.data.vision import image_processing, images_of
 from shardtune.errors import DataError
 from shardtune.memory import GIB, estimate, model_shape
-from shardtune.model import load_tokenizer
+from shardtune.model import check_token_ids, load_tokenizer
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
 def validate_data(cfg: Config) -> None:
+    check_run_dir(cfg.run_dir)
     tokenizer = load_tokenizer(cfg.model)
     data_cfg = cfg.data
     for name, files, max_samples in (("train", data_cfg.train_files, data_cfg.train_max_samples),
@@ -39,6 +41,7 @@ def validate_data(cfg: Config) -> None:
             validate_stream_head(cfg, tokenizer)
             continue
         ds = build_dataset(files, data_cfg, tokenizer, max_samples)
+        check_token_ids(cfg.model, tokenizer, [ds])
         lengths = ds.lengths
         s = ds.stats
         print(f"{name}: {s.get('rows_read', '?')} rows read, {len(ds)} kept, dropped {s.get('dropped', {})}, "
@@ -186,9 +189,11 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
     tokenizer = load_tokenizer(cfg.model)
     sources = resolve_sources(cfg.data.train_files, cfg.data, cfg.data.train_max_samples)
     rows = ((s.data, row) for s in sources for row in read_rows(expand_paths(list(s.paths)), s.max_samples))
-    found = list(islice(rows, index, index + 1))
+    found = list(islice(rows, index, index + 1)) if index >= 0 else []
     if not found:
-        raise DataError(f"--index {index} is past the end of data.train_files.")
+        count = sum(1 for s in sources for _ in read_rows(expand_paths(list(s.paths)), s.max_samples))
+        raise DataError(f"--index {index} is not a sample of data.train_files, which holds {count} rows. Fix: "
+                        f"pass an --index from 0 to {count - 1}.")
     source_cfg, row = found[0]
     fmt = source_cfg.format if source_cfg.format != "auto" else detect_format(row, source_cfg)
     template = resolve_chat_template(source_cfg.chat_template, tokenizer)

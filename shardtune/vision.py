@@ -20,8 +20,8 @@ model's inputs.
 from __future__ import annotations
 
 import inspect
-import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,8 +73,9 @@ def attention_per_part(hf_config: Any, text_attention: str) -> str | dict[str, s
 class VisionInputsBuilder:
     """What a vision-language model takes beside input_ids for one micro-batch."""
 
-    def __init__(self, model: torch.nn.Module, pixels: Callable[[list[bytes]], dict[str, torch.Tensor]] | None,
-                 distributed: bool, sp_rank: int = 0):
+    def __init__(self, model: torch.nn.Module, blank: dict[str, torch.Tensor] | None = None, sp_rank: int = 0):
+        """`blank`: the image processor's tensors of a blank picture, run through the tower by a micro-batch
+        without pictures (needed only when several ranks run FSDP2)."""
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.base.config
         self.image_token_id = getattr(config, "image_token_id", None)
@@ -82,7 +83,7 @@ class VisionInputsBuilder:
             self.image_token_id = getattr(config, "image_token_index", None)
         self.rope = next((m for m in self.base.modules() if hasattr(m, "get_rope_index")), None)
         self.takes_types = "mm_token_type_ids" in inspect.signature(self.base.forward).parameters
-        self.blank = _blank_inputs(pixels) if distributed and pixels is not None else None
+        self.blank = blank
         self.sp_rank = sp_rank
         self._pending_blank: dict[str, torch.Tensor] | None = None
         self._part: slice | None = None  # this rank's part of the whole row (sequence parallelism with pictures)
@@ -172,10 +173,12 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return _tensors(x.to_tuple()) if hasattr(x, "to_tuple") else []
 
 
-def _blank_inputs(pixels: Callable[[list[bytes]], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The image processor's tensors of one small black picture."""
+def blank_picture(folder: str) -> dict[str, torch.Tensor] | None:
+    """The tensors the model folder's image processor makes of one small black picture (None without one)."""
     from PIL import Image
+    from transformers import AutoImageProcessor
 
-    buf = io.BytesIO()
-    Image.new("RGB", (32, 32)).save(buf, format="PNG")
-    return pixels([buf.getvalue()])
+    if not (Path(folder) / "preprocessor_config.json").is_file():
+        return None
+    out = AutoImageProcessor.from_pretrained(folder)(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}

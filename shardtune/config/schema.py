@@ -172,6 +172,7 @@ class CheckpointConfig:
     save_contents: list[CHECKPOINT_CONTENTS] = field(default_factory=lambda: ["model", "optimizer", "extra"])
     load_contents: list[CHECKPOINT_CONTENTS] | None = None  # null = everything that was saved
     async_save: bool = False  # write DCP shards in the background while training continues
+    save_on_preempt: bool = True  # on SIGTERM: finish the step, save, exit with code 143 (shardtune/preempt.py)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from shardtune import attention, parallel, quantize
 from shardtune.batch import IGNORE_INDEX, MicroBatch
-from shardtune.data.vision import pixels_for
 from shardtune.engine.base import Engine, StepResult
 from shardtune.errors import ConfigError
 from shardtune.loss import find_loss_head
@@ -42,7 +41,7 @@ from shardtune.model import (
     load_model,
 )
 from shardtune.optim import build_optimizer, build_scheduler
-from shardtune.vision import VisionInputsBuilder, attention_per_part, is_vision_config
+from shardtune.vision import VisionInputsBuilder, attention_per_part, blank_picture, is_vision_config
 
 
 class FSDP2Engine(Engine):
@@ -54,8 +53,10 @@ class FSDP2Engine(Engine):
         if liger_message and world.is_main:
             warnings.warn(liger_message, stacklevel=1)
         self.model = self._build_model()
-        self.vision = (VisionInputsBuilder(self.model, pixels_for(tokenizer), world.distributed, world.sp_rank)
-                       if is_vision_config(self.model.config) else None)
+        self.vision = None
+        if is_vision_config(self.model.config):  # the image processor lives beside the tokenizer
+            blank = blank_picture(tokenizer.name_or_path) if world.distributed else None
+            self.vision = VisionInputsBuilder(self.model, blank, world.sp_rank)
         self.loss_head = find_loss_head(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
