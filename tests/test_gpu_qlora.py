@@ -45,6 +45,8 @@ def weight_bytes(model) -> int:
 
 def test_qlora_trains_in_bf16_on_cuda_with_a_third_of_the_weight_memory(tmp_path):
     from shardtune.model import load_model
+    from shardtune.parallel import World
+    from shardtune.parallelize import parallelize
     from shardtune.tiny import save_tiny_model
     from shardtune.trainer import Trainer
 
@@ -55,10 +57,10 @@ def test_qlora_trains_in_bf16_on_cuda_with_a_third_of_the_weight_memory(tmp_path
             "trainer.logger=[jsonl]", "trainer.progress_bar=false", f"data.cache_dir={tmp_path}/cache"]
     sizes = {}
     for four in (False, True):
-        cfg = load_config(None, [*base, f"model.load_in_4bit={str(four).lower()}"]).model
+        cfg = load_config(None, [*base, f"model.load_in_4bit={str(four).lower()}"])
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        model = load_model(cfg, "cuda")
+        model = parallelize(load_model(cfg.model, "cuda"), cfg, World(device=torch.device("cuda")))
         sizes[four] = torch.cuda.memory_allocated() - before
         assert sizes[four] >= weight_bytes(model)  # the allocator rounds up, never down
         del model

@@ -112,16 +112,18 @@ def test_4bit_weights_take_over_3x_less_memory_than_fp32_lora(tmp_path):
     measured from its live tensors, against the fp32 LoRA model; the estimate counts the same bytes."""
     from shardtune.memory import model_shape
     from shardtune.model import load_model
+    from shardtune.parallel import World
+    from shardtune.parallelize import parallelize
     from shardtune.tiny import save_tiny_model
 
     path = save_tiny_model(tmp_path / "model", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024)
     sizes = {}
     for four in (False, True):
         cfg = load_config(None, [f"model.path={path}", "data.train_files=x.jsonl", "model.lora_rank=8",
-                                 f"model.load_in_4bit={str(four).lower()}"]).model
-        model = load_model(cfg)
+                                 f"model.load_in_4bit={str(four).lower()}"])
+        model = parallelize(load_model(cfg.model), cfg, World())  # LoRA and the 4-bit base, as the engine does
         sizes[four] = weight_bytes(model)
-        assert model_shape(cfg).param_bytes == sizes[four]
+        assert model_shape(cfg.model).param_bytes == sizes[four]
     print(f"weights: fp32 LoRA {sizes[False] / 2**20:.2f} MiB, 4-bit LoRA {sizes[True] / 2**20:.2f} MiB")
     assert sizes[True] * 3 <= sizes[False]
 
