@@ -113,10 +113,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}.")
         world_size = args.nproc  # check and estimate for the launch being planned
     cfg = validate(load_config(path, overrides), world_size=world_size)
-    from shardtune.model import check_loss_head, check_model_path, check_sequence_parallel
+    from shardtune.model import check_architecture, check_loss_head, check_model_path, check_sequence_parallel
 
     check_model_path(cfg.model)
     check_sequence_parallel(cfg.model, cfg.sp_size)
+    check_architecture(cfg.model)
     check_loss_head(cfg.model)
     if args.command == "validate":
         from shardtune.preview import print_memory_estimate, validate_data

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.initialization import no_init_weights
 
 from shardtune.checkpoint import is_complete, single_process_ok
 from shardtune.errors import ShardtuneError
+from shardtune.families import from_config
 from shardtune.model import DTYPES, generation_config
 
 
@@ -35,7 +36,7 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_
     t0 = time.perf_counter()
     config = AutoConfig.from_pretrained(hf)
     with no_init_weights():  # allocate without random init; buffers such as rotary inv_freq are still computed
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = from_config(config, dtype=torch.float32)
     lora = (hf / "adapter_config.json").is_file()
     if lora:
         from peft import LoraConfig, get_peft_model

@@ -86,7 +86,9 @@ class MemoryEstimate:
 
 
 def shape_of(model: torch.nn.Module) -> ModelShape:
-    c = model.config
+    """Sizes from the language model's config; parameter bytes from every parameter (a multimodal
+    checkpoint's frozen vision tower and projector are held, without gradients or optimizer state)."""
+    c = model.config.get_text_config()
     params = list(model.parameters())  # unique: a tied weight is counted once
 
     def count(module: torch.nn.Module | None, trainable: bool = False) -> int:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from shardtune import attention
+from shardtune import attention, families
 from shardtune.config import ModelConfig
 from shardtune.errors import ConfigError
 from shardtune.loss import install_loss_head
@@ -81,7 +81,7 @@ def check_loss_head(cfg: ModelConfig) -> None:
     rescales its logits: refuse before anything is loaded (the engine checks again on every micro-batch)."""
     if cfg.loss_chunk_size <= 0 and not cfg.use_liger:
         return
-    hf = load_hf_config(cfg)
+    hf = families.text_config(load_hf_config(cfg))
     found = [a for a in LOGIT_TRANSFORMS if getattr(hf, a, None) not in (None, 1, 1.0)]
     if found:
         raise ConfigError(f"{hf.model_type} models transform their logits after lm_head ({found[0]}="
@@ -90,13 +90,35 @@ def check_loss_head(cfg: ModelConfig) -> None:
 
 
 def check_sequence_parallel(cfg: ModelConfig, sp_size: int) -> None:
-    """Ulysses splits attention heads over the sequence-parallel ranks: heads must divide evenly."""
+    """Ulysses splits attention heads over the sequence-parallel ranks: heads must divide evenly, and every
+    layer must be attention (a linear-attention layer's recurrence runs along the whole sequence)."""
     if sp_size == 1:
         return
-    heads = load_hf_config(cfg).num_attention_heads
+    hf = load_hf_config(cfg)
+    if families.has_linear_attention(hf):
+        raise ConfigError(f"engine.ulysses_sequence_parallel_size={sp_size}: {hf.model_type} has linear-attention "
+                          "layers, whose recurrent state runs along the whole sequence, which Ulysses splits over "
+                          "ranks. Fix: engine.ulysses_sequence_parallel_size=1 for this model.")
+    heads = families.text_config(hf).num_attention_heads
     if heads % sp_size:
         raise ConfigError(f"The model has {heads} attention heads, not divisible by the sequence-parallel size "
                           f"{sp_size}. Fix: pick an engine.ulysses_sequence_parallel_size that divides {heads}.")
+
+
+def check_architecture(cfg: ModelConfig) -> None:
+    """Refuse, before any weights are read, what the model's own code would reject or miscompute: an
+    attention implementation its class does not have, and MLA configs with grouped KV heads (MLA has one
+    key/value per query head; transformers' sdpa and eager paths would repeat them by the ratio)."""
+    hf = load_hf_config(cfg)
+    cls = families.concrete_class(hf)
+    if cfg.attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", True):
+        raise ConfigError(f"model.attn_implementation=sdpa: {cls.__name__} has no sdpa attention (its variants: "
+                          f"{', '.join(sorted(attention.variants(hf))) or 'none'}). Fix: model.attn_implementation=auto.")
+    text = families.text_config(hf)
+    if "mla" in attention.variants(hf) and text.num_key_value_heads != text.num_attention_heads:
+        raise ConfigError(f"{hf.model_type}: num_key_value_heads={text.num_key_value_heads} differs from "
+                          f"num_attention_heads={text.num_attention_heads}, which multi-head latent attention does "
+                          "not have. Fix: set num_key_value_heads to num_attention_heads in config.json.")
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -153,7 +175,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
     if cfg.override_config:
         kwargs["config"] = hf_config
     attn = attention_for(cfg, attention_device or device, compute_dtype, hf_config)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = families.model_class(hf_config).from_pretrained(
         os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
@@ -162,15 +184,16 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
 
 def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype,
                   hf_config: Any = None) -> str:
+    hf_config = hf_config if hf_config is not None else load_hf_config(cfg)
     return attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device), compute_dtype,
-                            hf_config if hf_config is not None else load_hf_config(cfg))
+                            hf_config, families.concrete_class(hf_config))
 
 
 def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str,
                       compute_dtype: torch.dtype = torch.float32, use_liger: bool = False,
                       liger_layers: bool = True) -> torch.nn.Module:
     """An uninitialised model of the right shape (used on the meta device)."""
-    return prepare_for_training(AutoModelForCausalLM.from_config(
+    return prepare_for_training(families.from_config(
         hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype, hf_config),
         trust_remote_code=cfg.trust_remote_code), cfg, use_liger, liger_layers)
 
@@ -182,6 +205,8 @@ def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig, use_liger: bo
     `liger_layers=False` keeps Liger out of the decoder layers (RMSNorm, SwiGLU, RoPE): under torch.compile
     the compiler fuses those itself and cannot trace Liger's autograd Functions."""
     model.config.use_cache = False
+    families.freeze_vision(model)  # text training of a multimodal checkpoint: vision tower and projector kept
+    families.isolate_recurrent_layers(model)  # linear-attention layers: state restarts at each packed sequence
     if use_liger and liger_layers:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
