@@ -118,7 +118,7 @@ def test_refusals_before_the_model_loads(family_dirs, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Training: one process, two (FSDP2) and SP=2 in one launch each; export of the one-process checkpoints
 
-DIST_FAMILIES = ["gemma2", "gpt_oss", "deepseek_v3", "qwen3_5_text", "qwen3_moe", "qwen3_5", "gemma3"]
+DIST_FAMILIES = ["gemma2", "gpt_oss", "deepseek_v3", "qwen3_5", "gemma3"]  # each failed before, or differed
 SP_FAMILIES = ["gemma2", "gpt_oss", "deepseek_v3"]  # every attention variant under Ulysses
 
 
@@ -163,7 +163,7 @@ def test_ulysses_sp2_equals_one_process(family, runs):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gemma2", "qwen3_5_text", "qwen3_5", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma2", "qwen3_5", "gemma3"])
 def test_export_round_trip_keeps_the_architecture_and_every_tensor(family, runs, family_dirs, tmp_path):
     from safetensors.torch import load_file
 
