@@ -11,7 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 
 from shardtune.errors import ConfigError, ShardtuneError
 
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     export.add_argument("--adapter-only", action="store_true",
                         help="LoRA checkpoints: write the peft adapter instead of merged weights")
+    export.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out folder, replacing the files export writes (others stay)")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     plot = sub.add_parser("plot", help="plot loss, lr, tokens/s and MFU of a run to a PNG")
     plot.add_argument("run_dir", help="the run directory (trainer.default_local_dir)")
@@ -98,27 +102,26 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         from shardtune.export import export_checkpoint
 
-        export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.adapter_only)
+        export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.adapter_only,
+                          args.overwrite)
         return 0
-    from shardtune.config import load_config, validate
+    from shardtune.config.loading import last_of_each, repeated_overrides
 
     path, overrides = split_config_args(args.args)
-    if args.command == "train" and args.nproc > 1:
-        return launch_torchrun(args.nproc, path, overrides, args.debug)
+    note = repeated_overrides(overrides)
+    if note and os.environ.get("RANK", "0") == "0":
+        print(f"shardtune: note: {note}", file=sys.stderr, flush=True)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.command == "validate" and args.device_memory is not None and args.device_memory <= 0:
         raise ConfigError(f"--device-memory must be > 0 GiB, got {args.device_memory}.")
-    if args.command == "validate" and args.nproc is not None:
-        if args.nproc < 1:
-            raise ConfigError(f"--nproc must be >= 1, got {args.nproc}.")
-        world_size = args.nproc  # check and estimate for the launch being planned
-    cfg = validate(load_config(path, overrides), world_size=world_size)
-    from shardtune.model import check_architecture, check_loss_head, check_model_path, check_sequence_parallel
-
-    check_model_path(cfg.model)
-    check_sequence_parallel(cfg.model, cfg.sp_size)
-    check_architecture(cfg.model)
-    check_loss_head(cfg.model)
+    nproc = getattr(args, "nproc", None)  # validate: None = not given; train: 0 = not given
+    if (args.command == "validate" and nproc is not None) or (args.command == "train" and nproc):
+        if nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {nproc}.")
+        world_size = nproc  # check (and estimate) for the launch being planned
+    cfg = checked_config(path, overrides, world_size)
+    if args.command == "train" and world_size > 1 and nproc:  # every rule that needs no data is checked before the launch
+        return launch_torchrun(nproc, path, last_of_each(overrides), args.debug)
     if args.command == "validate":
         from shardtune.preview import print_memory_estimate, validate_data
 
@@ -133,18 +136,36 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _train(cfg, args.debug)
 
 
+def checked_config(path: str | None, overrides: list[str], world_size: int):
+    """The config, checked across keys for `world_size` processes and against the model folder."""
+    from shardtune.config import load_config, validate
+    from shardtune.model import check_architecture, check_loss_head, check_model_path, check_sequence_parallel
+
+    cfg = validate(load_config(path, overrides), world_size=world_size)
+    check_model_path(cfg.model)
+    check_sequence_parallel(cfg.model, cfg.sp_size)
+    check_architecture(cfg.model)
+    check_loss_head(cfg.model)
+    return cfg
+
+
 def _train(cfg, debug: bool) -> int:
-    from shardtune import parallel
+    from shardtune import parallel, preempt
     from shardtune.trainer import Trainer
 
+    preempt.install()  # SIGTERM: stop after the step in flight, save, exit with preempt.EXIT_CODE
     world = parallel.init_world(cfg.sp_size, cfg.engine.timeout_minutes)
     if not world.distributed:
-        Trainer(cfg, world).fit()
-        return 0
+        trainer = Trainer(cfg, world)
+        trainer.fit()
+        return preempt.EXIT_CODE if trainer.preempted else 0
     # Under torchrun: report this rank's error, then leave without a hang (torchrun stops the other ranks).
     code = 0
     try:
-        Trainer(cfg, world).fit()
+        trainer = Trainer(cfg, world)
+        trainer.fit()
+        if trainer.preempted and world.is_main:
+            preempt.report_stopped()
     except ShardtuneError as e:
         if debug:
             traceback.print_exc()
@@ -158,16 +179,31 @@ def _train(cfg, debug: bool) -> int:
     return code  # not reached
 
 
+WORKER = ["-m", "shardtune"]  # what torchrun runs in each process (tests/scripts/slow_steps.py runs itself)
+
+
 def launch_torchrun(nproc: int, path: str | None, overrides: list[str], debug: bool) -> int:
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", f"--nproc-per-node={nproc}", "-m", "shardtune"]
+    # SIGTERM is this launcher's to handle (shardtune/preempt.py): torchrun leaves it alone
+    cmd += ["--standalone", f"--nproc-per-node={nproc}", "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *WORKER]
     cmd += (["--debug"] if debug else []) + ["train"] + ([path] if path else []) + overrides
+    from shardtune import preempt
     from shardtune.parallel import exit_with_parent
 
-    # torchrun stops its workers on SIGTERM; it gets one when this launcher dies, however it dies
     launcher = os.getpid()
-    return subprocess.call(cmd, preexec_fn=lambda: exit_with_parent(signal.SIGTERM, parent=launcher))
+
+    def start() -> None:
+        preempt.ignore_in_child()
+        exit_with_parent(signal.SIGKILL, parent=launcher)  # this launcher killed: torchrun and its workers go too
+
+    with tempfile.TemporaryDirectory(prefix="shardtune-launch-") as tmp:
+        marker = Path(tmp) / "preempted"
+        proc = subprocess.Popen(cmd, preexec_fn=start, env={**os.environ, preempt.MARKER_ENV: str(marker)})
+        signal.signal(signal.SIGTERM, lambda signum, frame: preempt.forward_to_children_of(proc.pid))
+        code = proc.wait()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return preempt.EXIT_CODE if code == 0 and marker.exists() else code
 
 
 if __name__ == "__main__":

@@ -30,9 +30,7 @@ def _attr(config: Any, *names: str, default: Any = None) -> Any:
 
 
 def matmul_params_per_token(config: Any) -> int:
-    """Weights a token is multiplied with (per forward), for dense and mixture-of-experts decoders (the
-    language model's: a vision tower is not run on text)."""
-    config = config.get_text_config()
+    """Weights a token is multiplied with (per forward), for dense and mixture-of-experts decoders."""
     h = config.hidden_size
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
@@ -54,7 +52,7 @@ def matmul_params_per_token(config: Any) -> int:
 def training_flops(config: Any, seq_lengths: list[int] | Any) -> float:
     """FLOPs of forward + backward over sequences of the given lengths."""
     tokens = int(sum(seq_lengths))
-    config = config.get_text_config()
+    config = config.get_text_config()  # a vision-language model: its language model (the tower is not counted)
     heads = config.num_attention_heads
     head_dim = _attr(config, "head_dim", default=config.hidden_size // heads)
     squares = float(sum(int(s) ** 2 for s in seq_lengths))

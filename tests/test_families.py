@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_jsonl
 
-from shardtune import families
+from shardtune import vision
 from shardtune.config import load_config, validate
 from shardtune.errors import ConfigError
 from shardtune.model import check_architecture, check_sequence_parallel, load_model
@@ -70,7 +70,7 @@ def test_packed_equals_each_sequence_alone_and_padded_rows(family, family_dirs):
     seqs, packed, padded = batches()
     torch.manual_seed(0)
     model = load_model(model_cfg(family_dirs[family]))
-    assert model.config._attn_implementation == "shardtune_varlen"
+    assert model.config.get_text_config()._attn_implementation == "shardtune_varlen"
     loss_p, grads_p, rows = loss_and_grads(model, packed, seqs, packed=True)
     padded_model = load_model(model_cfg(family_dirs[family], "model.use_remove_padding=false"))
     loss_q, grads_q, _ = loss_and_grads(padded_model, padded, seqs, packed=False)
@@ -89,16 +89,11 @@ def test_multimodal_checkpoint_loads_its_own_class_with_the_vision_tower_frozen(
     saved = json.loads((family_dirs[family] / "config.json").read_text())["architectures"]
     model = load_model(model_cfg(family_dirs[family]))
     assert [type(model).__name__] == saved
-    vision = set(families.vision_parameter_names(model))
-    assert vision and all(not p.requires_grad for n, p in model.named_parameters() if n in vision)
-    assert all(p.requires_grad for n, p in model.named_parameters() if n not in vision)
+    parts = {n: vision.part_of(n) for n, _ in model.named_parameters()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and frozen == {n for n, part in parts.items() if part != "language"}
     # the tower and projector are every parameter outside the language model and its head
-    outside = {n for n, _ in model.named_parameters() if ".language_model." not in n and not n.startswith("lm_head")}
-    assert vision == outside
-
-
-def test_text_families_have_no_vision_parameters(family_dirs):
-    assert families.vision_parameter_names(load_model(model_cfg(family_dirs["qwen3_5_text"]))) == []
+    assert frozen == {n for n in parts if ".language_model." not in n and not n.startswith("lm_head")}
 
 
 def test_refusals_before_the_model_loads(family_dirs, tmp_path):

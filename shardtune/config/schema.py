@@ -21,6 +21,8 @@ class DataConfig:
     messages_key: str = "messages"
     tools_key: str = "tools"
     enable_thinking_key: str = "enable_thinking"
+    image_key: str = "images"  # the column of a row's pictures, matched in order to its <image> placeholders
+    video_key: str = "videos"  # the column of a row's videos (refused: videos are not trained yet)
     prompt_key: str = "prompt"
     response_key: str = "response"
     prompt_dict_keys: list[str] = field(default_factory=list)
@@ -78,6 +80,10 @@ class ModelConfig:
     # lm_head + cross_entropy over full logits); see shardtune/loss.py
     loss_chunk_size: int = 0
     use_liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA
+    # vision-language models: which parts train (verl's model.lora.freeze_* names); frozen parts get no gradient
+    freeze_vision_model: bool = True  # the vision tower (patch embedding and blocks)
+    freeze_vision_projection: bool = True  # the projector/merger from vision features into the language model
+    freeze_language_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,7 @@ class CheckpointConfig:
     save_contents: list[CHECKPOINT_CONTENTS] = field(default_factory=lambda: ["model", "optimizer", "extra"])
     load_contents: list[CHECKPOINT_CONTENTS] | None = None  # null = everything that was saved
     async_save: bool = False  # write DCP shards in the background while training continues
+    save_on_preempt: bool = True  # on SIGTERM: finish the step, save, exit with code 143 (shardtune/preempt.py)
 
 
 @dataclass(frozen=True)

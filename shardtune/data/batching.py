@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shardtune.batch import IGNORE_INDEX, MicroBatch, supervised_count
+from shardtune.batch import IGNORE_INDEX, MicroBatch, VisionInputs, supervised_count
 from shardtune.config import DataConfig
-from shardtune.errors import ConfigError
+from shardtune.errors import ConfigError, DataError
 
 # rank -> micro-batch -> positions in the global batch: every data-parallel rank's micro-batches for one step
 MicroBatchPlan = list[list[list[int]]]
@@ -199,8 +199,21 @@ def plan_micro_batches(indices: np.ndarray, lengths: np.ndarray, dp_size: int, c
     return equalize_micro_batch_counts([split_heaviest(p, n, lengths) for p in plans])
 
 
-def collate(samples: list[tuple[Any, Any]], packed: bool, pad_id: int) -> MicroBatch:
-    """Sequences (input_ids, labels) -> one packed row (padding-free) or a right-padded batch."""
+def collate(samples: list[tuple[Any, ...]], packed: bool, pad_id: int,
+            pixels: Callable[[list[bytes]], dict[str, torch.Tensor]] | None = None) -> MicroBatch:
+    """Sequences (input_ids, labels[, pictures]) -> one packed row (padding-free) or a right-padded batch; the
+    pictures of all sequences become the micro-batch's vision tensors (`pixels`: the image processor)."""
+    mb = _collate_tokens(samples, packed, pad_id)
+    pictures = [list(s[2]) if len(s) > 2 else [] for s in samples]
+    if any(pictures):
+        if pixels is None:
+            raise DataError("The data holds pictures, and the model folder has no image processor. Fix: train a "
+                            "vision-language model folder (with preprocessor_config.json).")
+        mb.vision = VisionInputs(pixels([p for ps in pictures for p in ps]), [len(ps) for ps in pictures])
+    return mb
+
+
+def _collate_tokens(samples: list[tuple[Any, ...]], packed: bool, pad_id: int) -> MicroBatch:
     if not samples:  # an empty micro-batch: one pad token with no target
         samples = [(np.array([pad_id]), np.array([IGNORE_INDEX]))]
         real = 0
@@ -253,6 +266,8 @@ def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: i
     width = (total + pad) // sp
     part = slice(sp_rank * width, (sp_rank + 1) * width)
     local_targets = targets[:, part]
+    # pictures: the whole row's tokens travel too (their features are placed into the whole row's embeddings,
+    # which are split before the language model: shardtune/vision.py)
     return MicroBatch(ids[:, part], local_targets, positions[:, part], None, cu, max(mb.max_seqlen, pad),
                       mb.num_tokens, int((local_targets != IGNORE_INDEX).sum()), mb.num_padded + pad,
-                      mb.seq_lengths)
+                      mb.seq_lengths, mb.vision, ids if mb.vision is not None else None)

@@ -68,11 +68,14 @@ class TokenizedDataset:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple:
+        """(input_ids, labels), and the encoded pictures as a third item when the sample has any."""
         k = 0 if len(self.shards) == 1 else int(np.searchsorted(self._first, i, side="right")) - 1
         shard, j = self.shards[k], i - int(self._first[k])
         a, b = shard.offsets[j], shard.offsets[j + 1]
-        return shard.input_ids[a:b], shard.labels[a:b]
+        pictures = shard.images_of(j)
+        return (shard.input_ids[a:b], shard.labels[a:b], pictures) if pictures else (shard.input_ids[a:b],
+                                                                                      shard.labels[a:b])
 
     def num_targets(self, indices: np.ndarray | list[int]) -> int:
         """Supervised next-token targets of these samples (labels after each sample's first token)."""

@@ -139,9 +139,11 @@ class SampledBatches:
 
 class StepLoader:
     def __init__(self, data: CombinedDataset | SampleStream | MixedStream, cfg: DataConfig, layout: RankLayout, *,
-                 seed: int, packed: bool, pad_id: int, pin_memory: bool = False):
+                 seed: int, packed: bool, pad_id: int, pin_memory: bool = False,
+                 pixels: Callable[[list[bytes]], dict[str, Any]] | None = None):
         self.cfg, self.layout = cfg, layout
         self.packed, self.pad_id, self.pin = packed, pad_id, pin_memory
+        self.pixels = pixels  # pictures -> the image processor's tensors (vision-language models)
         self.batches = SampledBatches(data, cfg, seed) if isinstance(data, CombinedDataset) else data
 
     @property
@@ -162,7 +164,7 @@ class StepLoader:
                                    padded=not self.packed)
         ready = []
         for micro in plans[self.layout.dp_rank]:
-            mb = collate([sample(p) for p in micro], self.packed, self.pad_id)
+            mb = collate([sample(p) for p in micro], self.packed, self.pad_id, self.pixels)
             if self.layout.sp_size > 1:
                 mb = slice_for_sequence_parallel(mb, self.layout.sp_size, self.layout.sp_rank, self.pad_id)
             ready.append(mb.pin_memory() if self.pin else mb)

@@ -41,6 +41,7 @@ from shardtune.model import (
     load_model,
 )
 from shardtune.optim import build_optimizer, build_scheduler
+from shardtune.vision import VisionInputsBuilder, attention_per_part, blank_picture, is_vision_config
 
 
 class FSDP2Engine(Engine):
@@ -52,6 +53,10 @@ class FSDP2Engine(Engine):
         if liger_message and world.is_main:
             warnings.warn(liger_message, stacklevel=1)
         self.model = self._build_model()
+        self.vision = None
+        if is_vision_config(self.model.config):  # the image processor lives beside the tokenizer
+            blank = blank_picture(tokenizer.name_or_path) if world.distributed else None
+            self.vision = VisionInputsBuilder(self.model, blank, world.sp_rank)
         self.loss_head = find_loss_head(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
@@ -79,7 +84,8 @@ class FSDP2Engine(Engine):
                                           liger_layers=not ecfg.use_torch_compile)
             full_state = {}
         if world.sp_size > 1:
-            model.set_attn_implementation(attention.register_ulysses(world.sp_group))
+            # the vision tower keeps plain sdpa: each rank runs it on every picture of the micro-batch
+            model.set_attn_implementation(attention_per_part(model.config, attention.register_ulysses(world.sp_group)))
         if ecfg.use_torch_compile:
             compile_layers(model)
         offload = ecfg.param_offload or ecfg.optimizer_offload
@@ -120,6 +126,8 @@ class FSDP2Engine(Engine):
             packed["output_router_logits"] = True
         inputs = dict(input_ids=self._to_device(mb.input_ids), position_ids=self._to_device(mb.position_ids),
                       attention_mask=self._to_device(mb.attention_mask), use_cache=False, **packed)
+        if self.vision is not None:  # pixel tensors, image-token types, 3-D rope positions
+            inputs.update(self.vision.inputs(mb, self._to_device))
         if self.loss_head is not None:
             return self._fused_loss_sum(inputs, mb.targets.flatten())
         with self._autocast():
