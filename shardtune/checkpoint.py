@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from shardtune import parallel
+from shardtune import parallel, vision
 from shardtune.config import CheckpointConfig, Config, ModelConfig
 from shardtune.engine.base import Engine
 from shardtune.errors import ConfigError, ShardtuneError
@@ -246,13 +246,15 @@ def _nearly_full(path: Path) -> bool:
 
 
 def save_hf_side_files(engine: Engine, tokenizer: Any, model_path: Path, out: Path) -> None:
-    """Config (with the KV cache back on, for inference), the base model's generation config, tokenizer, and
-    the LoRA adapter config (export rebuilds the adapters from it, then merges them)."""
+    """Config (with the KV cache back on, for inference), the base model's generation config, tokenizer, the image
+    processor's config (vision-language models), and the LoRA adapter config (export rebuilds the adapters from
+    it, then merges them)."""
     config = copy.deepcopy(engine.model_config())
     config.use_cache = True
     config.save_pretrained(out)
     generation_config(model_path, config).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    vision.copy_processor_files(model_path, out)
     adapter = engine.adapter_config()
     if adapter is not None:
         adapter.save_pretrained(out)

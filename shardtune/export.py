@@ -23,6 +23,7 @@ from transformers.initialization import no_init_weights
 from shardtune.checkpoint import damage, is_complete, single_process_ok
 from shardtune.errors import ShardtuneError
 from shardtune.model import DTYPES, auto_class, generation_config
+from shardtune.vision import copy_processor_files
 
 
 def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB",
@@ -97,6 +98,7 @@ def _export(src: Path, dst: Path, dtype: str, max_shard_size: str, adapter_only:
     if lora and adapter_only:
         model.save_pretrained(dst, safe_serialization=True)
         AutoTokenizer.from_pretrained(hf).save_pretrained(dst)
+        copy_processor_files(hf, dst)
         return
     if lora:
         model = model.merge_and_unload()  # W + (alpha/r) B A, in place: still one copy
@@ -104,5 +106,6 @@ def _export(src: Path, dst: Path, dtype: str, max_shard_size: str, adapter_only:
     model.config.use_cache = True  # inference default for the exported model
     model.save_pretrained(dst, safe_serialization=True, max_shard_size=max_shard_size)
     AutoTokenizer.from_pretrained(hf).save_pretrained(dst)
+    copy_processor_files(hf, dst)
     generation_config(hf, config).save_pretrained(dst)
 

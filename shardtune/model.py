@@ -27,8 +27,6 @@ from transformers import (
 from shardtune import attention, linear_attention, vision
 from shardtune.config import ModelConfig
 from shardtune.errors import ConfigError
-from shardtune.loss import install_loss_head
-from shardtune.parallel import decoder_layers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -280,10 +278,10 @@ def _merged(old: Any, new: Any) -> Any:
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_device: torch.device | str | None = None,
-               compute_dtype: torch.dtype = torch.float32, use_liger: bool = False,
-               liger_layers: bool = True) -> torch.nn.Module:
+               compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load the weights onto `device`; the attention kernel is chosen for `attention_device` (where the model
-    will run, which differs when rank 0 loads on the CPU before sharding onto a GPU)."""
+    will run, which differs when rank 0 loads on the CPU before sharding onto a GPU). The model is as the
+    checkpoint defines it; `shardtune.parallelize` makes it the one that trains."""
     kwargs: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {"use_safetensors": True}
     hf_config = load_hf_config(cfg)
     if cfg.override_config:
@@ -293,7 +291,8 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_d
         os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
-    return prepare_for_training(model, cfg, use_liger, liger_layers).to(device)
+    model.config.use_cache = False
+    return model.to(device)
 
 
 def auto_class(hf_config: Any) -> Any:
@@ -317,61 +316,10 @@ def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: t
 
 
 def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str,
-                      compute_dtype: torch.dtype = torch.float32, use_liger: bool = False,
-                      liger_layers: bool = True) -> torch.nn.Module:
+                      compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An uninitialised model of the right shape (used on the meta device)."""
-    return prepare_for_training(auto_class(hf_config).from_config(
+    model = auto_class(hf_config).from_config(
         hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype, hf_config),
-        trust_remote_code=cfg.trust_remote_code), cfg, use_liger, liger_layers)
-
-
-def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig, use_liger: bool = False,
-                         liger_layers: bool = True) -> torch.nn.Module:
-    """Training switches, kernels and the loss head, then LoRA (which must wrap the final modules).
-
-    `liger_layers=False` keeps Liger out of the decoder layers (RMSNorm, SwiGLU, RoPE): under torch.compile
-    the compiler fuses those itself and cannot trace Liger's autograd Functions."""
+        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
-    if use_liger and liger_layers:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        # our LossHead calls Liger's fused linear cross-entropy itself, with our normalisation
-        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
-    if cfg.loss_chunk_size > 0 or use_liger:
-        # Liger's fused cross-entropy only where no chunk size is set: with a large vocabulary over a small hidden
-        # size its chunks are a few dozen tokens, and each chunk re-reads and re-writes the whole fp32 weight
-        # gradient (measured on an H200: 30% of the step for a 1.5B model; docs/performance.md)
-        install_loss_head(model, cfg.loss_chunk_size, use_liger and cfg.loss_chunk_size == 0)
-    if cfg.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if vision.is_vision_config(model.config):
-        vision.freeze(model, cfg)
-    linear_attention.isolate_recurrent_layers(model)  # linear-attention layers: state restarts at each packed sequence
-    return apply_lora(model, cfg)
-
-
-def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
-    """Wrap the model with peft LoRA adapters (base weights frozen), or load an adapter to continue."""
-    if cfg.lora_rank == 0:
-        return model
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if cfg.enable_gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    if cfg.lora_adapter_path:
-        return PeftModel.from_pretrained(model, os.path.expanduser(cfg.lora_adapter_path), is_trainable=True)
-    targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
-    exclude = cfg.exclude_modules or None
-    if exclude is None and vision.is_vision_config(model.config):
-        exclude = vision.lora_exclude(cfg)  # LoRA on the language model (and the vision parts that train)
-    return get_peft_model(model, LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        exclude_modules=exclude, task_type="CAUSAL_LM"))
-
-
-def compile_layers(model: torch.nn.Module) -> None:
-    """torch.compile each decoder layer (before FSDP2 wraps it), with dynamic shapes: packed rows change
-    length every step, and one graph serves every length and every layer (they share the code)."""
-    for layer in decoder_layers(model):
-        layer.compile(dynamic=True)
-
+    return model

@@ -20,6 +20,7 @@ model's inputs.
 from __future__ import annotations
 
 import inspect
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from shardtune.batch import MicroBatch
+from shardtune.errors import ConfigError
 
 # module-name pieces of the vision tower and of its projector, as the families name them
 TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder")
@@ -96,6 +98,12 @@ class VisionInputsBuilder:
             self._pending_blank = None if self.blank is None else {k: to_device(v) for k, v in self.blank.items()}
             return {}
         self._pending_blank = None
+        if self.rope is None:
+            raise ConfigError(
+                f"{type(self.base).__name__} is given pictures, and shardtune trains pictures for the Qwen-VL families "
+                "only (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: their 3-D rope positions are computed per packed sequence); "
+                "other families' image attention (e.g. Gemma 3's bidirectional image tokens) is not proven here. "
+                "Fix: train a Qwen-VL checkpoint, or drop the pictures (data.image_key).")
         ids = mb.full_input_ids if mb.full_input_ids is not None else mb.input_ids
         out: dict[str, Any] = {k: to_device(v) for k, v in mb.vision.tensors.items()}
         if mb.full_input_ids is not None:  # the whole row goes in; the language model gets this rank's part
@@ -171,6 +179,17 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     if isinstance(x, (list, tuple)):
         return [t for v in x for t in _tensors(v)]
     return _tensors(x.to_tuple()) if hasattr(x, "to_tuple") else []
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def copy_processor_files(src: str | Path, dst: str | Path) -> None:
+    """The image/video processor configs of a model folder, copied beside the weights written from it (so the
+    folder serves and trains on pictures as the base model did)."""
+    for name in PROCESSOR_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
 def blank_picture(folder: str) -> dict[str, torch.Tensor] | None:

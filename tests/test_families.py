@@ -21,6 +21,8 @@ from shardtune import vision
 from shardtune.config import load_config, validate
 from shardtune.errors import ConfigError
 from shardtune.model import check_architecture, check_sequence_parallel, load_model
+from shardtune.parallel import World
+from shardtune.parallelize import parallelize
 from shardtune.tiny import MULTIMODAL_FAMILIES, TEXT_FAMILIES, save_tiny_family
 
 ALL = TEXT_FAMILIES + MULTIMODAL_FAMILIES
@@ -34,7 +36,17 @@ def family_dirs(tmp_path_factory):
 
 
 def model_cfg(path, *overrides):
-    return validate(load_config(None, [f"model.path={path}", "data.train_files=unused.jsonl", *overrides])).model
+    return config(path, *overrides).model
+
+
+def config(path, *overrides):
+    return validate(load_config(None, [f"model.path={path}", "data.train_files=unused.jsonl", *overrides]))
+
+
+def build(path, *overrides):
+    """The model as one process trains it (loaded, then every transform of `parallelize`)."""
+    cfg = config(path, *overrides)
+    return parallelize(load_model(cfg.model), cfg, World())
 
 
 LENGTHS = [13, 5, 21]  # two are longer than the tiny families' sliding window (8)
@@ -69,10 +81,10 @@ def test_packed_equals_each_sequence_alone_and_padded_rows(family, family_dirs):
     and against right-padded rows (auto's padded choice): logits, loss and every gradient."""
     seqs, packed, padded = batches()
     torch.manual_seed(0)
-    model = load_model(model_cfg(family_dirs[family]))
+    model = build(family_dirs[family])
     assert model.config.get_text_config()._attn_implementation == "shardtune_varlen"
     loss_p, grads_p, rows = loss_and_grads(model, packed, seqs, packed=True)
-    padded_model = load_model(model_cfg(family_dirs[family], "model.use_remove_padding=false"))
+    padded_model = build(family_dirs[family], "model.use_remove_padding=false")
     loss_q, grads_q, _ = loss_and_grads(padded_model, padded, seqs, packed=False)
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -87,7 +99,7 @@ def test_packed_equals_each_sequence_alone_and_padded_rows(family, family_dirs):
 @pytest.mark.parametrize("family", MULTIMODAL_FAMILIES)
 def test_multimodal_checkpoint_loads_its_own_class_with_the_vision_tower_frozen(family, family_dirs):
     saved = json.loads((family_dirs[family] / "config.json").read_text())["architectures"]
-    model = load_model(model_cfg(family_dirs[family]))
+    model = build(family_dirs[family])
     assert [type(model).__name__] == saved
     parts = {n: vision.part_of(n) for n, _ in model.named_parameters()}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -178,7 +190,7 @@ def test_export_round_trip_keeps_the_architecture_and_every_tensor(family, runs,
     assert all(torch.equal(before[k], after[k]) for k in vision)
     assert sum(not torch.equal(before[k], after[k]) for k in before) == len(before) - len(vision)  # the rest trained
     live = torch.load(run_dir / "live_logits.pt")
-    model = load_model(model_cfg(tmp_path / "hf")).eval()
+    model = build(tmp_path / "hf").eval()
     with torch.no_grad():
         got = model(input_ids=live["input_ids"], use_cache=False).logits
     torch.testing.assert_close(got, live["logits"], rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import read_metrics, run_cli, torchrun, write_parquet
 
 from shardtune.batch import IGNORE_INDEX
@@ -159,11 +160,15 @@ def losses(run_dir) -> list[float]:
 
 
 def test_the_vision_tower_and_projector_are_frozen_by_default_and_lora_adapts_the_language_model(vlm):
+    from shardtune.config import Config
     from shardtune.model import load_model
+    from shardtune.parallel import World
+    from shardtune.parallelize import parallelize
     from shardtune.vision import part_of
 
     def trainable(**keys) -> dict[str, set[bool]]:
-        model = load_model(ModelConfig(path=str(vlm), **keys))
+        cfg = Config(model=ModelConfig(path=str(vlm), **keys))
+        model = parallelize(load_model(cfg.model), cfg, World())
         parts: dict[str, set[bool]] = {}
         for name, p in model.named_parameters():
             parts.setdefault(part_of(name), set()).add(p.requires_grad)
@@ -189,15 +194,27 @@ def mixed(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_packed_equals_padded_streamed_and_checkpointed_and_pictures_matter(vlm, mixed, tmp_path):
+def test_packed_equals_padded_streamed_and_checkpointed_resumes_exactly_and_pictures_matter(vlm, mixed, tmp_path):
     runs = {}
-    for name, extra in (("packed", ()), ("padded", ("model.use_remove_padding=false",)),
+    for name, extra in (("packed", ("trainer.save_hf_at_end=true", "trainer.save_freq=2")), ("padded", ("model.use_remove_padding=false",)),
                         ("streamed", ("data.streaming=true", "data.shuffle_buffer=64",
                                       "model.enable_gradient_checkpointing=true"))):
         r = run_cli("train", *train_args(vlm, mixed, tmp_path / name, *extra))
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = losses(tmp_path / name)
     assert same(runs["padded"], runs["packed"]) and same(runs["streamed"], runs["packed"]), runs
+    # resumed from step 2: step 3 bit for bit (the cached pictures read again at the same positions)
+    r = run_cli("train", *train_args(vlm, mixed, tmp_path / "resumed", "trainer.resume_mode=resume_path",
+                                     f"trainer.resume_from_path={tmp_path / 'packed' / 'global_step_2'}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "resumed") == runs["packed"][2:]
+    # the weights written at the end: the whole model, the frozen tower bit for bit, the image processor beside it
+    from safetensors.torch import load_file
+
+    hf = tmp_path / "packed" / "global_step_3" / "huggingface"
+    before, after = load_file(vlm / "model.safetensors"), load_file(hf / "model.safetensors")
+    assert set(before) == set(after) and (hf / "preprocessor_config.json").is_file()
+    assert all(torch.equal(before[k], after[k]) == (".visual." in f".{k}") for k in before)
     # the same rows, each with the next picture row's pictures: another loss from the first step on
     rows = verl_rows(18, text_every=4)
     with_pictures = [i for i, r in enumerate(rows) if r["images"]]
