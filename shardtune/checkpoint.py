@@ -76,8 +76,15 @@ def damage(path: Path) -> str | None:
         record = json.loads((path / "trainer_state.json").read_text())
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             return "trainer_state.json holds no step"
+        if not isinstance(record.get("world_size"), int):
+            return "trainer_state.json holds no world_size"
     except (OSError, ValueError) as e:
         return f"trainer_state.json cannot be read ({e})"
+    for rank_file in sorted(path.glob("*_rank_*.json")):  # per-rank parts (RNG streams)
+        try:
+            json.loads(rank_file.read_text())
+        except (OSError, ValueError) as e:
+            return f"{rank_file.name} cannot be read ({e})"
     try:
         with single_process_ok():
             metadata = dcp.FileSystemReader(str(path)).read_metadata()

@@ -68,10 +68,13 @@ def check_model_path(cfg: ModelConfig) -> None:
         if folder and not Path(os.path.expanduser(folder)).is_dir():
             raise ConfigError(f"{key}='{folder}' is not a folder. Fix: point it at a local folder with {needs} "
                               "(hub downloads are not used), or drop the key.")
-    if cfg.lora_adapter_path and not (Path(os.path.expanduser(cfg.lora_adapter_path)) / "adapter_config.json").is_file():
-        raise ConfigError(f"model.lora_adapter_path='{cfg.lora_adapter_path}' has no adapter_config.json: it is not a "
-                          "peft adapter folder. Fix: point it at a folder written by save_pretrained of a peft model "
-                          "(or `shardtune export --adapter-only`).")
+    if cfg.lora_adapter_path:
+        adapter = Path(os.path.expanduser(cfg.lora_adapter_path)) / "adapter_config.json"
+        if not adapter.is_file():
+            raise ConfigError(f"model.lora_adapter_path='{cfg.lora_adapter_path}' has no adapter_config.json: it is "
+                              "not a peft adapter folder. Fix: point it at a folder written by save_pretrained of a "
+                              "peft model (or `shardtune export --adapter-only`).")
+        _read_json(adapter, "export the adapter again (`shardtune export --adapter-only`)")
     load_hf_config(cfg)  # a config transformers can read; model.override_config names fields of it, or is refused
 
 

@@ -105,7 +105,7 @@ def add_lora(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.n
         exclude = vision.lora_exclude(mcfg)  # LoRA on the language model (and the vision parts that train)
     return get_peft_model(model, LoraConfig(
         r=mcfg.lora_rank, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout, target_modules=targets,
-        exclude_modules=exclude, task_type="CAUSAL_LM"))
+        exclude_modules=exclude, use_dora=mcfg.use_dora, task_type="CAUSAL_LM"))
 
 
 def use_ulysses(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:

@@ -236,6 +236,8 @@ CLI_CASES = {
     "YAML section twice": (["{dir}/dup.yaml"], "the key 'optim' is written twice, on line 1 and line 5"),
     "--nproc 2, batch of 5": (["data.train_batch_size=5", "--nproc", "2"],
                               "data.train_batch_size=5 must be divisible by the number of data-parallel ranks (2)"),
+    "--nproc 2, run dir is a file": (["trainer.default_local_dir={dir}/a_file", "--nproc", "2"],
+                                     "'{dir}/a_file' is a file, not a folder"),
 }
 
 
@@ -250,6 +252,7 @@ def test_cli_refuses_before_anything_is_written(world, case):
                 *[x for x in extra if not x.endswith(".yaml")])
     assert r.returncode == 2, r.stderr[-3000:]
     assert needle.format(**world) in r.stderr and "Fix:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "(rank" not in r.stderr  # said once, by the command itself (under --nproc: before any launch)
     assert not run_dir.exists() and not (world["dir"] / "cache").exists()
     assert (world["dir"] / "a_file").read_text() == "mine"
 
@@ -293,3 +296,44 @@ def test_export_never_overwrites_or_deletes_what_the_user_had(world):
     r = run_cli("export", str(cut), "--out", str(d / "from_cut"))
     assert r.returncode == 1 and f"the shard {shard.name} is cut off" in r.stderr and "Traceback" not in r.stderr
     assert not (d / "from_cut").exists()
+
+
+def test_a_cache_that_cannot_be_written_is_one_message(tmp_path, monkeypatch):
+    import errno
+
+    from shardtune.data import cache
+
+    f = write_jsonl(tmp_path / "d.jsonl", arithmetic_rows(4))
+    blocked = tmp_path / "cache_is_a_file"
+    blocked.write_text("mine")
+    tok = byte_tokenizer()
+    with pytest.raises(DataError, match=f"data.cache_dir='{blocked}'.* failed: .*Fix: free space, or set data.cache_dir"):
+        build_dataset([str(f)], DataConfig(cache_dir=str(blocked), num_proc=1), tok)
+    assert blocked.read_text() == "mine"
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp / "input_ids.bin"))
+
+    monkeypatch.setattr(cache.ShardWriter, "append", full)
+    with pytest.raises(DataError, match="failed: no space left on the device .*input_ids.bin"):
+        build_dataset([str(f)], DataConfig(cache_dir=str(tmp_path / "cache"), num_proc=1), tok)
+
+
+def test_an_adapter_config_that_is_not_json_is_named(tiny_model, tmp_path):
+    from shardtune.config import ModelConfig
+    from shardtune.model import check_model_path
+
+    (tmp_path / "adapter_config.json").write_text("{cut")
+    with pytest.raises(ConfigError, match=f"{tmp_path}/adapter_config.json is not valid JSON"):
+        check_model_path(ModelConfig(path=str(tiny_model), lora_rank=4, lora_adapter_path=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_an_error_under_nproc_ends_in_the_ranks_messages_and_one_line(world):
+    bad = write_jsonl(world["dir"] / "no_assistant.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 4)
+    r = run_cli("train", f"model.path={world['model']}", f"data.train_files={bad}", "data.cache_dir=null",
+                f"trainer.default_local_dir={world['dir']}/nproc_run", "data.train_batch_size=4", "--nproc", "2")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr[-3000:]
+    assert f"shardtune: error (rank 0): {bad}, row 0" in r.stderr
+    assert r.stderr.rstrip().endswith("exited with code 3; its error is printed above")

@@ -55,6 +55,7 @@ DAMAGE = {
     "corrupt trainer_state.json": (lambda c: (c / "trainer_state.json").write_text('{"step": 9, "wor'),
                                    "trainer_state.json cannot be read"),
     "trainer_state.json without a step": (lambda c: (c / "trainer_state.json").write_text("[]"), "holds no step"),
+    "corrupt RNG file": (lambda c: (c / "rng_rank_0.json").write_text("{"), "rng_rank_0.json cannot be read"),
     "corrupt .metadata": (lambda c: (c / ".metadata").write_bytes(b"\x80garbage"), ".metadata cannot be read"),
 }
 

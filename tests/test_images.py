@@ -80,7 +80,11 @@ def test_verl_trl_and_openai_layouts_give_the_same_sample(tokenizer, tmp_path):
     local = {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "Look: "}, {"type": "image", "path": "pic.png"}, {"type": "text", "text": " what?"}]},
         answer]}
-    got = [samples_of(r, tokenizer, path=str(tmp_path / "rows.jsonl"))[0][0] for r in (verl, trl, openai, local)]
+    remote = {"messages": [{"role": "user", "content": [  # an fsspec URL, read by the remote-storage readers
+        {"type": "text", "text": "Look: "}, {"type": "image", "url": f"file://{tmp_path / 'pic.png'}"},
+        {"type": "text", "text": " what?"}]}, answer]}
+    rows = (verl, trl, openai, local, remote)
+    got = [samples_of(r, tokenizer, path=str(tmp_path / "rows.jsonl"))[0][0] for r in rows]
     assert all(s == got[0] for s in got[1:])
     assert got[0].images == (picture,)
 
@@ -272,3 +276,26 @@ def test_qwen3_vl_packed_equals_padded_and_ulysses_sp2(mixed, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert same(losses(tmp_path / "padded"), losses(tmp_path / "packed"))
     assert same(losses(tmp_path / "sp2"), losses(tmp_path / "packed"))
+
+
+def test_collation_carries_each_micro_batchs_pictures_in_sequence_order(tokenizer):
+    from shardtune.data.batching import collate, slice_for_sequence_parallel
+    from shardtune.data.vision import pixels_for
+
+    rows = verl_rows(3)  # 1, 2 and 1 pictures
+    samples = [samples_of(r, tokenizer)[0][0] for r in rows]
+    pixels = pixels_for(tokenizer)
+    arrays = [(np.array(s.input_ids), np.array(s.labels), list(s.images)) for s in samples]
+    each = [pixels([im]) for s in samples for im in s.images]
+    for packed in (True, False):
+        mb = collate(arrays, packed, tokenizer.pad_token_id, pixels)
+        assert mb.vision.images_per_sequence == [1, 2, 1]
+        for key in ("pixel_values", "image_grid_thw"):
+            assert torch.equal(mb.vision.tensors[key], torch.cat([e[key] for e in each]))
+    text_only = collate([a[:2] for a in arrays], True, tokenizer.pad_token_id, pixels)
+    assert text_only.vision is None
+    # under sequence parallelism every rank keeps the whole row's tokens and all the pictures
+    mb = collate(arrays, True, tokenizer.pad_token_id, pixels)
+    part = slice_for_sequence_parallel(mb, 2, 1, tokenizer.pad_token_id)
+    assert part.vision is mb.vision and torch.equal(part.full_input_ids[:, : mb.input_ids.shape[1]], mb.input_ids)
+    assert part.input_ids.shape[1] * 2 == part.full_input_ids.shape[1]

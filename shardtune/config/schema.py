@@ -47,6 +47,10 @@ class DataConfig:
     micro_batch_size_per_gpu: int = 4
     use_dynamic_bsz: bool = False  # micro-batches by token budget instead of by count
     max_token_len_per_gpu: int = 8192  # the token budget of one micro-batch on one rank
+    # > 0: each packed micro-batch is padded (a dummy sequence, untrained, outside the loss normalisation) up to a
+    # multiple of this many tokens, rounded up to a multiple of the sequence-parallel size, so compiled kernels
+    # see few shapes; 0 = off. Needs packed rows (model.use_remove_padding=true)
+    pad_to_length_bucket: int = 0
     shuffle: bool = True
     drop_last: bool = False
     # read, tokenize and shuffle training rows as they are trained (data/stream.py) instead of tokenizing and
@@ -73,6 +77,7 @@ class ModelConfig:
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank (peft), base weights frozen
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA, peft's use_dora): a magnitude vector per adapted weight
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     exclude_modules: list[str] = field(default_factory=list)
     lora_adapter_path: str | None = None  # continue training this adapter (a peft folder)
@@ -99,6 +104,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     num_cycles: float = 0.5
     wsd_decay_ratio: float = 0.1  # fraction of the steps spent decaying at the end of a wsd schedule
+    # false: the schedule counts optimizer steps from 1 (step i takes the rate a 0-based schedule gives step i+1)
+    zero_indexed_step: bool = True
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,8 @@ class TrainerConfig:
     seed: int = 42
     early_stopping_patience: int = 0  # validations without improvement before stopping; 0 = off
     early_stopping_min_delta: float = 0.0
+    # the metric early stopping watches: val/loss (lower is better) or an eval/* score (higher is better)
+    early_stopping_metric: str = "val/loss"
     progress_bar: bool = True
 
 
@@ -168,6 +177,20 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Generation-based evaluation during training (shardtune/evaluate.py)."""
+
+    freq: int | Literal["after_each_epoch"] = -1  # -1 = off; else every N steps (and after the last step)
+    # prompt rows in any data format: the conversation up to its last assistant turn is the prompt, that
+    # turn's text the reference; empty = data.val_files
+    files: list[str] = field(default_factory=list)
+    max_samples: int = 100  # the first N prompts (-1 = all)
+    max_new_tokens: int = 256
+    batch_size: int = 16  # prompts per generate call on one rank
+    scorer: str | None = None  # module:function(answer=, reference=, messages=) -> float | {name: float}
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -175,6 +198,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # verl's legacy spelling of engine.ulysses_sequence_parallel_size (the larger of the two wins)
     ulysses_sequence_parallel_size: int = 1
 

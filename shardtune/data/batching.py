@@ -247,6 +247,29 @@ def _shift(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pad_to_bucket(mb: MicroBatch, bucket: int, sp: int, pad_id: int) -> MicroBatch:
+    """A packed row padded up to a multiple of `bucket` tokens (rounded up to a multiple of `sp`, so the
+    sequence-parallel split adds nothing), so compiled kernels see few distinct shapes. The padding is a
+    separate dummy sequence of pad tokens with no targets: it attends to nothing real and is not counted in
+    the loss normalisation (num_targets is unchanged)."""
+    assert mb.cu_seqlens is not None, "bucket padding needs packed rows"
+    step = -(-bucket // sp) * sp
+    return _append_dummy(mb, -mb.input_ids.shape[1] % step, pad_id)
+
+
+def _append_dummy(mb: MicroBatch, pad: int, pad_id: int) -> MicroBatch:
+    """`mb` with `pad` pad tokens appended to its packed row as a sequence of their own, with no targets."""
+    if not pad:
+        return mb
+    total = mb.input_ids.shape[1]
+    ids = torch.cat([mb.input_ids, torch.full((1, pad), pad_id, dtype=mb.input_ids.dtype)], dim=1)
+    targets = torch.cat([mb.targets, torch.full((1, pad), IGNORE_INDEX, dtype=mb.targets.dtype)], dim=1)
+    positions = torch.cat([mb.position_ids, torch.arange(pad)[None]], dim=1)
+    cu = torch.cat([mb.cu_seqlens, torch.tensor([total + pad], dtype=mb.cu_seqlens.dtype)])
+    return MicroBatch(ids, targets, positions, None, cu, max(mb.max_seqlen, pad), mb.num_tokens, mb.num_targets,
+                      mb.num_padded + pad, mb.seq_lengths, mb.vision)
+
+
 def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: int) -> MicroBatch:
     """This rank's 1/sp slice of a packed row for Ulysses sequence parallelism.
 
@@ -255,19 +278,12 @@ def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: i
     whole padded row: attention runs over all positions after the all-to-all.
     """
     assert mb.cu_seqlens is not None, "sequence parallelism needs packed rows"
-    total = mb.input_ids.shape[1]
-    pad = -total % sp
-    ids, targets, positions, cu = mb.input_ids, mb.targets, mb.position_ids, mb.cu_seqlens
-    if pad:
-        ids = torch.cat([ids, torch.full((1, pad), pad_id, dtype=ids.dtype)], dim=1)
-        targets = torch.cat([targets, torch.full((1, pad), IGNORE_INDEX, dtype=targets.dtype)], dim=1)
-        positions = torch.cat([positions, torch.arange(pad)[None]], dim=1)
-        cu = torch.cat([cu, torch.tensor([total + pad], dtype=cu.dtype)])
-    width = (total + pad) // sp
+    mb = _append_dummy(mb, -mb.input_ids.shape[1] % sp, pad_id)
+    width = mb.input_ids.shape[1] // sp
     part = slice(sp_rank * width, (sp_rank + 1) * width)
-    local_targets = targets[:, part]
+    local_targets = mb.targets[:, part]
     # pictures: the whole row's tokens travel too (their features are placed into the whole row's embeddings,
     # which are split before the language model: shardtune/vision.py)
-    return MicroBatch(ids[:, part], local_targets, positions[:, part], None, cu, max(mb.max_seqlen, pad),
-                      mb.num_tokens, int((local_targets != IGNORE_INDEX).sum()), mb.num_padded + pad,
-                      mb.seq_lengths, mb.vision, ids if mb.vision is not None else None)
+    return MicroBatch(mb.input_ids[:, part], local_targets, mb.position_ids[:, part], None, mb.cu_seqlens,
+                      mb.max_seqlen, mb.num_tokens, int((local_targets != IGNORE_INDEX).sum()), mb.num_padded,
+                      mb.seq_lengths, mb.vision, mb.input_ids if mb.vision is not None else None)

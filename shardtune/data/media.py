@@ -139,8 +139,12 @@ def _image_bytes(row: Row, value: Any, where: str) -> bytes:
                             "check the URL and the storage credentials") from None
     for candidate in _local_candidates(row.path, value):
         if os.path.isfile(candidate):
-            with open(candidate, "rb") as f:
-                return f.read()
+            try:
+                with open(candidate, "rb") as f:
+                    return f.read()
+            except OSError as e:  # no permission, an unreadable disk
+                raise row_error(row.path, row.index, where, f"the image file '{candidate}' cannot be read "
+                                f"({e.strerror or e})", "make the file readable, or store the image's bytes") from None
     raise row_error(row.path, row.index, where, f"the image file '{value}' does not exist",
                     "store the image's bytes, an absolute path, or a path relative to the data file")
 

@@ -166,6 +166,16 @@ class FSDP2Engine(Engine):
                                               self.world)
         return loss, count
 
+    def generate(self, conversations: list[list[dict[str, Any]]], sampling: Any, batch_size: int) -> list[str]:
+        from shardtune.data.chat import resolve_chat_template
+        from shardtune.generate import generate
+
+        template = resolve_chat_template(self.cfg.data.chat_template, self.tokenizer)
+        with self._autocast():
+            return generate(self.model, self.tokenizer, conversations, sampling, batch_size=batch_size,
+                            synced=self.world.distributed, chat_template=template, device=self.world.device,
+                            template_kwargs=self.cfg.data.apply_chat_template_kwargs)
+
     # ------------------------------------------------------------------------------------------------------
     def checkpoint_parts(self) -> dict[str, Any]:
         """Model and optimizer as DCP state (sharded DTensors under FSDP2, reshardable on load; the model is
