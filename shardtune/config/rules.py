@@ -104,6 +104,9 @@ def _optim_trainer_rules(cfg: Config) -> list[tuple[bool, str]]:
         (0 <= optim.lr_warmup_steps_ratio < 1, f"optim.lr_warmup_steps_ratio must be in [0, 1), got {optim.lr_warmup_steps_ratio}."),
         (0 <= optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}."),
         (0 < optim.wsd_decay_ratio <= 1, f"optim.wsd_decay_ratio must be in (0, 1], got {optim.wsd_decay_ratio}."),
+        (optim.loss_type != "dft" or not cfg.model.use_liger,
+         "optim.loss_type=dft is not implemented in Liger's fused loss. Fix: model.use_liger=false (with "
+         "model.loss_chunk_size=4096 for a memory-lean loss), or optim.loss_type=ce."),
         (optim.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 = no clipping), got {optim.clip_grad}."),
         (trainer.total_epochs >= 1, f"trainer.total_epochs must be >= 1, got {trainer.total_epochs}."),
         (trainer.total_training_steps is None or trainer.total_training_steps >= 1,

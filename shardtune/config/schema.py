@@ -104,6 +104,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     num_cycles: float = 0.5
     wsd_decay_ratio: float = 0.1  # fraction of the steps spent decaying at the end of a wsd schedule
+    # ce: cross-entropy; dft: each token's cross-entropy scaled by its detached probability (Dynamic Fine-Tuning)
+    loss_type: Literal["ce", "dft"] = "ce"
     # false: the schedule counts optimizer steps from 1 (step i takes the rate a 0-based schedule gives step i+1)
     zero_indexed_step: bool = True
 
