@@ -85,7 +85,11 @@ def _token_info(tokenizer: Any) -> tuple:
 class TemplateFacts:
     closers: frozenset[str]  # added tokens that end an assistant turn (EOS included)
     always: str  # text appended after the last message whatever add_generation_prompt says (Command-R7B)
-    prompt: str = ""  # the generation prompt after a user message (the assistant header)
+    prompt: str = ""  # the generation prompt's last header after a user message (the assistant header)
+    openers: frozenset[str] = frozenset()  # added tokens that open a header: a turn's closing never runs into one
+    enders: frozenset[str] = frozenset()  # the closing tokens a turn ends with (EOS, the last of its closing)
+    closing_text: str = ""  # a history turn's closing when it holds no added token (a closer the tokenizer
+    # does not hold as a special token: `<｜hy_eos｜>` built by `.format`, a user's `### End`)
 
 
 _FACTS: dict[tuple, TemplateFacts] = {}
@@ -118,10 +122,15 @@ def _probe(view: TemplateView) -> TemplateFacts:
                 and p2 in where[3]):
             continue
         t_gen, t_nogen = gen1[where[1][p1].end:], nogen1[where[2][p1].end:]
-        prompt = t_gen[snap_back(view, t_gen, common_prefix(t_gen, t_nogen, 0, len(t_nogen))):]
-        header_start = view.added_re.search(prompt)
+        opener = _opener(view, full[: where[0][p1].start])
         g = full[where[0][p2].end: where[0][p3].start]
-        always = _always_appended(view, full, t_gen, t_nogen, g, full[where[0][p1].end: where[0][p2].start])
+        always = _always_after_header(full[where[0][p4].end:], g, t_gen, t_nogen, opener)
+        if always:  # the prompt is the header the template always writes, and what add_generation_prompt adds
+            prompt = t_gen[len(t_nogen) - len(always):]
+        else:
+            prompt = t_gen[snap_back(view, t_gen, common_prefix(t_gen, t_nogen, 0, len(t_nogen))):]
+        header_start = view.added_re.search(prompt)
+        always = always or _always_appended(view, full, t_gen, t_nogen, g, full[where[0][p1].end: where[0][p2].start])
         f = drop_suffix(fin2[where[3][p2].end:], always)
         c = snap_back(view, g, common_prefix(f, g, 0, len(g)))
         rest = g[c:]
@@ -131,9 +140,46 @@ def _probe(view: TemplateView) -> TemplateFacts:
             shared = _common_suffix(rest, full[: where[0][p1].start])
             h = _snap_forward(view, rest, len(rest) - shared) if shared else 0
         final = drop_suffix(full[where[0][p4].end:], always)
-        closers = frozenset(view.tokens_in(g[:c] + rest[:h]) | view.tokens_in(final)) | base
-        return TemplateFacts(closers, always, prompt if view.added_re.search(prompt) else "")
+        closing = g[:c] + rest[:h]
+        closers = frozenset(view.tokens_in(closing) | view.tokens_in(final)) | base
+        openers = {t for t in (header_start.group() if header_start else None, opener) if t in view.added} - closers
+        text_closer = closing.strip() if closing.strip() and not view.added_re.search(closing) else ""
+        header = prompt[prompt.rfind(opener):] if opener and opener in prompt else prompt  # its last header
+        enders = {t[-1] for t in (view.added_re.findall(closing), view.added_re.findall(final)) if t} | base
+        return TemplateFacts(closers, always, header if view.added_re.search(header) else "", frozenset(openers),
+                             frozenset(enders & closers), text_closer)
     return TemplateFacts(base, "")
+
+
+def _opener(view: TemplateView, prelude: str) -> str:
+    """What the first header of a conversation opens with (after the BOS): an added token, else its first word
+    (`<|START_OF_TURN_TOKEN|>`, `<|im_start|>`, `Source:`); "" when nothing comes before the first text."""
+    bos = view.tokenizer.bos_token
+    text = prelude[len(bos):] if bos and prelude.startswith(bos) else prelude
+    text = text.lstrip()
+    m = view.added_re.match(text)
+    if m:
+        return m.group()
+    word = re.match(r"\S+", text)
+    return word.group() if word else ""
+
+
+def _always_after_header(final: str, history: str, t_gen: str, t_nogen: str, opener: str) -> str:
+    """A header the template writes after the last message whatever add_generation_prompt says (Cohere's
+    `<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`, CodeLlama-70B's `Source: assistant\nDestination: user`): the
+    text both no-prompt renders (after an assistant and after a user message) end with, from the header's
+    opening on, which the prompt render writes at the same place (add_generation_prompt may add to it) and
+    the history form after the turn does not (it is not the turn's own closing, a user's `### End`)."""
+    if not opener:
+        return ""
+    shared = final[len(final) - _common_suffix(final, t_nogen):]
+    k = shared.find(opener)
+    if k < 0:
+        return ""
+    always = shared[k:]
+    if history.startswith(always, len(final) - len(always)):
+        return ""
+    return always if t_gen.startswith(always, len(t_nogen) - len(always)) else ""
 
 
 def _always_appended(view, full, t_gen, t_nogen, gap_after, gap_before) -> str:
