@@ -355,6 +355,10 @@ def _check_reference(tok, template, msgs, tools, full, trained, added, kwargs) -
     gen = render(tok, template, msgs, tools, True, **kwargs)
     final_only = {full[a:b] for a, b in _pieces(rx, full, last_end, len(full))} - set(rx.findall(gen[last_end:]))
     headers = _role_headers(tok, rx, full, msgs, loc)
+    # the closing the final turn is trained with (after its last text), as pieces
+    last = located[-1] if located else None
+    closing = [full[a:b] for a, b in _pieces(rx, full, loc[last][1], len(full)) if all(trained[a:b])] \
+        if last is not None and msgs[last]["role"] == "assistant" and msgs[last].get("train", True) else []
     for i in located:
         m = msgs[i]
         prev = max((j for j in located if j < i), default=None)
@@ -389,6 +393,18 @@ def _check_reference(tok, template, msgs, tools, full, trained, added, kwargs) -
                 if any(trained[a:b]) and not (t in added and (_is_end(tok, t) or t in final_only)):
                     problems.append(f"{t!r} trained after the end-of-turn token")
                     break
+        # (c) a history turn closes as the final one does wherever the template writes that closing too,
+        # whether or not the tokenizer holds it as a token
+        if i != last and closing:
+            k, hits = 0, []
+            for c in closing:
+                k = next((h for h in range(k, len(after)) if piece(*after[h]) == c), None)
+                if k is None:
+                    break
+                hits.append(after[k])
+                k += 1
+            if k is not None and any(not all(trained[a:b]) for a, b in hits):
+                problems.append(f"closing {' '.join(closing)!r} of the final turn not trained after a history turn")
         j = next((j for j in located if j > i), None)
         if j is not None and headers.get(j):
             closing = [(a, b) for a, b in after if a < headers[j][0][0]]
