@@ -26,11 +26,11 @@ FAMILIES = [
     ("<|end|>", "<s>", "<|endoftext|>"), ("<end_of_utterance>", "<|begin_of_text|>", "<end_of_utterance>"),
     ("<SPECIAL_12>", None, "<SPECIAL_12>"), ("<seed:eos>", "<seed:bos>", "<seed:eos>"),
     ("<|message_sep|>", None, "<|message_sep|>"), ("<|header_start|>", "<|begin_of_text|>", "<|eot|>"),
-    ("<|eom|>", "<|startoftext|>", "<|endoftext|>"),
+    ("<|eom|>", "<|startoftext|>", "<|endoftext|>"), ("</longcat_s>", "<longcat_s>", "</longcat_s>"),
     ("<｜hy_place▁holder▁no▁2｜>", "<｜hy_begin▁of▁sentence｜>", "<｜hy_place▁holder▁no▁2｜>"),
 ]
-END_RE = re.compile(r"(?i)((?<!header_)end(?!_header|_of_role)|eot|eos|eom\|>|return|calls?\|>|suffix\|>|^</s>$|^<sep>$|"
-                    r"^<[a-z_]+\|>$|^<step>$|stop|^<\|tool_response>$|hy_place▁holder▁no▁2｜|^\[e~\[$)")
+END_RE = re.compile(r"(?i)((?<!header_)(?<!role_)end(?!_header|_of_role)|eot|eos|eom\|>|return|calls?\|>|suffix\|>|^</s>$|^<sep>$|"
+                    r"^<[a-z_]+\|>$|^<step>$|stop|^<\|tool_response>$|^<start_function_response>$|hy_place▁holder▁no▁2｜|^\[e~\[$)")
 
 
 def template_tokens(text: str) -> list[str]:
@@ -126,6 +126,35 @@ def applicable(tok, template: str, msgs: list[dict], tools, **kwargs) -> str | N
         return "drops an assistant text"
     if tools and "Quitoville" not in full:
         return "drops the tool call"
+    if re.search(r"""['"]type['"]: ['"]text['"]""", full):
+        return "prints the content parts list as it is"
+    return _not_a_chat(tok, template, msgs, tools, full, kwargs)
+
+
+def _not_a_chat(tok, template, msgs, tools, full, kwargs) -> str | None:
+    """Why the template renders the conversation as a prompt about it (a guard or reward model that classifies
+    it, a user simulator) rather than as turns the model generates, or None: the header its generation prompt
+    opens (after the prompt's last end token: its opening piece and the role named after it) is not written
+    before an assistant text."""
+    added = sorted({t.content for t in tok.added_tokens_decoder.values()}, key=len, reverse=True)
+    rx = _piece_re(added)
+    loc = _locate(full, msgs)
+    for i, m in enumerate(msgs):
+        prev = max((j for j in range(i) if loc[j]), default=None)
+        if m["role"] != "assistant" or not loc[i] or prev is None or msgs[prev]["role"] == "assistant":
+            continue
+        prefix = render(tok, template, msgs[:i], tools, True, **kwargs)
+        ploc = _locate(prefix, msgs[:i])[prev]
+        if not ploc:
+            continue
+        want = [prefix[a:b] for a, b in _pieces(rx, prefix, ploc[1], len(prefix))]
+        ends = [k for k, w in enumerate(want) if w in added and _is_end(tok, w)]
+        header = (want[ends[-1] + 1:] if ends else want)[:2]
+        if len(header) == 2 and (header[1] in added or any(re.fullmatch(r, header[1]) for r in TOKEN_RES)):
+            header = header[:1]  # the role is the opening token's own (`<｜Assistant｜>`), not a name after it
+        have = [full[a:b] for a, b in _pieces(rx, full, loc[prev][1], loc[i][0])]
+        if header and not any(have[k:k + len(header)] == header for k in range(len(have))):
+            return f"writes no {' '.join(header)!r} header before the assistant's text"
     return None
 
 
@@ -170,9 +199,9 @@ def check_mask(tok, template: str, msgs: list[dict], tools, ids: list[int], labe
             problems.append("assistant text with train: false trained")
     if tools and any_trained("Weather of a city zebrafinch"):
         problems.append("tool schema trained")
-    problems += _check_headers(tok, template, msgs, tools, full, trained, added, kwargs)
-    problems += _check_ends(tok, msgs, full, trained, added, bool(extra), _final_only(tok, template, msgs, tools,
-                                                                                     full, added, kwargs))
+    closing = _final_only(tok, template, msgs, tools, full, added, kwargs) | _after_every_turn(msgs, full, added)
+    problems += _check_headers(tok, template, msgs, tools, full, trained, added, kwargs, closing)
+    problems += _check_ends(tok, msgs, full, trained, added, bool(extra), closing)
     problems += _check_reference(tok, template, msgs, tools, full, trained, added, kwargs)
     return problems
 
@@ -185,7 +214,7 @@ def _find_all(text: str, needle: str) -> list[int]:
     return out
 
 
-def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs) -> list[str]:
+def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs, closing=frozenset()) -> list[str]:
     problems = []
     first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     head = prompt = None
@@ -212,7 +241,7 @@ def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
                 problems.append(f"assistant header {head!r} trained")
         else:
             last = max(((before.rfind(t), t) for t in added if t in before), default=(-1, None))
-            if last[1] and not END_RE.search(last[1]) and any(trained[cursor + last[0]: cursor + last[0] + len(last[1])]):
+            if last[1] and not END_RE.search(last[1]) and last[1] not in closing and any(trained[cursor + last[0]: cursor + last[0] + len(last[1])]):
                 problems.append(f"header {last[1]!r} of a {m['role']} message trained")
         cursor = max(e for _, e in found)
     return problems
@@ -226,7 +255,16 @@ def _final_only(tok, template, msgs, tools, full, added, kwargs) -> set[str]:
     return {t for t in added if t in full[last:] and t not in gen[last:]}
 
 
-def _check_ends(tok, msgs, full, trained, added, eos_appended, final_only=frozenset()) -> list[str]:
+def _after_every_turn(msgs, full, added) -> set[str]:
+    """The token the template writes right after every assistant message's text, the final one's included (a
+    role suffix such as `</assistant>`, `</longcat_s>`): it closes the turn."""
+    loc = _locate(full, msgs)
+    after = {next((t for t in added if full.startswith(t, x[1] + len(full[x[1]:]) - len(full[x[1]:].lstrip()))),
+                  None) for m, x in zip(msgs, loc) if m["role"] == "assistant" and x}
+    return set(after) - {None} if len(after) == 1 else set()
+
+
+def _check_ends(tok, msgs, full, trained, added, eos_appended, closing=frozenset()) -> list[str]:
     problems = []
     texts = [t for m in msgs for t in (text_of(m["content"]).strip(),) if t]
     runs, c = [], 0
@@ -242,8 +280,7 @@ def _check_ends(tok, msgs, full, trained, added, eos_appended, final_only=frozen
         last = not after.strip()
         nxt = min([q for q in (after.find(t) for t in texts) if q >= 0] or [len(after)])
         gap = after[:nxt]
-        is_end = [t for t in added if text.endswith(t) and (END_RE.search(t) or t == tok.eos_token
-                                                              or (last and t in final_only))]
+        is_end = [t for t in added if text.endswith(t) and (END_RE.search(t) or t == tok.eos_token or t in closing)]
         missed = _missed_ends(tok, added, full, trained, e, e + len(gap))
         if missed and not (last and eos_appended):
             problems.append(f"end-of-turn token {missed[0]!r} after a trained run left out")

@@ -104,11 +104,12 @@ def template_facts(view: TemplateView) -> TemplateFacts:
 
 
 def _probe(view: TemplateView) -> TemplateFacts:
-    """Render user, assistant, user, assistant (with a system message if the template needs one) and read
-    off which tokens close a history turn and a final turn."""
+    """Render user, assistant, user, assistant (with a system message if the template needs one; as text parts
+    if it renders only those) and read off which tokens close a history turn and a final turn."""
     base = frozenset({view.eos} if view.eos else ())
-    turns = [{"role": r, "content": f"probe {r} {k}"} for k, r in enumerate(["user", "assistant"] * 2)]
-    for prefix in ([], [{"role": "system", "content": "probe system"}]):
+    for parts, prefix in ((False, []), (False, [{"role": "system", "content": "probe system"}]), (True, [])):
+        turns = [{"role": r, "content": [{"type": "text", "text": f"probe {r} {k}"}] if parts else f"probe {r} {k}"}
+                 for k, r in enumerate(["user", "assistant"] * 2)]
         sent = Sentinels(prefix + turns, view.markup, view.template, roles=None)
         k, sm = len(prefix), sent.messages
         try:
@@ -122,26 +123,23 @@ def _probe(view: TemplateView) -> TemplateFacts:
                 and p2 in where[3]):
             continue
         t_gen, t_nogen = gen1[where[1][p1].end:], nogen1[where[2][p1].end:]
-        opener = _opener(view, full[: where[0][p1].start])
-        g = full[where[0][p2].end: where[0][p3].start]
-        always = _always_after_header(full[where[0][p4].end:], g, t_gen, t_nogen, opener)
+        prelude, g = full[: where[0][p1].start], full[where[0][p2].end: where[0][p3].start]
+        opener = _opener(view, prelude)
+        tail = full[where[0][p4].end:]
+        always = _always_after_header(tail, g, t_gen, t_nogen, opener)
         if always:  # the prompt is the header the template always writes, and what add_generation_prompt adds
             prompt = t_gen[len(t_nogen) - len(always):]
         else:
             prompt = t_gen[snap_back(view, t_gen, common_prefix(t_gen, t_nogen, 0, len(t_nogen))):]
+            always = _always_appended(view, full, t_gen, t_nogen, g, full[where[0][p1].end: where[0][p2].start]) \
+                or _always_after_all(tail, g, t_gen, t_nogen)
         header_start = view.added_re.search(prompt)
-        always = always or _always_appended(view, full, t_gen, t_nogen, g, full[where[0][p1].end: where[0][p2].start])
-        f = drop_suffix(fin2[where[3][p2].end:], always)
-        c = snap_back(view, g, common_prefix(f, g, 0, len(g)))
-        rest = g[c:]
-        if header_start and header_start.group() in rest:
-            h = rest.index(header_start.group())
-        else:  # the next header is what the gap before the first user message ends with as well (if anything)
-            shared = _common_suffix(rest, full[: where[0][p1].start])
-            h = _snap_forward(view, rest, len(rest) - shared) if shared else 0
-        final = drop_suffix(full[where[0][p4].end:], always)
-        closing = g[:c] + rest[:h]
-        closers = frozenset(view.tokens_in(closing) | view.tokens_in(final)) | base
+        c = snap_back(view, g, common_prefix(drop_suffix(fin2[where[3][p2].end:], always), g, 0, len(g)))
+        h = _next_header(view, g[c:], header_start.group() if header_start else None, prelude,
+                         drop_suffix(t_nogen, always))
+        final, closing = drop_suffix(tail, always), g[:c + h]
+        # a BOS opens what follows, it never closes a turn
+        closers = frozenset(view.tokens_in(closing) | view.tokens_in(final)) - {view.tokenizer.bos_token} | base
         openers = {t for t in (header_start.group() if header_start else None, opener) if t in view.added} - closers
         text_closer = closing.strip() if closing.strip() and not view.added_re.search(closing) else ""
         header = prompt[prompt.rfind(opener):] if opener and opener in prompt else prompt  # its last header
@@ -149,6 +147,20 @@ def _probe(view: TemplateView) -> TemplateFacts:
         return TemplateFacts(closers, always, header if view.added_re.search(header) else "", frozenset(openers),
                              frozenset(enders & closers), text_closer)
     return TemplateFacts(base, "")
+
+
+def _next_header(view: TemplateView, rest: str, header_token: str | None, prelude: str, user_closing: str) -> int:
+    """Where the next message's header starts in what a history turn is followed by (past the part both forms
+    share): the latest of where the prompt's first token is, where the text the first user message's header
+    ends with as well begins, and after the closing a user message ends with (when the turn's starts alike:
+    the template closes every role the same way, Apriel's `\n<|end|>\n`)."""
+    at = [rest.index(header_token)] if header_token and header_token in rest else []
+    shared = _common_suffix(rest, prelude)
+    if rest[len(rest) - shared:].strip():
+        at.append(_snap_forward(view, rest, len(rest) - shared))
+    if user_closing.strip() and rest.startswith(user_closing):
+        at.append(len(user_closing))
+    return max(at, default=0)
 
 
 def _opener(view: TemplateView, prelude: str) -> str:
@@ -180,6 +192,16 @@ def _always_after_header(final: str, history: str, t_gen: str, t_nogen: str, ope
     if history.startswith(always, len(final) - len(always)):
         return ""
     return always if t_gen.startswith(always, len(t_nogen) - len(always)) else ""
+
+
+def _always_after_all(final: str, history: str, t_gen: str, t_nogen: str) -> str:
+    """Text every render ends with after its last message, with or without the prompt, which the history form
+    does not write after a turn (InternLM2-reward's `<|reward|>`)."""
+    n = min(_common_suffix(final, t_nogen), _common_suffix(final, t_gen))
+    always = final[len(final) - n:].lstrip()
+    if not always or history.startswith(always, len(final) - len(always)):
+        return ""
+    return always
 
 
 def _always_appended(view, full, t_gen, t_nogen, gap_after, gap_before) -> str:
