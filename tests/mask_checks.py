@@ -7,6 +7,15 @@ is (the generation prompt's token before an assistant turn, the last token befor
 every trained run ends with an end-of-turn token or the EOS, except a history turn of a template that writes
 none; and no end-of-turn token right after a trained run is left out. With {% generation %} markers the
 mask must be the marked blocks.
+
+A reference built from other renders is compared case by case (`_check_reference`), piece by piece (tokens,
+token-like literals whether or not the tokenizer holds them, words), so that neither special tokens nor
+whitespace decide: (a) after a turn's end-of-turn token nothing but further closing tokens is trained;
+(b) no piece of the generation prompt (the prefix render with add_generation_prompt) found before the turn's
+text, of the prompt's last header wherever the history writes it, or of another message's header is trained;
+(c) a history turn's closing (what it is followed by before the next header, and what the final turn closes
+with, where the history writes it too) is trained, whether or not it is a token. Templates that render the
+conversation as a prompt about it (guard, reward and user-simulator models) are not judged.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ FAMILIES = [
     ("<|eom|>", "<|startoftext|>", "<|endoftext|>"), ("</longcat_s>", "<longcat_s>", "</longcat_s>"),
     ("<｜hy_place▁holder▁no▁2｜>", "<｜hy_begin▁of▁sentence｜>", "<｜hy_place▁holder▁no▁2｜>"),
 ]
-END_RE = re.compile(r"(?i)((?<!header_)(?<!role_)end(?!_header|_of_role)|eot|eos|eom\|>|return|calls?\|>|suffix\|>|^</s>$|^<sep>$|"
+END_RE = re.compile(r"(?i)((?<!header_)end(?!_header|_of_role)|eot|eos|eom\|>|return|calls?\|>|suffix\|>|^</s>$|^<sep>$|"
                     r"^<[a-z_]+\|>$|^<step>$|stop|^<\|tool_response>$|^<start_function_response>$|hy_place▁holder▁no▁2｜|^\[e~\[$)")
 
 
@@ -201,7 +210,12 @@ def check_mask(tok, template: str, msgs: list[dict], tools, ids: list[int], labe
         problems.append("tool schema trained")
     closing = _final_only(tok, template, msgs, tools, full, added, kwargs) | _after_every_turn(msgs, full, added)
     problems += _check_headers(tok, template, msgs, tools, full, trained, added, kwargs, closing)
-    problems += _check_ends(tok, msgs, full, trained, added, bool(extra), closing)
+    gen = render(tok, template, msgs, tools, True, **kwargs)
+    n = 0
+    while n < min(len(full), len(gen)) and full[-1 - n] == gen[-1 - n]:
+        n += 1
+    # what every render ends with, with or without the prompt, is the template's text after the conversation
+    problems += _check_ends(tok, msgs, full, trained, added, bool(extra), closing, len(full) - n if gen != full else 0)
     problems += _check_reference(tok, template, msgs, tools, full, trained, added, kwargs)
     return problems
 
@@ -264,7 +278,7 @@ def _after_every_turn(msgs, full, added) -> set[str]:
     return set(after) - {None} if len(after) == 1 else set()
 
 
-def _check_ends(tok, msgs, full, trained, added, eos_appended, closing=frozenset()) -> list[str]:
+def _check_ends(tok, msgs, full, trained, added, eos_appended, closing=frozenset(), always_from=None) -> list[str]:
     problems = []
     texts = [t for m in msgs for t in (text_of(m["content"]).strip(),) if t]
     runs, c = [], 0
@@ -281,10 +295,12 @@ def _check_ends(tok, msgs, full, trained, added, eos_appended, closing=frozenset
         nxt = min([q for q in (after.find(t) for t in texts) if q >= 0] or [len(after)])
         gap = after[:nxt]
         is_end = [t for t in added if text.endswith(t) and (END_RE.search(t) or t == tok.eos_token or t in closing)]
-        missed = _missed_ends(tok, added, full, trained, e, e + len(gap))
+        leading = _leading_ends(tok, added, full, e, e + len(gap))
+        missed = [t for t, a in leading if not all(trained[a:a + len(t)]) and (always_from is None or a < always_from)]
         if missed and not (last and eos_appended):
             problems.append(f"end-of-turn token {missed[0]!r} after a trained run left out")
-        writes_no_end = not last and not any(END_RE.search(t) or t == tok.eos_token for t in added if t in gap)
+        writes_no_end = not last and not leading  # an end token further on closes the next header (VAETKI's
+        # `<|role_start|>user<|role_end|>`)
         if not is_end and not writes_no_end and not (last and eos_appended):
             problems.append(f"a trained run ends without an end-of-turn token: ...{text[-25:]!r}")
         if text != text.rstrip() and not (last and eos_appended):
@@ -292,9 +308,9 @@ def _check_ends(tok, msgs, full, trained, added, eos_appended, closing=frozenset
     return problems
 
 
-def _missed_ends(tok, added: list[str], full: str, trained: list[bool], pos: int, limit: int) -> list[str]:
-    """The end-of-turn tokens right after a trained run (whitespace and other end tokens between them) left
-    out; one further on closes something else (the template's text after the conversation)."""
+def _leading_ends(tok, added: list[str], full: str, pos: int, limit: int) -> list[tuple[str, int]]:
+    """The end-of-turn tokens (and where) right after a trained run, whitespace and other end tokens between
+    them; one further on closes something else (a header, the template's text after the conversation)."""
     out = []
     while pos < limit:
         if full[pos].isspace():
@@ -303,8 +319,7 @@ def _missed_ends(tok, added: list[str], full: str, trained: list[bool], pos: int
         t = next((t for t in added if full.startswith(t, pos)), None)
         if t is None or not (END_RE.search(t) or t == tok.eos_token):
             break
-        if not all(trained[pos:pos + len(t)]):
-            out.append(t)
+        out.append((t, pos))
         pos += len(t)
     return out
 

@@ -4,7 +4,8 @@
 conversation (user, assistant, user, assistant) once per template and reads off which added tokens close an
 assistant turn, in history and as the final message (Apriel writes `<|end|>` only after history turns,
 gpt-oss `<|end|>` in history and `<|return|>` at the end), the assistant header that the generation prompt
-opens, and any text the template appends whatever `add_generation_prompt` says (Command-R7B).
+opens, the token a header opens with, the closing when it is plain text, and any text the template appends
+whatever `add_generation_prompt` says (Command R7B's and Command A's header, CodeLlama-70B's prompt).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def _probe(view: TemplateView) -> TemplateFacts:
         else:
             prompt = t_gen[snap_back(view, t_gen, common_prefix(t_gen, t_nogen, 0, len(t_nogen))):]
             always = _always_appended(view, full, t_gen, t_nogen, g, full[where[0][p1].end: where[0][p2].start]) \
-                or _always_after_all(tail, g, t_gen, t_nogen)
+                or _always_after_all(view, tail, g, t_gen, t_nogen)
         header_start = view.added_re.search(prompt)
         c = snap_back(view, g, common_prefix(drop_suffix(fin2[where[3][p2].end:], always), g, 0, len(g)))
         h = _next_header(view, g[c:], header_start.group() if header_start else None, prelude,
@@ -194,11 +195,15 @@ def _always_after_header(final: str, history: str, t_gen: str, t_nogen: str, ope
     return always if t_gen.startswith(always, len(t_nogen) - len(always)) else ""
 
 
-def _always_after_all(final: str, history: str, t_gen: str, t_nogen: str) -> str:
+def _always_after_all(view: TemplateView, final: str, history: str, t_gen: str, t_nogen: str) -> str:
     """Text every render ends with after its last message, with or without the prompt, which the history form
-    does not write after a turn (InternLM2-reward's `<|reward|>`)."""
+    does not write after a turn (InternLM2-reward's `<|reward|>`); it starts where markup does, never inside."""
     n = min(_common_suffix(final, t_nogen), _common_suffix(final, t_gen))
-    always = final[len(final) - n:].lstrip()
+    k = len(final) - n
+    for m in view.markup.finditer(final, max(0, k - 64), k + 64):
+        if m.start() < k < m.end():
+            k = m.end()
+    always = final[k:].lstrip()
     if not always or history.startswith(always, len(final) - len(always)):
         return ""
     return always

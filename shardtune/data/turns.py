@@ -4,13 +4,17 @@ A turn **starts** where the template's generation prompt ends. The prefix `messa
 `add_generation_prompt=True` and compared with the whole render from the last text both share (a sentinel,
 see sentinels.py): the common part is the previous turn's closing plus the role header (and any text the
 prompt pre-fills, like `<think>\\n`), which the model is given at inference, so it is never trained. A
-prompt that differs from the history header ("Here are my reasoning steps:" vs "Hello!") stops at the first
-differing character of template text, never inside a message text.
+prompt that differs from the history header ("Here are my reasoning steps:" vs "Hello!") stops where the
+template texts differ, compared piece by piece with whitespace aside, never inside a message text; the last
+assistant header before the turn's text is prompt wherever it is written (inside the previous message's
+render included), and so is what the template writes after the last message whatever add_generation_prompt
+says (template.py).
 
 A turn **ends** with what the template writes after it both when it is the final message (`messages[:i+1]`)
 and when the conversation goes on; the turn-closing tokens a template writes only in history (Apriel's
 `<|end|>`, gpt-oss's `<|end|>` vs the final `<|return|>`) follow, and never the next message's header. Which
-added tokens close a turn is learned once per template from a probe conversation (template.py).
+added tokens close a turn is learned once per template from a probe conversation (template.py), and so is a
+closing the tokenizer holds only as text, which history turns then close with as well.
 """
 
 from __future__ import annotations
