@@ -255,7 +255,7 @@ def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs, clo
                 problems.append(f"assistant header {head!r} trained")
         else:
             last = max(((before.rfind(t), t) for t in added if t in before), default=(-1, None))
-            if last[1] and not END_RE.search(last[1]) and last[1] not in closing and any(trained[cursor + last[0]: cursor + last[0] + len(last[1])]):
+            if last[1] and not _is_end(tok, last[1]) and last[1] not in closing and any(trained[cursor + last[0]: cursor + last[0] + len(last[1])]):
                 problems.append(f"header {last[1]!r} of a {m['role']} message trained")
         cursor = max(e for _, e in found)
     return problems
@@ -460,6 +460,9 @@ def _check_reference(tok, template, msgs, tools, full, trained, added, kwargs) -
         j = next((j for j in located if j > i), None)
         if j is not None and headers.get(j):
             closing = [(a, b) for a, b in after if a < headers[j][0][0]]
+            ends = [k for k, (a, b) in enumerate(closing) if _is_end(tok, full[a:b])]
+            closing = closing[:ends[-1] + 1] if ends else closing  # what follows the last end opens the header
+            # (LongCat's `[Round 1]`)
             if any(not all(trained[a:b]) for a, b in closing):
                 problems.append(f"history closing {full[closing[0][0]:closing[-1][1]]!r} not (wholly) trained")
     for j, pieces in headers.items():
