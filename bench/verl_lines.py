@@ -15,6 +15,10 @@ users' lines of bench/verl_user_lines.json (a JSON list of {source, module, args
 {model}, {gsm8k}, {sft}, {retool}, {pr}, {mt}, {ckpt}, {remote}). Those lines are made tiny the same way
 (`tiny()`: batch sizes and the step count); each runs in its own directory, so a line that names no
 `trainer.default_local_dir` writes under it as verl would under its working directory.
+bench/verl_091_lines.json holds the lines of verl 0.9.1's examples/sft/**.sh (2026-08), the same way.
+
+A line's result is `ran`, `refused: another backend` (the one message naming the backend it selects and
+the keys to drop), `refused` (any other clear refusal) or `failed` (anything else: a crash).
 """
 
 from __future__ import annotations
@@ -308,8 +312,9 @@ def run_line(line: Line, inputs: dict[str, str], work: Path, index: int) -> tupl
         return "ran", (f"steps {steps[0]['step']}-{steps[-1]['step']}" + (f" (resumed at {resumed[-1]})" if resumed else "")
                        + f", loss {steps[0]['train/loss']:.3f} -> {steps[-1]['train/loss']:.3f}")
     errors = [x.split("error", 1)[1].lstrip(" (rank0):") for x in r.stderr.splitlines() if "shardtune: error" in x]
-    detail = errors[0] if errors else r.stderr.strip().splitlines()[-1]
-    return "refused" if errors else "failed", detail if len(detail) < 240 else detail[:240] + " ..."
+    detail = errors[0] if errors else (r.stderr.strip().splitlines() or ["no output"])[-1]
+    kind = ("refused: another backend" if "selects verl's" in detail else "refused") if errors else "failed"
+    return kind, detail if len(detail) < 240 else detail[:240] + " ..."
 
 
 def main() -> None:
@@ -329,13 +334,14 @@ def main() -> None:
         t0 = time.time()
         result, detail = run_line(line, inputs, work, i)
         entry = line.module.rsplit(".", 1)[1]
-        ran, n = totals.get(entry, (0, 0))
-        totals[entry] = (ran + (result == "ran"), n + 1)
+        counts = totals.setdefault(entry, {})
+        counts[result] = counts.get(result, 0) + 1
         rows.append(f"| {line.source} | `{entry}` | {line.nproc} | {result} | {detail} | {time.time() - t0:.0f} s |")
         print(rows[-1], flush=True)
     print("\n| line | entry point | processes | result | detail | time |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print("\n" + ", ".join(f"{k}: {ran}/{n} ran" for k, (ran, n) in totals.items()))
+    for entry, counts in totals.items():
+        print(f"{entry}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {sum(counts.values())})")
 
 
 if __name__ == "__main__":

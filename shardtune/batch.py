@@ -31,6 +31,16 @@ def supervised_counts(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class VisionInputs:
+    """The pictures of a micro-batch: the image processor's tensors for all of them in sequence order (e.g.
+    pixel_values, image_grid_thw), passed to the model as keyword arguments, and how many belong to each
+    sequence (per-sequence positions such as Qwen's 3-D rope need them)."""
+
+    tensors: dict[str, torch.Tensor]
+    images_per_sequence: list[int]
+
+
+@dataclass
 class MicroBatch:
     input_ids: torch.Tensor  # [rows, T]
     targets: torch.Tensor  # [rows, T], next-token targets, IGNORE_INDEX where nothing is trained
@@ -42,12 +52,19 @@ class MicroBatch:
     num_targets: int  # supervised tokens in this micro-batch (in this rank's slice under sequence parallelism)
     num_padded: int  # pad tokens processed
     seq_lengths: list[int]
+    vision: VisionInputs | None = None  # the micro-batch's pictures (vision-language data)
+    # under sequence parallelism with pictures: the whole row's input_ids (the pictures' features are placed
+    # into the whole row's embeddings before the row is split; see shardtune/vision.py)
+    full_input_ids: torch.Tensor | None = None
 
     def pin_memory(self) -> MicroBatch:
         """Page-locked copies of the tensors, so the host-to-GPU copies can run asynchronously."""
+        vision = self.vision and VisionInputs({k: v.pin_memory() for k, v in self.vision.tensors.items()},
+                                              self.vision.images_per_sequence)
         return replace(self, input_ids=self.input_ids.pin_memory(), targets=self.targets.pin_memory(),
                        position_ids=self.position_ids.pin_memory(), cu_seqlens=_pinned(self.cu_seqlens),
-                       attention_mask=_pinned(self.attention_mask))
+                       attention_mask=_pinned(self.attention_mask), vision=vision,
+                       full_input_ids=_pinned(self.full_input_ids))
 
 
 def _pinned(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -52,6 +52,7 @@ def matmul_params_per_token(config: Any) -> int:
 def training_flops(config: Any, seq_lengths: list[int] | Any) -> float:
     """FLOPs of forward + backward over sequences of the given lengths."""
     tokens = int(sum(seq_lengths))
+    config = config.get_text_config()  # a vision-language model: its language model (the tower is not counted)
     heads = config.num_attention_heads
     head_dim = _attr(config, "head_dim", default=config.hidden_size // heads)
     squares = float(sum(int(s) ** 2 for s in seq_lengths))

@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 
+from shardtune.config import Config
 from shardtune.loss import LossHead
 from shardtune.model import build_from_config, compute_dtype, load_hf_config
-from shardtune.parallel import decoder_layers
+from shardtune.parallel import World, decoder_layers
+from shardtune.parallelize import parallelize
 
 GIB = 2**30
 BYTES = {"fp32": 4, "bf16": 2}
@@ -116,6 +118,7 @@ def model_shape(model_cfg: Any) -> ModelShape:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_from_config(load_hf_config(model_cfg), model_cfg, "cpu")
+        model = parallelize(model, Config(model=model_cfg), World())  # the one-process transforms
     return shape_of(model)
 
 

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
-from shardtune import attention
+from shardtune import attention, vision
 from shardtune.config import ModelConfig
 from shardtune.errors import ConfigError
-from shardtune.loss import install_loss_head
-from shardtune.parallel import decoder_layers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,11 +58,58 @@ def check_model_path(cfg: ModelConfig) -> None:
         return
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} has no config.json. Fix: point model.path at a Hugging Face model folder.")
+    _read_json(path / "config.json", "copy the model folder again, or repair the file")
     if not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
         raise ConfigError(f"{path} holds only pickled .bin weights, which shardtune refuses to load (unpickling "
                           "runs code). Fix: convert them to safetensors.")
-    if cfg.override_config:
-        load_hf_config(cfg)  # model.override_config names fields of this model's config, or is refused here
+    check_safetensors(path)
+    for key, folder, needs in (("model.tokenizer_path", cfg.tokenizer_path, "tokenizer.json or tokenizer_config.json"),
+                               ("model.lora_adapter_path", cfg.lora_adapter_path, "adapter_config.json")):
+        if folder and not Path(os.path.expanduser(folder)).is_dir():
+            raise ConfigError(f"{key}='{folder}' is not a folder. Fix: point it at a local folder with {needs} "
+                              "(hub downloads are not used), or drop the key.")
+    if cfg.lora_adapter_path:
+        adapter = Path(os.path.expanduser(cfg.lora_adapter_path)) / "adapter_config.json"
+        if not adapter.is_file():
+            raise ConfigError(f"model.lora_adapter_path='{cfg.lora_adapter_path}' has no adapter_config.json: it is "
+                              "not a peft adapter folder. Fix: point it at a folder written by save_pretrained of a "
+                              "peft model (or `shardtune export --adapter-only`).")
+        _read_json(adapter, "export the adapter again (`shardtune export --adapter-only`)")
+    load_hf_config(cfg)  # a config transformers can read; model.override_config names fields of it, or is refused
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}). Fix: {fix}.") from None
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every shard the safetensors index names is there, and every .safetensors file is as long as its header
+    says (a cut-off download or copy), read from the headers only, before any weights are loaded."""
+    fix = "copy (or download) the model folder again"
+    index = folder / "model.safetensors.index.json"
+    files = sorted(folder.glob("*.safetensors"))
+    if index.is_file():
+        weight_map = _read_json(index, fix).get("weight_map", {})
+        missing = sorted({name for name in weight_map.values() if not (folder / name).is_file()})
+        if missing:
+            raise ConfigError(f"{index} names {len(missing)} shard(s) that are not in the folder: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Fix: {fix}.")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            raise ConfigError(f"{f} is not a safetensors file (its header cannot be read). Fix: {fix}.")
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if size < 8 + n + end:
+            raise ConfigError(f"{f} is cut off: {size} bytes, its header describes {8 + n + end}. Fix: {fix}.")
 
 
 def liger_usable(cfg: ModelConfig, device: torch.device) -> tuple[bool, str]:
@@ -93,7 +146,7 @@ def check_sequence_parallel(cfg: ModelConfig, sp_size: int) -> None:
     """Ulysses splits attention heads over the sequence-parallel ranks: heads must divide evenly."""
     if sp_size == 1:
         return
-    heads = load_hf_config(cfg).num_attention_heads
+    heads = load_hf_config(cfg).get_text_config().num_attention_heads
     if heads % sp_size:
         raise ConfigError(f"The model has {heads} attention heads, not divisible by the sequence-parallel size "
                           f"{sp_size}. Fix: pick an engine.ulysses_sequence_parallel_size that divides {heads}.")
@@ -101,18 +154,75 @@ def check_sequence_parallel(cfg: ModelConfig, sp_size: int) -> None:
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     path = os.path.expanduser(cfg.tokenizer_path or cfg.path)
+    key = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+    if not Path(path).is_dir():  # never a hub lookup
+        raise ConfigError(f"{key}='{path}' is not a folder. Fix: point it at a local folder with the tokenizer files.")
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_path else {}
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{key}='{path}': no tokenizer could be read from it ({type(e).__name__}: {e}). Fix: point "
+                          "it at a folder with tokenizer.json (and tokenizer_config.json).") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+def check_token_ids(cfg: ModelConfig, tokenizer: Any, datasets: list[Any]) -> None:
+    """Every token id the run feeds the model must have a row in its embedding (else the engine fails with an
+    IndexError on the first step). Checked on the tokenized data, before the model is built: at once when the
+    tokenizer has no more ids than the embedding; else by the data's largest id (a stream, not read ahead, is
+    refused by the tokenizer's size)."""
+    hf = load_hf_config(cfg)
+    rows = getattr(hf.get_text_config(), "vocab_size", None)
+    if not rows or len(tokenizer) <= rows:
+        return
+    where = f"model.tokenizer_path='{cfg.tokenizer_path}'" if cfg.tokenizer_path else f"the tokenizer of '{cfg.path}'"
+    fix = ("Fix: use the model's own tokenizer (or one whose ids fit), or a model whose embedding was resized to "
+           f"{len(tokenizer)} rows and saved.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1
+    if pad >= rows:
+        raise ConfigError(f"{where} pads with id {pad}, but the model's embedding has {rows} rows "
+                          f"(vocab_size in {cfg.path}/config.json). {fix}")
+    for data in datasets:
+        if not hasattr(data, "datasets"):  # streamed: its ids are not known before it is read
+            raise ConfigError(f"{where} has {len(tokenizer)} ids, the model's embedding {rows} rows (vocab_size in "
+                              f"{cfg.path}/config.json): ids from {rows} on would fail in the model. {fix}")
+        for source, part in zip(data.sources, data.datasets):
+            top = max((int(np.max(shard.input_ids)) for shard in part.shards if len(shard.input_ids)), default=-1)
+            if top >= rows:
+                raise ConfigError(f"The data of source '{source.name}' ({', '.join(source.paths)}) holds token id "
+                                  f"{top}, but the model's embedding has {rows} rows (vocab_size in {cfg.path}/"
+                                  f"config.json; {where} has {len(tokenizer)} ids). {fix}")
+
+
 def load_hf_config(cfg: ModelConfig) -> Any:
     """The model's Hugging Face config, with `model.override_config` applied."""
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-    config = AutoConfig.from_pretrained(os.path.expanduser(cfg.path), trust_remote_code=cfg.trust_remote_code, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(cfg.path), trust_remote_code=cfg.trust_remote_code,
+                                            **kwargs)
+    except (OSError, ValueError, KeyError) as e:  # unknown model_type, a field the config class refuses, ...
+        raise ConfigError(f"model.path='{cfg.path}': transformers cannot read its config ({type(e).__name__}: {e}). "
+                          "Fix: check config.json (model_type, fields), or upgrade transformers for a newer "
+                          "architecture.") from None
     return override_config(config, cfg.override_config) if cfg.override_config else config
+
+
+# fields that size the weights: a new value would not fit the checkpoint in model.path
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim")
+
+
+def _shape_changes(fields: dict[str, Any], overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        old = fields.get(k)
+        if isinstance(v, dict) and isinstance(old, dict):
+            out += _shape_changes(old, v, f"{prefix}{k}.")
+        elif k in SHAPE_FIELDS and old is not None and v != old:
+            out.append(f"{prefix}{k}={v} (the weights have {old})")
+    return out
 
 
 def override_config(config: Any, overrides: dict[str, Any]) -> Any:
@@ -121,6 +231,11 @@ def override_config(config: Any, overrides: dict[str, Any]) -> Any:
     a mapping merges into a mapping field (a sub-config such as `text_config`). Names the class does not
     know are refused by name, before any weights are read."""
     fields = config.to_dict()
+    changed = _shape_changes(fields, overrides)
+    if changed:
+        raise ConfigError(f"model.override_config sets {', '.join(changed)}: the weights in the model folder have "
+                          "other shapes and would not load into it. Fix: drop the key; new tokens need a model whose "
+                          "embedding has rows for them (resize and save it first).")
     merged = {**fields, **{k: _merged(fields.get(k), v) for k, v in overrides.items()}}
     try:
         new = type(config).from_dict(merged)
@@ -144,78 +259,42 @@ def _merged(old: Any, new: Any) -> Any:
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", attention_device: torch.device | str | None = None,
-               compute_dtype: torch.dtype = torch.float32, use_liger: bool = False,
-               liger_layers: bool = True) -> torch.nn.Module:
+               compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load the weights onto `device`; the attention kernel is chosen for `attention_device` (where the model
-    will run, which differs when rank 0 loads on the CPU before sharding onto a GPU)."""
+    will run, which differs when rank 0 loads on the CPU before sharding onto a GPU). The model is as the
+    checkpoint defines it; `shardtune.parallelize` makes it the one that trains."""
     kwargs: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {"use_safetensors": True}
     hf_config = load_hf_config(cfg)
     if cfg.override_config:
         kwargs["config"] = hf_config
     attn = attention_for(cfg, attention_device or device, compute_dtype, hf_config)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_class(hf_config).from_pretrained(
         os.path.expanduser(cfg.path), dtype=DTYPES[cfg.dtype], attn_implementation=attn,
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
-    return prepare_for_training(model, cfg, use_liger, liger_layers).to(device)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def auto_class(hf_config: Any) -> Any:
+    """A vision-language checkpoint loads as its own class (vision tower included), any other as a causal LM."""
+    return AutoModelForImageTextToText if vision.is_vision_config(hf_config) else AutoModelForCausalLM
 
 
 def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype,
-                  hf_config: Any = None) -> str:
-    return attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device), compute_dtype,
-                            hf_config if hf_config is not None else load_hf_config(cfg))
+                  hf_config: Any = None) -> str | dict[str, str]:
+    hf_config = hf_config if hf_config is not None else load_hf_config(cfg)
+    text_config = hf_config.get_text_config() if vision.is_vision_config(hf_config) else hf_config
+    chosen = attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device), compute_dtype,
+                              text_config)
+    return vision.attention_per_part(hf_config, chosen)
 
 
 def build_from_config(hf_config: Any, cfg: ModelConfig, device: torch.device | str,
-                      compute_dtype: torch.dtype = torch.float32, use_liger: bool = False,
-                      liger_layers: bool = True) -> torch.nn.Module:
+                      compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An uninitialised model of the right shape (used on the meta device)."""
-    return prepare_for_training(AutoModelForCausalLM.from_config(
+    model = auto_class(hf_config).from_config(
         hf_config, dtype=DTYPES[cfg.dtype], attn_implementation=attention_for(cfg, device, compute_dtype, hf_config),
-        trust_remote_code=cfg.trust_remote_code), cfg, use_liger, liger_layers)
-
-
-def prepare_for_training(model: torch.nn.Module, cfg: ModelConfig, use_liger: bool = False,
-                         liger_layers: bool = True) -> torch.nn.Module:
-    """Training switches, kernels and the loss head, then LoRA (which must wrap the final modules).
-
-    `liger_layers=False` keeps Liger out of the decoder layers (RMSNorm, SwiGLU, RoPE): under torch.compile
-    the compiler fuses those itself and cannot trace Liger's autograd Functions."""
+        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
-    if use_liger and liger_layers:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        # our LossHead calls Liger's fused linear cross-entropy itself, with our normalisation
-        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
-    if cfg.loss_chunk_size > 0 or use_liger:
-        # Liger's fused cross-entropy only where no chunk size is set: with a large vocabulary over a small hidden
-        # size its chunks are a few dozen tokens, and each chunk re-reads and re-writes the whole fp32 weight
-        # gradient (measured on an H200: 30% of the step for a 1.5B model; docs/performance.md)
-        install_loss_head(model, cfg.loss_chunk_size, use_liger and cfg.loss_chunk_size == 0)
-    if cfg.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_lora(model, cfg)
-
-
-def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
-    """Wrap the model with peft LoRA adapters (base weights frozen), or load an adapter to continue."""
-    if cfg.lora_rank == 0:
-        return model
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if cfg.enable_gradient_checkpointing:
-        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    if cfg.lora_adapter_path:
-        return PeftModel.from_pretrained(model, os.path.expanduser(cfg.lora_adapter_path), is_trainable=True)
-    targets = "all-linear" if cfg.target_modules == ["all-linear"] else cfg.target_modules
-    return get_peft_model(model, LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        exclude_modules=cfg.exclude_modules or None, task_type="CAUSAL_LM"))
-
-
-def compile_layers(model: torch.nn.Module) -> None:
-    """torch.compile each decoder layer (before FSDP2 wraps it), with dynamic shapes: packed rows change
-    length every step, and one graph serves every length and every layer (they share the code)."""
-    for layer in decoder_layers(model):
-        layer.compile(dynamic=True)
-
+    return model

@@ -30,7 +30,10 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Multiplier of `optim.lr` for the optimizer step with 0-based index `step`."""
+    """Multiplier of `optim.lr` for the optimizer step with 0-based index `step` (counted from 1 instead when
+    optim.zero_indexed_step is false, as verl's option of that name does)."""
+    if not cfg.zero_indexed_step:
+        step += 1
     warm = warmup_steps(cfg, total_steps)
     if step < warm:
         return (step + 1) / (warm + 1)  # never 0: the first step already learns

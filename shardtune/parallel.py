@@ -1,4 +1,4 @@
-"""Process group, device mesh and FSDP2, applied by small functions on a plain model.
+"""Process group, device mesh and collectives (FSDP2 is applied in `shardtune.parallelize`).
 
 Backend: nccl when CUDA is present, gloo otherwise. One process (no torchrun) needs no process group at
 all: every collective below is then the identity.
@@ -10,7 +10,6 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 @dataclass
@@ -121,6 +119,15 @@ def all_reduce_tensor_(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
+def all_gather_objects(obj: Any, world: World) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank ([obj] on one process)."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
@@ -150,31 +157,3 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise ValueError(f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder layers")
     return layers
 
-
-def apply_fsdp2(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | None = None,
-                reduce_dtype: torch.dtype = torch.float32, offload: bool = False,
-                reshard_after_forward: bool = True, keep_gathered: Sequence[torch.nn.Module] = ()) -> torch.nn.Module:
-    """`fully_shard` each decoder layer, the untied embeddings and head, then the root. Modules in
-    `keep_gathered` stay unsharded from their forward to the end of backward (no second all-gather).
-
-    The gradient divide factor is set to 1: the loss is already divided by the global number of supervised
-    tokens, so gradients must be summed over ranks, not averaged.
-    """
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    kwargs = {"mesh": mesh, "mp_policy": mp, "reshard_after_forward": reshard_after_forward}
-    if offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    for layer in decoder_layers(model):
-        fully_shard(layer, **kwargs)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if not tied:
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is not None:
-                gathered = any(module is m for m in keep_gathered)
-                fully_shard(module, **{**kwargs, "reshard_after_forward": False} if gathered else kwargs)
-    fully_shard(model, **kwargs)
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
-    return model

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from shardtune.batch import supervised_count
+from shardtune.checkpoint import check_run_dir
 from shardtune.config import Config, Source, resolve_sources
 from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template
 from shardtune.data.dataset import TokenizedDataset, build_dataset, build_source
@@ -20,14 +21,16 @@ from shardtune.data.formats import detect_format
 from shardtune.data.loader import batch_sampler, planned_steps
 from shardtune.data.readers import data_files, expand_paths, read_rows
 from shardtune.data.tokenize import row_samples, truncate
+from shardtune.data.vision import image_processing, images_of
 from shardtune.errors import DataError
 from shardtune.memory import GIB, estimate, model_shape
-from shardtune.model import load_tokenizer
+from shardtune.model import check_token_ids, load_tokenizer
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
 def validate_data(cfg: Config) -> None:
+    check_run_dir(cfg.run_dir)
     tokenizer = load_tokenizer(cfg.model)
     data_cfg = cfg.data
     for name, files, max_samples in (("train", data_cfg.train_files, data_cfg.train_max_samples),
@@ -38,6 +41,7 @@ def validate_data(cfg: Config) -> None:
             validate_stream_head(cfg, tokenizer)
             continue
         ds = build_dataset(files, data_cfg, tokenizer, max_samples)
+        check_token_ids(cfg.model, tokenizer, [ds])
         lengths = ds.lengths
         s = ds.stats
         print(f"{name}: {s.get('rows_read', '?')} rows read, {len(ds)} kept, dropped {s.get('dropped', {})}, "
@@ -83,6 +87,13 @@ def print_source(source: Source, data: TokenizedDataset, weighted: bool, append_
           f": {s.get('rows_read', '?')} rows read, {s.get('rows_kept', '?')} kept, {len(data)} samples; "
           f"dropped: {dropped}; truncated {s.get('truncated', 0)}" + (" [cache hit]" if s.get("cache_hit") else ""))
     print(f"    {tokens} tokens, {supervised} supervised ({supervised / max(tokens, 1):.1%})")
+    images = sum(c.get("images", 0) for c in s.get("mask", {}).values())
+    if images:
+        image_tokens, trained = (sum(c.get(k, 0) for c in s.get("mask", {}).values())
+                                 for k in ("image_tokens", "trained_image_tokens"))
+        print(f"    {images} images, {image_tokens} image tokens ({image_tokens / max(tokens, 1):.1%} of tokens, "
+              f"{image_tokens / images:.0f} per image, {images / max(len(data), 1):.2f} images per sample; "
+              f"{trained} of them trained)")
     for line in length_histogram(data.lengths):
         print("    " + line)
     for line in mask_audit(s.get("mask", {}), append_eos):
@@ -175,13 +186,17 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
     tokenizer = load_tokenizer(cfg.model)
     sources = resolve_sources(cfg.data.train_files, cfg.data, cfg.data.train_max_samples)
     rows = ((s.data, row) for s in sources for row in read_rows(expand_paths(list(s.paths)), s.max_samples))
-    found = list(islice(rows, index, index + 1))
+    found = list(islice(rows, index, index + 1)) if index >= 0 else []
     if not found:
-        raise DataError(f"--index {index} is past the end of data.train_files.")
+        count = sum(1 for s in sources for _ in read_rows(expand_paths(list(s.paths)), s.max_samples))
+        raise DataError(f"--index {index} is not a sample of data.train_files, which holds {count} rows. Fix: "
+                        f"pass an --index from 0 to {count - 1}.")
     source_cfg, row = found[0]
     fmt = source_cfg.format if source_cfg.format != "auto" else detect_format(row, source_cfg)
     template = resolve_chat_template(source_cfg.chat_template, tokenizer)
     samples, audit = row_samples(row, fmt, tokenizer, source_cfg, template)  # as tokenization does it
+    vision = image_processing(tokenizer, template) if audit.get("images") else None
+    image_token = vision.image_token_id if vision is not None else None
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     method = next((k.removeprefix("method_") for k in audit if k.startswith("method_")), "none")
     eos_reason = ("data.append_eos=always" if source_cfg.append_eos == "always"
@@ -191,9 +206,12 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
         part = f", sample {k + 1} of {len(samples)}" if len(samples) > 1 else ""
         print(f"# {row.path}, row {row.index}{part} (format {fmt}; spans from {method})"
               + (f" [{reason}]" if reason else ""))
-        print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color))
+        print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color, image_token))
         n_trained = supervised_count(np.asarray(tok.labels))
+        pictures = [int(lab) != IGNORE_INDEX for t, lab in zip(tok.input_ids, tok.labels) if int(t) == image_token]
         print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained"
+              + (f"; {len(images_of(tok))} images, {len(pictures)} image tokens, {sum(pictures)} of them trained"
+                 if images_of(tok) else "")
               + (f"; EOS appended ({eos_reason})" if audit["eos_appended"] and k == len(samples) - 1 else ""))
     if not samples:
         print(f"# {row.path}, row {row.index}: no assistant turn to train")
@@ -222,19 +240,27 @@ def mask_audit(per_file: dict[str, dict[str, int]], append_eos: str) -> list[str
     return lines
 
 
-def mark_trained(tokenizer, input_ids, labels, use_color: bool) -> str:
-    """The decoded sample with each trained span in green (terminal) or between [[ and ]]."""
+def mark_trained(tokenizer, input_ids, labels, use_color: bool, image_token_id: int | None = None) -> str:
+    """The decoded sample with each trained span in green (terminal) or between [[ and ]]; each run of image
+    tokens shown as one `<image: N tokens>` placeholder."""
     open_, close = (GREEN, RESET) if use_color else ("[[", "]]")
     out, run, trained_run = [], [], False
+
+    def flush() -> None:
+        if not run:
+            return
+        if run[0] == image_token_id:
+            text = f"<image: {len(run)} tokens>"
+        else:
+            text = tokenizer.decode(run)
+        out.append(open_ + text + close if trained_run else text)
+        run.clear()
+
     for tid, label in zip(input_ids, labels):
         trained = label != IGNORE_INDEX
-        if run and trained != trained_run:
-            text = tokenizer.decode(run)
-            out.append(open_ + text + close if trained_run else text)
-            run = []
+        if run and (trained != trained_run or (int(tid) == image_token_id) != (run[0] == image_token_id)):
+            flush()
         run.append(int(tid))
         trained_run = trained
-    if run:
-        text = tokenizer.decode(run)
-        out.append(open_ + text + close if trained_run else text)
+    flush()
     return "".join(out)

@@ -7,6 +7,7 @@ and the model is a small Qwen2 built from a config with a fixed seed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -63,4 +64,67 @@ def save_tiny_model(out: str | Path, seed: int = 0, tokenizer=None, vocab_size: 
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    return out
+
+
+# Qwen2-VL's chat template, reduced to what the tests use: text and image parts of a message's content
+QWEN_VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_VL_SPECIALS = CHATML_SPECIALS + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
+    """A tiny config of a Qwen-VL family: the language model 64 wide (head 16, mrope sections 2+3+3), the vision
+    tower 32 wide, merging 2 x 2 patches into one image token."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIALS}
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048, rope_parameters=rope,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None, use_cache=False)
+    merge = dict(spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_heads=2)
+    if family == "qwen2_vl":
+        cls, vision = Qwen2VLConfig, dict(depth=vision_depth, embed_dim=32, hidden_size=64, mlp_ratio=2, patch_size=14,
+                                          in_chans=3, **merge)
+    elif family == "qwen2_5_vl":
+        cls, vision = Qwen2_5_VLConfig, dict(depth=vision_depth, hidden_size=32, intermediate_size=64, patch_size=14,
+                                             out_hidden_size=64, window_size=56,
+                                             fullatt_block_indexes=[vision_depth - 1], **merge)
+    elif family == "qwen3_vl":
+        text["head_dim"] = 16
+        rope["mrope_interleaved"] = True
+        cls, vision = Qwen3VLConfig, dict(depth=vision_depth, hidden_size=32, intermediate_size=64, patch_size=16,
+                                          out_hidden_size=64, num_position_embeddings=64,
+                                          deepstack_visual_indexes=list(range(min(2, vision_depth))), **merge)
+    else:
+        raise ValueError(f"unknown tiny vision-language family {family!r}")
+    return cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+               vision_end_token_id=ids["<|vision_end|>"], eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+
+
+def save_tiny_vlm(out: str | Path, seed: int = 0, layers: int = 2, vision_depth: int = 2,
+                  family: str = "qwen2_vl") -> Path:
+    """A randomly initialised tiny Qwen-VL model (vision tower, merger, language model: `family` qwen2_vl,
+    qwen2_5_vl or qwen3_vl) with the byte tokenizer and the family's image processor (small pictures: 4 to 16
+    image tokens each), as a Hugging Face folder."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = byte_tokenizer(QWEN_VL_TEMPLATE, QWEN_VL_SPECIALS)
+    config = _vlm_config(family, tok, layers, vision_depth)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    patch = config.vision_config.patch_size
+    side = patch * 2  # one image token per merged 2 x 2 patches
+    Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=side * side * 4, max_pixels=side * side * 16).save_pretrained(out)
     return out

@@ -7,19 +7,21 @@ checkpoint.py, the metric row and its sinks in metrics.py.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
-from shardtune import checkpoint, flops, parallel, remote
+from shardtune import checkpoint, evaluate, flops, parallel, preempt, remote
 from shardtune.config import Config, dump_yaml, notes, resolve_sources, to_dict
 from shardtune.data.chat import audit_totals
 from shardtune.data.dataset import CombinedDataset, build_dataset
 from shardtune.data.loader import RankLayout, StepBatch, StepLoader, planned_steps
 from shardtune.data.stream import SampleStream
 from shardtune.data.stream_mixture import MixedStream
+from shardtune.data.vision import pixels_for
 from shardtune.engine import build_engine
 from shardtune.metrics import Metrics, step_metrics
-from shardtune.model import load_tokenizer
+from shardtune.model import check_token_ids, load_tokenizer
 from shardtune.state import RNGState, TrainState, seed_everything
 
 
@@ -57,21 +59,26 @@ class Trainer:
         # without a world given: join the torchrun job of the environment, else one process on CUDA when present
         self.world = world or parallel.init_world(cfg.sp_size, cfg.engine.timeout_minutes)
         seed_everything(cfg.trainer.seed)
+        self.run_dir = cfg.run_dir
+        checkpoint.check_run_dir(self.run_dir)  # a run directory that cannot be written, before the data is read
         self.tokenizer = load_tokenizer(cfg.model)
         # data problems surface before anything is written to the run directory
         self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
-        self.run_dir = cfg.run_dir
+        check_token_ids(cfg.model, self.tokenizer, [d for d in (self.train_data, self.val_data) if d is not None])
+        self.eval_on = cfg.eval.freq != -1
+        self.eval_prompts = evaluate.load_prompts(cfg) if self.eval_on else []
+        self.scorer = evaluate.load_scorer(cfg.eval.scorer)
         checkpoint.fetch_remote_for_resume(cfg, self.run_dir, self.world)  # a requeued job on a new node
         # a wrong resume path, or another run's checkpoints, are reported before the run directory is touched
         resume_from = checkpoint.find_resume_path(self.run_dir, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
         checkpoint.check_fresh_start(self.run_dir, resume_from, cfg.checkpoint.load_contents)
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, self.run_dir / "config.yaml")
+        if resume_from is not None:
+            checkpoint.check_same_kind(resume_from, cfg.model, cfg.checkpoint.load_contents)
         w = self.world
         self.loader = StepLoader(self.train_data, cfg.data, RankLayout(w.dp_rank, w.dp_size, w.sp_rank, w.sp_size),
                                  seed=cfg.trainer.seed, packed=cfg.model.use_remove_padding,
-                                 pad_id=self.tokenizer.pad_token_id, pin_memory=w.device.type == "cuda")
+                                 pad_id=self.tokenizer.pad_token_id, pin_memory=w.device.type == "cuda",
+                                 pixels=pixels_for(self.tokenizer))
         self.total_steps = planned_steps(cfg.trainer.total_training_steps, cfg.trainer.total_epochs,
                                          self.loader.steps_per_epoch)
         seed_everything(cfg.trainer.seed)  # model init and dropout do not depend on how data was built
@@ -79,6 +86,9 @@ class Trainer:
         self.state = TrainState()
         parts = {**self.engine.checkpoint_parts(), "train": self.state, "loader": self.loader, "rng": RNGState()}
         self.resumed = checkpoint.load(resume_from, parts, w, cfg.checkpoint.load_contents) if resume_from else None
+        if w.is_main:  # only now: a resume that fails leaves the run's config.yaml as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
         self.last_saved = self.state.step
         trainer_cfg = cfg.trainer
         self.metrics = Metrics(self.run_dir, trainer_cfg.logger, w.is_main, self.total_steps, self.state.step,
@@ -90,6 +100,8 @@ class Trainer:
                                                     remote=remote.uploader(cfg, w, self._remote_saved))
         self.peak_flops = flops.device_peak_flops(w.device, self.engine.compute_dtype)
         self.history: list[dict[str, Any]] = []
+        self.stop_agreement = preempt.StopAgreement(w.distributed)
+        self.preempted = False  # stopped on SIGTERM (shardtune/preempt.py)
 
     # ------------------------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
@@ -97,9 +109,13 @@ class Trainer:
         ok = False
         try:
             if self.state.stopped_early:  # a relaunch of a run that already stopped early (e.g. a requeued job)
-                self.metrics.event("early_stop", step=self.state.step, best_val_loss=self.state.best_val,
-                                   note="already stopped")
+                self.metrics.event("early_stop", step=self.state.step, metric=self.cfg.trainer.early_stopping_metric,
+                                   best=self._best(), note="already stopped")
             else:
+                if self.eval_on and self.state.step == 0:  # the baseline the later evaluations are compared with
+                    baseline = self.evaluation()
+                    self._record_for_early_stopping(baseline)
+                    self._log(0, baseline)
                 self._loop()
             ok = True
         finally:
@@ -111,28 +127,71 @@ class Trainer:
         steps = iter(self.loader)
         try:
             while self.state.step < self.total_steps:  # checked before drawing, so the sampler stops there
+                if self.stop_agreement.stop():
+                    self.preempted = True
+                    break
                 t0 = time.perf_counter()
                 batch = next(steps)
                 metrics = self.train_step(batch, data_wait=time.perf_counter() - t0)
-                stop = False
                 if self.val_data is not None and (self._due(cadence.test_freq) or self._last_step()):
                     metrics.update(self.validation_losses())
-                    stop = self.state.record_validation(metrics["val/loss"], cadence.early_stopping_patience,
-                                                        cadence.early_stopping_min_delta)
-                self.metrics.log(self.state.step, metrics)
-                self.history.append({"step": self.state.step, **metrics})
+                if self.eval_on and (self._due(self.cfg.eval.freq) or self._last_step()):
+                    metrics.update(self.evaluation())
+                stop = self._record_for_early_stopping(metrics)
+                self._log(self.state.step, metrics)
                 self.checkpointer.poll()
                 if self._due(cadence.save_freq) and not self._last_step() and not stop:
                     self.save()
                 if stop:
                     self.state.stopped_early = True
-                    self.metrics.event("early_stop", step=self.state.step, best_val_loss=self.state.best_val)
+                    self.metrics.event("early_stop", step=self.state.step, metric=cadence.early_stopping_metric,
+                                       best=self._best())
                     break
         finally:
             steps = None  # releasing the loader's iterator stops its prefetch thread (also when the loop raised)
-        if self.state.step > self.last_saved:  # always a checkpoint after the last step
+        if self.preempted:
+            self._stop_for_preemption()
+        elif self.state.step > self.last_saved:  # always a checkpoint after the last step
             self.save(final=True)
         self.checkpointer.close()
+
+    def _stop_for_preemption(self) -> None:
+        saved = self.cfg.checkpoint.save_on_preempt and self.state.step > self.last_saved
+        if saved:
+            self.checkpointer.save(self.state.step)
+            self.checkpointer.wait()
+            self.last_saved = self.state.step
+        self.metrics.event("preempt", step=self.state.step, saved=saved)
+        if self.world.is_main:
+            what = (f"saved {checkpoint.step_dir(self.run_dir, self.state.step)}" if saved
+                    else "not saved: checkpoint.save_on_preempt=false" if not self.cfg.checkpoint.save_on_preempt
+                    else "its checkpoint was already saved")
+            print(f"shardtune: SIGTERM: stopped after step {self.state.step} ({what}); exit code {preempt.EXIT_CODE}. "
+                  "Run the same command again to resume.", file=sys.stderr, flush=True)
+
+    def _log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.metrics.log(step, metrics)
+        self.history.append({"step": step, **metrics})
+
+    def _record_for_early_stopping(self, metrics: dict[str, Any]) -> bool:
+        """Whether to stop: `trainer.early_stopping_metric` (val/loss, lower is better; eval/*, higher is better)
+        did not improve for `early_stopping_patience` of the times it was measured."""
+        cadence = self.cfg.trainer
+        name = cadence.early_stopping_metric
+        if name not in metrics:
+            return False
+        value = metrics[name] if name == "val/loss" else -metrics[name]  # the record keeps a value to minimise
+        return self.state.record_validation(value, cadence.early_stopping_patience, cadence.early_stopping_min_delta)
+
+    def _best(self) -> float:
+        best = self.state.best_val
+        return best if self.cfg.trainer.early_stopping_metric == "val/loss" else -best
+
+    def evaluation(self) -> dict[str, float]:
+        """`eval/*`: the prompts answered and scored (evaluate.py); the per-sample table goes to every sink."""
+        metrics, rows = evaluate.evaluate(self.engine, self.eval_prompts, self.cfg, self.world, self.scorer)
+        self.metrics.table(self.state.step, "eval/samples", rows)
+        return metrics
 
     def _remote_saved(self, info: dict[str, Any]) -> None:
         """A remote copy finished, failed (retried at the next save) or was skipped for a newer checkpoint."""
@@ -157,10 +216,12 @@ class Trainer:
         if self.resumed:
             skipped = checkpoint.incomplete_after(self.run_dir, self.state.step)
             self.metrics.event("resume", **self.resumed, data=self.loader.describe(),
-                               skipped_incomplete=[str(p) for p in skipped])
+                               skipped_incomplete=[str(p) for p, _ in skipped])
             if skipped:
-                self.metrics.event("warning", message="skipped checkpoint folders a crash left incomplete",
-                                   paths=[str(p) for p in skipped])
+                self.metrics.event("warning", message=f"resumed from the newest intact checkpoint "
+                                   f"(global_step_{self.state.step}), skipping newer ones: "
+                                   + "; ".join(f"{p.name} is {why}" for p, why in skipped),
+                                   paths=[str(p) for p, _ in skipped])
 
     def train_step(self, batch: StepBatch, data_wait: float = 0.0) -> dict[str, Any]:
         """One optimizer step; `data_wait` is how long the loop waited for `batch` (counted in the step time)."""

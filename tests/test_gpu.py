@@ -106,7 +106,8 @@ def test_fsdp2_on_one_gpu_matches_the_plain_bf16_forward(tiny_model):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from shardtune.parallel import World, apply_fsdp2, build_mesh
+    from shardtune.parallel import World, build_mesh
+    from shardtune.parallelize import apply_fsdp2
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -187,19 +187,21 @@ def test_an_empty_micro_batch_gives_zero_loss_and_defined_zero_gradients():
         assert t.grad is not None and not t.grad.any()
 
 
-def test_a_chunk_size_selects_the_chunked_head_even_with_liger(tiny_model):
+def test_a_chunk_size_selects_the_chunked_head_even_with_liger(tiny_model, monkeypatch):
     """Liger's fused loss serves only `loss_chunk_size=0`; with a chunk size the chunked head is used (Liger's
     tiny chunks made it the largest cost of a GPU step on a large vocabulary)."""
     from transformers import AutoModelForCausalLM
 
-    from shardtune.config import ModelConfig
+    from shardtune import parallelize
+    from shardtune.config import Config, ModelConfig
     from shardtune.loss import find_loss_head
-    from shardtune.model import prepare_for_training
+    from shardtune.parallel import World
 
+    monkeypatch.setattr(parallelize, "uses_liger", lambda cfg, world: True)  # as on a GPU with liger-kernel
     for chunk, liger_loss in ((64, False), (0, True)):
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
-        cfg = ModelConfig(path=str(tiny_model), loss_chunk_size=chunk, use_liger=True)
-        head = find_loss_head(prepare_for_training(model, cfg, use_liger=True, liger_layers=False))
+        cfg = Config(model=ModelConfig(path=str(tiny_model), loss_chunk_size=chunk, use_liger=True))
+        head = find_loss_head(parallelize.add_loss_head(model, cfg, World()))
         assert (head.use_liger, head.chunk_size) == (liger_loss, chunk)
 
 

@@ -27,15 +27,57 @@ class Override:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=[x,y]"]` -> `{"a.b": Override("1", 1), "c": Override("[x,y]", ["x", "y"])}`."""
+    """`["a.b=1", "c=[x,y]"]` -> `{"a.b": Override("1", 1), "c": Override("[x,y]", ["x", "y"])}`. A key given
+    twice takes the last value, as verl's command lines expect (`repeated_overrides` says so)."""
     out: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip().lstrip("+")
         if not sep or not key:
             raise ConfigError(f"Cannot parse the override '{item}'. Fix: write it as key=value, e.g. optim.lr=2e-5.")
+        out.pop(key, None)  # the last one given keeps its place
         out[key] = Override(raw, _parse_value(raw))
     return out
+
+
+def _by_key(overrides: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in overrides:
+        out.setdefault(item.partition("=")[0].strip().lstrip("+"), []).append(item)
+    return out
+
+
+def repeated_overrides(overrides: list[str]) -> str | None:
+    """The note to show once when a key is given twice on the command line (the last value wins), else None."""
+    repeated = {k: [i.partition("=")[2] for i in v] for k, v in _by_key(overrides).items() if len(v) > 1}
+    if not repeated:
+        return None
+    said = "; ".join(f"{k}={' then '.join(v)} (uses {v[-1]})" for k, v in repeated.items())
+    return f"a key given more than once on the command line takes its last value: {said}."
+
+
+def last_of_each(overrides: list[str]) -> list[str]:
+    """The overrides with every key's earlier values dropped (what `parse_overrides` keeps), in their order."""
+    last = {item.partition("=")[0].strip().lstrip("+"): i for i, item in enumerate(overrides)}
+    return [overrides[i] for i in sorted(last.values())]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently: a section written twice would lose the first one's keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"Config file '{key_node.start_mark.name}': the key '{key}' is written twice, on "
+                                  f"line {seen[key]} and line {line}; YAML would keep only the second. Fix: merge "
+                                  "the two into one.")
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep)
 
 
 def _parse_value(raw: str) -> Any:
@@ -64,7 +106,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"Config file '{path}' does not exist. Fix: pass the path of a YAML file.")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            with p.open() as f:
+                tree = yaml.load(f, Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
         if not isinstance(tree, dict):

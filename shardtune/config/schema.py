@@ -21,6 +21,8 @@ class DataConfig:
     messages_key: str = "messages"
     tools_key: str = "tools"
     enable_thinking_key: str = "enable_thinking"
+    image_key: str = "images"  # the column of a row's pictures, matched in order to its <image> placeholders
+    video_key: str = "videos"  # the column of a row's videos (refused: videos are not trained yet)
     prompt_key: str = "prompt"
     response_key: str = "response"
     prompt_dict_keys: list[str] = field(default_factory=list)
@@ -45,6 +47,10 @@ class DataConfig:
     micro_batch_size_per_gpu: int = 4
     use_dynamic_bsz: bool = False  # micro-batches by token budget instead of by count
     max_token_len_per_gpu: int = 8192  # the token budget of one micro-batch on one rank
+    # > 0: each packed micro-batch is padded (a dummy sequence, untrained, outside the loss normalisation) up to a
+    # multiple of this many tokens, rounded up to a multiple of the sequence-parallel size, so compiled kernels
+    # see few shapes; 0 = off. Needs packed rows (model.use_remove_padding=true)
+    pad_to_length_bucket: int = 0
     shuffle: bool = True
     drop_last: bool = False
     # read, tokenize and shuffle training rows as they are trained (data/stream.py) instead of tokenizing and
@@ -71,6 +77,7 @@ class ModelConfig:
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank (peft), base weights frozen
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    use_dora: bool = False  # weight-decomposed LoRA (DoRA, peft's use_dora): a magnitude vector per adapted weight
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     exclude_modules: list[str] = field(default_factory=list)
     lora_adapter_path: str | None = None  # continue training this adapter (a peft folder)
@@ -78,6 +85,10 @@ class ModelConfig:
     # lm_head + cross_entropy over full logits); see shardtune/loss.py
     loss_chunk_size: int = 0
     use_liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA
+    # vision-language models: which parts train (verl's model.lora.freeze_* names); frozen parts get no gradient
+    freeze_vision_model: bool = True  # the vision tower (patch embedding and blocks)
+    freeze_vision_projection: bool = True  # the projector/merger from vision features into the language model
+    freeze_language_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     num_cycles: float = 0.5
     wsd_decay_ratio: float = 0.1  # fraction of the steps spent decaying at the end of a wsd schedule
+    # ce: cross-entropy; dft: each token's cross-entropy scaled by its detached probability (Dynamic Fine-Tuning)
+    loss_type: Literal["ce", "dft"] = "ce"
+    # false: the schedule counts optimizer steps from 1 (step i takes the rate a 0-based schedule gives step i+1)
+    zero_indexed_step: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,8 @@ class TrainerConfig:
     seed: int = 42
     early_stopping_patience: int = 0  # validations without improvement before stopping; 0 = off
     early_stopping_min_delta: float = 0.0
+    # the metric early stopping watches: val/loss (lower is better) or an eval/* score (higher is better)
+    early_stopping_metric: str = "val/loss"
     progress_bar: bool = True
 
 
@@ -158,6 +175,21 @@ class CheckpointConfig:
     save_contents: list[CHECKPOINT_CONTENTS] = field(default_factory=lambda: ["model", "optimizer", "extra"])
     load_contents: list[CHECKPOINT_CONTENTS] | None = None  # null = everything that was saved
     async_save: bool = False  # write DCP shards in the background while training continues
+    save_on_preempt: bool = True  # on SIGTERM: finish the step, save, exit with code 143 (shardtune/preempt.py)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Generation-based evaluation during training (shardtune/evaluate.py)."""
+
+    freq: int | Literal["after_each_epoch"] = -1  # -1 = off; else every N steps (and after the last step)
+    # prompt rows in any data format: the conversation up to its last assistant turn is the prompt, that
+    # turn's text the reference; empty = data.val_files
+    files: list[str] = field(default_factory=list)
+    max_samples: int = 100  # the first N prompts (-1 = all)
+    max_new_tokens: int = 256
+    batch_size: int = 16  # prompts per generate call on one rank
+    scorer: str | None = None  # module:function(answer=, reference=, messages=) -> float | {name: float}
 
 
 @dataclass(frozen=True)
@@ -168,6 +200,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # verl's legacy spelling of engine.ulysses_sequence_parallel_size (the larger of the two wins)
     ulysses_sequence_parallel_size: int = 1
 

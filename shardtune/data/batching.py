@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shardtune.batch import IGNORE_INDEX, MicroBatch, supervised_count
+from shardtune.batch import IGNORE_INDEX, MicroBatch, VisionInputs, supervised_count
 from shardtune.config import DataConfig
-from shardtune.errors import ConfigError
+from shardtune.errors import ConfigError, DataError
 
 # rank -> micro-batch -> positions in the global batch: every data-parallel rank's micro-batches for one step
 MicroBatchPlan = list[list[list[int]]]
@@ -199,8 +199,21 @@ def plan_micro_batches(indices: np.ndarray, lengths: np.ndarray, dp_size: int, c
     return equalize_micro_batch_counts([split_heaviest(p, n, lengths) for p in plans])
 
 
-def collate(samples: list[tuple[Any, Any]], packed: bool, pad_id: int) -> MicroBatch:
-    """Sequences (input_ids, labels) -> one packed row (padding-free) or a right-padded batch."""
+def collate(samples: list[tuple[Any, ...]], packed: bool, pad_id: int,
+            pixels: Callable[[list[bytes]], dict[str, torch.Tensor]] | None = None) -> MicroBatch:
+    """Sequences (input_ids, labels[, pictures]) -> one packed row (padding-free) or a right-padded batch; the
+    pictures of all sequences become the micro-batch's vision tensors (`pixels`: the image processor)."""
+    mb = _collate_tokens(samples, packed, pad_id)
+    pictures = [list(s[2]) if len(s) > 2 else [] for s in samples]
+    if any(pictures):
+        if pixels is None:
+            raise DataError("The data holds pictures, and the model folder has no image processor. Fix: train a "
+                            "vision-language model folder (with preprocessor_config.json).")
+        mb.vision = VisionInputs(pixels([p for ps in pictures for p in ps]), [len(ps) for ps in pictures])
+    return mb
+
+
+def _collate_tokens(samples: list[tuple[Any, ...]], packed: bool, pad_id: int) -> MicroBatch:
     if not samples:  # an empty micro-batch: one pad token with no target
         samples = [(np.array([pad_id]), np.array([IGNORE_INDEX]))]
         real = 0
@@ -234,6 +247,29 @@ def _shift(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pad_to_bucket(mb: MicroBatch, bucket: int, sp: int, pad_id: int) -> MicroBatch:
+    """A packed row padded up to a multiple of `bucket` tokens (rounded up to a multiple of `sp`, so the
+    sequence-parallel split adds nothing), so compiled kernels see few distinct shapes. The padding is a
+    separate dummy sequence of pad tokens with no targets: it attends to nothing real and is not counted in
+    the loss normalisation (num_targets is unchanged)."""
+    assert mb.cu_seqlens is not None, "bucket padding needs packed rows"
+    step = -(-bucket // sp) * sp
+    return _append_dummy(mb, -mb.input_ids.shape[1] % step, pad_id)
+
+
+def _append_dummy(mb: MicroBatch, pad: int, pad_id: int) -> MicroBatch:
+    """`mb` with `pad` pad tokens appended to its packed row as a sequence of their own, with no targets."""
+    if not pad:
+        return mb
+    total = mb.input_ids.shape[1]
+    ids = torch.cat([mb.input_ids, torch.full((1, pad), pad_id, dtype=mb.input_ids.dtype)], dim=1)
+    targets = torch.cat([mb.targets, torch.full((1, pad), IGNORE_INDEX, dtype=mb.targets.dtype)], dim=1)
+    positions = torch.cat([mb.position_ids, torch.arange(pad)[None]], dim=1)
+    cu = torch.cat([mb.cu_seqlens, torch.tensor([total + pad], dtype=mb.cu_seqlens.dtype)])
+    return MicroBatch(ids, targets, positions, None, cu, max(mb.max_seqlen, pad), mb.num_tokens, mb.num_targets,
+                      mb.num_padded + pad, mb.seq_lengths, mb.vision)
+
+
 def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: int) -> MicroBatch:
     """This rank's 1/sp slice of a packed row for Ulysses sequence parallelism.
 
@@ -242,17 +278,12 @@ def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: i
     whole padded row: attention runs over all positions after the all-to-all.
     """
     assert mb.cu_seqlens is not None, "sequence parallelism needs packed rows"
-    total = mb.input_ids.shape[1]
-    pad = -total % sp
-    ids, targets, positions, cu = mb.input_ids, mb.targets, mb.position_ids, mb.cu_seqlens
-    if pad:
-        ids = torch.cat([ids, torch.full((1, pad), pad_id, dtype=ids.dtype)], dim=1)
-        targets = torch.cat([targets, torch.full((1, pad), IGNORE_INDEX, dtype=targets.dtype)], dim=1)
-        positions = torch.cat([positions, torch.arange(pad)[None]], dim=1)
-        cu = torch.cat([cu, torch.tensor([total + pad], dtype=cu.dtype)])
-    width = (total + pad) // sp
+    mb = _append_dummy(mb, -mb.input_ids.shape[1] % sp, pad_id)
+    width = mb.input_ids.shape[1] // sp
     part = slice(sp_rank * width, (sp_rank + 1) * width)
-    local_targets = targets[:, part]
-    return MicroBatch(ids[:, part], local_targets, positions[:, part], None, cu, max(mb.max_seqlen, pad),
-                      mb.num_tokens, int((local_targets != IGNORE_INDEX).sum()), mb.num_padded + pad,
-                      mb.seq_lengths)
+    local_targets = mb.targets[:, part]
+    # pictures: the whole row's tokens travel too (their features are placed into the whole row's embeddings,
+    # which are split before the language model: shardtune/vision.py)
+    return MicroBatch(mb.input_ids[:, part], local_targets, mb.position_ids[:, part], None, mb.cu_seqlens,
+                      mb.max_seqlen, mb.num_tokens, int((local_targets != IGNORE_INDEX).sum()), mb.num_padded,
+                      mb.seq_lengths, mb.vision, mb.input_ids if mb.vision is not None else None)

@@ -6,6 +6,8 @@
             offsets.npy                  int64, n + 1 sample boundaries within the shard
             num_targets.npy              int64, supervised next-token targets per sample
             stats.json                   rows read/kept, drops by reason, truncations, mask audit counters
+            images.bin, image_offsets.npy  only when a sample has pictures: their encoded bytes concatenated,
+            sample_images.npy            and n_images + 1 byte boundaries, n + 1 image boundaries per sample
         lengths.npy, num_targets.npy     int64 per sample over all shards (read every step by the planner)
         meta.json                        the index: shards in order and the totals; written last
 
@@ -29,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shardtune.config import DataConfig
+from shardtune.data import vision
 from shardtune.data.readers import files_fingerprint
 
 CACHE_VERSION = 4  # 2: sharded cache; 3: loss masks from sentinel renders (append_eos, ...); 4: closed_by_eos audited
@@ -44,6 +47,16 @@ class Shard(NamedTuple):
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE_INDEX where not trained
     offsets: np.ndarray  # int64, n + 1 sample boundaries into the two arrays above
+    images: np.ndarray | None = None  # uint8, the encoded pictures concatenated (memory-mapped)
+    image_offsets: np.ndarray | None = None  # int64, n_images + 1 byte boundaries into `images`
+    sample_images: np.ndarray | None = None  # int64, n + 1 boundaries: sample i has images [a, b)
+
+    def images_of(self, j: int) -> list[bytes]:
+        """The encoded pictures of the shard's sample j (none for a text shard)."""
+        if self.sample_images is None:
+            return []
+        a, b = int(self.sample_images[j]), int(self.sample_images[j + 1])
+        return [bytes(self.images[self.image_offsets[k]:self.image_offsets[k + 1]]) for k in range(a, b)]
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,8 @@ def cache_key(paths: list[str], cfg: DataConfig, tokenizer_fingerprint: str, tem
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256((text + repr(sorted(tokenizer.special_tokens_map.items()))).encode()).hexdigest()
+    text += repr(sorted(tokenizer.special_tokens_map.items())) + vision.fingerprint(tokenizer)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def is_complete(folder: Path) -> bool:
@@ -120,18 +134,37 @@ class ShardWriter:
         self.lengths: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         self.stats: dict[str, Any] = {}
+        self.images: Any = None  # opened at the first picture
+        self.image_sizes: list[int] = []
+        self.images_per_sample: list[int] = []
 
     def append(self, ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, targets: np.ndarray,
-               stats: dict[str, Any]) -> None:
+               stats: dict[str, Any], images: list[list[bytes]] | None = None) -> None:
         self.ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
         self.labels.write(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
         self.lengths.append(np.asarray(lengths, dtype=np.int64))
         self.targets.append(np.asarray(targets, dtype=np.int64))
         add_stats(self.stats, stats)
+        for pictures in images or [[] for _ in range(len(lengths))]:
+            if pictures and self.images is None:
+                self.images = open(self.tmp / "images.bin", "wb")  # closed by close() or abort()
+            for picture in pictures:
+                self.images.write(picture)
+                self.image_sizes.append(len(picture))
+            self.images_per_sample.append(len(pictures))
+
+    def _close_images(self) -> None:
+        if self.images is None:
+            return
+        self.images.close()
+        np.save(self.tmp / "image_offsets.npy", np.concatenate([[0], np.cumsum(self.image_sizes, dtype=np.int64)]))
+        np.save(self.tmp / "sample_images.npy",
+                np.concatenate([[0], np.cumsum(self.images_per_sample, dtype=np.int64)]))
 
     def close(self) -> None:
         self.ids.close()
         self.labels.close()
+        self._close_images()
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -148,6 +181,8 @@ class ShardWriter:
     def abort(self) -> None:
         self.ids.close()
         self.labels.close()
+        if self.images is not None:
+            self.images.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -189,9 +224,12 @@ def read_index(folder: Path) -> tuple[list[Shard], np.ndarray, np.ndarray, dict[
         if t["samples"] == 0:  # every row of the shard dropped: nothing to map
             continue
         shard = folder / t["name"]
+        pictures = ((np.memmap(shard / "images.bin", dtype=np.uint8, mode="r"),
+                     np.load(shard / "image_offsets.npy"), np.load(shard / "sample_images.npy"))
+                    if (shard / "images.bin").is_file() else ())
         shards.append(Shard(np.memmap(shard / "input_ids.bin", dtype=np.int32, mode="r"),
                             np.memmap(shard / "labels.bin", dtype=np.int32, mode="r"),
-                            np.load(shard / "offsets.npy", mmap_mode="r")))
+                            np.load(shard / "offsets.npy", mmap_mode="r"), *pictures))
     lengths = np.load(folder / "lengths.npy", mmap_mode="r")
     targets = np.load(folder / "num_targets.npy", mmap_mode="r")
     return shards, lengths, targets, meta["stats"]

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from jinja2 import TemplateSyntaxError
+from transformers.utils.chat_template_utils import _compile_jinja_template
+
 from shardtune.batch import IGNORE_INDEX
 from shardtune.data.template import TemplateView
 from shardtune.data.turns import Tokens, turn_spans
@@ -117,13 +120,21 @@ def resolve_chat_template(spec: str | None, tokenizer: Any) -> str:
         template = tokenizer.chat_template
         if not template:
             raise DataError("The tokenizer has no chat template. Fix: set data.chat_template (a Jinja string or file).")
-        return template if isinstance(template, str) else template.get("default", next(iter(template.values())))
-    if ("{%" not in spec and "{{" not in spec):
+        template = template if isinstance(template, str) else template.get("default", next(iter(template.values())))
+        origin = f"the tokenizer's chat template (tokenizer_config.json / chat_template.jinja of {tokenizer.name_or_path})"
+    elif "{%" not in spec and "{{" not in spec:
         path = Path(os.path.expanduser(spec))
         if not path.is_file():
             raise DataError(f"data.chat_template='{spec}' is neither a Jinja template nor an existing file.")
-        return path.read_text()
-    return spec
+        template, origin = path.read_text(), f"the chat template {path} (data.chat_template)"
+    else:
+        template, origin = spec, "the chat template given in data.chat_template"
+    try:  # a syntax error is the template's, not the first row's
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as e:
+        raise DataError(f"{origin} is not valid Jinja: {e.message} (line {e.lineno}). Fix: correct the template, "
+                        "or set data.chat_template to one that works.") from None
+    return template
 
 
 def _trained_turns(messages: list[dict[str, Any]], train_on_turns: str) -> list[int]:

@@ -10,9 +10,12 @@ folder that is removed once mapped, so memory stays bounded either way.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +71,14 @@ class TokenizedDataset:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple:
+        """(input_ids, labels), and the encoded pictures as a third item when the sample has any."""
         k = 0 if len(self.shards) == 1 else int(np.searchsorted(self._first, i, side="right")) - 1
         shard, j = self.shards[k], i - int(self._first[k])
         a, b = shard.offsets[j], shard.offsets[j + 1]
-        return shard.input_ids[a:b], shard.labels[a:b]
+        pictures = shard.images_of(j)
+        return (shard.input_ids[a:b], shard.labels[a:b], pictures) if pictures else (shard.input_ids[a:b],
+                                                                                      shard.labels[a:b])
 
     def num_targets(self, indices: np.ndarray | list[int]) -> int:
         """Supervised next-token targets of these samples (labels after each sample's first token)."""
@@ -183,16 +189,35 @@ def build_source(source: Source, tokenizer: Any, progress: bool = True, shard_ro
 
 def _tokenized(source: Source, paths: list[str], folder: Path, tokenizer: Any, template: str, progress: bool,
                shard_rows: int) -> TokenizedDataset:
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder)
     cfg = source.data
-    rows = read_rows(paths, source.max_samples, skip_bad=cfg.on_bad_row == "skip")
-    specs = tokenize_to_shards(rows, folder, cfg, tokenizer, template, shard_rows, complete_shards(folder), progress)
-    stats = write_index(folder, specs)
+    with _cache_errors(folder, cfg.cache_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+        rows = read_rows(paths, source.max_samples, skip_bad=cfg.on_bad_row == "skip")
+        specs = tokenize_to_shards(rows, folder, cfg, tokenizer, template, shard_rows, complete_shards(folder),
+                                   progress)
+        stats = write_index(folder, specs)
     if not stats.get("samples"):
         raise DataError(f"No usable rows in {paths} (dropped: {stats.get('dropped', {})}). "
                         "Fix: check the data format keys and data.max_length.")
     return _loaded(folder, cache_hit=False)
+
+
+@contextlib.contextmanager
+def _cache_errors(folder: Path, cache_dir: str | None) -> Iterator[None]:
+    """The cache folder cannot be made or written (a file in its place, no permission, a full disk): one
+    message naming it, instead of the OSError of whichever write hit it. Completed shards stay usable."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename and not str(e.filename).startswith(str(folder.parents[1])):  # not the cache's own file
+            raise
+        where = f"data.cache_dir='{cache_dir}'" if cache_dir else "a temporary folder (data.cache_dir=null)"
+        problem = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise DataError(f"Writing the tokenized data to {folder} ({where}) failed: {problem}"
+                        f"{f' ({e.filename})' if e.filename else ''}. Fix: free space, or set data.cache_dir to a "
+                        "folder this user may write on a disk with room; the shards already written are kept and "
+                        "reused.") from None
 
 
 def _loaded(folder: Path, cache_hit: bool) -> TokenizedDataset:

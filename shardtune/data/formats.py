@@ -115,7 +115,14 @@ def _clean_message(row: Row, key: str, i: int, m: Any) -> dict[str, Any]:
         raise row_error(row.path, row.index, f"{where}.train", f"expected true/false, got {m['train']!r}",
                         "use a boolean or drop the key")
     if "tool_calls" in m:
-        m["tool_calls"] = [_clean_tool_call(row, f"{where}.tool_calls[{j}]", c) for j, c in enumerate(m["tool_calls"])]
+        calls = m["tool_calls"]
+        if isinstance(calls, str):
+            calls = _json_or_error(row, f"{where}.tool_calls", calls)
+        if not isinstance(calls, list):
+            raise row_error(row.path, row.index, f"{where}.tool_calls", f"expected a list of tool calls, got "
+                            f"{type(calls).__name__}", "store [{type, function: {name, arguments}}, ...] (a one-call "
+                            "list for a single call), or set data.on_bad_row=skip to drop such rows")
+        m["tool_calls"] = [_clean_tool_call(row, f"{where}.tool_calls[{j}]", c) for j, c in enumerate(calls)]
     return m
 
 
@@ -126,12 +133,15 @@ def _clean_tool_call(row: Row, where: str, call: Any) -> dict[str, Any]:
         raise row_error(row.path, row.index, where, "expected a tool call object", "use {type, function: {name, arguments}}")
     call = {k: v for k, v in call.items() if v is not None}
     fn = call.get("function")
-    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-        # templates render `arguments | tojson`: a JSON string would come out double-encoded
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str) and fn["arguments"].strip():
+        # templates render `arguments | tojson`: a JSON string would come out double-encoded; one that is not
+        # JSON at all (cut off, single quotes) would be trained as a broken call
         try:
             parsed = json.loads(fn["arguments"])
-        except json.JSONDecodeError:
-            parsed = None
+        except json.JSONDecodeError as e:
+            raise row_error(row.path, row.index, f"{where}.function.arguments", f"the string is not valid JSON "
+                            f"({e.msg} at character {e.pos})", "store the arguments as a JSON object (or a JSON "
+                            "string of one), or set data.on_bad_row=skip to drop such rows") from None
         if isinstance(parsed, dict):
             call["function"] = {**fn, "arguments": parsed}
     return call

@@ -34,6 +34,7 @@ from shardtune.data.batching import (
     MicroBatchPlan,
     StepSampler,
     collate,
+    pad_to_bucket,
     plan_micro_batches,
     slice_for_sequence_parallel,
 )
@@ -139,9 +140,11 @@ class SampledBatches:
 
 class StepLoader:
     def __init__(self, data: CombinedDataset | SampleStream | MixedStream, cfg: DataConfig, layout: RankLayout, *,
-                 seed: int, packed: bool, pad_id: int, pin_memory: bool = False):
+                 seed: int, packed: bool, pad_id: int, pin_memory: bool = False,
+                 pixels: Callable[[list[bytes]], dict[str, Any]] | None = None):
         self.cfg, self.layout = cfg, layout
         self.packed, self.pad_id, self.pin = packed, pad_id, pin_memory
+        self.pixels = pixels  # pictures -> the image processor's tensors (vision-language models)
         self.batches = SampledBatches(data, cfg, seed) if isinstance(data, CombinedDataset) else data
 
     @property
@@ -162,17 +165,26 @@ class StepLoader:
                                    padded=not self.packed)
         ready = []
         for micro in plans[self.layout.dp_rank]:
-            mb = collate([sample(p) for p in micro], self.packed, self.pad_id)
+            mb = collate([sample(p) for p in micro], self.packed, self.pad_id, self.pixels)
+            if self.packed and self.cfg.pad_to_length_bucket:
+                mb = pad_to_bucket(mb, self.cfg.pad_to_length_bucket, self.layout.sp_size, self.pad_id)
             if self.layout.sp_size > 1:
                 mb = slice_for_sequence_parallel(mb, self.layout.sp_size, self.layout.sp_rank, self.pad_id)
             ready.append(mb.pin_memory() if self.pin else mb)
         return plans, ready
 
+    def _bucket_padding(self, lengths: np.ndarray, plans: MicroBatchPlan) -> int:
+        """Pad tokens data.pad_to_length_bucket adds to every rank's packed micro-batches (see pad_to_bucket)."""
+        if not self.cfg.pad_to_length_bucket:
+            return 0
+        step = -(-self.cfg.pad_to_length_bucket // self.layout.sp_size) * self.layout.sp_size
+        return sum(-int(lengths[m].sum()) % step for plan in plans for m in plan if m)
+
     def prepare(self, drawn: GlobalBatch) -> StepBatch:
         lengths = drawn.lengths
         plans, ready = self.micro_batches(lengths, drawn.sample)
-        padded = 0 if self.packed else sum(len(m) * int(lengths[m].max()) - int(lengths[m].sum())
-                                           for plan in plans for m in plan if m)
+        padded = self._bucket_padding(lengths, plans) if self.packed else sum(
+            len(m) * int(lengths[m].max()) - int(lengths[m].sum()) for plan in plans for m in plan if m)
         return StepBatch(drawn, plans, ready, int(drawn.target_counts.sum()), padded)
 
     def __iter__(self) -> Iterator[StepBatch]:

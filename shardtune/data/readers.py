@@ -81,10 +81,12 @@ def expand_paths(spec: str | list[str]) -> list[str]:
             matches = sorted(glob.glob(s, recursive=True))
             if not matches:
                 raise DataError(f"No file matches the pattern '{s}'. Fix: check data.train_files/data.val_files.")
+            check_links(matches, f"The pattern '{s}'")
             out += matches
         elif os.path.exists(s):
             out.append(s)
         else:
+            check_links([s], "data.train_files/data.val_files")
             raise DataError(f"Data file '{s}' does not exist. Fix: check the path in data.train_files/data.val_files.")
     return out
 
@@ -96,7 +98,17 @@ def data_files(spec: str | list[str]) -> list[str]:
 
 def open_file(path: str) -> IO[bytes]:
     """The binary file behind `path`, local or an fsspec URL (every reader opens files through here)."""
-    return remote.open_data(path) if remote.is_url(path) else open(path, "rb")
+    if remote.is_url(path):
+        return remote.open_data(path)
+    try:
+        return open(path, "rb")
+    except OSError as e:  # no read permission, a folder where a file was listed, ...
+        raise unreadable(path, e) from None
+
+
+def unreadable(path: str, e: OSError) -> DataError:
+    return DataError(f"Data file '{path}' cannot be read ({e.strerror or e}). Fix: check that the file exists and "
+                     "that this user may read it (ls -l; chmod/chown).")
 
 
 def read_rows(paths: list[str], max_rows: int = -1, skip_bad: bool = False) -> Iterator[Row]:
@@ -115,7 +127,7 @@ def read_file(path: str, skip_bad: bool = False, start: Start = Start()) -> Iter
     if _is_local_dir(path):
         yield from _skip_to(start.row, _read_folder(path, skip_bad))
         return
-    if (remote.size(path) if remote.is_url(path) else os.path.getsize(path)) == 0:
+    if (remote.size(path) if remote.is_url(path) else _local_size(path)) == 0:
         raise DataError(f"Data file '{path}' is empty. Fix: point data.train_files at a file with rows.")
     suffix = PurePosixPath(path).suffix.lower()
     if suffix == ".parquet":
@@ -153,6 +165,13 @@ def reread(path: str, places: list[Start], skip_bad: bool = False) -> dict[int, 
             if len(out) == len(wanted):
                 break
     return out
+
+
+def _local_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise unreadable(path, e) from None
 
 
 def _is_local_dir(path: str) -> bool:
@@ -249,12 +268,47 @@ def folder_files(path: str) -> list[str]:
     listed in state.json), else the data files directly in it, by name (the rule remote folders follow too)."""
     state_file = Path(path) / "state.json"
     if state_file.is_file():
-        return [str(Path(path) / entry["filename"]) for entry in json.loads(state_file.read_text()).get("_data_files", [])]
-    files = sorted(f for f in Path(path).iterdir() if f.is_file() and f.name.endswith(remote.DATA_SUFFIXES))
+        return _saved_dataset_files(state_file)
+    try:
+        entries = sorted(Path(path).iterdir())
+    except OSError as e:
+        raise DataError(f"Data folder '{path}' cannot be listed ({e.strerror or e}). Fix: check that this user may "
+                        "read it (ls -ld; chmod/chown).") from None
+    named = [f for f in entries if f.name.endswith(remote.DATA_SUFFIXES)]
+    check_links([str(f) for f in named], f"Data folder '{path}'")
+    files = [f for f in named if f.is_file()]
     if not files:
         raise DataError(f"Data folder '{path}' is neither a datasets save_to_disk folder (no state.json) "
                         "nor a folder of parquet/jsonl/json files.")
     return [str(f) for f in files]
+
+
+def _saved_dataset_files(state_file: Path) -> list[str]:
+    """The Arrow files a save_to_disk folder's state.json lists, each checked to be there."""
+    fix = "write the folder again with datasets.Dataset.save_to_disk (or point data.train_files at its data files)"
+    try:
+        entries = json.loads(state_file.read_text())["_data_files"]
+        names = [entry["filename"] for entry in entries]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{state_file} is not valid JSON ({e}). Fix: {fix}.") from None
+    except (KeyError, TypeError):
+        raise DataError(f"{state_file} does not list the folder's files (_data_files: [{{filename}}, ...]) as "
+                        f"datasets writes it. Fix: {fix}.") from None
+    files = [str(state_file.parent / name) for name in names]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DataError(f"{state_file} lists {len(missing)} file(s) that are not there: {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}. Fix: copy the whole folder again, or {fix}.")
+    return files
+
+
+def check_links(paths: list[str], where: str) -> None:
+    """Refuse symlinks whose target is gone: reading the rest without a word would train on part of the data."""
+    dangling = [p for p in paths if os.path.islink(p) and not os.path.exists(p)]
+    if dangling:
+        raise DataError(f"{where} holds {len(dangling)} symlink(s) to files that do not exist: "
+                        f"{', '.join(dangling[:5])}{' ...' if len(dangling) > 5 else ''}. Fix: restore their targets, "
+                        "or remove the links.")
 
 
 def _read_folder(path: str, skip_bad: bool) -> Iterator[Row]:

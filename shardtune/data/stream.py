@@ -39,13 +39,14 @@ from shardtune.data.batching import GlobalBatch
 from shardtune.data.chat import resolve_chat_template
 from shardtune.data.readers import Start, data_files, read_file, reread
 from shardtune.data.tokenize import FileFormats, tokenize_row
+from shardtune.data.vision import images_of
 from shardtune.errors import ConfigError, DataError
 
 # how a refused resume can still continue the weights
 CONTINUE_WEIGHTS = ("to continue the weights on other data, start a new trainer.default_local_dir with "
                     "trainer.resume_from_path=<that checkpoint> and checkpoint.load_contents=[model,optimizer] "
                     "(data, schedule and step count start over)")
-Sample = tuple[np.ndarray, np.ndarray]  # (input_ids, labels), int32
+Sample = tuple  # (input_ids, labels) int32 arrays[, the sample's encoded pictures]
 Ref = tuple[int, int, int, int, int]  # (file, row, byte offset, line, sample of the row): where a sample came from
 
 
@@ -243,8 +244,8 @@ class SampleStream:
                            dict(rows.dropped))
 
     def _global_batch(self, samples: list[Sample], state: StreamState, last: bool) -> GlobalBatch:
-        lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
-        targets = np.array([supervised_count(labels) for _, labels in samples], dtype=np.int64)
+        lengths = np.array([len(s[0]) for s in samples], dtype=np.int64)
+        targets = np.array([supervised_count(s[1]) for s in samples], dtype=np.int64)
         after = self._epoch_start(state.epoch + 1, state.formats) if last else state
         return GlobalBatch(state.epoch, state.step_in_epoch - 1, lengths, targets, np.zeros(len(samples), np.int64),
                            samples.__getitem__, last, sum(state.dropped.values()), position=after)
@@ -333,4 +334,8 @@ class _Rows:
 
 
 def _arrays(tok: Any) -> Sample:
-    return np.asarray(tok.input_ids, dtype=np.int32), np.asarray(tok.labels, dtype=np.int32)
+    """(input_ids, labels) as int32 arrays, and the sample's encoded pictures when it has any (the buffer holds
+    a picture only while its sample waits there)."""
+    arrays = np.asarray(tok.input_ids, dtype=np.int32), np.asarray(tok.labels, dtype=np.int32)
+    pictures = images_of(tok)
+    return (*arrays, list(pictures)) if pictures else arrays

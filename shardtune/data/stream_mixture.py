@@ -102,8 +102,8 @@ class MixedStream:
             states = tuple(c.snapshot() for c in cursors)
             after = self._epoch(states)
             step += 1
-            lengths = np.array([len(ids) for ids, _ in samples], dtype=np.int64)
-            targets = np.array([supervised_count(labels) for _, labels in samples], dtype=np.int64)
+            lengths = np.array([len(s[0]) for s in samples], dtype=np.int64)
+            targets = np.array([supervised_count(s[1]) for s in samples], dtype=np.int64)
             sources = np.repeat(np.arange(len(cursors), dtype=np.int64), counts)
             dropped = sum(sum(s.dropped.values()) for s in states)
             yield GlobalBatch(epoch, step - 1, lengths, targets, sources, samples.__getitem__, after > epoch,

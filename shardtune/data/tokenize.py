@@ -24,13 +24,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from shardtune.batch import supervised_count, supervised_counts
+from shardtune.batch import IGNORE_INDEX, supervised_count, supervised_counts
 from shardtune.config import DataConfig
 from shardtune.data.cache import ShardSpec, ShardWriter
 from shardtune.data.chat import MaskOptions, TemplateMismatch, Tokenized, conversation_samples
 from shardtune.data.formats import detect_format, to_conversation
+from shardtune.data.media import place_images, row_has_media
 from shardtune.data.readers import Row
-from shardtune.errors import DataError
+from shardtune.data.vision import image_processing, images_of
+from shardtune.errors import DataError, row_error
 
 CHUNK_ROWS = 64  # rows per unit of work handed to a worker (what it holds, times two per worker, in flight)
 
@@ -44,6 +46,7 @@ class Chunk:
     lengths: np.ndarray
     num_targets: np.ndarray
     stats: dict[str, Any] = field(default_factory=dict)
+    images: list[list[bytes]] | None = None  # the encoded pictures of each sample (None: no sample has one)
 
 
 def tokenize_to_shards(rows: Iterator[Row], folder: Path, cfg: DataConfig, tokenizer: Any, template: str,
@@ -60,7 +63,7 @@ def tokenize_to_shards(rows: Iterator[Row], folder: Path, cfg: DataConfig, token
                 if writer is not None:
                     writer.close()
                 writer = ShardWriter(folder, spec)
-            writer.append(chunk.input_ids, chunk.labels, chunk.lengths, chunk.num_targets, chunk.stats)
+            writer.append(chunk.input_ids, chunk.labels, chunk.lengths, chunk.num_targets, chunk.stats, chunk.images)
             bar.update(chunk.stats["rows_read"])
         if writer is not None:
             writer.close()
@@ -183,6 +186,7 @@ def _tokenize_chunk(rows: list[tuple[Row, str | None]]) -> Chunk:
     tokenizer, cfg, template = _JOB
     ids: list[list[int]] = []
     labels: list[list[int]] = []
+    images: list[list[bytes]] = []
     dropped: Counter[str] = Counter()
     masks: dict[str, Counter] = {}  # mask audit per data file (chat.AUDIT_KEYS, tokens, trained_tokens)
     truncated = kept_rows = 0
@@ -194,13 +198,15 @@ def _tokenize_chunk(rows: list[tuple[Row, str | None]]) -> Chunk:
             masks.setdefault(row.path, Counter()).update(out.audit)
         ids += [tok.input_ids for tok in out.samples]
         labels += [tok.labels for tok in out.samples]
+        images += [list(images_of(tok)) for tok in out.samples]
         kept_rows += bool(out.samples)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat_labels = np.fromiter((t for x in labels for t in x), dtype=np.int32, count=int(lengths.sum()))
     stats = {"rows_read": len(rows), "rows_kept": kept_rows, "truncated": truncated, "dropped": dict(dropped),
              "mask": {path: dict(counts) for path, counts in masks.items()}}
     return Chunk(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum())), flat_labels,
-                 lengths, supervised_counts(flat_labels, np.concatenate([[0], np.cumsum(lengths)])), stats)
+                 lengths, supervised_counts(flat_labels, np.concatenate([[0], np.cumsum(lengths)])), stats,
+                 images if any(images) else None)
 
 
 @dataclass
@@ -242,9 +248,25 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
     if row.error is not None:
         raise DataError(row.error)
     conv = to_conversation(row, fmt or detect_format(row, cfg), cfg)
-    return conversation_samples(conv.messages, tokenizer, conv.tools, chat_template=template,
-                                options=MaskOptions.from_config(cfg),
-                                **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
+    messages, images, vision = conv.messages, [], None
+    if row_has_media(row, messages, cfg.image_key, cfg.video_key):
+        vision = image_processing(tokenizer, template)
+        if vision is None:
+            raise row_error(row.path, row.index, cfg.image_key,
+                            "the row has images, and the model folder has no image processor "
+                            "(preprocessor_config.json): a text model cannot see them",
+                            "train a vision-language model folder, or drop the images column")
+        messages, images = place_images(row, messages, cfg.image_key, cfg.video_key, vision.marker)
+    samples, audit = conversation_samples(messages, tokenizer, conv.tools, chat_template=template,
+                                          options=MaskOptions.from_config(cfg),
+                                          **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
+    if vision is not None:
+        samples = [vision.expand(s.input_ids, s.labels, images, row) for s in samples]
+        audit.update(images=sum(len(s.images) for s in samples),
+                     image_tokens=sum(s.input_ids.count(vision.image_token_id) for s in samples),
+                     trained_image_tokens=sum(t == vision.image_token_id and lab != IGNORE_INDEX
+                                              for s in samples for t, lab in zip(s.input_ids, s.labels)))
+    return samples, audit
 
 
 def _bad_row_reason(row: Row, e: DataError, cfg: DataConfig) -> str:
@@ -271,6 +293,8 @@ def truncate(tok: Tokenized, max_length: int, policy: str, row: Row) -> tuple[To
                 f"{max_length}. Fix: raise data.max_length, or set data.truncation to right, left or drop.")
         if policy == "drop":
             return tok, "too_long"
+        if images_of(tok):  # cutting would leave a picture with part of its tokens, or tokens without their picture
+            return tok, "too_long_with_images"
         keep = slice(0, max_length) if policy == "right" else slice(n - max_length, n)
         tok = Tokenized(tok.input_ids[keep], tok.labels[keep])
         reason = "truncated"

@@ -16,7 +16,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -26,21 +25,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shardtune import attention, parallel
+from shardtune import parallel
 from shardtune.batch import IGNORE_INDEX, MicroBatch
 from shardtune.engine.base import Engine, StepResult
 from shardtune.errors import ConfigError
 from shardtune.loss import find_loss_head
-from shardtune.model import (
-    DTYPES,
-    build_from_config,
-    compile_layers,
-    compute_dtype,
-    liger_usable,
-    load_hf_config,
-    load_model,
-)
+from shardtune.model import build_from_config, compute_dtype, liger_usable, load_hf_config, load_model
 from shardtune.optim import build_optimizer, build_scheduler
+from shardtune.parallelize import parallelize
+from shardtune.vision import VisionInputsBuilder, blank_picture, is_vision_config
 
 
 class FSDP2Engine(Engine):
@@ -48,10 +41,14 @@ class FSDP2Engine(Engine):
         self.cfg, self.world = cfg, world
         self.tokenizer = tokenizer  # only written beside exported weights
         self.compute_dtype = compute_dtype(cfg)
-        self.use_liger, liger_message = liger_usable(cfg.model, world.device)
+        _, liger_message = liger_usable(cfg.model, world.device)
         if liger_message and world.is_main:
             warnings.warn(liger_message, stacklevel=1)
         self.model = self._build_model()
+        self.vision = None
+        if is_vision_config(self.model.config):  # the image processor lives beside the tokenizer
+            blank = blank_picture(tokenizer.name_or_path) if world.distributed else None
+            self.vision = VisionInputsBuilder(self.model, blank, world.sp_rank)
         self.loss_head = find_loss_head(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
@@ -59,46 +56,16 @@ class FSDP2Engine(Engine):
 
     # ------------------------------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
-        mcfg, ecfg, world = self.cfg.model, self.cfg.engine, self.world
-        if not world.distributed:
-            model = load_model(mcfg, world.device, compute_dtype=self.compute_dtype, use_liger=self.use_liger,
-                               liger_layers=not ecfg.use_torch_compile)
-            if ecfg.use_torch_compile:
-                compile_layers(model)
-            return model
-        # Only rank 0 reads the weights; the others build the model on the meta device and receive theirs
-        # shard by shard from rank 0, so no host holds one full copy per process.
+        """Only rank 0 reads the weights; under torchrun the others build the model on the meta device and
+        receive theirs shard by shard from rank 0 (`parallelize`), so no host holds one copy per process."""
+        mcfg, world = self.cfg.model, self.world
         if world.is_main:
-            model = load_model(mcfg, "cpu", attention_device=world.device, compute_dtype=self.compute_dtype,
-                               use_liger=self.use_liger, liger_layers=not ecfg.use_torch_compile)
-            full_state = model.state_dict()
+            model = load_model(mcfg, "cpu" if world.distributed else world.device, attention_device=world.device,
+                               compute_dtype=self.compute_dtype)
         else:
             with torch.device("meta"):
-                model = build_from_config(load_hf_config(mcfg), mcfg, world.device, self.compute_dtype, self.use_liger,
-                                          liger_layers=not ecfg.use_torch_compile)
-            full_state = {}
-        if world.sp_size > 1:
-            model.set_attn_implementation(attention.register_ulysses(world.sp_group))
-        if ecfg.use_torch_compile:
-            compile_layers(model)
-        offload = ecfg.param_offload or ecfg.optimizer_offload
-        head = find_loss_head(model)
-        parallel.apply_fsdp2(
-            # compute in the weights' dtype unless mixed precision asks for bf16 (as on one process)
-            model, parallel.build_mesh(world, ecfg.fsdp_size), param_dtype=self.compute_dtype,
-            reduce_dtype=DTYPES[ecfg.mixed_precision.reduce_dtype], offload=offload,
-            reshard_after_forward=ecfg.reshard_after_forward,
-            # the chunked loss head forms its weight's gradient in the forward and never reads the weight in
-            # backward: keeping it gathered saves an all-gather of the largest matrix (freed after backward)
-            keep_gathered=[head] if head is not None else [],
-        )
-        device = torch.device("cpu") if offload else world.device
-        if world.is_main:
-            model.to(device)
-        else:
-            model.to_empty(device=device)
-        _load_full_state_from_rank0(model, full_state, world)
-        return model
+                model = build_from_config(load_hf_config(mcfg), mcfg, world.device, self.compute_dtype)
+        return parallelize(model, self.cfg, world)
 
     def _autocast(self):
         """bf16 autocast on one process (FSDP2's MixedPrecisionPolicy does this job when sharded)."""
@@ -116,12 +83,17 @@ class FSDP2Engine(Engine):
                       "max_length_k": mb.max_seqlen}
         inputs = dict(input_ids=self._to_device(mb.input_ids), position_ids=self._to_device(mb.position_ids),
                       attention_mask=self._to_device(mb.attention_mask), use_cache=False, **packed)
+        if self.vision is not None:  # pixel tensors, image-token types, 3-D rope positions
+            inputs.update(self.vision.inputs(mb, self._to_device))
+        # DFT shapes the training loss only: validation reports the plain cross-entropy
+        dft = self.cfg.optim.loss_type == "dft" and self.model.training
         if self.loss_head is not None:
-            return self._fused_loss_sum(inputs, mb.targets.flatten())
+            return self._fused_loss_sum(inputs, mb.targets.flatten(), dft)
         with self._autocast():
             logits = self.model(**inputs).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), self._to_device(mb.targets).flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), self._to_device(mb.targets).flatten(),
+                             ignore_index=IGNORE_INDEX, reduction="none" if dft else "sum")  # 0 where untrained
+        return (ce * torch.exp(-ce).detach()).sum() if dft else ce
 
     def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """Host to device without stalling the host: a pinned staging copy and an asynchronous transfer on
@@ -130,11 +102,11 @@ class FSDP2Engine(Engine):
             return t
         return (t if t.is_pinned() else t.pin_memory()).to(self.world.device, non_blocking=True)
 
-    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor) -> torch.Tensor:
+    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor, dft: bool) -> torch.Tensor:
         """The loss head computes the loss of the supervised positions (found on the host, so no sync)."""
         positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         with self._autocast(), self.loss_head.computing_loss(self._to_device(positions),
-                                                             self._to_device(targets[positions])):
+                                                             self._to_device(targets[positions]), dft):
             loss = self.model(**inputs).logits
         if loss is not self.loss_head.last_loss:
             raise ConfigError(
@@ -189,6 +161,16 @@ class FSDP2Engine(Engine):
         loss, count = parallel.all_reduce_sum([float(loss_sum), sum(mb.num_targets for mb in micro_batches)],
                                               self.world)
         return loss, count
+
+    def generate(self, conversations: list[list[dict[str, Any]]], sampling: Any, batch_size: int) -> list[str]:
+        from shardtune.data.chat import resolve_chat_template
+        from shardtune.generate import generate
+
+        template = resolve_chat_template(self.cfg.data.chat_template, self.tokenizer)
+        with self._autocast():
+            return generate(self.model, self.tokenizer, conversations, sampling, batch_size=batch_size,
+                            synced=self.world.distributed, chat_template=template, device=self.world.device,
+                            template_kwargs=self.cfg.data.apply_chat_template_kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     def checkpoint_parts(self) -> dict[str, Any]:
@@ -247,13 +229,3 @@ class _ScheduleState(_ModelState):
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.scheduler.get_last_lr()):
             group["lr"] = lr
 
-
-def _load_full_state_from_rank0(model: torch.nn.Module, full_state: dict[str, torch.Tensor],
-                                world: parallel.World) -> None:
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    # Buffers that are not in the state dict (rotary inv_freq) are garbage after to_empty: take rank 0's,
-    # sent over the device the process group serves (NCCL cannot send CPU tensors, e.g. under offload).
-    for buf in model.buffers():
-        staged = buf.data.to(world.device)
-        dist.broadcast(staged, src=0)
-        buf.data.copy_(staged)

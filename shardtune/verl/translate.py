@@ -24,7 +24,7 @@ from shardtune.config import Config
 from shardtune.errors import ConfigError
 from shardtune.verl import configs, mapping
 from shardtune.verl.compose import Composed, compose
-from shardtune.verl.mapping import Custom, Map, Refuse, Warn
+from shardtune.verl.rules import Custom, Map, Refuse, Warn
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,9 @@ def rule_for(key: str, spec: Spec) -> Any:
 def translate(argv: list[str], spec: Spec) -> list[str]:
     """verl overrides -> shardtune overrides (`key=value`), or a ConfigError listing every problem."""
     composed = compose(argv, spec.trainer)
+    strategy = _get(composed.tree, "engine.strategy")
+    if strategy in configs.OTHER_STRATEGIES:  # verl 0.9's fsdp_turbo: a backend chosen by a key, not a group
+        composed.backends.append(f"engine.strategy={strategy}")
     ctx = Context(composed.tree, composed.touched)
     for key, value in units(composed.tree, spec):
         _apply_rule(key, value, rule_for(key, spec), ctx, composed, spec)
@@ -170,11 +173,15 @@ def _resolve(ctx: Context) -> list[str]:
 
 
 def _backend_message(composed: Composed, problems: list[str]) -> str:
-    names = sorted({configs.BACKENDS[line.split("=", 1)[1]] for line in composed.backends})
+    known = {**configs.BACKENDS, **configs.OTHER_STRATEGIES}
+    names = sorted({known[line.split("=", 1)[1]] for line in composed.backends})
     only = [k for k in composed.unknown if k.startswith(("engine.", "optim."))]
+    only += sorted(k for k in composed.touched if k.startswith("engine.turbo_config.") and
+                   not any(t.startswith(k + ".") for t in composed.touched))
     rest = [p for p in problems if not any(p.startswith(k + " ") for k in only)]
+    others = ", ".join(v for v in known.values() if v not in names)
     msg = (f"{' '.join(composed.backends)} selects verl's {' and '.join(names)} backend; shardtune runs "
-           "PyTorch FSDP2 (fully_shard) only. To run this line on shardtune's FSDP2 engine (verl's engine=fsdp), "
+           f"PyTorch FSDP2 (fully_shard) only (verl's other backends, {others}, are not run either). To run this line on shardtune's FSDP2 engine (verl's engine=fsdp), "
            f"drop {' '.join(composed.backends)}" + (f" and these {'/'.join(names)}-only keys: {', '.join(only)}"
                                                      if only else ""))
     return msg + (". Also: " + "; ".join(rest) if rest else "") + "."

@@ -16,4 +16,5 @@ def slow_train_step(self, *args, **kwargs):
 
 
 Trainer.train_step = slow_train_step
+cli.WORKER = [__file__]  # `train --nproc N`: the workers pause too
 sys.exit(cli.main(sys.argv[1:]))

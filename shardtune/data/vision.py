@@ -1,0 +1,188 @@
+"""The model's own image processing: how many tokens each picture becomes, and its pixel tensors.
+
+Read from the tokenizer's folder (model.path, or model.tokenizer_path when set): the image processor of its
+`preprocessor_config.json`, and the processor (`AutoProcessor`) when it loads. The processor is the model's
+own rule for expanding an image into tokens; Qwen-VL processors also build a video processor that needs
+torchvision, so where the processor cannot load the rule is derived from the image processor itself
+(Qwen-style processors report each image's patch grid: grid tokens / merge_size^2 image tokens).
+
+The chat template decides what an image looks like in the text: `ImageProcessing.marker` is what it writes for
+one `{"type": "image"}` part (found by rendering one), e.g. `<|vision_start|><|image_pad|><|vision_end|>` or
+`<start_of_image>`. data/media.py writes that marker where each picture sits, the loss masks are derived on
+that text, and `expand` then replaces each marker's tokens by the image's tokens, none of them trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from shardtune.batch import IGNORE_INDEX
+from shardtune.data.media import decode
+from shardtune.data.readers import Row
+from shardtune.errors import DataError, row_error
+
+_PROBE = ("\x01shardtune-before\x01", "\x01shardtune-after\x01")
+
+
+class WithImages(NamedTuple):
+    """A tokenized sample (as data/chat.py's `Tokenized`) with the encoded pictures whose tokens it holds."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: tuple[bytes, ...]
+
+
+def images_of(sample: Any) -> tuple[bytes, ...]:
+    """The pictures of a tokenized sample (none for text)."""
+    return getattr(sample, "images", ())
+
+
+class ImageProcessing:
+    def __init__(self, folder: str, tokenizer: Any, template: str):
+        from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+
+        self.folder = folder
+        self.tokenizer = tokenizer
+        self.image_processor = AutoImageProcessor.from_pretrained(folder)
+        try:
+            self.processor = AutoProcessor.from_pretrained(folder)
+        except Exception:  # e.g. a video processor that needs torchvision; the image processor's rule serves
+            self.processor = None
+        if self.processor is not None and not hasattr(self.processor, "image_processor"):
+            self.processor = None  # AutoProcessor fell back to the bare tokenizer or image processor
+        config = AutoConfig.from_pretrained(folder)
+        self.image_token_id = _image_token_id(config, tokenizer)
+        self.marker = template_marker(tokenizer, template)
+        self.marker_ids = tokenizer(self.marker, add_special_tokens=False)["input_ids"]
+        if self.image_token_id not in self.marker_ids and self.processor is None:
+            raise DataError(f"The chat template writes {self.marker!r} for an image, which holds no image token "
+                            f"(id {self.image_token_id}) of the model. Fix: use the model's own chat template "
+                            "(data.chat_template).")
+
+    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row) -> WithImages:
+        """Each image marker of a sample's tokens replaced by that image's tokens, with no label. A sample cut
+        from the conversation (thinking_history=per_turn) holds the first images only: they are returned."""
+        places = _find(ids, self.marker_ids)
+        if len(places) > len(images):
+            raise row_error(row.path, row.index, None,
+                            f"the rendered chat holds {len(places)} image markers {self.marker!r} for {len(images)} "
+                            "images (a message text writes the marker itself)",
+                            "write images as <image> placeholders or image parts, not as the template's tokens")
+        out_ids, out_labels, at = [], [], 0
+        for start, image in zip(places, images):
+            out_ids += ids[at:start]
+            out_labels += labels[at:start]
+            tokens = self.image_tokens(image)
+            out_ids += tokens
+            out_labels += [IGNORE_INDEX] * len(tokens)
+            at = start + len(self.marker_ids)
+        return WithImages(out_ids + ids[at:], out_labels + labels[at:], tuple(images[: len(places)]))
+
+    def image_tokens(self, image: bytes) -> list[int]:
+        """The tokens one image becomes in place of the marker."""
+        picture = decode(image)
+        if self.processor is not None:
+            return self.processor(text=[self.marker], images=[picture])["input_ids"][0].tolist()
+        out = self.image_processor(images=[picture], return_tensors="pt")
+        if "image_grid_thw" not in out:
+            raise DataError(f"The processor of {self.folder} cannot be loaded and its image processor "
+                            f"({type(self.image_processor).__name__}) reports no patch grid to count image tokens "
+                            "by. Fix: install what the processor needs (e.g. torchvision).")
+        n = int(out["image_grid_thw"][0].prod()) // int(getattr(self.image_processor, "merge_size", 1)) ** 2
+        k = self.marker_ids.index(self.image_token_id)
+        return self.marker_ids[:k] + [self.image_token_id] * n + self.marker_ids[k + 1:]
+
+
+
+def _image_token_id(config: Any, tokenizer: Any) -> int:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise DataError(f"{type(config).__name__} names no image token (image_token_id). Fix: a vision-language model "
+                    "folder whose config.json sets image_token_id.")
+
+
+def template_marker(tokenizer: Any, template: str) -> str:
+    """What the chat template writes for one image part of a user message."""
+    before, after = _PROBE
+    messages = [{"role": "user", "content": [{"type": "text", "text": before}, {"type": "image"},
+                                             {"type": "text", "text": after}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception as e:
+        raise DataError(f"The chat template cannot render an image part ({type(e).__name__}: {e}). Fix: use the "
+                        "model's own multimodal chat template (data.chat_template).") from None
+    if before not in text or after not in text:
+        raise DataError("The chat template does not write the text parts of a message's content list, so it cannot "
+                        "place images. Fix: use the model's own multimodal chat template (data.chat_template).")
+    marker = text.split(before, 1)[1].split(after, 1)[0]
+    if not marker.strip():
+        raise DataError("The chat template writes nothing for an image part. Fix: use the model's own multimodal "
+                        "chat template (data.chat_template).")
+    return marker
+
+
+def _find(ids: list[int], pattern: list[int]) -> list[int]:
+    n, out, i = len(pattern), [], 0
+    while i + n <= len(ids):
+        if ids[i:i + n] == pattern:
+            out.append(i)
+            i += n
+        else:
+            i += 1
+    return out
+
+
+def processor_folder(tokenizer: Any) -> str | None:
+    """The tokenizer's folder when it holds an image processor (preprocessor_config.json)."""
+    folder = getattr(tokenizer, "name_or_path", "") or ""
+    return folder if folder and (Path(folder) / "preprocessor_config.json").is_file() else None
+
+
+def fingerprint(tokenizer: Any) -> str:
+    """The image processor's settings (they decide the image token counts), for cache keys; '' without one."""
+    folder = processor_folder(tokenizer)
+    if folder is None:
+        return ""
+    return hashlib.sha256((Path(folder) / "preprocessor_config.json").read_bytes()).hexdigest()
+
+
+class Pixels:
+    """Encoded pictures -> the image processor's tensors (what the vision tower takes): one image at a time,
+    concatenated along dim 0 (flattened patches and patch grids for Qwen-VL, one picture per row for others)."""
+
+    def __init__(self, folder: str):
+        from transformers import AutoImageProcessor
+
+        self.image_processor = AutoImageProcessor.from_pretrained(folder)
+
+    def __call__(self, images: list[bytes]) -> dict[str, torch.Tensor]:
+        parts = [self.image_processor(images=[decode(b)], return_tensors="pt") for b in images]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0].keys() if isinstance(parts[0][k], torch.Tensor)}
+
+
+def pixels_for(tokenizer: Any) -> Pixels | None:
+    """The pixel tensors of the tokenizer's model folder, or None for a text model."""
+    folder = processor_folder(tokenizer)
+    return None if folder is None else Pixels(folder)
+
+
+@lru_cache(maxsize=4)
+def _load(folder: str, tokenizer_id: int, template: str, tokenizer: Any) -> ImageProcessing:
+    return ImageProcessing(folder, tokenizer, template)
+
+
+def image_processing(tokenizer: Any, template: str) -> ImageProcessing | None:
+    """The image processing of the tokenizer's model folder (loaded once per process), or None for a text model."""
+    folder = processor_folder(tokenizer)
+    if folder is None:
+        return None
+    return _load(os.path.abspath(folder), id(tokenizer), template, tokenizer)

@@ -1,0 +1,203 @@
+"""Vision-language models in training: which parts train, and what a micro-batch with pictures adds to the
+model's inputs.
+
+- Parts: the vision tower (patch embedding and blocks), the projector into the language model (Qwen's merger,
+  Gemma's multi-modal projector) and the language model; model.freeze_vision_model / freeze_vision_projection /
+  freeze_language_model say which get no gradient (the tower and projector are frozen by default).
+- Inputs: the image processor's tensors (pixel_values, image_grid_thw, ...) and which tokens are image tokens
+  (`mm_token_type_ids`). Qwen-VL's 3-D rope positions ("mrope") are computed per sequence by the model's own
+  `get_rope_index` and concatenated for a packed row, with the plain positions (restarting per sequence) as the
+  first of four rows, which is how transformers takes packed mrope positions; padded rows let the model compute
+  them itself from the attention mask.
+- Every rank runs the vision tower once in every micro-batch: FSDP2 gathers the tower's blocks when they run, so
+  a rank whose micro-batch has no picture runs it on one blank picture (its features times zero join the input
+  embeddings) while another rank runs it on real ones; otherwise the ranks' collectives would not pair up.
+- Ulysses sequence parallelism: the micro-batch keeps the whole row's tokens (`full_input_ids`); the model embeds
+  the whole row and places the pictures' features, and a pre-hook on the language model hands it this rank's part
+  of the embeddings and positions (and of Qwen3-VL's deepstack features); attention gathers the row as for text.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shardtune.batch import MicroBatch
+from shardtune.errors import ConfigError
+
+# module-name pieces of the vision tower and of its projector, as the families name them
+TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder")
+PROJECTOR_NAMES = ("merger", "deepstack_merger_list", "multi_modal_projector", "mm_projector", "projector")
+
+
+def is_vision_config(hf_config: Any) -> bool:
+    return getattr(hf_config, "vision_config", None) is not None
+
+
+def part_of(name: str) -> str:
+    """'projector', 'tower' or 'language' for a parameter name of a vision-language model."""
+    pieces = name.split(".")
+    if any(p in PROJECTOR_NAMES for p in pieces):
+        return "projector"
+    if any(p in TOWER_NAMES for p in pieces):
+        return "tower"
+    return "language"
+
+
+def freeze(model: torch.nn.Module, cfg: Any) -> None:
+    """Turn off the gradients of the parts the config freezes (a frozen part is not given to the optimizer)."""
+    frozen = {"tower": cfg.freeze_vision_model, "projector": cfg.freeze_vision_projection,
+              "language": cfg.freeze_language_model}
+    for name, p in model.named_parameters():
+        if frozen[part_of(name)]:
+            p.requires_grad_(False)
+
+
+def lora_exclude(cfg: Any) -> str | None:
+    """A peft exclude_modules pattern keeping LoRA off the frozen vision parts (None: nothing to exclude)."""
+    names = (TOWER_NAMES if cfg.freeze_vision_model else ()) + (PROJECTOR_NAMES if cfg.freeze_vision_projection else ())
+    return rf".*\b({'|'.join(names)})\b.*" if names else None
+
+
+def attention_per_part(hf_config: Any, text_attention: str) -> str | dict[str, str]:
+    """The attention of each sub-model: the chosen kernel for the language model, plain sdpa for the vision
+    tower (bidirectional within each picture; its tokens are not packed rows nor split over ranks)."""
+    if not is_vision_config(hf_config):
+        return text_attention
+    return {key: ("sdpa" if "vision" in key else text_attention) for key in hf_config.sub_configs}
+
+
+class VisionInputsBuilder:
+    """What a vision-language model takes beside input_ids for one micro-batch."""
+
+    def __init__(self, model: torch.nn.Module, blank: dict[str, torch.Tensor] | None = None, sp_rank: int = 0):
+        """`blank`: the image processor's tensors of a blank picture, run through the tower by a micro-batch
+        without pictures (needed only when several ranks run FSDP2)."""
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = self.base.config
+        self.image_token_id = getattr(config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(config, "image_token_index", None)
+        self.rope = next((m for m in self.base.modules() if hasattr(m, "get_rope_index")), None)
+        self.takes_types = "mm_token_type_ids" in inspect.signature(self.base.forward).parameters
+        self.blank = blank
+        self.sp_rank = sp_rank
+        self._pending_blank: dict[str, torch.Tensor] | None = None
+        self._part: slice | None = None  # this rank's part of the whole row (sequence parallelism with pictures)
+        self.base.get_decoder().register_forward_pre_hook(self._before_language_model, with_kwargs=True)
+
+    def inputs(self, mb: MicroBatch, to_device: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """The vision keyword arguments (and mrope position_ids for packed rows) of one micro-batch."""
+        self._part = None
+        if mb.vision is None:
+            self._pending_blank = None if self.blank is None else {k: to_device(v) for k, v in self.blank.items()}
+            return {}
+        self._pending_blank = None
+        if self.rope is None:
+            raise ConfigError(
+                f"{type(self.base).__name__} is given pictures, and shardtune trains pictures for the Qwen-VL families "
+                "only (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: their 3-D rope positions are computed per packed sequence); "
+                "other families' image attention (e.g. Gemma 3's bidirectional image tokens) is not proven here. "
+                "Fix: train a Qwen-VL checkpoint, or drop the pictures (data.image_key).")
+        ids = mb.full_input_ids if mb.full_input_ids is not None else mb.input_ids
+        out: dict[str, Any] = {k: to_device(v) for k, v in mb.vision.tensors.items()}
+        if mb.full_input_ids is not None:  # the whole row goes in; the language model gets this rank's part
+            width = mb.input_ids.shape[1]
+            self._part = slice(self.sp_rank * width, (self.sp_rank + 1) * width)
+            out["input_ids"] = to_device(ids)
+        if self.takes_types:
+            out["mm_token_type_ids"] = to_device((ids == self.image_token_id).int())
+        if self.rope is not None:
+            # packed rows: per-sequence 3-D positions; padded rows: the model computes them from the mask
+            out["position_ids"] = to_device(self.packed_positions(mb, ids)) if mb.cu_seqlens is not None else None
+        return out
+
+    def packed_positions(self, mb: MicroBatch, ids: torch.Tensor) -> torch.Tensor:
+        """[4, 1, T]: the plain positions, then the 3-D rope positions of each sequence, concatenated."""
+        grids = mb.vision.tensors.get("image_grid_thw")
+        rows, at, first = [], 0, 0
+        for n, k in zip(mb.seq_lengths, mb.vision.images_per_sequence):
+            seq = ids[:, at:at + n]
+            pos, _ = self.rope.get_rope_index(seq, (seq == self.image_token_id).int(),
+                                              image_grid_thw=grids[first:first + k] if k else None)
+            rows.append(pos)
+            at, first = at + n, first + k
+        if at < ids.shape[1]:  # padding after the sequences (sequence parallelism): plain positions
+            rows.append(torch.arange(ids.shape[1] - at).view(1, 1, -1).expand(3, 1, -1))
+        plain = mb.position_ids if mb.full_input_ids is None else _plain_positions(mb, ids.shape[1])
+        return torch.cat([plain[None], torch.cat(rows, dim=2)], dim=0)
+
+    def _before_language_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._part is not None:
+            kwargs = _split_for_rank(kwargs, self._part)
+        blank, self._pending_blank = self._pending_blank, None
+        if blank is not None and kwargs.get("inputs_embeds") is not None:
+            kwargs = self._with_blank_picture(kwargs, blank)
+        return args, kwargs
+
+    def _with_blank_picture(self, kwargs: dict, blank: dict[str, torch.Tensor]) -> dict:
+        """For a micro-batch without pictures: the vision tower on the blank picture, its features times zero
+        added to the input embeddings (so its gradients are zeros, not missing)."""
+        features = self.base.get_image_features(**blank)
+        zero = sum(t.float().sum() for t in _tensors(features)) * 0.0
+        return {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] + zero.to(kwargs["inputs_embeds"].dtype)}
+
+
+def _split_for_rank(kwargs: dict, part: slice) -> dict:
+    """The language model's inputs for this rank's part of the row: embeddings and positions, and Qwen3-VL's
+    deepstack features of the image tokens that fall in the part."""
+    out = dict(kwargs)
+    out["inputs_embeds"] = kwargs["inputs_embeds"][:, part]
+    out["position_ids"] = kwargs["position_ids"][..., part]
+    mask = kwargs.get("visual_pos_masks")
+    if mask is not None:
+        out["visual_pos_masks"] = mask[:, part]
+        places = mask.flatten().nonzero().flatten()
+        keep = (places >= part.start) & (places < part.stop)
+        if kwargs.get("deepstack_visual_embeds") is not None:
+            out["deepstack_visual_embeds"] = [e[keep] for e in kwargs["deepstack_visual_embeds"]]
+    return out
+
+
+def _plain_positions(mb: MicroBatch, total: int) -> torch.Tensor:
+    """[1, total]: positions restarting at every sequence of the whole (unsplit) row."""
+    pos = [torch.arange(n) for n in mb.seq_lengths]
+    rest = total - sum(mb.seq_lengths)
+    return torch.cat(pos + ([torch.arange(rest)] if rest else []))[None]
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return _tensors(x.to_tuple()) if hasattr(x, "to_tuple") else []
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def copy_processor_files(src: str | Path, dst: str | Path) -> None:
+    """The image/video processor configs of a model folder, copied beside the weights written from it (so the
+    folder serves and trains on pictures as the base model did)."""
+    for name in PROCESSOR_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+
+
+def blank_picture(folder: str) -> dict[str, torch.Tensor] | None:
+    """The tensors the model folder's image processor makes of one small black picture (None without one)."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    if not (Path(folder) / "preprocessor_config.json").is_file():
+        return None
+    out = AutoImageProcessor.from_pretrained(folder)(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
