@@ -1,4 +1,4 @@
-"""`shardtune train | validate | render | export | plot | demo` (also `python -m shardtune ...`).
+"""`shardtune train | validate | render | export | chat | plot | demo` (also `python -m shardtune ...`).
 
 Each subcommand imports what it needs when it is chosen, so `--help`, usage errors and config errors
 answer at once, without loading torch or transformers."""
@@ -50,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out folder, replacing the files export writes (others stay)")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    chat = sub.add_parser("chat", help="chat with a checkpoint or an exported model (interactive or scripted)")
+    chat.add_argument("model", help="a global_step_N checkpoint folder or a Hugging Face model folder")
+    chat.add_argument("--compare", default=None, metavar="OTHER", help="answer with this model too (e.g. the base)")
+    chat.add_argument("--prompt", default=None, help="answer this one prompt and exit")
+    chat.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                      help='answer each line ({"prompt": ...} or {"messages": [...]}); print it with "answer" added')
+    chat.add_argument("--system", default=None, help="system prompt put before every conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--batch-size", type=int, default=16, help="prompts generated together (--prompts)")
+    chat.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    chat.add_argument("--dtype", default="fp32", choices=("bf16", "fp32", "fp16"))
+    chat.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     plot = sub.add_parser("plot", help="plot loss, lr, tokens/s and MFU of a run to a PNG")
     plot.add_argument("run_dir", help="the run directory (trainer.default_local_dir)")
     plot.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/curves.png)")
@@ -99,6 +113,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from shardtune.demo import run_demo
 
         run_demo(args.out, steps=args.steps)
+        return 0
+    if args.command == "chat":
+        from shardtune.chat import run_chat
+        from shardtune.generate import Sampling
+
+        run_chat(args.model, args.compare, args.prompt, args.prompts, args.system,
+                 Sampling(args.max_new_tokens, args.temperature, args.top_p), args.device, args.dtype, args.batch_size)
         return 0
     if args.command == "plot":
         from shardtune.plot import plot_run

@@ -33,14 +33,7 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_
     to a new folder beside `out`, then moved into it: a failed export leaves `out` as it was, and files in
     `out` that export does not write are never touched."""
     src, dst = Path(checkpoint), Path(out)
-    hf = src / "huggingface"
-    if not is_complete(src) or not (hf / "config.json").is_file():
-        raise ShardtuneError(f"'{checkpoint}' is not a complete shardtune checkpoint (global_step_N with .metadata, "
-                             "trainer_state.json and huggingface/config.json).")
-    problem = damage(src)
-    if problem:
-        raise ShardtuneError(f"'{checkpoint}' is damaged: {problem}. Fix: export another checkpoint of the run "
-                             "(or copy this one again).")
+    check_checkpoint(src)
     if dtype not in DTYPES:
         raise ShardtuneError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     check_out(dst, overwrite)
@@ -56,6 +49,17 @@ def export_checkpoint(checkpoint: str, out: str, dtype: str = "bf16", max_shard_
     what = "the LoRA adapter of " if adapter_only else ""
     print(f"exported {what}{src} -> {dst} ({dtype}, {time.perf_counter() - t0:.1f} s)")
     return dst
+
+
+def check_checkpoint(src: Path) -> None:
+    """A complete, undamaged checkpoint folder, or a clear error (before any weights load)."""
+    if not is_complete(src) or not (src / "huggingface" / "config.json").is_file():
+        raise ShardtuneError(f"'{src}' is not a complete shardtune checkpoint (global_step_N with .metadata, "
+                             "trainer_state.json and huggingface/config.json).")
+    problem = damage(src)
+    if problem:
+        raise ShardtuneError(f"'{src}' is damaged: {problem}. Fix: use another checkpoint of the run "
+                             "(or copy this one again).")
 
 
 def check_out(dst: Path, overwrite: bool) -> None:
@@ -75,26 +79,12 @@ def check_out(dst: Path, overwrite: bool) -> None:
 
 
 def _export(src: Path, dst: Path, dtype: str, max_shard_size: str, adapter_only: bool) -> None:
-    checkpoint, hf = str(src), src / "huggingface"
-    config = AutoConfig.from_pretrained(hf)
-    with no_init_weights():  # allocate without random init; buffers such as rotary inv_freq are still computed
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    lora = (hf / "adapter_config.json").is_file()
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig.from_pretrained(hf))
-    elif adapter_only:
-        raise ShardtuneError(f"'{checkpoint}' was not trained with LoRA (no adapter_config.json): there is no "
+    hf = src / "huggingface"
+    if adapter_only and not (hf / "adapter_config.json").is_file():
+        raise ShardtuneError(f"'{src}' was not trained with LoRA (no adapter_config.json): there is no "
                              "adapter to export. Fix: drop --adapter-only.")
-    state = {"model": get_model_state_dict(model)}
-    try:
-        with single_process_ok():
-            dcp.load(state, checkpoint_id=str(src))  # reads into the model's own tensors: no second copy
-    except (Exception, CheckpointException) as e:  # a shard damaged in a way its size does not show
-        raise ShardtuneError(f"'{checkpoint}' cannot be read ({type(e).__name__}: {str(e)[:300]}). Fix: export "
-                             "another checkpoint of the run (or copy this one again).") from None
-    set_model_state_dict(model, state["model"])
+    model, lora = load_checkpoint_model(src)
+    config = model.config
     if lora and adapter_only:
         model.save_pretrained(dst, safe_serialization=True)
         AutoTokenizer.from_pretrained(hf).save_pretrained(dst)
@@ -109,3 +99,25 @@ def _export(src: Path, dst: Path, dtype: str, max_shard_size: str, adapter_only:
     copy_processor_files(hf, dst)
     generation_config(hf, config).save_pretrained(dst)
 
+
+def load_checkpoint_model(src: Path) -> tuple[torch.nn.Module, bool]:
+    """The model of a checkpoint written by any world size, in fp32 on the CPU (with its LoRA adapters, not
+    merged, when it was trained with them), and whether it is LoRA. `shardtune chat` loads through here too."""
+    hf = src / "huggingface"
+    config = AutoConfig.from_pretrained(hf)
+    with no_init_weights():  # allocate without random init; buffers such as rotary inv_freq are still computed
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lora = (hf / "adapter_config.json").is_file()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig.from_pretrained(hf))
+    state = {"model": get_model_state_dict(model)}
+    try:
+        with single_process_ok():
+            dcp.load(state, checkpoint_id=str(src))  # reads into the model's own tensors: no second copy
+    except (Exception, CheckpointException) as e:  # a shard damaged in a way its size does not show
+        raise ShardtuneError(f"'{src}' cannot be read ({type(e).__name__}: {str(e)[:300]}). Fix: use another "
+                             "checkpoint of the run (or copy this one again).") from None
+    set_model_state_dict(model, state["model"])
+    return model, lora

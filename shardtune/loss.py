@@ -26,7 +26,8 @@ from shardtune.errors import ConfigError
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compute_dtype: torch.dtype, grads: bool):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compute_dtype: torch.dtype, grads: bool,
+                dft: bool = False):
         # `grads` is false under no_grad (validation), where a Parameter still reports needs_input_grad
         need_h, need_w, need_b = (grads and n for n in ctx.needs_input_grad[:3])
         w = weight.to(compute_dtype)
@@ -41,12 +42,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             t = targets[start:start + chunk_size]
             logits = F.linear(h, w, b).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            ce = lse - logits.gather(1, t[:, None]).squeeze(1)
+            scale = torch.exp(-ce) if dft else None  # DFT: each token's CE times its (constant) probability
+            loss += (ce if scale is None else scale * ce).sum()
             if not (need_h or need_w or need_b):
                 continue
             # d(sum of CE)/d(logits) = softmax - one_hot(target), formed in place over the logits
             g = logits.sub_(lse[:, None]).exp_()
             g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            if scale is not None:
+                g.mul_(scale[:, None])
             if need_b:
                 grad_b += g.sum(0)  # from the fp32 softmax, before the matmuls' cast
             g = g.to(compute_dtype)
@@ -65,18 +70,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         out = [None if g is None else (g * grad_loss.to(g.dtype)) for g in (grad_h, grad_w, grad_b)]
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """sum_i CE(hidden[i] @ weight.T + bias, targets[i]) in fp32, `chunk_size` rows of logits at a time.
-    The matmuls run in the autocast dtype when autocast is on (as `lm_head` would), else in hidden's dtype."""
+                         targets: torch.Tensor, chunk_size: int, dft: bool = False) -> torch.Tensor:
+    """sum_i CE(hidden[i] @ weight.T + bias, targets[i]) in fp32, `chunk_size` rows of logits at a time (with
+    `dft`, each CE_i times exp(-CE_i), a constant in the gradient). The matmuls run in the autocast dtype when
+    autocast is on (as `lm_head` would), else in hidden's dtype."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, dtype,
-                                                torch.is_grad_enabled())
+                                                torch.is_grad_enabled(), dft)
 
 
 def _liger_cross_entropy(hidden, weight, bias, targets):
@@ -96,14 +102,14 @@ class LossHead(torch.nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.chunk_size, self.use_liger = chunk_size, use_liger
-        self._request: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._request: tuple[torch.Tensor, torch.Tensor, bool] | None = None
         self.last_loss: torch.Tensor | None = None
 
     @contextmanager
-    def computing_loss(self, positions: torch.Tensor, targets: torch.Tensor):
+    def computing_loss(self, positions: torch.Tensor, targets: torch.Tensor, dft: bool = False):
         """Within this block a forward returns sum(CE) over `positions` (flat token indices) against
-        `targets` (their next tokens) instead of logits."""
-        self._request = (positions, targets)
+        `targets` (their next tokens) instead of logits (with `dft`: the DFT-scaled sum)."""
+        self._request = (positions, targets, dft)
         try:
             yield
         finally:
@@ -112,7 +118,7 @@ class LossHead(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._request is None:
             return F.linear(hidden, self.weight, self.bias)
-        positions, targets = self._request
+        positions, targets, dft = self._request
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         if positions.numel() == 0:  # an empty micro-batch: a zero that still reaches the graph (FSDP2's hooks)
             # (and gives the head's parameters a zero gradient, as on the ranks whose micro-batch is not empty)
@@ -121,7 +127,7 @@ class LossHead(torch.nn.Module):
         elif self.use_liger:
             self.last_loss = _liger_cross_entropy(h, self.weight, self.bias, targets)
         else:
-            self.last_loss = linear_cross_entropy(h, self.weight, self.bias, targets, self.chunk_size)
+            self.last_loss = linear_cross_entropy(h, self.weight, self.bias, targets, self.chunk_size, dft)
         return self.last_loss
 
     def extra_repr(self) -> str:

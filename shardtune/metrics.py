@@ -1,5 +1,6 @@
 """Step metrics and their sinks: console (progress bar or plain lines), jsonl, TensorBoard, wandb, MLflow.
-Only the main rank writes.
+Only the main rank writes. Besides a row per step, the sinks take events and tables (the evaluation's
+samples).
 
 `step_metrics` builds one step's row; the names are listed in README.md ("Output"). `metrics.jsonl` holds
 one JSON object per optimizer step (`step` from 1); it is appended to, never truncated, so a continued run
@@ -76,6 +77,12 @@ class JsonlSink:
         self.file.write(json.dumps({"event": kind, "time": time.time(), **info}) + "\n")
         self.file.flush()
 
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        """RUN_DIR/eval/step_N.jsonl for `eval/samples` (RUN_DIR/<name>/step_N.jsonl in general)."""
+        folder = self.path.parent / name.split("/")[0]
+        folder.mkdir(exist_ok=True)
+        (folder / f"step_{step}.jsonl").write_text("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
+
     def close(self, ok: bool = True) -> None:
         self.file.close()
 
@@ -96,17 +103,20 @@ class ConsoleSink:
             self.bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}",
                                  lr=f"{metrics.get('train/lr', 0):.2e}",
                                  tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}", refresh=False)
-            if "val/loss" in metrics:
-                self.bar.write(f"step {step}: val/loss {metrics['val/loss']:.4f}")
+            measured = [f"{k} {v:.4f}" for k, v in metrics.items() if k == "val/loss" or k.startswith("eval/")]
+            if measured:
+                self.bar.write(f"step {step}: " + "  ".join(measured))
             return
         every = max(1, -(-self.total // 50))  # about 50 lines for a whole run
-        if step % every and step not in (1, self.total) and "val/loss" not in metrics:
+        evals = [k for k in metrics if k.startswith("eval/")]
+        if step % every and step not in (1, self.total) and "val/loss" not in metrics and not evals:
             return
         parts = [f"step {step}/{self.total}"]
         for key, fmt in (("train/loss", ".4f"), ("val/loss", ".4f"), ("train/grad_norm", ".3f"),
                          ("train/lr", ".2e"), ("perf/tokens_per_s", ".0f")):
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:{fmt}}")
+        parts += [f"{k} {metrics[k]:.4f}" for k in evals]
         print("  ".join(parts), flush=True)
 
     def event(self, kind: str, info: dict[str, Any]) -> None:
@@ -115,6 +125,9 @@ class ConsoleSink:
             self.bar.write(text)
         else:
             print(text, flush=True)
+
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        pass  # the means are in the step's line
 
     def close(self, ok: bool = True) -> None:
         if self.bar is not None:
@@ -138,6 +151,10 @@ class TensorBoardSink:
     def event(self, kind: str, info: dict[str, Any]) -> None:
         self.writer.add_text(f"event/{kind}", json.dumps(info, default=str))
 
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        self.writer.add_text(name, markdown_table(rows), step)
+        self.writer.flush()
+
     def close(self, ok: bool = True) -> None:
         self.writer.close()
 
@@ -157,6 +174,13 @@ class WandbSink:
 
     def event(self, kind: str, info: dict[str, Any]) -> None:
         pass  # events stay in metrics.jsonl and the console
+
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        import wandb
+
+        columns = list(rows[0]) if rows else []
+        self.run.log({name: wandb.Table(columns=columns, data=[[str(r.get(c)) for c in columns] for r in rows])},
+                     step=step)
 
     def close(self, ok: bool = True) -> None:
         self.run.finish()
@@ -200,8 +224,25 @@ class MlflowSink:
     def event(self, kind: str, info: dict[str, Any]) -> None:
         pass  # events stay in metrics.jsonl and the console
 
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        self.client.log_text(self.run_id, markdown_table(rows), f"{name}/step_{step}.md")
+
     def close(self, ok: bool = True) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def markdown_table(rows: list[dict[str, Any]], limit: int = 50) -> str:
+    """The first `limit` rows as a Markdown table (TensorBoard and MLflow render it)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(rows[0])
+
+    def cell(v: Any) -> str:
+        return (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows[:limit]]
+    return "\n".join(lines) + (f"\n\n({len(rows) - limit} more rows in the run directory)" if len(rows) > limit else "")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -240,6 +281,12 @@ class Metrics:
     def event(self, kind: str, **info: Any) -> None:
         for s in self.sinks:
             s.event(kind, info)
+
+    def table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        """A table of one step (the evaluation's samples): a jsonl file in the run directory, text in
+        TensorBoard and MLflow, a W&B Table."""
+        for s in self.sinks:
+            s.table(step, name, rows)
 
     def close(self, ok: bool = True) -> None:
         for s in self.sinks:

@@ -119,6 +119,15 @@ def all_reduce_tensor_(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
+def all_gather_objects(obj: Any, world: World) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank ([obj] on one process)."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -1,4 +1,5 @@
-"""`shardtune plot RUN_DIR [--out FILE.png]`: loss, learning rate, throughput and MFU against step."""
+"""`shardtune plot RUN_DIR [--out FILE.png]`: loss, learning rate, throughput and MFU against step, and the
+evaluation's scores (eval/*) when the run has them."""
 
 from __future__ import annotations
 
@@ -35,14 +36,19 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
     rows = read_steps(run)
     if not rows:
         raise ShardtuneError(f"{run / 'metrics.jsonl'} holds no training steps yet.")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    scores = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    panels = PANELS + ([("evaluation", scores)] if scores else [])
+    grid_rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(grid_rows, 2, figsize=(11, 3.5 * grid_rows))
+    if len(panels) % 2:
+        axes.flat[-1].set_visible(False)
     per_source = sorted({k for r in rows for k in r if k.startswith("val/loss/")})  # one curve per val source
-    for ax, (title, keys) in zip(axes.flat, PANELS):
+    for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys + (per_source if title == "loss" else []):
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if key.startswith("val/") else None, markersize=3, label=key)
+                ax.plot(xs, ys, marker="o" if key.startswith(("val/", "eval/")) else None, markersize=3, label=key)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

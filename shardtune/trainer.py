@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from shardtune import checkpoint, flops, parallel, preempt, remote
+from shardtune import checkpoint, evaluate, flops, parallel, preempt, remote
 from shardtune.config import Config, dump_yaml, notes, resolve_sources, to_dict
 from shardtune.data.chat import audit_totals
 from shardtune.data.dataset import CombinedDataset, build_dataset
@@ -65,6 +65,9 @@ class Trainer:
         # data problems surface before anything is written to the run directory
         self.train_data, self.val_data = load_datasets(cfg, self.tokenizer, self.world)
         check_token_ids(cfg.model, self.tokenizer, [d for d in (self.train_data, self.val_data) if d is not None])
+        self.eval_on = cfg.eval.freq != -1
+        self.eval_prompts = evaluate.load_prompts(cfg) if self.eval_on else []
+        self.scorer = evaluate.load_scorer(cfg.eval.scorer)
         checkpoint.fetch_remote_for_resume(cfg, self.run_dir, self.world)  # a requeued job on a new node
         # a wrong resume path, or another run's checkpoints, are reported before the run directory is touched
         resume_from = checkpoint.find_resume_path(self.run_dir, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
@@ -106,9 +109,13 @@ class Trainer:
         ok = False
         try:
             if self.state.stopped_early:  # a relaunch of a run that already stopped early (e.g. a requeued job)
-                self.metrics.event("early_stop", step=self.state.step, best_val_loss=self.state.best_val,
-                                   note="already stopped")
+                self.metrics.event("early_stop", step=self.state.step, metric=self.cfg.trainer.early_stopping_metric,
+                                   best=self._best(), note="already stopped")
             else:
+                if self.eval_on and self.state.step == 0:  # the baseline the later evaluations are compared with
+                    baseline = self.evaluation()
+                    self._record_for_early_stopping(baseline)
+                    self._log(0, baseline)
                 self._loop()
             ok = True
         finally:
@@ -127,19 +134,19 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(steps)
                 metrics = self.train_step(batch, data_wait=time.perf_counter() - t0)
-                stop = False
                 if self.val_data is not None and (self._due(cadence.test_freq) or self._last_step()):
                     metrics.update(self.validation_losses())
-                    stop = self.state.record_validation(metrics["val/loss"], cadence.early_stopping_patience,
-                                                        cadence.early_stopping_min_delta)
-                self.metrics.log(self.state.step, metrics)
-                self.history.append({"step": self.state.step, **metrics})
+                if self.eval_on and (self._due(self.cfg.eval.freq) or self._last_step()):
+                    metrics.update(self.evaluation())
+                stop = self._record_for_early_stopping(metrics)
+                self._log(self.state.step, metrics)
                 self.checkpointer.poll()
                 if self._due(cadence.save_freq) and not self._last_step() and not stop:
                     self.save()
                 if stop:
                     self.state.stopped_early = True
-                    self.metrics.event("early_stop", step=self.state.step, best_val_loss=self.state.best_val)
+                    self.metrics.event("early_stop", step=self.state.step, metric=cadence.early_stopping_metric,
+                                       best=self._best())
                     break
         finally:
             steps = None  # releasing the loader's iterator stops its prefetch thread (also when the loop raised)
@@ -162,6 +169,30 @@ class Trainer:
                     else "its checkpoint was already saved")
             print(f"shardtune: SIGTERM: stopped after step {self.state.step} ({what}); exit code {preempt.EXIT_CODE}. "
                   "Run the same command again to resume.", file=sys.stderr, flush=True)
+
+    def _log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.metrics.log(step, metrics)
+        self.history.append({"step": step, **metrics})
+
+    def _record_for_early_stopping(self, metrics: dict[str, Any]) -> bool:
+        """Whether to stop: `trainer.early_stopping_metric` (val/loss, lower is better; eval/*, higher is better)
+        did not improve for `early_stopping_patience` of the times it was measured."""
+        cadence = self.cfg.trainer
+        name = cadence.early_stopping_metric
+        if name not in metrics:
+            return False
+        value = metrics[name] if name == "val/loss" else -metrics[name]  # the record keeps a value to minimise
+        return self.state.record_validation(value, cadence.early_stopping_patience, cadence.early_stopping_min_delta)
+
+    def _best(self) -> float:
+        best = self.state.best_val
+        return best if self.cfg.trainer.early_stopping_metric == "val/loss" else -best
+
+    def evaluation(self) -> dict[str, float]:
+        """`eval/*`: the prompts answered and scored (evaluate.py); the per-sample table goes to every sink."""
+        metrics, rows = evaluate.evaluate(self.engine, self.eval_prompts, self.cfg, self.world, self.scorer)
+        self.metrics.table(self.state.step, "eval/samples", rows)
+        return metrics
 
     def _remote_saved(self, info: dict[str, Any]) -> None:
         """A remote copy finished, failed (retried at the next save) or was skipped for a newer checkpoint."""

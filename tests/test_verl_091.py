@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import arithmetic_rows, write_jsonl
+from conftest import arithmetic_rows, read_metrics, run_cli, torchrun, write_jsonl
 
 from shardtune.config import OptimConfig, load_config, validate
 from shardtune.data.batching import collate, pad_to_bucket, slice_for_sequence_parallel
@@ -139,6 +139,25 @@ def test_loss_with_bucketing_equals_without(tiny_model, tmp_path):
     for a, b in zip(plain, bucketed, strict=True):
         for key in ("train/loss", "train/grad_norm"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5), (key, plain, bucketed)
+
+
+@pytest.mark.slow
+def test_bucketing_under_ulysses_sp2_equals_one_plain_process(tiny_model, tmp_path):
+    """Bucket 45 on 2 processes with SP=2 (rounded up to 46, so the split adds nothing) against 1 plain process."""
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(16, seed=6))
+    common = [f"model.path={tiny_model}", f"data.train_files={data}", "data.train_batch_size=8",
+              "data.micro_batch_size_per_gpu=2", "optim.lr=2e-3", "optim.lr_warmup_steps=1",
+              "trainer.total_training_steps=2", "trainer.logger=[jsonl]"]
+    r = run_cli("train", *common, f"trainer.default_local_dir={tmp_path / 'one'}", f"data.cache_dir={tmp_path}/c1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, "train", *common, f"trainer.default_local_dir={tmp_path / 'sp'}", f"data.cache_dir={tmp_path}/c2",
+                 "engine.ulysses_sequence_parallel_size=2", "data.pad_to_length_bucket=45")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, sp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "sp")
+    assert len(one) == 2 and all(h["perf/padding_ratio"] > 0 for h in sp)
+    for a, b in zip(one, sp, strict=True):
+        for key in ("train/loss", "train/grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5), (key, one, sp)
 
 
 # ---- optim.zero_indexed_step ----------------------------------------------------------------------------------

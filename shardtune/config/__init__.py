@@ -25,6 +25,7 @@ from shardtune.config.schema import (
     Config,
     DataConfig,
     EngineConfig,
+    EvalConfig,
     MixedPrecisionConfig,
     ModelConfig,
     OptimConfig,
@@ -34,7 +35,7 @@ from shardtune.config.sources import Source, resolve_sources
 
 __all__ = [
     "CHECKPOINT_CONTENTS", "ENGINE_ALIASES", "LOGGERS", "LOGGER_PACKAGES", "CheckpointConfig", "Config", "DataConfig",
-    "EngineConfig", "MixedPrecisionConfig", "ModelConfig", "OptimConfig", "Override", "Source", "TrainerConfig",
+    "EngineConfig", "EvalConfig", "MixedPrecisionConfig", "ModelConfig", "OptimConfig", "Override", "Source", "TrainerConfig",
     "all_keys", "dump_yaml", "from_dict", "load_config", "notes", "parse_overrides", "resolve_sources", "set_dotted",
     "to_dict", "validate",
 ]

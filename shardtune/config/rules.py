@@ -17,6 +17,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         if not ok:
             raise ConfigError(message)
     _check_parallel(cfg, world_size)
+    _check_eval(cfg)
     data = cfg.data
     for key, entries, max_samples in (("data.train_files", data.train_files, data.train_max_samples),
                                       ("data.val_files", data.val_files, data.val_max_samples)):
@@ -103,6 +104,9 @@ def _optim_trainer_rules(cfg: Config) -> list[tuple[bool, str]]:
         (0 <= optim.lr_warmup_steps_ratio < 1, f"optim.lr_warmup_steps_ratio must be in [0, 1), got {optim.lr_warmup_steps_ratio}."),
         (0 <= optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}."),
         (0 < optim.wsd_decay_ratio <= 1, f"optim.wsd_decay_ratio must be in (0, 1], got {optim.wsd_decay_ratio}."),
+        (optim.loss_type != "dft" or not cfg.model.use_liger,
+         "optim.loss_type=dft is not implemented in Liger's fused loss. Fix: model.use_liger=false (with "
+         "model.loss_chunk_size=4096 for a memory-lean loss), or optim.loss_type=ce."),
         (optim.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 = no clipping), got {optim.clip_grad}."),
         (trainer.total_epochs >= 1, f"trainer.total_epochs must be >= 1, got {trainer.total_epochs}."),
         (trainer.total_training_steps is None or trainer.total_training_steps >= 1,
@@ -117,8 +121,13 @@ def _optim_trainer_rules(cfg: Config) -> list[tuple[bool, str]]:
         (trainer.test_freq == -1 or bool(data.val_files),
          f"trainer.test_freq={trainer.test_freq} asks for validation but data.val_files is empty. "
          "Fix: set data.val_files or trainer.test_freq=-1."),
-        (trainer.early_stopping_patience == 0 or bool(data.val_files),
+        (trainer.early_stopping_patience == 0 or trainer.early_stopping_metric != "val/loss" or bool(data.val_files),
          "trainer.early_stopping_patience needs validation data. Fix: set data.val_files."),
+        (trainer.early_stopping_metric == "val/loss" or trainer.early_stopping_metric.startswith("eval/"),
+         f"trainer.early_stopping_metric must be val/loss or an eval/* metric (e.g. eval/exact_match), got "
+         f"{trainer.early_stopping_metric!r}."),
+        (not trainer.early_stopping_metric.startswith("eval/") or cfg.eval.freq != -1,
+         f"trainer.early_stopping_metric={trainer.early_stopping_metric} needs the evaluation on. Fix: set eval.freq."),
         (trainer.early_stopping_patience >= 0, "trainer.early_stopping_patience must be >= 0."),
         (all(x in LOGGERS for x in trainer.logger), f"trainer.logger entries must be among {list(LOGGERS)}, got {trainer.logger}."),
     ]
@@ -142,6 +151,24 @@ def _check_parallel(cfg: Config, world_size: int) -> None:
     if engine.fsdp_size not in (-1, world_size) and (engine.fsdp_size < 1 or world_size % engine.fsdp_size):
         raise ConfigError(f"engine.fsdp_size={engine.fsdp_size} must divide the number of processes ({world_size}). "
                           "Fix: -1 shards over all ranks; a divisor gives hybrid sharding (replicate x shard).")
+
+
+def _check_eval(cfg: Config) -> None:
+    ev = cfg.eval
+    if not _is_freq(ev.freq):
+        raise ConfigError(f"eval.freq must be -1 (off), >= 1 or after_each_epoch, got {ev.freq}.")
+    if ev.max_new_tokens < 1 or ev.batch_size < 1 or ev.max_samples == 0 or ev.max_samples < -1:
+        raise ConfigError("eval.max_new_tokens and eval.batch_size must be >= 1, eval.max_samples >= 1 or -1 (all).")
+    if ev.freq != -1 and not (ev.files or cfg.data.val_files):
+        raise ConfigError(f"eval.freq={ev.freq} needs prompts. Fix: set eval.files, or data.val_files (the "
+                          "conversations up to their last assistant turn are the prompts).")
+    for path in ev.files:
+        if is_url(path):
+            check_url(path, "eval.files")
+    if ev.scorer is not None:
+        from shardtune.evaluate import load_scorer
+
+        load_scorer(ev.scorer)  # importable and callable, before any model is loaded
 
 
 def _is_freq(x: int | str) -> bool:

@@ -104,6 +104,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     num_cycles: float = 0.5
     wsd_decay_ratio: float = 0.1  # fraction of the steps spent decaying at the end of a wsd schedule
+    # ce: cross-entropy; dft: each token's cross-entropy scaled by its detached probability (Dynamic Fine-Tuning)
+    loss_type: Literal["ce", "dft"] = "ce"
     # false: the schedule counts optimizer steps from 1 (step i takes the rate a 0-based schedule gives step i+1)
     zero_indexed_step: bool = True
 
@@ -158,6 +160,8 @@ class TrainerConfig:
     seed: int = 42
     early_stopping_patience: int = 0  # validations without improvement before stopping; 0 = off
     early_stopping_min_delta: float = 0.0
+    # the metric early stopping watches: val/loss (lower is better) or an eval/* score (higher is better)
+    early_stopping_metric: str = "val/loss"
     progress_bar: bool = True
 
 
@@ -175,6 +179,20 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Generation-based evaluation during training (shardtune/evaluate.py)."""
+
+    freq: int | Literal["after_each_epoch"] = -1  # -1 = off; else every N steps (and after the last step)
+    # prompt rows in any data format: the conversation up to its last assistant turn is the prompt, that
+    # turn's text the reference; empty = data.val_files
+    files: list[str] = field(default_factory=list)
+    max_samples: int = 100  # the first N prompts (-1 = all)
+    max_new_tokens: int = 256
+    batch_size: int = 16  # prompts per generate call on one rank
+    scorer: str | None = None  # module:function(answer=, reference=, messages=) -> float | {name: float}
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -182,6 +200,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # verl's legacy spelling of engine.ulysses_sequence_parallel_size (the larger of the two wins)
     ulysses_sequence_parallel_size: int = 1
 

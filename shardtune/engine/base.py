@@ -36,6 +36,11 @@ class Engine(ABC):
         """(sum of token losses, number of supervised tokens) over all ranks."""
 
     @abstractmethod
+    def generate(self, conversations: list[list[dict[str, Any]]], sampling: Any, batch_size: int) -> list[str]:
+        """The model's answers to this rank's conversations (every rank passes the same number: under
+        sharding each forward is a collective)."""
+
+    @abstractmethod
     def checkpoint_parts(self) -> dict[str, Any]:
         """The engine's checkpoint state as named `Stateful` parts: "model" and "optimizer" (tensors, saved
         with DCP, reshardable) and "schedule" (the learning-rate schedule's position, plain JSON)."""

@@ -85,12 +85,15 @@ class FSDP2Engine(Engine):
                       attention_mask=self._to_device(mb.attention_mask), use_cache=False, **packed)
         if self.vision is not None:  # pixel tensors, image-token types, 3-D rope positions
             inputs.update(self.vision.inputs(mb, self._to_device))
+        # DFT shapes the training loss only: validation reports the plain cross-entropy
+        dft = self.cfg.optim.loss_type == "dft" and self.model.training
         if self.loss_head is not None:
-            return self._fused_loss_sum(inputs, mb.targets.flatten())
+            return self._fused_loss_sum(inputs, mb.targets.flatten(), dft)
         with self._autocast():
             logits = self.model(**inputs).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), self._to_device(mb.targets).flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), self._to_device(mb.targets).flatten(),
+                             ignore_index=IGNORE_INDEX, reduction="none" if dft else "sum")  # 0 where untrained
+        return (ce * torch.exp(-ce).detach()).sum() if dft else ce
 
     def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """Host to device without stalling the host: a pinned staging copy and an asynchronous transfer on
@@ -99,11 +102,11 @@ class FSDP2Engine(Engine):
             return t
         return (t if t.is_pinned() else t.pin_memory()).to(self.world.device, non_blocking=True)
 
-    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor) -> torch.Tensor:
+    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor, dft: bool) -> torch.Tensor:
         """The loss head computes the loss of the supervised positions (found on the host, so no sync)."""
         positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         with self._autocast(), self.loss_head.computing_loss(self._to_device(positions),
-                                                             self._to_device(targets[positions])):
+                                                             self._to_device(targets[positions]), dft):
             loss = self.model(**inputs).logits
         if loss is not self.loss_head.last_loss:
             raise ConfigError(
@@ -158,6 +161,16 @@ class FSDP2Engine(Engine):
         loss, count = parallel.all_reduce_sum([float(loss_sum), sum(mb.num_targets for mb in micro_batches)],
                                               self.world)
         return loss, count
+
+    def generate(self, conversations: list[list[dict[str, Any]]], sampling: Any, batch_size: int) -> list[str]:
+        from shardtune.data.chat import resolve_chat_template
+        from shardtune.generate import generate
+
+        template = resolve_chat_template(self.cfg.data.chat_template, self.tokenizer)
+        with self._autocast():
+            return generate(self.model, self.tokenizer, conversations, sampling, batch_size=batch_size,
+                            synced=self.world.distributed, chat_template=template, device=self.world.device,
+                            template_kwargs=self.cfg.data.apply_chat_template_kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     def checkpoint_parts(self) -> dict[str, Any]:

@@ -57,12 +57,15 @@ def group(key: str, value: Any, ctx: Any) -> None:
     _checks(key, lora, ctx)
     targets = hf_modules(f"{key}.target_modules", lora.get("target_modules"), ctx)
     excluded = hf_modules(f"{key}.exclude_modules", lora.get("exclude_modules"), ctx)
-    on = f"{key}.rank"  # the line turned the group on: each of its values counts as set by the line
-    for target, v in (("model.lora_rank", lora["rank"]), ("model.lora_alpha", lora.get("alpha")),
-                      ("model.lora_dropout", lora.get("dropout")), ("model.target_modules", targets),
-                      ("model.exclude_modules", excluded or None), ("model.lora_adapter_path", lora.get("adapter_path")),
-                      ("model.use_dora", lora.get("type") == "dora")):
-        ctx.assign(target, v, on)
+    # the line turned the group on with its rank: each of its values counts as set by the line (a conflict
+    # with a flat key names the group key, or the rank where the group's default is the value)
+    for name, target, v in (("rank", "model.lora_rank", lora["rank"]), ("alpha", "model.lora_alpha", lora.get("alpha")),
+                            ("dropout", "model.lora_dropout", lora.get("dropout")),
+                            ("target_modules", "model.target_modules", targets),
+                            ("exclude_modules", "model.exclude_modules", excluded or None),
+                            ("adapter_path", "model.lora_adapter_path", lora.get("adapter_path")),
+                            ("type", "model.use_dora", lora.get("type") == "dora")):
+        ctx.assign(target, v, f"{key}.{name}" if name in touched else f"{key}.rank")
     ctx.note(key, f"rank {lora['rank']}, type {lora['type']}: verl reads this group on its Megatron engine (its FSDP "
                   "engine reads model.lora_rank); shardtune trains the adapter it describes with peft, on the Hugging "
                   f"Face modules {', '.join(targets or [])}; lora_A starts as peft initialises it (Kaiming-uniform, "

@@ -1,0 +1,94 @@
+"""Loss options against plain references: optim.loss_type=dft (each token's cross-entropy scaled by its
+detached probability) by hand on a tiny model, through the chunked loss head, and on 2 processes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import arithmetic_rows, read_metrics, torchrun, write_jsonl
+
+from shardtune.batch import IGNORE_INDEX
+from shardtune.config import load_config, validate
+from shardtune.errors import ConfigError
+from shardtune.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loss_options")
+    return write_jsonl(d / "train.jsonl", arithmetic_rows(24, seed=7))
+
+
+def overrides(tiny_model, data, run_dir, *extra):
+    return [f"model.path={tiny_model}", f"data.train_files={data}", "data.cache_dir=null", "data.num_proc=1",
+            "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2", "optim.lr=2e-3", "optim.lr_warmup_steps=0",
+            "trainer.total_training_steps=3", f"trainer.default_local_dir={run_dir}", "trainer.logger=[jsonl]",
+            "trainer.progress_bar=false", *extra]
+
+
+def trainer_for(tiny_model, data, run_dir, *extra):
+    return Trainer(validate(load_config(None, overrides(tiny_model, data, run_dir, *extra))))
+
+
+def hand_dft_step(trainer):
+    """The first step's DFT loss and gradient norm, the textbook way: one unpadded sequence at a time through
+    a plain transformers model, sum of CE_i * exp(-CE_i) (the factor detached) over the step's supervised
+    tokens, divided by their number."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(trainer.cfg.model.path, dtype=torch.float32, attn_implementation="eager")
+    indices = trainer.loader.batches.sampler.batch(0, 0)
+    total, count = 0.0, 0
+    for i in indices:
+        ids, labels = (torch.as_tensor(x.astype("int64"))[None] for x in trainer.train_data[i][:2])
+        logits = ref(input_ids=ids).logits[0, :-1]
+        target = labels[0, 1:]
+        keep = target != IGNORE_INDEX
+        ce = F.cross_entropy(logits[keep], target[keep], reduction="none")
+        total = total + (ce * torch.exp(-ce).detach()).sum()
+        count += int(keep.sum())
+    loss = total / count
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))
+    return loss.item(), norm.item()
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_dft_first_step_equals_the_hand_computation(tiny_model, data, tmp_path, chunk):
+    trainer = trainer_for(tiny_model, data, tmp_path / "run", "optim.loss_type=dft", f"model.loss_chunk_size={chunk}")
+    want_loss, want_norm = hand_dft_step(trainer)
+    history = trainer.fit()
+    assert math.isclose(history[0]["train/loss"], want_loss, rel_tol=1e-5)
+    assert math.isclose(history[0]["train/grad_norm"], want_norm, rel_tol=1e-5)
+
+
+def test_dft_differs_from_ce_and_the_chunked_head_agrees_over_steps(tiny_model, data, tmp_path):
+    runs = {}
+    for name, extra in {"ce": [], "dft": ["optim.loss_type=dft"],
+                        "dft_chunked": ["optim.loss_type=dft", "model.loss_chunk_size=7"]}.items():
+        runs[name] = trainer_for(tiny_model, data, tmp_path / name, *extra).fit()
+    for a, b in zip(runs["dft"], runs["dft_chunked"]):
+        assert math.isclose(a["train/loss"], b["train/loss"], rel_tol=1e-5)
+        assert math.isclose(a["train/grad_norm"], b["train/grad_norm"], rel_tol=1e-5)
+    # each DFT token loss is CE * p with p < 1: smaller than plain cross-entropy at the same weights
+    assert runs["dft"][0]["train/loss"] < runs["ce"][0]["train/loss"]
+
+
+@pytest.mark.slow
+def test_dft_two_processes_equal_one(tiny_model, data, tmp_path):
+    one = trainer_for(tiny_model, data, tmp_path / "one", "optim.loss_type=dft").fit()
+    r = torchrun(2, "train", *overrides(tiny_model, data, tmp_path / "two", "optim.loss_type=dft"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = read_metrics(tmp_path / "two")
+    assert [s["step"] for s in two] == [s["step"] for s in one]
+    for a, b in zip(one, two):
+        assert math.isclose(a["train/loss"], b["train/loss"], rel_tol=1e-5), (a, b)
+        assert math.isclose(a["train/grad_norm"], b["train/grad_norm"], rel_tol=1e-5), (a, b)
+
+
+def test_dft_with_liger_is_refused(tiny_model, data, tmp_path):
+    with pytest.raises(ConfigError, match="loss_type=dft"):
+        validate(load_config(None, overrides(tiny_model, data, tmp_path, "optim.loss_type=dft", "model.use_liger=true")))
