@@ -169,11 +169,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 def checked_config(path: str | None, overrides: list[str], world_size: int):
     """The config, checked across keys for `world_size` processes and against the model folder."""
     from shardtune.config import load_config, validate
-    from shardtune.model import check_loss_head, check_model_path, check_sequence_parallel
+    from shardtune.model import check_architecture, check_loss_head, check_model_path, check_sequence_parallel
 
     cfg = validate(load_config(path, overrides), world_size=world_size)
     check_model_path(cfg.model)
     check_sequence_parallel(cfg.model, cfg.sp_size)
+    check_architecture(cfg.model)
     check_loss_head(cfg.model)
     return cfg
 
