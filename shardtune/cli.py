@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shardtune: interrupted", file=sys.stderr)
         return 130
+    except BaseException as e:
+        from shardtune import preempt
+
+        if not isinstance(e, preempt.Preempted):
+            raise
+        print("shardtune: SIGTERM before training started: stopped (nothing to save yet)", file=sys.stderr)
+        return preempt.EXIT_CODE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -194,6 +201,9 @@ def _train(cfg, debug: bool) -> int:
             traceback.print_exc()
         print(f"shardtune: error (rank {world.rank}): {e}", file=sys.stderr)
         code = e.exit_code
+    except preempt.Preempted:
+        print(f"shardtune: rank {world.rank}: SIGTERM before training started: stopped", file=sys.stderr)
+        code = preempt.EXIT_CODE
     except BaseException:
         print(f"shardtune: rank {world.rank} failed:", file=sys.stderr)
         traceback.print_exc()
