@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from shardtune import attention, parallel, vision
+from shardtune import attention, linear_attention, parallel, vision
 from shardtune.loss import find_loss_head, install_loss_head
 from shardtune.model import DTYPES, compute_dtype, liger_usable
 from shardtune.parallel import decoder_layers
@@ -35,6 +35,7 @@ def parallelize(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torc
     model = offload_activations(model, cfg, world)
     model = freeze_vision_parts(model, cfg, world)
     model = quantize_base(model, cfg, world)
+    model = isolate_linear_attention(model, cfg, world)
     model = add_lora(model, cfg, world)
     model = use_ulysses(model, cfg, world)
     model = compile_layers(model, cfg, world)
@@ -105,6 +106,13 @@ def four_bit_dtype(cfg: Any) -> torch.dtype:
 def freeze_vision_parts(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
     if vision.is_vision_config(model.config):
         vision.freeze(model, cfg.model)
+    return model
+
+
+def isolate_linear_attention(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
+    """Linear-attention layers (Gated DeltaNet, Mamba-style) run once per sequence of a packed row, so their
+    recurrent state restarts at every sequence start (shardtune/linear_attention.py); before LoRA wraps them."""
+    linear_attention.isolate_recurrent_layers(model)
     return model
 
 
