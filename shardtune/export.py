@@ -17,12 +17,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.initialization import no_init_weights
 
 from shardtune.checkpoint import damage, is_complete, single_process_ok
 from shardtune.errors import ShardtuneError
-from shardtune.model import DTYPES, generation_config
+from shardtune.model import DTYPES, auto_class, generation_config
 from shardtune.vision import copy_processor_files
 
 
@@ -106,7 +106,7 @@ def load_checkpoint_model(src: Path) -> tuple[torch.nn.Module, bool]:
     hf = src / "huggingface"
     config = AutoConfig.from_pretrained(hf)
     with no_init_weights():  # allocate without random init; buffers such as rotary inv_freq are still computed
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_class(config).from_config(config, dtype=torch.float32)  # a VLM: its own class, tower included
     lora = (hf / "adapter_config.json").is_file()
     if lora:
         from peft import LoraConfig, get_peft_model

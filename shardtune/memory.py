@@ -6,8 +6,13 @@ Activations come from what autograd saves for one Llama/Qwen2-style decoder laye
 tensor by tensor below and checked against `saved_tensors_hooks` on a real model in tests/test_memory.py.
 The logits terms were measured on CPU (peak resident memory of the plain and the chunked loss).
 
+MoE layers count every expert's weights, gradients and optimizer state, and activations for the top-k
+experts of each token (`moe_bytes_per_token`); a multimodal checkpoint's frozen vision tower counts as
+parameters only (no gradients, no optimizer state, not run on text).
+
 What is not modelled: T x T attention scores (the kernels shardtune picks never materialise them, but
-padded rows with an attention mask may fall back to one that does), MoE layers, vision towers, the extra
+padded rows with an attention mask may fall back to one that does; nor per-sequence soft-capped or sink
+attention, whose scores are per sequence), linear-attention layers' own activations, the extra
 saved tensors of LoRA's rank-r branch (small), compiled layers (`engine.use_torch_compile`), and the
 tokenized data held in host memory.
 """
@@ -59,6 +64,12 @@ class ModelShape:
     largest_unit_trainable_params: int
     trainable_params: int  # elements with requires_grad
     head_trainable: bool  # the output layer's weight trains (not under LoRA)
+    # mixture of experts (0 for dense models): routed experts, how many each token uses, their width, and
+    # the width of the shared experts every token also runs
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,7 +99,9 @@ class MemoryEstimate:
 
 
 def shape_of(model: torch.nn.Module) -> ModelShape:
-    c = model.config
+    """Sizes from the language model's config; parameter bytes from every parameter (a multimodal
+    checkpoint's frozen vision tower and projector are held, without gradients or optimizer state)."""
+    c = model.config.get_text_config()
     params = list(model.parameters())  # unique: a tied weight is counted once
 
     def count(module: torch.nn.Module | None, trainable: bool = False) -> int:
@@ -107,8 +120,21 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
         largest_unit_params=max(count(u) for u in units),
         largest_unit_trainable_params=max(count(u, trainable=True) for u in units),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        head_trainable=model.get_output_embeddings().weight.requires_grad,
+        head_trainable=model.get_output_embeddings().weight.requires_grad, **experts_of(c),
     )
+
+
+def experts_of(c: Any) -> dict[str, int]:
+    """The MoE sizes of a (text) config, read under the names the families use; {} for dense models."""
+    experts = next((getattr(c, n) for n in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(c, n, None)), 0)
+    if not experts:
+        return {}
+    shared = getattr(c, "shared_expert_intermediate_size", None) or (
+        (getattr(c, "n_shared_experts", None) or 0) * (getattr(c, "moe_intermediate_size", None) or 0))
+    return dict(experts=experts, experts_per_token=getattr(c, "num_experts_per_tok", None) or 1,
+                expert_intermediate=getattr(c, "moe_intermediate_size", None) or c.intermediate_size,
+                shared_intermediate=shared)
 
 
 def model_shape(model_cfg: Any) -> ModelShape:
@@ -141,7 +167,18 @@ def layer_bytes_per_token(s: ModelShape, act: int, residual: int, autocast: bool
     # q and k after RoPE, v, the attention output with its fp32 logsumexp per head, o_proj's input
     attention = 3 * act * h + 2 * act * kv + 4 * s.heads
     mlp = 4 * act * i  # gate (SiLU's input), SiLU's output, up, and their product (down_proj's input)
+    if s.experts:  # (every layer counted as MoE: the dense first layers of DeepSeek-V3 are few)
+        return norms + attention + moe_bytes_per_token(s, act)
     return norms + attention + mlp
+
+
+def moe_bytes_per_token(s: ModelShape, act: int) -> float:
+    """An MoE block per token: the router's logits and fp32 softmax, and for each of the token's top-k
+    experts its gathered input, the expert's four SwiGLU tensors and its weighted output; shared experts as
+    a dense MLP."""
+    router = act * s.experts + 4 * 2 * s.experts + 12 * s.experts_per_token  # logits, softmax, top-k weights/ids
+    routed = s.experts_per_token * (2 * act * s.hidden + 4 * act * s.expert_intermediate)
+    return router + routed + 4 * act * s.shared_intermediate
 
 
 def activation_bytes(s: ModelShape, tokens: int, act: int, residual: int, autocast: bool,

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from shardtune import attention, parallel, vision
+from shardtune import attention, linear_attention, parallel, vision
 from shardtune.loss import find_loss_head, install_loss_head
 from shardtune.model import DTYPES, compute_dtype, liger_usable
 from shardtune.parallel import decoder_layers
@@ -33,6 +33,7 @@ def parallelize(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torc
     model = add_loss_head(model, cfg, world)
     model = checkpoint_activations(model, cfg, world)
     model = freeze_vision_parts(model, cfg, world)
+    model = isolate_linear_attention(model, cfg, world)
     model = add_lora(model, cfg, world)
     model = add_neftune(model, cfg, world)
     model = use_ulysses(model, cfg, world)
@@ -77,6 +78,13 @@ def checkpoint_activations(model: torch.nn.Module, cfg: Any, world: parallel.Wor
 def freeze_vision_parts(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
     if vision.is_vision_config(model.config):
         vision.freeze(model, cfg.model)
+    return model
+
+
+def isolate_linear_attention(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
+    """Linear-attention layers (Gated DeltaNet, Mamba-style) run once per sequence of a packed row, so their
+    recurrent state restarts at every sequence start (shardtune/linear_attention.py); before LoRA wraps them."""
+    linear_attention.isolate_recurrent_layers(model)
     return model
 
 

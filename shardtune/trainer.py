@@ -125,6 +125,7 @@ class Trainer:
     def _loop(self) -> None:
         cadence = self.cfg.trainer
         steps = iter(self.loader)
+        preempt.defer(True)  # SIGTERM from here on: finish the step, save, stop (shardtune/preempt.py)
         try:
             while self.state.step < self.total_steps:  # checked before drawing, so the sampler stops there
                 if self.stop_agreement.stop():

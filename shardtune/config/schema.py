@@ -70,7 +70,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Hugging Face config fields set before the model is built, e.g. {attention_dropout: 0.1} (verl's key)
     override_config: dict[str, Any] = field(default_factory=dict)
-    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | shardtune_varlen_sdpa | ...
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | shardtune_varlen | ...
     dtype: Literal["fp32", "bf16"] = "fp32"  # weights as loaded and updated; bf16 compute: engine.mixed_precision
     enable_gradient_checkpointing: bool = False
     use_remove_padding: bool = True
