@@ -37,6 +37,7 @@ def parallelize(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torc
     model = quantize_base(model, cfg, world)
     model = isolate_linear_attention(model, cfg, world)
     model = add_lora(model, cfg, world)
+    model = add_neftune(model, cfg, world)
     model = use_ulysses(model, cfg, world)
     model = compile_layers(model, cfg, world)
     weights = model.state_dict() if world.distributed and world.is_main else {}  # sent to the others below
@@ -138,6 +139,15 @@ def add_lora(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.n
     return get_peft_model(model, LoraConfig(
         r=mcfg.lora_rank, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout, target_modules=targets,
         exclude_modules=exclude, use_dora=mcfg.use_dora, task_type="CAUSAL_LM"), autocast_adapter_dtype=autocast)
+
+
+def add_neftune(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
+    """NEFTune's noise on the input embeddings in training mode (hooks, so every wrapper after it keeps them)."""
+    if cfg.model.neftune_noise_alpha > 0:
+        from shardtune.neftune import install_neftune
+
+        install_neftune(model, cfg.model.neftune_noise_alpha)
+    return model
 
 
 def use_ulysses(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:

@@ -127,6 +127,7 @@ def test_refusals_before_the_model_loads(family_dirs, tmp_path):
 
 DIST_FAMILIES = ["gemma2", "gpt_oss", "deepseek_v3", "qwen3_5", "gemma3"]  # each failed before, or differed
 SP_FAMILIES = ["gemma2", "gpt_oss", "deepseek_v3"]  # every attention variant under Ulysses
+LORA_FAMILIES = ["qwen3_5", "deepseek_v3"]  # LoRA on Gated DeltaNet + a frozen tower; on MLA and experts
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +135,11 @@ def runs(family_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("family_runs")
     data = write_jsonl(root / "train.jsonl", arithmetic_rows(24, seed=3))
     common = [str(root), str(data)]
-    one = [f"{f}:1:{family_dirs[f]}" for f in DIST_FAMILIES]
+    one = [f"{f}:1:0:{family_dirs[f]}" for f in DIST_FAMILIES] + [f"{f}:1:4:{family_dirs[f]}" for f in LORA_FAMILIES]
     r = subprocess.run([sys.executable, str(SCRIPT), "one", *common, *one], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = one + [f"{f}:2:{family_dirs[f]}" for f in SP_FAMILIES]
+    two = one + [f"{f}:2:0:{family_dirs[f]}" for f in SP_FAMILIES]
     r = torchrun(2, "two", *common, *two, script=str(SCRIPT), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return root
@@ -158,6 +159,16 @@ def test_two_processes_equal_one(family, runs):
     one = read_metrics(runs / "one" / f"{family}_sp1")
     assert_same_steps(one, read_metrics(runs / "two" / f"{family}_sp1"), rel=1e-5)
     assert one[-1]["train/loss"] < one[0]["train/loss"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("family", LORA_FAMILIES)
+def test_lora_two_processes_equal_one(family, runs):
+    one = read_metrics(runs / "one" / f"{family}_sp1_lora4")
+    assert_same_steps(one, read_metrics(runs / "two" / f"{family}_sp1_lora4"), rel=1e-5)
+    assert one[-1]["train/loss"] < one[0]["train/loss"]
+    assert one[0]["train/loss"] == pytest.approx(read_metrics(runs / "one" / f"{family}_sp1")[0]["train/loss"])
 
 
 @pytest.mark.dist

@@ -74,6 +74,11 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
         (data.train_batch_size % max(1, world_size // cfg.sp_size) == 0 or world_size % cfg.sp_size != 0,
          f"data.train_batch_size={data.train_batch_size} must be divisible by the number of data-parallel "
          f"ranks ({world_size // cfg.sp_size}). Fix: pick a multiple of {world_size // cfg.sp_size}."),
+        (cfg.model.neftune_noise_alpha >= 0,
+         f"model.neftune_noise_alpha must be >= 0 (0 = off), got {cfg.model.neftune_noise_alpha}."),
+        (cfg.model.neftune_noise_alpha == 0 or cfg.sp_size == 1,
+         "model.neftune_noise_alpha scales the noise by each sequence's length, which a rank of a sequence-parallel "
+         "group does not see whole. Fix: engine.ulysses_sequence_parallel_size=1, or model.neftune_noise_alpha=0."),
         (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = off), got {cfg.model.lora_rank}."),
         (not cfg.model.use_dora or cfg.model.lora_rank > 0, "model.use_dora=true needs model.lora_rank > 0 (LoRA on)."),
         (data.pad_to_length_bucket >= 0,

@@ -84,6 +84,7 @@ class ModelConfig:
     # cross-entropy from the hidden states, this many supervised tokens of logits at a time (0 = the plain
     # lm_head + cross_entropy over full logits); see shardtune/loss.py
     loss_chunk_size: int = 0
+    neftune_noise_alpha: float = 0.0  # NEFTune: noise on the input embeddings while training (0 = off)
     use_liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA
     # QLoRA (docs/qlora.md): the decoder layers' Linear weights stored in 4 bits and frozen, LoRA trains on top
     load_in_4bit: bool = False

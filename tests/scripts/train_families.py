@@ -1,7 +1,8 @@
 """Train several tiny families in one process or one torchrun launch: `train_families.py NAME ROOT DATA
-FAMILY:SP:PATH...`. Each run writes ROOT/NAME/FAMILY_spSP (metrics, and on one process a final checkpoint
-and the live model's logits on a fixed input, for the export round trip)."""
+FAMILY:SP:LORA_RANK:PATH...`. Each run writes ROOT/NAME/FAMILY_spSP[_loraR] (metrics, and on one process a
+final checkpoint and the live model's logits on a fixed input, for the export round trip)."""
 
+import os
 import sys
 
 import torch
@@ -13,13 +14,13 @@ from shardtune.trainer import Trainer
 name, root, data, *specs = sys.argv[1:]
 world = None
 for spec in specs:
-    family, sp, path = spec.split(":", 2)
-    run_dir = f"{root}/{name}/{family}_sp{sp}"
+    family, sp, rank, path = spec.split(":", 3)
+    run_dir = f"{root}/{name}/{family}_sp{sp}" + (f"_lora{rank}" if int(rank) else "")
     cfg = validate(load_config(None, [
         f"model.path={path}", f"data.train_files={data}", "data.cache_dir=null", "data.num_proc=1",
         "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2", "optim.lr=2e-3", "optim.lr_warmup_steps=1",
         "trainer.total_training_steps=3", "trainer.logger=[jsonl]", f"trainer.default_local_dir={run_dir}",
-        f"engine.ulysses_sequence_parallel_size={sp}"]), world_size=int(__import__("os").environ.get("WORLD_SIZE", "1")))
+        f"engine.ulysses_sequence_parallel_size={sp}", f"model.lora_rank={rank}", "model.lora_alpha=8"]), world_size=int(os.environ.get("WORLD_SIZE", "1")))
     trainer = Trainer(cfg, parallel.init_world(cfg.sp_size, cfg.engine.timeout_minutes))
     trainer.fit()
     if not trainer.world.distributed:
