@@ -152,10 +152,13 @@ def _not_a_chat(tok, template, msgs, tools, full, kwargs) -> str | None:
         prev = max((j for j in range(i) if loc[j]), default=None)
         if m["role"] != "assistant" or not loc[i] or prev is None or msgs[prev]["role"] == "assistant":
             continue
-        prefix = render(tok, template, msgs[:i], tools, True, **kwargs)
+        try:
+            prefix = render(tok, template, msgs[:i], tools, True, **kwargs)
+        except Exception:  # the template renders no conversation ending there: judged as it renders
+            continue
         ploc = _locate(prefix, msgs[:i])[prev]
         if not ploc:
-            continue
+            return "renders no generation prompt after the conversation before an assistant's turn"
         want = [prefix[a:b] for a, b in _pieces(rx, prefix, ploc[1], len(prefix))]
         ends = [k for k, w in enumerate(want) if w in added and _is_end(tok, w)]
         header = (want[ends[-1] + 1:] if ends else want)[:2]
