@@ -268,3 +268,15 @@ def test_resumed_run_equals_the_uninterrupted_one(family, runs, family_dirs, tmp
     for a, b in zip(resumed, uninterrupted):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-9)
         assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "gemma3"])
+def test_memory_estimate_holds_the_frozen_tower_without_its_gradients(family, family_dirs):
+    from shardtune.memory import estimate, model_shape
+
+    cfg = config(family_dirs[family])
+    model = build(family_dirs[family])
+    every = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu")
+    assert trained < every and (est.parameters, est.gradients, est.optimizer) == (4 * every, 4 * trained, 8 * trained)
