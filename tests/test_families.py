@@ -247,3 +247,36 @@ def test_moe_step_is_the_models_own_loss_with_its_router_aux_loss(family_dirs, t
     counts = torch.stack([torch.bincount(t.flatten(), minlength=4).double() for t in top])
     assert math.isclose(row["train/expert_imbalance"], (counts.max(1).values / counts.mean(1)).mean().item())
     assert row["train/expert_imbalance"] >= 1.0
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_5"])
+def test_resumed_run_equals_the_uninterrupted_one(family, runs, family_dirs, tmp_path):
+    """2 steps, then the same command for 3 (auto resume from the step-2 checkpoint): step 3 equals the
+    uninterrupted run's (experts' 3-D weights and sinks; Gated DeltaNet's A_log and dt_bias; a frozen tower)."""
+    train = runs / "train.jsonl"
+    common = [f"model.path={family_dirs[family]}", f"data.train_files={train}", "data.cache_dir=null",
+              "data.num_proc=1", "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2", "optim.lr=2e-3",
+              "optim.lr_warmup_steps=1", "trainer.logger=[jsonl]", f"trainer.default_local_dir={tmp_path / 'run'}"]
+    for steps in (2, 3):  # (the schedule's rates of steps 1-3 do not depend on the total here: warmup 1, then
+        r = run_cli("train", *common, f"trainer.total_training_steps={steps}")  # cosine from step 2's factor 1)
+        assert r.returncode == 0, r.stderr[-3000:]
+    resumed = read_metrics(tmp_path / "run")
+    uninterrupted = read_metrics(runs / "one" / f"{family}_sp1")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(resumed, uninterrupted):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-9)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "gemma3"])
+def test_memory_estimate_holds_the_frozen_tower_without_its_gradients(family, family_dirs):
+    from shardtune.memory import estimate, model_shape
+
+    cfg = config(family_dirs[family])
+    model = build(family_dirs[family])
+    every = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu")
+    assert trained < every and (est.parameters, est.gradients, est.optimizer) == (4 * every, 4 * trained, 8 * trained)
