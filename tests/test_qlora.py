@@ -191,3 +191,11 @@ def test_estimate_counts_4bit_weights_and_offloaded_activations(tiny_model):
     assert on.host_activations == dense.layers * layer  # every layer's saved tensors on the host
     assert off.activations - on.activations == (dense.layers - 2) * layer  # two layers back on the device
     assert estimate(cfg, dense, device_type="cpu").host_activations == 0  # on the CPU nothing moves
+
+
+def test_validate_names_the_4bit_base_and_the_offload(tiny_model, data):
+    r = run_cli("validate", f"model.path={tiny_model}", f"data.train_files={data}", "data.cache_dir=null",
+                "data.num_proc=1", "model.lora_rank=8", "model.load_in_4bit=true", "model.enable_activation_offload=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(4-bit base)" in r.stdout and "a 4-bit weight de-quantized" in r.stdout
+    assert "offload moves nothing on a CPU" in r.stdout
