@@ -87,7 +87,7 @@ def test_packed_logits_equal_each_sequence_alone(tiny_model, data_files, tmp_pat
     model = trainer.engine.model.eval()
     samples = [trainer.train_data[i] for i in range(3)]
     mb = trainer.loader.micro_batches(trainer.train_data.lengths[:3], trainer.train_data.__getitem__)[1][0]
-    assert model.config._attn_implementation == "shardtune_varlen_sdpa"  # auto on CPU with packed rows
+    assert model.config._attn_implementation == "shardtune_varlen"  # auto on CPU with packed rows
     with torch.no_grad():
         by_cu = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
                       cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens).logits[0]
