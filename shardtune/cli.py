@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shardtune: interrupted", file=sys.stderr)
         return 130
+    except BaseException as e:
+        from shardtune import preempt
+
+        if not isinstance(e, preempt.Preempted):
+            raise
+        print("shardtune: SIGTERM before training started: stopped (nothing to save yet)", file=sys.stderr)
+        return preempt.EXIT_CODE
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -163,11 +170,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 def checked_config(path: str | None, overrides: list[str], world_size: int):
     """The config, checked across keys for `world_size` processes and against the model folder."""
     from shardtune.config import load_config, validate
-    from shardtune.model import check_loss_head, check_model_path, check_sequence_parallel
+    from shardtune.model import check_architecture, check_loss_head, check_model_path, check_sequence_parallel
 
     cfg = validate(load_config(path, overrides), world_size=world_size)
     check_model_path(cfg.model)
     check_sequence_parallel(cfg.model, cfg.sp_size)
+    check_architecture(cfg.model)
     check_loss_head(cfg.model)
     return cfg
 
@@ -194,6 +202,9 @@ def _train(cfg, debug: bool) -> int:
             traceback.print_exc()
         print(f"shardtune: error (rank {world.rank}): {e}", file=sys.stderr)
         code = e.exit_code
+    except preempt.Preempted:
+        print(f"shardtune: rank {world.rank}: SIGTERM before training started: stopped", file=sys.stderr)
+        code = preempt.EXIT_CODE
     except BaseException:
         print(f"shardtune: rank {world.rank} failed:", file=sys.stderr)
         traceback.print_exc()

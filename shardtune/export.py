@@ -16,13 +16,18 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from transformers import AutoConfig, AutoTokenizer
 from transformers.initialization import no_init_weights
 
+from shardtune import quantize
 from shardtune.checkpoint import damage, is_complete, single_process_ok
 from shardtune.errors import ShardtuneError
-from shardtune.model import DTYPES, generation_config
+from shardtune.model import DTYPES, auto_class, generation_config
 from shardtune.vision import copy_processor_files
 
 
@@ -107,18 +112,23 @@ def load_checkpoint_model(src: Path) -> tuple[torch.nn.Module, bool]:
     hf = src / "huggingface"
     config = AutoConfig.from_pretrained(hf)
     with no_init_weights():  # allocate without random init; buffers such as rotary inv_freq are still computed
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_class(config).from_config(config, dtype=torch.float32)  # a VLM: its own class, tower included
     lora = (hf / "adapter_config.json").is_file()
     if lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig.from_pretrained(hf))
-    state = {"model": get_model_state_dict(model)}
+    live = get_model_state_dict(model)
     try:
+        # a QLoRA base was saved in 4 bits: read its parts, then write them de-quantized into the model
+        saved = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata
+        state = {"model": quantize.part_buffers(live, saved)}
         with single_process_ok():
             dcp.load(state, checkpoint_id=str(src))  # reads into the model's own tensors: no second copy
     except (Exception, CheckpointException) as e:  # a shard damaged in a way its size does not show
         raise ShardtuneError(f"'{src}' cannot be read ({type(e).__name__}: {str(e)[:300]}). Fix: use another "
                              "checkpoint of the run (or copy this one again).") from None
-    set_model_state_dict(model, state["model"])
+    quantize.fill_dense(live, state["model"])
+    dense = quantize.without_parts(state["model"])  # the 4-bit weights are filled already
+    set_model_state_dict(model, dense, options=StateDictOptions(strict=len(dense) == len(state["model"])))
     return model, lora

@@ -6,8 +6,13 @@ Activations come from what autograd saves for one Llama/Qwen2-style decoder laye
 tensor by tensor below and checked against `saved_tensors_hooks` on a real model in tests/test_memory.py.
 The logits terms were measured on CPU (peak resident memory of the plain and the chunked loss).
 
+MoE layers count every expert's weights, gradients and optimizer state, and activations for the top-k
+experts of each token (`moe_bytes_per_token`); a multimodal checkpoint's frozen vision tower counts as
+parameters only (no gradients, no optimizer state, not run on text).
+
 What is not modelled: T x T attention scores (the kernels shardtune picks never materialise them, but
-padded rows with an attention mask may fall back to one that does), MoE layers, vision towers, the extra
+padded rows with an attention mask may fall back to one that does; nor per-sequence soft-capped or sink
+attention, whose scores are per sequence), linear-attention layers' own activations, the extra
 saved tensors of LoRA's rank-r branch (small), compiled layers (`engine.use_torch_compile`), and the
 tokenized data held in host memory.
 """
@@ -21,6 +26,7 @@ from typing import Any
 
 import torch
 
+from shardtune import quantize
 from shardtune.config import Config
 from shardtune.loss import LossHead
 from shardtune.model import build_from_config, compute_dtype, load_hf_config
@@ -59,6 +65,17 @@ class ModelShape:
     largest_unit_trainable_params: int
     trainable_params: int  # elements with requires_grad
     head_trainable: bool  # the output layer's weight trains (not under LoRA)
+    # QLoRA (model.load_in_4bit): weights held in 4 bits, whose bytes (codes, scales) are in param_bytes
+    four_bit_params: int = 0
+    four_bit_bytes: int = 0
+    largest_unit_4bit_params: int = 0
+    largest_4bit_weight: int = 0  # elements of the largest one, de-quantized for its matmul and then freed
+    # mixture of experts (0 for dense models): routed experts, how many each token uses, their width, and
+    # the width of the shared experts every token also runs
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,7 @@ class MemoryEstimate:
     tokens: int  # per micro-batch on this device
     device_type: str
     compute_dtype: str
+    host_activations: float = 0.0  # saved activations held in host memory (model.enable_activation_offload)
 
     @property
     def transient(self) -> float:
@@ -87,28 +105,57 @@ class MemoryEstimate:
         return self.parameters + self.gradients + self.optimizer + self.working + self.transient + self.runtime
 
 
-def shape_of(model: torch.nn.Module) -> ModelShape:
-    c = model.config
-    params = list(model.parameters())  # unique: a tied weight is counted once
+def nbytes(p: torch.Tensor) -> int:
+    """Bytes a parameter holds: a 4-bit weight's codes, block scales and constants; else numel x size."""
+    if quantize.is_4bit(p):
+        local = getattr(p, "_local_tensor", p)
+        return sum(getattr(local, n).numel() * getattr(local, n).element_size()
+                   for n in quantize.SHARDED_PARTS + quantize.REPLICATED_PARTS)
+    return p.numel() * p.element_size()
 
-    def count(module: torch.nn.Module | None, trainable: bool = False) -> int:
+
+def shape_of(model: torch.nn.Module) -> ModelShape:
+    """Sizes from the language model's config; parameter bytes from every parameter (a multimodal
+    checkpoint's frozen vision tower and projector are held, without gradients or optimizer state)."""
+    c = model.config.get_text_config()
+    params = list(model.parameters())  # unique: a tied weight is counted once
+    four_bit = [p for p in params if quantize.is_4bit(p)]
+
+    def count(module: torch.nn.Module | None, trainable: bool = False, only_4bit: bool = False) -> int:
         ps = [] if module is None else module.parameters()
-        return sum(p.numel() for p in ps if p.requires_grad or not trainable)
+        return sum(p.numel() for p in ps
+                   if (p.requires_grad or not trainable) and (quantize.is_4bit(p) or not only_4bit))
 
     units = [*decoder_layers(model), model.get_input_embeddings(), model.get_output_embeddings()]
     return ModelShape(
         hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
         heads=c.num_attention_heads, kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, vocab=c.vocab_size,
-        params=sum(p.numel() for p in params), param_bytes=sum(p.numel() * p.element_size() for p in params),
+        params=sum(p.numel() for p in params), param_bytes=sum(nbytes(p) for p in params),
         trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-        linear_weight_params=sum(m.weight.numel() for m in model.modules()
-                                 if isinstance(m, (torch.nn.Linear, LossHead))),
+        linear_weight_params=sum(m.weight.numel() for m in model.modules()  # 4-bit ones save no bf16 copy
+                                 if isinstance(m, (torch.nn.Linear, LossHead)) and not quantize.is_4bit(m.weight)),
         largest_unit_params=max(count(u) for u in units),
         largest_unit_trainable_params=max(count(u, trainable=True) for u in units),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        head_trainable=model.get_output_embeddings().weight.requires_grad,
+        head_trainable=model.get_output_embeddings().weight.requires_grad, **experts_of(c),
+        four_bit_params=sum(p.numel() for p in four_bit), four_bit_bytes=sum(nbytes(p) for p in four_bit),
+        largest_unit_4bit_params=max(count(u, only_4bit=True) for u in units),
+        largest_4bit_weight=max((p.numel() for p in four_bit), default=0),
     )
+
+
+def experts_of(c: Any) -> dict[str, int]:
+    """The MoE sizes of a (text) config, read under the names the families use; {} for dense models."""
+    experts = next((getattr(c, n) for n in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(c, n, None)), 0)
+    if not experts:
+        return {}
+    shared = getattr(c, "shared_expert_intermediate_size", None) or (
+        (getattr(c, "n_shared_experts", None) or 0) * (getattr(c, "moe_intermediate_size", None) or 0))
+    return dict(experts=experts, experts_per_token=getattr(c, "num_experts_per_tok", None) or 1,
+                expert_intermediate=getattr(c, "moe_intermediate_size", None) or c.intermediate_size,
+                shared_intermediate=shared)
 
 
 def model_shape(model_cfg: Any) -> ModelShape:
@@ -141,7 +188,18 @@ def layer_bytes_per_token(s: ModelShape, act: int, residual: int, autocast: bool
     # q and k after RoPE, v, the attention output with its fp32 logsumexp per head, o_proj's input
     attention = 3 * act * h + 2 * act * kv + 4 * s.heads
     mlp = 4 * act * i  # gate (SiLU's input), SiLU's output, up, and their product (down_proj's input)
+    if s.experts:  # (every layer counted as MoE: the dense first layers of DeepSeek-V3 are few)
+        return norms + attention + moe_bytes_per_token(s, act)
     return norms + attention + mlp
+
+
+def moe_bytes_per_token(s: ModelShape, act: int) -> float:
+    """An MoE block per token: the router's logits and fp32 softmax, and for each of the token's top-k
+    experts its gathered input, the expert's four SwiGLU tensors and its weighted output; shared experts as
+    a dense MLP."""
+    router = act * s.experts + 4 * 2 * s.experts + 12 * s.experts_per_token  # logits, softmax, top-k weights/ids
+    routed = s.experts_per_token * (2 * act * s.hidden + 4 * act * s.expert_intermediate)
+    return router + routed + 4 * act * s.shared_intermediate
 
 
 def activation_bytes(s: ModelShape, tokens: int, act: int, residual: int, autocast: bool,
@@ -198,6 +256,10 @@ def estimate(cfg: Any, model: ModelShape | torch.nn.Module, world_size: int = 1,
     state = [s.param_bytes / shard, s.trainable_bytes / shard, 2 * s.trainable_bytes / shard]
     tokens = tokens_per_micro_batch(cfg)
     activations = activation_bytes(s, tokens, act, residual, autocast, cfg.model.enable_gradient_checkpointing)
+    host_activations = 0.0
+    if cfg.model.enable_activation_offload and device_type == "cuda":  # on the CPU nothing moves
+        moved, kept = offloaded_bytes(s, tokens, act, residual, autocast, cfg.model.enable_gradient_checkpointing)
+        activations, host_activations = activations - moved + kept, moved
     logits = logits_bytes(s, tokens, loss_chunk(cfg, s, tokens, device_type), act)
     transient = activations + logits
     return MemoryEstimate(
@@ -205,18 +267,33 @@ def estimate(cfg: Any, model: ModelShape | torch.nn.Module, world_size: int = 1,
         activations=activations, logits=logits,
         runtime=RUNTIME_FIXED[device_type] + ALLOCATOR_SLACK[device_type] * transient,
         host=sum(state) if offload else 0.0, tokens=tokens, device_type=device_type,
-        compute_dtype="bf16" if act == 2 else "fp32")
+        compute_dtype="bf16" if act == 2 else "fp32", host_activations=host_activations)
+
+
+def offloaded_bytes(s: ModelShape, tokens: int, act: int, residual: int, autocast: bool,
+                    checkpointing: bool) -> tuple[float, float]:
+    """(bytes moved to the host, bytes back on the device at a time) under activation offloading: every
+    layer's saved tensors (its input under checkpointing); the layer in backward and the one prefetched
+    are back on the device (the recomputed layer's input alone under checkpointing)."""
+    if checkpointing:
+        per_layer = tokens * s.hidden * residual
+        return s.layers * per_layer, per_layer
+    per_layer = layer_bytes_per_token(s, act, residual, autocast) * tokens
+    return s.layers * per_layer, min(2, s.layers) * per_layer
 
 
 def working_bytes(cfg: Any, s: ModelShape, sharded: bool, autocast: bool, act: int) -> float:
     """Unsharded copies of the weights that exist only while computing."""
+    dequantized = act * s.largest_4bit_weight  # a 4-bit weight de-quantized for its matmul, one at a time
     if not sharded:  # autocast casts each Linear weight to bf16 and autograd keeps it until backward
-        return 2.0 * s.linear_weight_params if autocast else 0.0
+        return (2.0 * s.linear_weight_params if autocast else 0.0) + dequantized
     # one unit's unsharded gradient and its reduce-scatter input in the reduce dtype; when gradients are
     # reduced once per step, every unit's unsharded gradient lives through the accumulation
     grads = (act + BYTES[cfg.engine.mixed_precision.reduce_dtype]) * s.largest_unit_trainable_params
     if cfg.engine.grads_reduced_once_per_step:
         grads += act * s.trainable_params
+    four_bit = s.four_bit_bytes / max(s.four_bit_params, 1)  # bytes per element, gathered in 4 bits
     if not cfg.engine.reshard_after_forward:  # every unit stays gathered from its forward to its backward
-        return act * s.params + grads
-    return 2 * act * s.largest_unit_params + grads  # the unit computing and the one prefetched
+        return act * (s.params - s.four_bit_params) + four_bit * s.four_bit_params + grads + dequantized
+    unit = act * (s.largest_unit_params - s.largest_unit_4bit_params) + four_bit * s.largest_unit_4bit_params
+    return 2 * unit + grads + dequantized  # the unit computing and the one prefetched

@@ -53,7 +53,7 @@ def step_metrics(result: StepResult, batch: StepBatch, state: TrainState, *, ela
         "perf/padding_ratio": batch.padded_tokens / (batch.padded_tokens + tokens),
         "perf/micro_batches": len(batch.plans[0]), "perf/max_memory_gb": max_memory_gb(device),
         "data/mean_seq_len": float(batch.lengths.mean()), "data/max_seq_len": int(batch.lengths.max()),
-        "data/dropped_rows": batch.drawn.dropped_rows, **per_source,
+        "data/dropped_rows": batch.drawn.dropped_rows, **per_source, **result.extra,
     }
 
 

@@ -24,7 +24,7 @@ from transformers import (
     GenerationConfig,
 )
 
-from shardtune import attention, vision
+from shardtune import attention, linear_attention, vision
 from shardtune.config import ModelConfig
 from shardtune.errors import ConfigError
 
@@ -134,7 +134,7 @@ def check_loss_head(cfg: ModelConfig) -> None:
     rescales its logits: refuse before anything is loaded (the engine checks again on every micro-batch)."""
     if cfg.loss_chunk_size <= 0 and not cfg.use_liger:
         return
-    hf = load_hf_config(cfg)
+    hf = load_hf_config(cfg).get_text_config()
     found = [a for a in LOGIT_TRANSFORMS if getattr(hf, a, None) not in (None, 1, 1.0)]
     if found:
         raise ConfigError(f"{hf.model_type} models transform their logits after lm_head ({found[0]}="
@@ -143,13 +143,36 @@ def check_loss_head(cfg: ModelConfig) -> None:
 
 
 def check_sequence_parallel(cfg: ModelConfig, sp_size: int) -> None:
-    """Ulysses splits attention heads over the sequence-parallel ranks: heads must divide evenly."""
+    """Ulysses splits attention heads over the sequence-parallel ranks: heads must divide evenly, and every
+    layer must be attention (a linear-attention layer's recurrence runs along the whole sequence)."""
     if sp_size == 1:
         return
-    heads = load_hf_config(cfg).get_text_config().num_attention_heads
+    hf = load_hf_config(cfg)
+    if linear_attention.has_linear_attention(hf):
+        raise ConfigError(f"engine.ulysses_sequence_parallel_size={sp_size}: {hf.model_type} has linear-attention "
+                          "layers, whose recurrent state runs along the whole sequence, which Ulysses splits over "
+                          "ranks. Fix: engine.ulysses_sequence_parallel_size=1 for this model.")
+    heads = hf.get_text_config().num_attention_heads
     if heads % sp_size:
         raise ConfigError(f"The model has {heads} attention heads, not divisible by the sequence-parallel size "
                           f"{sp_size}. Fix: pick an engine.ulysses_sequence_parallel_size that divides {heads}.")
+
+
+def check_architecture(cfg: ModelConfig) -> None:
+    """Refuse, before any weights are read, what the model's own code would reject or miscompute: an
+    attention implementation its class does not have, and MLA configs with grouped KV heads (MLA has one
+    key/value per query head; transformers' sdpa and eager paths would repeat them by the ratio)."""
+    hf = load_hf_config(cfg)
+    cls = concrete_class(hf)
+    if cfg.attn_implementation == "sdpa" and cls is not None and not cls._supports_sdpa:
+        raise ConfigError(f"model.attn_implementation=sdpa: {cls.__name__} has no sdpa attention (its variants: "
+                          f"{', '.join(sorted(attention.variants(hf))) or 'none'}). Fix: "
+                          "model.attn_implementation=auto.")
+    text = hf.get_text_config()
+    if "mla" in attention.variants(hf) and text.num_key_value_heads != text.num_attention_heads:
+        raise ConfigError(f"{hf.model_type}: num_key_value_heads={text.num_key_value_heads} differs from "
+                          f"num_attention_heads={text.num_attention_heads}, which multi-head latent attention does "
+                          "not have. Fix: set num_key_value_heads to num_attention_heads in config.json.")
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -282,12 +305,18 @@ def auto_class(hf_config: Any) -> Any:
     return AutoModelForImageTextToText if vision.is_vision_config(hf_config) else AutoModelForCausalLM
 
 
+def concrete_class(hf_config: Any) -> type | None:
+    """The transformers class `auto_class` builds for this config (for the kernels it declares); None for
+    remote-code models."""
+    return auto_class(hf_config)._model_mapping.get(type(hf_config), None)
+
+
 def attention_for(cfg: ModelConfig, device: torch.device | str, compute_dtype: torch.dtype,
                   hf_config: Any = None) -> str | dict[str, str]:
     hf_config = hf_config if hf_config is not None else load_hf_config(cfg)
     text_config = hf_config.get_text_config() if vision.is_vision_config(hf_config) else hf_config
     chosen = attention.choose(cfg.attn_implementation, cfg.use_remove_padding, torch.device(device), compute_dtype,
-                              text_config)
+                              text_config, concrete_class(hf_config))
     return vision.attention_per_part(hf_config, chosen)
 
 

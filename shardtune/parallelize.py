@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from shardtune import attention, parallel, vision
+from shardtune import attention, linear_attention, parallel, vision
 from shardtune.loss import find_loss_head, install_loss_head
 from shardtune.model import DTYPES, compute_dtype, liger_usable
 from shardtune.parallel import decoder_layers
@@ -32,8 +32,12 @@ def parallelize(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torc
     model = use_liger_kernels(model, cfg, world)
     model = add_loss_head(model, cfg, world)
     model = checkpoint_activations(model, cfg, world)
+    model = offload_activations(model, cfg, world)
     model = freeze_vision_parts(model, cfg, world)
+    model = quantize_base(model, cfg, world)
+    model = isolate_linear_attention(model, cfg, world)
     model = add_lora(model, cfg, world)
+    model = add_neftune(model, cfg, world)
     model = use_ulysses(model, cfg, world)
     model = compile_layers(model, cfg, world)
     weights = model.state_dict() if world.distributed and world.is_main else {}  # sent to the others below
@@ -73,9 +77,43 @@ def checkpoint_activations(model: torch.nn.Module, cfg: Any, world: parallel.Wor
     return model
 
 
+def offload_activations(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
+    """Saved activations to host memory per decoder layer (after checkpointing, whose layer inputs are what
+    moves when it is on; shardtune/offload.py)."""
+    if cfg.model.enable_activation_offload:
+        from shardtune import offload
+
+        offload.offload_activations(model, cfg.model.enable_gradient_checkpointing)
+    return model
+
+
+def quantize_base(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
+    """QLoRA's 4-bit base (before LoRA wraps the Linear layers; shardtune/quantize.py): each weight whole, on
+    the training device (fast on a GPU), where the weights are real (rank 0, or the one process)."""
+    if cfg.model.load_in_4bit:
+        from shardtune import quantize
+
+        quantize.quantize_base(model, cfg.model.bnb_4bit_quant_type, four_bit_dtype(cfg), world.device)
+    return model
+
+
+def four_bit_dtype(cfg: Any) -> torch.dtype:
+    """What the 4-bit weights de-quantize to, and the dtype of the adapters over them."""
+    name = cfg.model.bnb_4bit_compute_dtype
+    name = {"float32": "fp32", "bfloat16": "bf16"}.get(name, name)
+    return compute_dtype(cfg) if name == "auto" else DTYPES[name]
+
+
 def freeze_vision_parts(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
     if vision.is_vision_config(model.config):
         vision.freeze(model, cfg.model)
+    return model
+
+
+def isolate_linear_attention(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
+    """Linear-attention layers (Gated DeltaNet, Mamba-style) run once per sequence of a packed row, so their
+    recurrent state restarts at every sequence start (shardtune/linear_attention.py); before LoRA wraps them."""
+    linear_attention.isolate_recurrent_layers(model)
     return model
 
 
@@ -89,15 +127,27 @@ def add_lora(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.n
 
     if mcfg.enable_gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    # over a 4-bit base the adapters take the base's compute dtype (peft would otherwise upcast bf16 ones)
+    autocast = not mcfg.load_in_4bit
     if mcfg.lora_adapter_path:
-        return PeftModel.from_pretrained(model, os.path.expanduser(mcfg.lora_adapter_path), is_trainable=True)
+        return PeftModel.from_pretrained(model, os.path.expanduser(mcfg.lora_adapter_path), is_trainable=True,
+                                         autocast_adapter_dtype=autocast)
     targets = "all-linear" if mcfg.target_modules == ["all-linear"] else mcfg.target_modules
     exclude = mcfg.exclude_modules or None
     if exclude is None and vision.is_vision_config(model.config):
         exclude = vision.lora_exclude(mcfg)  # LoRA on the language model (and the vision parts that train)
     return get_peft_model(model, LoraConfig(
         r=mcfg.lora_rank, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout, target_modules=targets,
-        exclude_modules=exclude, use_dora=mcfg.use_dora, task_type="CAUSAL_LM"))
+        exclude_modules=exclude, use_dora=mcfg.use_dora, task_type="CAUSAL_LM"), autocast_adapter_dtype=autocast)
+
+
+def add_neftune(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
+    """NEFTune's noise on the input embeddings in training mode (hooks, so every wrapper after it keeps them)."""
+    if cfg.model.neftune_noise_alpha > 0:
+        from shardtune.neftune import install_neftune
+
+        install_neftune(model, cfg.model.neftune_noise_alpha)
+    return model
 
 
 def use_ulysses(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
@@ -171,7 +221,15 @@ def receive_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], cf
         model.to(device)
     else:
         model.to_empty(device=device)
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    four_bit = cfg.model.load_in_4bit
+    if four_bit:
+        from shardtune import quantize
+
+        four_bit_weights, weights = quantize.split_state(weights)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                  strict=not four_bit))
+    if four_bit:  # rank 0 quantized each weight whole; every rank takes its rows
+        quantize.broadcast_from_rank0(model, four_bit_weights, world.device)
     # Buffers that are not in the state dict (rotary inv_freq) are garbage after to_empty: take rank 0's,
     # sent over the device the process group serves (NCCL cannot send CPU tensors, e.g. under offload).
     for buf in model.buffers():

@@ -24,18 +24,31 @@ EXIT_CODE = 143  # 128 + SIGTERM: stopped on request, after saving (a scheduler 
 MARKER_ENV = "SHARDTUNE_PREEMPT_MARKER"  # a file the main rank writes when it stopped for SIGTERM (the launcher's)
 
 _requested = False
+_deferred = False  # True while the training loop runs: SIGTERM then waits for the end of the step
+
+
+class Preempted(BaseException):  # noqa: N818 (a stop, like KeyboardInterrupt, not an error)
+    """SIGTERM before training started (loading, tokenizing): nothing to save, the run stops at once."""
 
 
 def _note(signum: int, frame: object) -> None:
     global _requested
     _requested = True
+    if not _deferred:
+        raise Preempted()
 
 
 def install() -> None:
-    """From now on SIGTERM asks the run to stop after its current step (main thread only)."""
-    global _requested
-    _requested = False
+    """From now on SIGTERM stops the run: at once while it loads, after the current step once it trains."""
+    global _requested, _deferred
+    _requested, _deferred = False, False
     signal.signal(signal.SIGTERM, _note)
+
+
+def defer(on: bool) -> None:
+    """The training loop starts (True) or ends (False): a SIGTERM in between waits for the step to end."""
+    global _deferred
+    _deferred = on
 
 
 def request() -> None:

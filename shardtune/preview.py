@@ -137,9 +137,12 @@ def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float
     print(f"  {'total':26s} {est.total / GIB:8.2f} GiB")
     if est.host:
         print(f"  {'on the host (offload)':26s} {est.host / GIB:8.2f} GiB per process")
+    if est.host_activations:
+        print(f"  {'activations on the host':26s} {est.host_activations / GIB:8.2f} GiB per process "
+              "(model.enable_activation_offload)")
     # processes on a CPU share the machine's memory (offloaded state included); each GPU has its own
     shared = est.device_type == "cpu"
-    need = (est.total + est.host) * world_size if shared else est.total
+    need = (est.total + est.host + est.host_activations) * world_size if shared else est.total
     if shared and world_size > 1:
         what += f", {world_size} processes"
     ok = need <= available
@@ -171,13 +174,17 @@ def _remedies(cfg: Config) -> list[str]:
 
 def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, str]]:
     model = cfg.model
+    copies = "FSDP2 all-gather" if world_size > 1 else "bf16 autocast casts"
+    activations = f"gradient checkpointing {'on' if model.enable_gradient_checkpointing else 'off'}"
+    if model.enable_activation_offload:
+        activations += ", offloaded" if est.device_type == "cuda" else ", offload moves nothing on a CPU"
     return [
-        ("parameters", est.parameters, "" if world_size == 1 else "sharded"),
+        ("parameters", est.parameters, "; ".join(["sharded"] * (world_size > 1) + ["4-bit base"] * model.load_in_4bit)),
         ("gradients", est.gradients, "trainable parameters only"),
         ("optimizer state (AdamW)", est.optimizer, "2 per trainable parameter"),
-        ("unsharded weight copies", est.working, "FSDP2 all-gather" if world_size > 1 else "bf16 autocast casts"),
-        ("activations", est.activations,
-         f"gradient checkpointing {'on' if model.enable_gradient_checkpointing else 'off'}"),
+        ("unsharded weight copies", est.working,
+         copies + ("; a 4-bit weight de-quantized" if model.load_in_4bit else "")),
+        ("activations", est.activations, activations),
         ("logits and loss", est.logits, "Liger fused" if model.use_liger and est.device_type == "cuda" else
          f"chunks of {model.loss_chunk_size}" if model.loss_chunk_size else "full logits"),
         ("runtime overhead", est.runtime, "CUDA context, allocator slack; assumed" if est.device_type == "cuda"

@@ -87,6 +87,7 @@ class Trainer:
     def _loop(self) -> None:
         cadence = self.cfg.trainer
         steps, saved = iter(self.loader), None
+        preempt.defer(True)  # SIGTERM from here on: finish the step, save, stop (shardtune/preempt.py)
         try:
             # checked before drawing, so the sampler stops there
             while self.state.step < self.total_steps and not self.state.stopped_early and not self.preempted:

@@ -7,6 +7,15 @@ is (the generation prompt's token before an assistant turn, the last token befor
 every trained run ends with an end-of-turn token or the EOS, except a history turn of a template that writes
 none; and no end-of-turn token right after a trained run is left out. With {% generation %} markers the
 mask must be the marked blocks.
+
+A reference built from other renders is compared case by case (`_check_reference`), piece by piece (tokens,
+token-like literals whether or not the tokenizer holds them, words), so that neither special tokens nor
+whitespace decide: (a) after a turn's end-of-turn token nothing but further closing tokens is trained;
+(b) no piece of the generation prompt (the prefix render with add_generation_prompt) found before the turn's
+text, of the prompt's last header wherever the history writes it, or of another message's header is trained;
+(c) a history turn's closing (what it is followed by before the next header, and what the final turn closes
+with, where the history writes it too) is trained, whether or not it is a token. Templates that render the
+conversation as a prompt about it (guard, reward and user-simulator models) are not judged.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from typing import Any
 
 IGNORE = -100
 TOKEN_RES = [r"<\|[^<>|\s]{1,48}\|>", r"<｜[^<>｜]{1,48}｜>", r"</?[A-Za-z_][\w:\-]{0,30}>", r"<\|[a-z_]{1,30}>",
-             r"<[a-z_]{1,30}\|>", r"\[/?[A-Z][A-Z_]{1,30}\]", r"\[\|[a-z]+\|\]"]
+             r"<[a-z_]{1,30}\|>", r"\[/?[A-Z][A-Z_]{1,30}\]", r"\[\|[a-z]+\|\]", r"\]~!?b[\[\]]|\[e~\["]
 # (text in the template, bos, eos) as the released tokenizers of these families set them
 FAMILIES = [
     ("<|return|>", "<|startoftext|>", "<|return|>"), ("[gMASK]", None, "<|endoftext|>"),
@@ -27,9 +36,12 @@ FAMILIES = [
     ("<|end|>", "<s>", "<|endoftext|>"), ("<end_of_utterance>", "<|begin_of_text|>", "<end_of_utterance>"),
     ("<SPECIAL_12>", None, "<SPECIAL_12>"), ("<seed:eos>", "<seed:bos>", "<seed:eos>"),
     ("<|message_sep|>", None, "<|message_sep|>"), ("<|header_start|>", "<|begin_of_text|>", "<|eot|>"),
+    ("<|eom|>", "<|startoftext|>", "<|endoftext|>"), ("</longcat_s>", "<longcat_s>", "</longcat_s>"),
+    ("<｜hy_place▁holder▁no▁2｜>", "<｜hy_begin▁of▁sentence｜>", "<｜hy_place▁holder▁no▁2｜>"),
 ]
-END_RE = re.compile(r"(?i)((?<!header_)end(?!_header|_of_role)|eot|eos|return|call\|>|^</s>$|^<[a-z_]+\|>$|stop"
-                    r"|^<\|tool_response>$)")
+END_RE = re.compile(r"(?i)((?<!header_)end(?!_header|_of_role)|eot|eos|eom\|>|return|calls?\|>|suffix\|>|^</s>$|"
+                    r"^<sep>$|^<[a-z_]+\|>$|^<step>$|stop|^<\|tool_response>$|^<start_function_response>$|"
+                    r"hy_place▁holder▁no▁2｜|^\[e~\[$)")
 
 
 def template_tokens(text: str) -> list[str]:
@@ -126,6 +138,38 @@ def applicable(tok, template: str, msgs: list[dict], tools, **kwargs) -> str | N
         return "drops an assistant text"
     if tools and "Quitoville" not in full:
         return "drops the tool call"
+    if re.search(r"""['"]type['"]: ['"]text['"]""", full):
+        return "prints the content parts list as it is"
+    return _not_a_chat(tok, template, msgs, tools, full, kwargs)
+
+
+def _not_a_chat(tok, template, msgs, tools, full, kwargs) -> str | None:
+    """Why the template renders the conversation as a prompt about it (a guard or reward model that classifies
+    it, a user simulator) rather than as turns the model generates, or None: the header its generation prompt
+    opens (after the prompt's last end token: its opening piece and the role named after it) is not written
+    before an assistant text."""
+    added = sorted({t.content for t in tok.added_tokens_decoder.values()}, key=len, reverse=True)
+    rx = _piece_re(added)
+    loc = _locate(full, msgs)
+    for i, m in enumerate(msgs):
+        prev = max((j for j in range(i) if loc[j]), default=None)
+        if m["role"] != "assistant" or not loc[i] or prev is None or msgs[prev]["role"] == "assistant":
+            continue
+        try:
+            prefix = render(tok, template, msgs[:i], tools, True, **kwargs)
+        except Exception:  # the template renders no conversation ending there: judged as it renders
+            continue
+        ploc = _locate(prefix, msgs[:i])[prev]
+        if not ploc:
+            return "renders no generation prompt after the conversation before an assistant's turn"
+        want = [prefix[a:b] for a, b in _pieces(rx, prefix, ploc[1], len(prefix))]
+        ends = [k for k, w in enumerate(want) if w in added and _is_end(tok, w)]
+        header = (want[ends[-1] + 1:] if ends else want)[:2]
+        if len(header) == 2 and (header[1] in added or any(re.fullmatch(r, header[1]) for r in TOKEN_RES)):
+            header = header[:1]  # the role is the opening token's own (`<｜Assistant｜>`), not a name after it
+        have = [full[a:b] for a, b in _pieces(rx, full, loc[prev][1], loc[i][0])]
+        if header and not any(have[k:k + len(header)] == header for k in range(len(have))):
+            return f"writes no {' '.join(header)!r} header before the assistant's text"
     return None
 
 
@@ -170,8 +214,15 @@ def check_mask(tok, template: str, msgs: list[dict], tools, ids: list[int], labe
             problems.append("assistant text with train: false trained")
     if tools and any_trained("Weather of a city zebrafinch"):
         problems.append("tool schema trained")
-    problems += _check_headers(tok, template, msgs, tools, full, trained, added, kwargs)
-    problems += _check_ends(tok, msgs, full, trained, added, bool(extra))
+    closing = _final_only(tok, template, msgs, tools, full, added, kwargs) | _after_every_turn(msgs, full, added)
+    problems += _check_headers(tok, template, msgs, tools, full, trained, added, kwargs, closing)
+    gen = render(tok, template, msgs, tools, True, **kwargs)
+    n = 0
+    while n < min(len(full), len(gen)) and full[-1 - n] == gen[-1 - n]:
+        n += 1
+    # what every render ends with, with or without the prompt, is the template's text after the conversation
+    problems += _check_ends(tok, msgs, full, trained, added, bool(extra), closing, len(full) - n if gen != full else 0)
+    problems += _check_reference(tok, template, msgs, tools, full, trained, added, kwargs)
     return problems
 
 
@@ -183,7 +234,7 @@ def _find_all(text: str, needle: str) -> list[int]:
     return out
 
 
-def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs) -> list[str]:
+def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs, closing=frozenset()) -> list[str]:
     problems = []
     first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     head = prompt = None
@@ -210,14 +261,31 @@ def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
                 problems.append(f"assistant header {head!r} trained")
         else:
             last = max(((before.rfind(t), t) for t in added if t in before), default=(-1, None))
-            start = cursor + last[0]
-            if last[1] and not END_RE.search(last[1]) and any(trained[start: start + len(last[1])]):
+            span = trained[cursor + last[0]: cursor + last[0] + len(last[1])] if last[1] else []
+            if last[1] and not _is_end(tok, last[1]) and last[1] not in closing and any(span):
                 problems.append(f"header {last[1]!r} of a {m['role']} message trained")
         cursor = max(e for _, e in found)
     return problems
 
 
-def _check_ends(tok, msgs, full, trained, added, eos_appended) -> list[str]:
+def _final_only(tok, template, msgs, tools, full, added, kwargs) -> set[str]:
+    """Tokens written only after the conversation's end of this render, not by the generation-prompt render
+    (Phi-3's and Hunyuan's closing of the final turn): they close it."""
+    last = max((full.find(t) + len(t) for m in msgs for t in _texts(m) if full.find(t) >= 0), default=0)
+    gen = render(tok, template, msgs, tools, True, **kwargs)
+    return {t for t in added if t in full[last:] and t not in gen[last:]}
+
+
+def _after_every_turn(msgs, full, added) -> set[str]:
+    """The token the template writes right after every assistant message's text, the final one's included (a
+    role suffix such as `</assistant>`, `</longcat_s>`): it closes the turn."""
+    loc = _locate(full, msgs)
+    after = {next((t for t in added if full.startswith(t, x[1] + len(full[x[1]:]) - len(full[x[1]:].lstrip()))),
+                  None) for m, x in zip(msgs, loc) if m["role"] == "assistant" and x}
+    return set(after) - {None} if len(after) == 1 else set()
+
+
+def _check_ends(tok, msgs, full, trained, added, eos_appended, closing=frozenset(), always_from=None) -> list[str]:
     problems = []
     texts = [t for m in msgs for t in (text_of(m["content"]).strip(),) if t]
     runs, c = [], 0
@@ -233,17 +301,34 @@ def _check_ends(tok, msgs, full, trained, added, eos_appended) -> list[str]:
         last = not after.strip()
         nxt = min([q for q in (after.find(t) for t in texts) if q >= 0] or [len(after)])
         gap = after[:nxt]
-        is_end = [t for t in added if text.endswith(t) and (END_RE.search(t) or t == tok.eos_token)]
-        missed = [t for t in added if (END_RE.search(t) or t == tok.eos_token) and t in gap
-                  and not all(trained[e + gap.find(t): e + gap.find(t) + len(t)])]
+        is_end = [t for t in added if text.endswith(t) and (END_RE.search(t) or t == tok.eos_token or t in closing)]
+        leading = _leading_ends(tok, added, full, e, e + len(gap))
+        missed = [t for t, a in leading if not all(trained[a:a + len(t)]) and (always_from is None or a < always_from)]
         if missed and not (last and eos_appended):
             problems.append(f"end-of-turn token {missed[0]!r} after a trained run left out")
-        writes_no_end = not last and not any(END_RE.search(t) or t == tok.eos_token for t in added if t in gap)
+        writes_no_end = not last and not leading  # an end token further on closes the next header (VAETKI's
+        # `<|role_start|>user<|role_end|>`)
         if not is_end and not writes_no_end and not (last and eos_appended):
             problems.append(f"a trained run ends without an end-of-turn token: ...{text[-25:]!r}")
         if text != text.rstrip() and not (last and eos_appended):
             problems.append("a trained run ends with whitespace")
     return problems
+
+
+def _leading_ends(tok, added: list[str], full: str, pos: int, limit: int) -> list[tuple[str, int]]:
+    """The end-of-turn tokens (and where) right after a trained run, whitespace and other end tokens between
+    them; one further on closes something else (a header, the template's text after the conversation)."""
+    out = []
+    while pos < limit:
+        if full[pos].isspace():
+            pos += 1
+            continue
+        t = next((t for t in added if full.startswith(t, pos)), None)
+        if t is None or not (END_RE.search(t) or t == tok.eos_token):
+            break
+        out.append((t, pos))
+        pos += len(t)
+    return out
 
 
 def _check_markers(tok, template, msgs, tools, full, trained, added, kwargs) -> list[str]:
@@ -278,3 +363,147 @@ def _check_markers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
             want[c] = True
     bad = next((c for c in range(len(full)) if want[c] != trained[c] and full[c].strip()), None)
     return [] if bad is None else [f"mask differs from the generation markers at {full[max(0, bad - 20):bad + 20]!r}"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reference: prefix renders and the template's own repetitions, compared piece by piece (added tokens and
+# runs of other non-whitespace text), so that neither the tokenizer's special tokens nor whitespace decide
+
+
+def _piece_re(added: list[str]) -> re.Pattern:
+    """Added tokens, token-like literals the tokenizer does not hold, and runs of other non-whitespace text."""
+    alt = "|".join([re.escape(t) for t in added if t.strip()] + TOKEN_RES)
+    return re.compile(f"{alt}|(?:(?!{alt})\\S)+")
+
+
+def _pieces(rx: re.Pattern, text: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in rx.finditer(text, lo, hi)]
+
+
+def _texts(m: dict) -> list[str]:
+    if m["role"] != "assistant":
+        return [t for t in (text_of(m["content"]).strip(),) if t]
+    return [t for t in (*visible(m)[::-1], "Quitoville" if m.get("tool_calls") else "") if t]
+
+
+def _locate(text: str, msgs: list[dict]) -> list[tuple[int, int] | None]:
+    """(first start, last end) of each message's texts, searched in order; None for a message without text."""
+    out, cursor = [], 0
+    for m in msgs:
+        spans = [(q, q + len(t)) for t in _texts(m) for q in (text.find(t, cursor),) if q >= 0]
+        out.append((min(spans)[0], max(e for _, e in spans)) if spans else None)
+        cursor = out[-1][1] if spans else cursor
+    return out
+
+
+def _is_end(tok, t: str) -> bool:
+    return bool(END_RE.search(t)) or t == tok.eos_token
+
+
+def _check_reference(tok, template, msgs, tools, full, trained, added, kwargs) -> list[str]:
+    """(a) after a turn's end-of-turn token only closing tokens are trained (never the next header, nor what
+    the template always writes after the conversation); (b) no piece of the generation prompt (the prefix
+    render with add_generation_prompt, from the last text on) found before the turn's text, and no piece of
+    another message's header (what its gap shares with an earlier message of that role) is trained; (c) the
+    closing a history turn is followed by, before the next message's header, is trained."""
+    rx, problems = _piece_re(added), []
+    loc = _locate(full, msgs)
+    piece = lambda a, b: full[a:b]  # noqa: E731
+    located = [i for i, x in enumerate(loc) if x]
+    # tokens written only after the conversation's end in this render (a final-only closing, Phi-3's
+    # <|endoftext|>), not by the generation-prompt render
+    last_end = loc[located[-1]][1] if located else 0
+    gen = render(tok, template, msgs, tools, True, **kwargs)
+    final_only = {full[a:b] for a, b in _pieces(rx, full, last_end, len(full))} - set(rx.findall(gen[last_end:]))
+    headers = _role_headers(tok, rx, full, msgs, loc)
+    # the closing the final turn is trained with (after its last text), as pieces
+    last = located[-1] if located else None
+    closing = [full[a:b] for a, b in _pieces(rx, full, loc[last][1], len(full)) if all(trained[a:b])] \
+        if last is not None and msgs[last]["role"] == "assistant" and msgs[last].get("train", True) else []
+    for i in located:
+        m = msgs[i]
+        prev = max((j for j in located if j < i), default=None)
+        if m["role"] == "assistant" and prev is not None:
+            prefix = render(tok, template, msgs[:i], tools, True, **kwargs)
+            ploc = _locate(prefix, msgs[:i])[prev]
+            if ploc:
+                # the pieces the prompt and the history share from the last text on, whatever the whitespace
+                want = [prefix[a:b] for a, b in _pieces(rx, prefix, ploc[1], len(prefix))]
+                have = _pieces(rx, full, loc[prev][1], loc[i][0])
+                for w, (a, b) in zip(want, have):
+                    if w != full[a:b]:
+                        break
+                    if any(trained[a:b]):
+                        problems.append(f"generation prompt text {w!r} trained")
+                # the prompt's last header (after its last end token), wherever the history writes it
+                ends = [k for k, w in enumerate(want) if w in added and _is_end(tok, w)]
+                header = want[ends[-1] + 1:] if ends else want
+                texts = [full[a:b] for a, b in have]
+                at = max((k for k in range(len(have) - len(header) + 1) if texts[k:k + len(header)] == header),
+                         default=None) if header else None
+                if at is not None and any(any(trained[a:b]) for a, b in have[at:at + len(header)]):
+                    problems.append(f"assistant header {' '.join(header)!r} trained")
+        if m["role"] != "assistant" or not m.get("train", True):
+            continue
+        nxt = min((loc[j][0] for j in located if j > i), default=len(full))
+        after = _pieces(rx, full, loc[i][1], nxt)
+        end = next((k for k, (a, b) in enumerate(after) if piece(a, b) in added and _is_end(tok, piece(a, b))), None)
+        if end is not None:
+            for a, b in after[end + 1:]:
+                t = piece(a, b)
+                if any(trained[a:b]) and not (t in added and (_is_end(tok, t) or t in final_only)):
+                    problems.append(f"{t!r} trained after the end-of-turn token")
+                    break
+        # (c) a history turn closes as the final one does wherever the template writes that closing too,
+        # whether or not the tokenizer holds it as a token
+        if i != last and closing:
+            k, hits = 0, []
+            for c in closing:
+                k = next((h for h in range(k, len(after)) if piece(*after[h]) == c), None)
+                if k is None:
+                    break
+                hits.append(after[k])
+                k += 1
+            if k is not None and any(not all(trained[a:b]) for a, b in hits):
+                problems.append(f"closing {' '.join(closing)!r} of the final turn not trained after a history turn")
+        j = next((j for j in located if j > i), None)
+        if j is not None and headers.get(j):
+            closing = [(a, b) for a, b in after if a < headers[j][0][0]]
+            ends = [k for k, (a, b) in enumerate(closing) if _is_end(tok, full[a:b])]
+            closing = closing[:ends[-1] + 1] if ends else closing  # what follows the last end opens the header
+            # (LongCat's `[Round 1]`)
+            if any(not all(trained[a:b]) for a, b in closing):
+                problems.append(f"history closing {full[closing[0][0]:closing[-1][1]]!r} not (wholly) trained")
+    for j, pieces in headers.items():
+        if any(any(trained[a:b]) for a, b in pieces):
+            problems.append(f"header {full[pieces[0][0]:pieces[-1][1]]!r} of a {msgs[j]['role']} message trained")
+    return problems
+
+
+def _role_headers(tok, rx, full, msgs, loc) -> dict[int, list[tuple[int, int]]]:
+    """Per non-assistant message after the first of its role: its header, the pieces its gap ends with in
+    common with the gap before the first message of that role, after the last end-of-turn token among them."""
+    out, first, gaps = {}, {}, {}
+    cursor = 0
+    for j, x in enumerate(loc):
+        if x is None:
+            continue
+        gaps[j] = _pieces(rx, full, cursor, x[0])
+        cursor = x[1]
+        role = msgs[j]["role"]
+        if role == "assistant":
+            continue
+        if role not in first:
+            first[role] = j
+            continue
+        mine, theirs = gaps[j], gaps[first[role]]
+        n = 0
+        while n < min(len(mine), len(theirs)) and full.__getitem__(slice(*mine[-1 - n])) == \
+                full.__getitem__(slice(*theirs[-1 - n])):
+            n += 1
+        common = mine[len(mine) - n:]
+        ends = [k for k, (a, b) in enumerate(common) if _is_end(tok, full[a:b])]
+        common = common[ends[-1] + 1:] if ends else common
+        if common:
+            out[j] = common
+    return out

@@ -76,7 +76,9 @@ def test_eval_metrics_and_table_each_eval(setup, one_process):
     # generation left the training model as it was: no KV cache, the training attention kernel
     model = trainer.engine.model
     assert model.config.use_cache is False
-    assert model.config._attn_implementation == "shardtune_varlen_sdpa"  # packed rows on CPU
+    from shardtune.attention import VARLEN
+
+    assert model.config._attn_implementation == VARLEN  # the packed-row kernel on CPU
 
 
 def test_table_answers_are_the_checkpoints_answers(setup, one_process):

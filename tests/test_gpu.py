@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_torch_varlen_kernel_matches_per_sequence_sdpa(kv_heads):
-    from shardtune.attention import torch_varlen_forward, varlen_sdpa_forward
+    from shardtune.attention import torch_varlen_forward, varlen_forward
 
     torch.manual_seed(0)
     lengths = [37, 5, 120, 64]
@@ -21,7 +21,7 @@ def test_torch_varlen_kernel_matches_per_sequence_sdpa(kv_heads):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
     module = torch.nn.Module().eval()
     got, _ = torch_varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=max(lengths))
-    ref, _ = varlen_sdpa_forward(module, q, k, v, None, cu_seq_lens_q=cu)
+    ref, _ = varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu)
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -126,3 +126,33 @@ def test_fsdp2_on_one_gpu_matches_the_plain_bf16_forward(tiny_model):
         torch.testing.assert_close(got, want)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_torch_varlen_sliding_window_matches_the_per_sequence_kernel(window):
+    """PyTorch's varlen kernel with transformers' window (the query and the window - 1 keys before it) against
+    the per-sequence kernel's masked path, in bf16 on packed sequences longer and shorter than the window."""
+    from shardtune.attention import torch_varlen_forward, varlen_forward
+
+    torch.manual_seed(0)
+    lengths = [37, 5, 120]
+    q = torch.randn(1, 4, sum(lengths), 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q[:, :2]), torch.randn_like(q[:, :2])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    module = torch.nn.Module().eval()
+    got, _ = torch_varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=max(lengths),
+                                  sliding_window=window)
+    ref, _ = varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, sliding_window=window)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_auto_on_gpu_never_hands_sinks_or_softcapping_to_a_kernel_without_them():
+    from transformers import Gemma2Config, GptOssConfig, LlamaConfig
+
+    from shardtune.attention import choose
+
+    cuda = torch.device("cuda")
+    for config, allowed in ((GptOssConfig(), {"shardtune_varlen"}),
+                            (Gemma2Config(), {"shardtune_varlen", "flash_attention_2"}),
+                            (LlamaConfig(), {"shardtune_torch_varlen", "flash_attention_2", "shardtune_varlen"})):
+        assert choose("auto", True, cuda, torch.bfloat16, config) in allowed, type(config).__name__

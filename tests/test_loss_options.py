@@ -93,3 +93,69 @@ def test_dft_with_liger_is_refused(tiny_model, data, tmp_path):
     with pytest.raises(ConfigError, match="loss_type=dft"):
         validate(load_config(None, overrides(tiny_model, data, tmp_path, "optim.loss_type=dft",
                                              "model.use_liger=true")))
+
+
+NEFT = 5.0
+
+
+def test_neftune_step_equals_the_hand_computation(tiny_model, data, tmp_path):
+    """One packed micro-batch: the engine's loss and gradient norm equal a plain transformers model fed, one
+    sequence at a time, its embeddings plus the same U(-1, 1) draw scaled by alpha / sqrt(len * hidden)."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = trainer_for(tiny_model, data, tmp_path / "run", f"model.neftune_noise_alpha={NEFT}",
+                          "data.micro_batch_size_per_gpu=8")
+    batch = next(iter(trainer.loader))
+    (mb,) = batch.micro_batches
+    torch.manual_seed(123)
+    got = trainer.train_step(batch)
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager")
+    hidden = ref.config.hidden_size
+    torch.manual_seed(123)
+    noise = torch.rand((1, mb.input_ids.shape[1], hidden)) * 2 - 1
+    bounds = mb.cu_seqlens.tolist()
+    total = 0.0
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        emb = ref.get_input_embeddings()(mb.input_ids[:, s:e]) + noise[:, s:e] * NEFT / math.sqrt((e - s) * hidden)
+        logits = ref(inputs_embeds=emb).logits[0]
+        total = total + F.cross_entropy(logits, mb.targets[0, s:e], ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = total / batch.num_targets
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))
+    assert math.isclose(got["train/loss"], loss.item(), rel_tol=1e-5)
+    assert math.isclose(got["train/grad_norm"], norm.item(), rel_tol=1e-5)
+
+
+def test_neftune_is_off_outside_training(tiny_model, data, tmp_path):
+    from shardtune.neftune import sequence_lengths
+
+    trainer = trainer_for(tiny_model, data, tmp_path / "run", f"model.neftune_noise_alpha={NEFT}")
+    plain = trainer_for(tiny_model, data, tmp_path / "plain")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert sequence_lengths(pos, None).tolist() == [[3, 3, 3, 2, 2, 1]]
+    noisy, clean = trainer.engine.model, plain.engine.model
+    with torch.no_grad():
+        noisy.eval()
+        clean.eval()
+        assert torch.equal(noisy(input_ids=ids, position_ids=pos).logits, clean(input_ids=ids, position_ids=pos).logits)
+        noisy.train()
+        assert not torch.allclose(noisy(input_ids=ids, position_ids=pos).logits,
+                                  clean(input_ids=ids, position_ids=pos).logits)
+    # generation (the evaluation's and chat's path) runs in eval mode: the same answers as without NEFTune
+    prompts = [[{"role": "user", "content": "What is 1+2?"}]]
+    from shardtune.generate import Sampling
+
+    assert trainer.engine.generate(prompts, Sampling(max_new_tokens=5), 1) == \
+        plain.engine.generate(prompts, Sampling(max_new_tokens=5), 1)
+    assert noisy.training  # and the training mode is back
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["model.neftune_noise_alpha=-1"], "neftune_noise_alpha must be >= 0"),
+    (["model.neftune_noise_alpha=5", "engine.ulysses_sequence_parallel_size=2"], "sequence-parallel"),
+])
+def test_bad_loss_options_are_refused(tiny_model, data, tmp_path, extra, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(load_config(None, overrides(tiny_model, data, tmp_path, *extra)))

@@ -97,3 +97,22 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bitwise(tiny_model, data, tmp_p
     assert [x["step"] for x in after] == list(range(step + 1, 13))
     for x in after:
         assert x["train/loss"] == uninterrupted[nproc][x["step"]], x["step"]  # bitwise
+
+
+def test_sigterm_stops_at_once_while_loading_and_after_the_step_while_training():
+    from shardtune import preempt
+
+    try:
+        preempt.install()
+        assert not preempt.StopAgreement(distributed=False).stop()
+        with pytest.raises(preempt.Preempted):  # loading or tokenizing: nothing to save, stop now
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        preempt.install()
+        preempt.defer(True)  # the loop runs: the signal only asks
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert preempt.StopAgreement(distributed=False).stop()
+    finally:
+        preempt.install()  # the flags as new
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -86,9 +86,10 @@ def test_padded_and_packed_batches_agree(tiny_model, data_files, tmp_path):
 def test_packed_logits_equal_each_sequence_alone(tiny_model, data_files, tmp_path):
     trainer = run(tiny_model, data_files, tmp_path, fit=False)
     model = trainer.engine.model.eval()
-    samples = [trainer.train_data.data[i] for i in range(3)]
-    mb = trainer.loader.micro_batches(trainer.train_data.data.lengths[:3], trainer.train_data.data.__getitem__)[1][0]
-    assert model.config._attn_implementation == "shardtune_varlen_sdpa"  # auto on CPU with packed rows
+    data = trainer.train_data.data
+    samples = [data[i] for i in range(3)]
+    mb = trainer.loader.micro_batches(data.lengths[:3], data.__getitem__)[1][0]
+    assert model.config._attn_implementation == "shardtune_varlen"  # auto on CPU with packed rows
     with torch.no_grad():
         by_cu = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False,
                       cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens).logits[0]

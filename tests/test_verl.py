@@ -270,9 +270,9 @@ def test_loggers_verl_knows():
 
 def test_refusals_name_the_closest_shardtune_setting():
     with pytest.raises(ConfigError) as e:
-        translate(["model.path=/m", "data.train_files=/t", "model.enable_activation_offload=true",
+        translate(["model.path=/m", "data.train_files=/t", "model.tiled_mlp.enabled=true",
                    "optim.optimizer=Lion"], ENGINE)
-    assert "closest shardtune setting: model.enable_gradient_checkpointing" in str(e.value)
+    assert "closest shardtune setting: model.loss_chunk_size" in str(e.value)
     assert "optim.optimizer='Lion'" in str(e.value)
 
 

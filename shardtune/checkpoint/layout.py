@@ -21,8 +21,6 @@ import warnings
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-import torch.distributed.checkpoint as dcp
-
 from shardtune.checkpoint.storage import LocalFolder, Storage
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -54,6 +52,8 @@ def damage(path: Path) -> str | None:
     """What is wrong with a local checkpoint folder that `is_complete` calls complete, or None when it is whole:
     trainer_state.json must parse, and every file DCP's .metadata names must be there, at least as long as the
     last byte it records in it (a deleted or cut-off shard). Reads the metadata, never the tensors."""
+    import torch.distributed.checkpoint as dcp  # here: the layout (and the remote copier on it) loads without torch
+
     try:
         record = json.loads((path / "trainer_state.json").read_text())
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):

@@ -36,6 +36,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         if package and importlib.util.find_spec(package) is None:
             raise ConfigError(f"trainer.logger includes {sink}, but the '{package}' package is not installed. "
                               f"Fix: pip install 'shardtune[{sink}]', or drop {sink} from trainer.logger.")
+    if cfg.model.load_in_4bit and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("model.load_in_4bit=true needs torchao (its NF4 tensor shards under FSDP2). "
+                          "Fix: pip install 'shardtune[qlora]'.")
     if "{" in trainer.default_local_dir:
         try:
             _ = cfg.run_dir
@@ -73,6 +76,11 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
         (data.train_batch_size % max(1, world_size // cfg.sp_size) == 0 or world_size % cfg.sp_size != 0,
          f"data.train_batch_size={data.train_batch_size} must be divisible by the number of data-parallel "
          f"ranks ({world_size // cfg.sp_size}). Fix: pick a multiple of {world_size // cfg.sp_size}."),
+        (cfg.model.neftune_noise_alpha >= 0,
+         f"model.neftune_noise_alpha must be >= 0 (0 = off), got {cfg.model.neftune_noise_alpha}."),
+        (cfg.model.neftune_noise_alpha == 0 or cfg.sp_size == 1,
+         "model.neftune_noise_alpha scales the noise by each sequence's length, which a rank of a sequence-parallel "
+         "group does not see whole. Fix: engine.ulysses_sequence_parallel_size=1, or model.neftune_noise_alpha=0."),
         (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = off), got {cfg.model.lora_rank}."),
         (not cfg.model.use_dora or cfg.model.lora_rank > 0, "model.use_dora=true needs model.lora_rank > 0 (LoRA on)."),
         (data.pad_to_length_bucket >= 0,
@@ -88,6 +96,15 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          "model.target_modules, or set model.loss_chunk_size=0 and model.use_liger=false."),
         (cfg.model.lora_adapter_path is None or cfg.model.lora_rank > 0,
          "model.lora_adapter_path needs model.lora_rank > 0 (LoRA on)."),
+        (not cfg.model.load_in_4bit or cfg.model.lora_rank > 0,
+         "model.load_in_4bit=true freezes the base in 4 bits, so only LoRA adapters can train. Fix: set "
+         "model.lora_rank > 0 (e.g. 16)."),
+        (not (cfg.model.load_in_4bit and cfg.model.use_dora),
+         "model.use_dora=true with model.load_in_4bit=true is not offered: DoRA's weight norm reads the base "
+         "weight, which is stored in 4 bits here. Fix: drop one of the two."),
+        (not cfg.model.load_in_4bit or cfg.model.bnb_4bit_use_double_quant,
+         "model.bnb_4bit_use_double_quant=false is not offered: the 4-bit format that FSDP2 shards (torchao's) "
+         "always stores the block scales in 8 bits (0.13 instead of 0.5 bit per weight). Fix: set it true."),
         (data.system_prompt is None or data.format in ("auto", "prompt_response", "alpaca"),
          "data.system_prompt applies to prompt/response and alpaca rows only."),
     ]

@@ -75,7 +75,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Hugging Face config fields set before the model is built, e.g. {attention_dropout: 0.1} (verl's key)
     override_config: dict[str, Any] = field(default_factory=dict)
-    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | shardtune_varlen_sdpa | ...
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2 | shardtune_varlen | ...
     dtype: Literal["fp32", "bf16"] = "fp32"  # weights as loaded and updated; bf16 compute: engine.mixed_precision
     enable_gradient_checkpointing: bool = False
     use_remove_padding: bool = True
@@ -89,7 +89,16 @@ class ModelConfig:
     # cross-entropy from the hidden states, this many supervised tokens of logits at a time (0 = the plain
     # lm_head + cross_entropy over full logits); see shardtune/loss.py
     loss_chunk_size: int = 0
+    neftune_noise_alpha: float = 0.0  # NEFTune: noise on the input embeddings while training (0 = off)
     use_liger: bool = False  # Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA
+    # QLoRA (docs/qlora.md): the decoder layers' Linear weights stored in 4 bits and frozen, LoRA trains on top
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["auto", "fp32", "bf16", "float32", "bfloat16"] = "auto"  # auto: the engine's
+    bnb_4bit_use_double_quant: bool = True  # the block scales in 8 bits (the 4-bit format always does this)
+    # each decoder layer's saved activations (its checkpointed input under gradient checkpointing) held in host
+    # memory from its forward to its backward (verl's key; shardtune/offload.py)
+    enable_activation_offload: bool = False
     # vision-language models: which parts train (verl's model.lora.freeze_* names); frozen parts get no gradient
     freeze_vision_model: bool = True  # the vision tower (patch embedding and blocks)
     freeze_vision_projection: bool = True  # the projector/merger from vision features into the language model

@@ -4,7 +4,8 @@
 conversation (user, assistant, user, assistant) once per template and reads off which added tokens close an
 assistant turn, in history and as the final message (Apriel writes `<|end|>` only after history turns,
 gpt-oss `<|end|>` in history and `<|return|>` at the end), the assistant header that the generation prompt
-opens, and any text the template appends whatever `add_generation_prompt` says (Command-R7B).
+opens, the token a header opens with, the closing when it is plain text, and any text the template appends
+whatever `add_generation_prompt` says (Command R7B's and Command A's header, CodeLlama-70B's prompt).
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ def _token_info(tokenizer: Any) -> tuple:
 class TemplateFacts:
     closers: frozenset[str]  # added tokens that end an assistant turn (EOS included)
     always: str  # text appended after the last message whatever add_generation_prompt says (Command-R7B)
-    prompt: str = ""  # the generation prompt after a user message (the assistant header)
+    prompt: str = ""  # the generation prompt's last header after a user message (the assistant header)
+    openers: frozenset[str] = frozenset()  # added tokens that open a header: a turn's closing never runs into one
+    enders: frozenset[str] = frozenset()  # the closing tokens a turn ends with (EOS, the last of its closing)
+    closing_text: str = ""  # a history turn's closing when it holds no added token (a closer the tokenizer
+    # does not hold as a special token: `<｜hy_eos｜>` built by `.format`, a user's `### End`)
 
 
 _FACTS: dict[tuple, TemplateFacts] = {}
@@ -100,11 +105,12 @@ def template_facts(view: TemplateView) -> TemplateFacts:
 
 
 def _probe(view: TemplateView) -> TemplateFacts:
-    """Render user, assistant, user, assistant (with a system message if the template needs one) and read
-    off which tokens close a history turn and a final turn."""
+    """Render user, assistant, user, assistant (with a system message if the template needs one; as text parts
+    if it renders only those) and read off which tokens close a history turn and a final turn."""
     base = frozenset({view.eos} if view.eos else ())
-    turns = [{"role": r, "content": f"probe {r} {k}"} for k, r in enumerate(["user", "assistant"] * 2)]
-    for prefix in ([], [{"role": "system", "content": "probe system"}]):
+    for parts, prefix in ((False, []), (False, [{"role": "system", "content": "probe system"}]), (True, [])):
+        turns = [{"role": r, "content": [{"type": "text", "text": f"probe {r} {k}"}] if parts else f"probe {r} {k}"}
+                 for k, r in enumerate(["user", "assistant"] * 2)]
         sent = Sentinels(prefix + turns, view.markup, view.template, roles=None)
         k, sm = len(prefix), sent.messages
         try:
@@ -118,22 +124,89 @@ def _probe(view: TemplateView) -> TemplateFacts:
                 and p2 in where[3]):
             continue
         t_gen, t_nogen = gen1[where[1][p1].end:], nogen1[where[2][p1].end:]
-        prompt = t_gen[snap_back(view, t_gen, common_prefix(t_gen, t_nogen, 0, len(t_nogen))):]
+        prelude, g = full[: where[0][p1].start], full[where[0][p2].end: where[0][p3].start]
+        opener = _opener(view, prelude)
+        tail = full[where[0][p4].end:]
+        always = _always_after_header(tail, g, t_gen, t_nogen, opener)
+        if always:  # the prompt is the header the template always writes, and what add_generation_prompt adds
+            prompt = t_gen[len(t_nogen) - len(always):]
+        else:
+            prompt = t_gen[snap_back(view, t_gen, common_prefix(t_gen, t_nogen, 0, len(t_nogen))):]
+            always = _always_appended(view, full, t_gen, t_nogen, g, full[where[0][p1].end: where[0][p2].start]) \
+                or _always_after_all(view, tail, g, t_gen, t_nogen)
         header_start = view.added_re.search(prompt)
-        g = full[where[0][p2].end: where[0][p3].start]
-        always = _always_appended(view, full, t_gen, t_nogen, g, full[where[0][p1].end: where[0][p2].start])
-        f = drop_suffix(fin2[where[3][p2].end:], always)
-        c = snap_back(view, g, common_prefix(f, g, 0, len(g)))
-        rest = g[c:]
-        if header_start and header_start.group() in rest:
-            h = rest.index(header_start.group())
-        else:  # the next header is what the gap before the first user message ends with as well (if anything)
-            shared = _common_suffix(rest, full[: where[0][p1].start])
-            h = _snap_forward(view, rest, len(rest) - shared) if shared else 0
-        final = drop_suffix(full[where[0][p4].end:], always)
-        closers = frozenset(view.tokens_in(g[:c] + rest[:h]) | view.tokens_in(final)) | base
-        return TemplateFacts(closers, always, prompt if view.added_re.search(prompt) else "")
+        c = snap_back(view, g, common_prefix(drop_suffix(fin2[where[3][p2].end:], always), g, 0, len(g)))
+        h = _next_header(view, g[c:], header_start.group() if header_start else None, prelude,
+                         drop_suffix(t_nogen, always))
+        final, closing = drop_suffix(tail, always), g[:c + h]
+        # a BOS opens what follows, it never closes a turn
+        closers = frozenset(view.tokens_in(closing) | view.tokens_in(final)) - {view.tokenizer.bos_token} | base
+        openers = {t for t in (header_start.group() if header_start else None, opener) if t in view.added} - closers
+        text_closer = closing.strip() if closing.strip() and not view.added_re.search(closing) else ""
+        header = prompt[prompt.rfind(opener):] if opener and opener in prompt else prompt  # its last header
+        enders = {t[-1] for t in (view.added_re.findall(closing), view.added_re.findall(final)) if t} | base
+        return TemplateFacts(closers, always, header if view.added_re.search(header) else "", frozenset(openers),
+                             frozenset(enders & closers), text_closer)
     return TemplateFacts(base, "")
+
+
+def _next_header(view: TemplateView, rest: str, header_token: str | None, prelude: str, user_closing: str) -> int:
+    """Where the next message's header starts in what a history turn is followed by (past the part both forms
+    share): the latest of where the prompt's first token is, where the text the first user message's header
+    ends with as well begins, and after the closing a user message ends with (when the turn's starts alike:
+    the template closes every role the same way, Apriel's `\n<|end|>\n`)."""
+    at = [rest.index(header_token)] if header_token and header_token in rest else []
+    shared = _common_suffix(rest, prelude)
+    if rest[len(rest) - shared:].strip():
+        at.append(_snap_forward(view, rest, len(rest) - shared))
+    if user_closing.strip() and rest.startswith(user_closing):
+        at.append(len(user_closing))
+    return max(at, default=0)
+
+
+def _opener(view: TemplateView, prelude: str) -> str:
+    """What the first header of a conversation opens with (after the BOS): an added token, else its first word
+    (`<|START_OF_TURN_TOKEN|>`, `<|im_start|>`, `Source:`); "" when nothing comes before the first text."""
+    bos = view.tokenizer.bos_token
+    text = prelude[len(bos):] if bos and prelude.startswith(bos) else prelude
+    text = text.lstrip()
+    m = view.added_re.match(text)
+    if m:
+        return m.group()
+    word = re.match(r"\S+", text)
+    return word.group() if word else ""
+
+
+def _always_after_header(final: str, history: str, t_gen: str, t_nogen: str, opener: str) -> str:
+    """A header the template writes after the last message whatever add_generation_prompt says (Cohere's
+    `<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>`, CodeLlama-70B's `Source: assistant\nDestination: user`): the
+    text both no-prompt renders (after an assistant and after a user message) end with, from the header's
+    opening on, which the prompt render writes at the same place (add_generation_prompt may add to it) and
+    the history form after the turn does not (it is not the turn's own closing, a user's `### End`)."""
+    if not opener:
+        return ""
+    shared = final[len(final) - _common_suffix(final, t_nogen):]
+    k = shared.find(opener)
+    if k < 0:
+        return ""
+    always = shared[k:]
+    if history.startswith(always, len(final) - len(always)):
+        return ""
+    return always if t_gen.startswith(always, len(t_nogen) - len(always)) else ""
+
+
+def _always_after_all(view: TemplateView, final: str, history: str, t_gen: str, t_nogen: str) -> str:
+    """Text every render ends with after its last message, with or without the prompt, which the history form
+    does not write after a turn (InternLM2-reward's `<|reward|>`); it starts where markup does, never inside."""
+    n = min(_common_suffix(final, t_nogen), _common_suffix(final, t_gen))
+    k = len(final) - n
+    for m in view.markup.finditer(final, max(0, k - 64), k + 64):
+        if m.start() < k < m.end():
+            k = m.end()
+    always = final[k:].lstrip()
+    if not always or history.startswith(always, len(final) - len(always)):
+        return ""
+    return always
 
 
 def _always_appended(view, full, t_gen, t_nogen, gap_after, gap_before) -> str:

@@ -4,13 +4,17 @@ A turn **starts** where the template's generation prompt ends. The prefix `messa
 `add_generation_prompt=True` and compared with the whole render from the last text both share (a sentinel,
 see sentinels.py): the common part is the previous turn's closing plus the role header (and any text the
 prompt pre-fills, like `<think>\\n`), which the model is given at inference, so it is never trained. A
-prompt that differs from the history header ("Here are my reasoning steps:" vs "Hello!") stops at the first
-differing character of template text, never inside a message text.
+prompt that differs from the history header ("Here are my reasoning steps:" vs "Hello!") stops where the
+template texts differ, compared piece by piece with whitespace aside, never inside a message text; the last
+assistant header before the turn's text is prompt wherever it is written (inside the previous message's
+render included), and so is what the template writes after the last message whatever add_generation_prompt
+says (template.py).
 
 A turn **ends** with what the template writes after it both when it is the final message (`messages[:i+1]`)
 and when the conversation goes on; the turn-closing tokens a template writes only in history (Apriel's
 `<|end|>`, gpt-oss's `<|end|>` vs the final `<|return|>`) follow, and never the next message's header. Which
-added tokens close a turn is learned once per template from a probe conversation (template.py).
+added tokens close a turn is learned once per template from a probe conversation (template.py), and so is a
+closing the tokenizer holds only as text, which history turns then close with as well.
 """
 
 from __future__ import annotations
@@ -128,16 +132,59 @@ def _turn_start(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, 
     tail, base = anchor
     limit = _next_text(occ, base, len(text))
     start = markup_start(view, text, base + common_prefix(tail, text, base, limit))
+    start, whole = _prompt_pieces_end(view, tail, text, base, start, limit)
     # the assistant header further on: the previous message closes differently when it is not the last one
     # (Hermes' tool results), or the prompt after it announces no header (after a tool result)
-    if facts.prompt and not text.endswith(facts.prompt, 0, start):
+    if facts.prompt and not whole and not text.endswith(facts.prompt, 0, start):
         closer = next((m.start() for m in view.added_re.finditer(text, start, limit) if m.group() in facts.closers),
                       limit)
         bound = mine[0].start if mine else closer
-        header = text.find(facts.prompt, start, bound)
-        start = header + len(facts.prompt) if header >= 0 else max(start, _renamed_header_end(view, text, base, bound,
-                                                                                                  facts.prompt))
+        # the last one before the turn's text, wherever it is written (inside the previous message's render:
+        # a DeepSeek-V3 variant writes it in the last user message)
+        header = text.rfind(facts.prompt, base, bound)
+        start = max(start, header + len(facts.prompt) if header >= 0 else _renamed_header_end(view, text, base, bound,
+                                                                                                facts.prompt))
     return start
+
+
+def _prompt_pieces_end(view: TemplateView, prompt: str, text: str, base: int, start: int,
+                       limit: int) -> tuple[int, bool]:
+    """The prompt compared with the history text as text, past the first differing character: piece by piece
+    (added tokens, tags, words), whitespace aside (DeepSeek-V3.2's `<｜Assistant｜>      </think>` prompt vs
+    its history's `<｜Assistant｜>        </think>`). Returns where the match ends and whether it went past the
+    first differing character to the prompt's end. When the prompt holds more than the history header
+    (CodeLlama-70B's `Destination: user`) and ends with whitespace, the whitespace left before the turn's text is
+    the header's."""
+    p, q = start - base, start
+    while True:
+        rest = prompt[p:]
+        p2 = p + len(rest) - len(rest.lstrip())
+        seg = text[q:limit]
+        q2 = q + len(seg) - len(seg.lstrip())
+        if p2 >= len(prompt):
+            break
+        piece = _piece_at(view, prompt, p2)
+        if q2 + len(piece) > limit or not text.startswith(piece, q2):
+            break
+        p, q = p2 + len(piece), q2 + len(piece)
+    whole = q > start and not prompt[p:].strip()  # matched past the first differing character, to the end
+    if whole:  # the prompt's last whitespace, as far as the history writes it too
+        q += common_prefix(prompt[p:], text, q, limit)
+    elif prompt[p:].strip() and prompt[-1:].isspace() and q < limit and not text[q:limit].strip():
+        q = limit
+    return q, whole
+
+
+def _piece_at(view: TemplateView, text: str, pos: int) -> str:
+    """The markup (added token, tag) or the word that starts at `pos`."""
+    m = view.markup.match(text, pos)
+    if m:
+        return m.group()
+    end = pos
+    while end < len(text) and not text[end].isspace():
+        end += 1
+    inner = view.markup.search(text, pos + 1, end)
+    return text[pos: inner.start() if inner else end]
 
 
 def _renamed_header_end(view: TemplateView, text: str, lo: int, hi: int, prompt: str) -> int:
@@ -175,14 +222,28 @@ def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mi
     end = base + common_prefix(drop_suffix(tail, facts.always), text, base, limit)
     # closing tokens of this turn: not those of a message before it (when the turn has no text itself)
     closers = [m for m in view.added_re.finditer(text, max(base, start), limit) if m.group() in facts.closers]
+    ender = next((m for m in closers if m.group() in facts.enders), None)
+    if ender:  # both forms may go on with a header after the turn's last closing token (the turn of an empty
+        # text the template writes after the calls): never trained
+        end = min(end, next((m.start() for m in view.added_re.finditer(text, ender.end(), end)
+                             if m.group() in facts.openers), end))
     common = [m for m in closers if m.end() <= end]
     if common:  # both forms close the turn the same way: up to the last closing token they share, and the
         # added tokens both write right after it (`<|im_end|><|stop|>` after a tool call, which the probe
-        # conversation never shows)
-        return _token_run_end(view, text, common[-1].end(), end)
+        # conversation never shows), never a header's opening token
+        return _token_run_end(view, text, common[-1].end(), end, facts.openers)
     if closers:  # the history form writes more (an id after a tool call) up to its closing token
         return closers[0].end()
-    return end
+    return _text_closer_end(facts, text, end, limit)
+
+
+def _text_closer_end(facts: TemplateFacts, text: str, end: int, limit: int) -> int:
+    """A history turn closed by text the tokenizer does not hold as a token (the probe's closing,
+    `<｜hy_eos｜>` built by `.format`): the turn ends after it, as the final turn's appended EOS closes it."""
+    closing = facts.closing_text
+    seg = text[end:limit]
+    q = end + len(seg) - len(seg.lstrip())
+    return q + len(closing) if closing and text.startswith(closing, q) and q + len(closing) <= limit else end
 
 
 def _closed_as_in_history(view: TemplateView, loc: Located, facts: TemplateFacts, mine: list[Occurrence]) -> int:
@@ -194,16 +255,19 @@ def _closed_as_in_history(view: TemplateView, loc: Located, facts: TemplateFacts
                   None)
     if closer:
         return closer.end()
+    closed = _text_closer_end(facts, loc.text, mine[-1].end, limit)
+    if closed > mine[-1].end:
+        return closed
     opener = view.added_re.search(facts.prompt)
     header = loc.text.find(opener.group(), mine[-1].end, limit) if opener else -1
     return header if header >= 0 else mine[-1].end
 
 
-def _token_run_end(view: TemplateView, text: str, pos: int, limit: int) -> int:
+def _token_run_end(view: TemplateView, text: str, pos: int, limit: int, openers: frozenset[str]) -> int:
     """The end of the added tokens that follow `pos` one after another (whitespace between them allowed) and
-    end before `limit`; `pos` when none does."""
+    end before `limit`, up to a header's opening token; `pos` when none does."""
     for m in view.added_re.finditer(text, pos, limit):
-        if m.end() > limit or text[pos:m.start()].strip():
+        if m.end() > limit or text[pos:m.start()].strip() or m.group() in openers:
             break
         pos = m.end()
     return pos

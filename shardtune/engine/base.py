@@ -7,7 +7,7 @@ FSDP or the optimizer itself, so another backend only has to implement this inte
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shardtune.batch import MicroBatch
@@ -20,6 +20,7 @@ class StepResult:
     lr: float  # learning rate the step used
     skipped: bool  # non-finite gradient norm: no update on any rank
     num_targets: int  # supervised tokens of the whole step (all ranks)
+    extra: dict[str, float] = field(default_factory=dict)  # model-specific metrics (MoE routing)
 
 
 class Engine(ABC):

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shardtune import parallel
+from shardtune import moe, parallel, quantize
 from shardtune.batch import IGNORE_INDEX, MicroBatch
 from shardtune.engine.base import Engine, StepResult
 from shardtune.errors import ConfigError
@@ -53,6 +53,7 @@ class FSDP2Engine(Engine):
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.routing = moe.routing(self.model.config)
 
     # ------------------------------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
@@ -73,14 +74,17 @@ class FSDP2Engine(Engine):
         return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # ------------------------------------------------------------------------------------------------------
-    def _loss_sum(self, mb: MicroBatch) -> torch.Tensor:
+    def _loss_sum(self, mb: MicroBatch) -> tuple[torch.Tensor, Any]:
         """Sum of next-token cross-entropy over the supervised tokens of one micro-batch (of this rank's
-        slice of it under sequence parallelism: the slices of a group add up to the whole)."""
+        slice of it under sequence parallelism: the slices of a group add up to the whole), and the model's
+        output (its `aux_loss` and `router_logits` for MoE models)."""
         packed = {}
         if mb.cu_seqlens is not None:  # sequence boundaries for varlen attention kernels
             cu = self._to_device(mb.cu_seqlens)
             packed = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": mb.max_seqlen,
                       "max_length_k": mb.max_seqlen}
+        if self.routing is not None:
+            packed["output_router_logits"] = True
         inputs = dict(input_ids=self._to_device(mb.input_ids), position_ids=self._to_device(mb.position_ids),
                       attention_mask=self._to_device(mb.attention_mask), use_cache=False, **packed)
         if self.vision is not None:  # pixel tensors, image-token types, 3-D rope positions
@@ -90,10 +94,10 @@ class FSDP2Engine(Engine):
         if self.loss_head is not None:
             return self._fused_loss_sum(inputs, mb.targets.flatten(), dft)
         with self._autocast():
-            logits = self.model(**inputs).logits
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), self._to_device(mb.targets).flatten(),
+            out = self.model(**inputs)
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), self._to_device(mb.targets).flatten(),
                              ignore_index=IGNORE_INDEX, reduction="none" if dft else "sum")  # 0 where untrained
-        return (ce * torch.exp(-ce).detach()).sum() if dft else ce
+        return ((ce * torch.exp(-ce).detach()).sum() if dft else ce), out
 
     def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """Host to device without stalling the host: a pinned staging copy and an asynchronous transfer on
@@ -102,18 +106,19 @@ class FSDP2Engine(Engine):
             return t
         return (t if t.is_pinned() else t.pin_memory()).to(self.world.device, non_blocking=True)
 
-    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor, dft: bool) -> torch.Tensor:
+    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor, dft: bool) -> tuple[torch.Tensor, Any]:
         """The loss head computes the loss of the supervised positions (found on the host, so no sync)."""
         positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         with self._autocast(), self.loss_head.computing_loss(self._to_device(positions),
                                                              self._to_device(targets[positions]), dft):
-            loss = self.model(**inputs).logits
+            out = self.model(**inputs)
+        loss = out.logits
         if loss is not self.loss_head.last_loss:
             raise ConfigError(
                 f"{type(self.model).__name__} transforms its logits after lm_head (e.g. final soft-capping or "
                 "logit scaling), which the chunked/fused loss head does not model. Fix: model.loss_chunk_size=0 "
                 "and model.use_liger=false for this model.")
-        return loss
+        return loss, out
 
     def train_batch(self, micro_batches: list[MicroBatch], num_targets: int) -> StepResult:
         self.model.train()
@@ -121,18 +126,20 @@ class FSDP2Engine(Engine):
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        router = _RouterStats(self.routing, self.world.device)
         for i, mb in enumerate(micro_batches):
             self._set_gradient_sync(last=i == len(micro_batches) - 1)
-            loss = self._loss_sum(mb)
-            (loss / denom).backward()
+            loss, out = self._loss_sum(mb)
+            aux = router.add(out, mb.num_targets)
+            ((loss + aux) / denom).backward()
             loss_sum += loss.detach()
         max_norm = self.cfg.optim.clip_grad or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        parallel.all_reduce_tensor_(loss_sum, self.world)
+        sums = parallel.all_reduce_tensor_(torch.cat([loss_sum[None], router.sums()]), self.world)
         # the step's one host sync (the skip decision needs the norm); identical on every rank
-        grad_norm, total_loss = torch.stack([grad_norm.to(loss_sum), loss_sum]).tolist()
+        grad_norm, total_loss, *routed = torch.cat([grad_norm.to(loss_sum)[None], sums]).tolist()
         skipped = not math.isfinite(grad_norm)
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -141,7 +148,7 @@ class FSDP2Engine(Engine):
         with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
             self.scheduler.step()
-        return StepResult(total_loss / denom, grad_norm, lr, skipped, num_targets)
+        return StepResult(total_loss / denom, grad_norm, lr, skipped, num_targets, router.metrics(routed, denom))
 
     def _set_gradient_sync(self, last: bool) -> None:
         """With engine.reduce_grads_every_micro_batch=false, FSDP2 keeps accumulating unsharded gradients
@@ -157,7 +164,7 @@ class FSDP2Engine(Engine):
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
         for mb in micro_batches:
-            loss_sum += self._loss_sum(mb)
+            loss_sum += self._loss_sum(mb)[0]
         loss, count = parallel.all_reduce_sum([float(loss_sum), sum(mb.num_targets for mb in micro_batches)],
                                               self.world)
         return loss, count
@@ -186,10 +193,11 @@ class FSDP2Engine(Engine):
         return peft_config["default"] if peft_config else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The unsharded weights, on rank 0 only (empty elsewhere)."""
+        """The unsharded weights (4-bit ones de-quantized), on rank 0 only (empty elsewhere)."""
         if not self.world.distributed:
-            return {k: v.detach() for k, v in self.model.state_dict().items()}
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {k: quantize.dense(v.detach()) for k, v in self.model.state_dict().items()}
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: quantize.dense(v) for k, v in state.items()}
 
     def export(self, path: str) -> None:
         state = self.full_state_dict()
@@ -200,15 +208,54 @@ class FSDP2Engine(Engine):
         parallel.barrier(self.world)
 
 
+class _RouterStats:
+    """One step's routing of an MoE model: the aux loss terms added to the loss (moe.py) and the expert
+    counts, gathered per micro-batch on the device and summed over ranks with the loss (no extra sync)."""
+
+    def __init__(self, routing: moe.Routing | None, device: torch.device):
+        self.routing, self.device = routing, device
+        self.aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.counts: torch.Tensor | None = None
+
+    def add(self, out: Any, num_targets: int) -> torch.Tensor | float:
+        """This micro-batch's aux term for the loss sum (coef x aux x its supervised tokens), or 0."""
+        r = self.routing
+        if r is None or getattr(out, "router_logits", None) is None:
+            return 0.0
+        counts = moe.expert_counts(tuple(x.detach() for x in out.router_logits), r)
+        self.counts = counts if self.counts is None else self.counts + counts
+        aux = getattr(out, "aux_loss", None)
+        if aux is None:
+            return 0.0
+        self.aux_sum += aux.detach().to(torch.float64) * num_targets
+        return r.aux_coef * aux * num_targets if r.aux_coef else 0.0
+
+    def sums(self) -> torch.Tensor:
+        if self.routing is None:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+        counts = self.counts if self.counts is not None else torch.zeros(1, self.routing.experts, dtype=torch.float64,
+                                                                        device=self.device)
+        return torch.cat([self.aux_sum[None], counts.flatten()])
+
+    def metrics(self, summed: list[float], denom: float) -> dict[str, float]:
+        if self.routing is None:
+            return {}
+        counts = torch.tensor(summed[1:], dtype=torch.float64).reshape(-1, self.routing.experts)
+        return {"train/aux_loss": summed[0] / denom, "train/expert_imbalance": moe.imbalance(counts)}
+
+
 class _ModelState:
     def __init__(self, engine: FSDP2Engine):
         self.engine = engine
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.engine.model)
+        # a 4-bit weight as its parts, views of the live tensors: DCP loads them in place
+        return quantize.checkpoint_entries(get_model_state_dict(self.engine.model))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.engine.model, state)
+        four_bit = self.engine.cfg.model.load_in_4bit
+        set_model_state_dict(self.engine.model, quantize.without_parts(state),
+                             options=StateDictOptions(strict=not four_bit))
 
 
 class _OptimizerState(_ModelState):

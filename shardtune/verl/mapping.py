@@ -156,8 +156,7 @@ ENGINE: dict[str, Any] = {
     "model.tokenizer_path": Map("model.tokenizer_path"),
     "model.custom_chat_template": Map("data.chat_template"),
     "model.override_config": Custom(rules.override_config),
-    "model.enable_activation_offload": Refuse("activation offload is not supported", allowed=(None, False),
-                                              closest="model.enable_gradient_checkpointing"),
+    "model.enable_activation_offload": Map("model.enable_activation_offload"),
     "model.use_remove_padding": Map("model.use_remove_padding"),
     "model.exclude_modules": Map("model.exclude_modules"),
     "model.lora": Custom(lora.group),  # verl 0.9's LoRA group
