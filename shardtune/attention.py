@@ -114,8 +114,8 @@ def torch_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     from torch.nn.attention.varlen import varlen_attn
 
     causal, gqa = _varlen_flags(varlen_attn)
-    unsupported = (kwargs.get("softcap") or kwargs.get("s_aux") is not None or getattr(module, "sinks",
-                                                                                       None) is not None
+    unsupported = (kwargs.get("softcap") or kwargs.get("s_aux") is not None
+                   or getattr(module, "sinks", None) is not None
                    or value.shape[-1] != query.shape[-1] or (sliding_window and "window_size" not in causal))
     if cu_seq_lens_q is None or query.shape[0] != 1 or unsupported:
         return varlen_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from shardtune.checkpoint import step_name
 from shardtune.config import load_config, validate
 from shardtune.tiny import byte_tokenizer, save_tiny_model
 from shardtune.trainer import Trainer
@@ -73,7 +74,7 @@ def run_demo(out: str, steps: int | None = None, seed: int = 0) -> dict:
     scores = [r["eval/exact_match"] for r in history if "eval/exact_match" in r]
     result = {"accuracy_before": scores[0], "accuracy_after": scores[-1], "n_eval": N_EVAL}
     (out_dir / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    checkpoint = run_dir / f"global_step_{steps}"
+    checkpoint = run_dir / step_name(steps)
     print(f"accuracy before training: {scores[0]:.2%}, after: {scores[-1]:.2%} on {N_EVAL} held-out words "
           f"({time.time() - t0:.0f} s in all; metrics in {run_dir / 'metrics.jsonl'}, answers in {run_dir / 'eval'})",
           flush=True)

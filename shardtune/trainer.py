@@ -32,8 +32,8 @@ class Trainer:
         seed_everything(cfg.trainer.seed)
         self.run_dir = cfg.run_dir
         # the run directory, where to resume and a wrong resume path are checked before the data is read
-        self.checkpoints = CheckpointManager(cfg, self.world, on_event=lambda kind, **info: self.metrics.event(kind,
-                                                                                                               **info))
+        self.checkpoints = CheckpointManager(cfg, self.world,
+                                             on_event=lambda kind, **info: self.metrics.event(kind, **info))
         self.tokenizer = load_tokenizer(cfg.model)
         # data problems surface before anything is written to the run directory
         self.train_data, self.val_data = build_data(cfg, self.tokenizer, self.world)

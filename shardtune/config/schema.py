@@ -229,5 +229,5 @@ class Config:
 
 
 LOGGERS = ("console", "jsonl", "file", "tensorboard", "wandb", "mlflow")
-LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb",
-                   "mlflow": "mlflow"}  # sinks that need an optional extra
+# sinks that need an optional extra
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
