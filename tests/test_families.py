@@ -220,7 +220,7 @@ def first_step(path, tmp_path, *overrides):
         "data.train_batch_size=1", "data.micro_batch_size_per_gpu=1", "trainer.total_training_steps=1",
         "trainer.logger=[jsonl]", f"trainer.default_local_dir={tmp_path}/run", "optim.clip_grad=0", *overrides]))
     trainer = Trainer(cfg)
-    sample = trainer.train_data[trainer.loader.batches.sampler.batch(0, 0)[0]]
+    sample = trainer.train_data.data[trainer.loader.batches.sampler.batch(0, 0)[0]]
     return trainer.fit()[0], [torch.as_tensor(x.astype("int64"))[None] for x in sample]
 
 

@@ -43,7 +43,7 @@ def hand_dft_step(trainer):
     indices = trainer.loader.batches.sampler.batch(0, 0)
     total, count = 0.0, 0
     for i in indices:
-        ids, labels = (torch.as_tensor(x.astype("int64"))[None] for x in trainer.train_data[i][:2])
+        ids, labels = (torch.as_tensor(x.astype("int64"))[None] for x in trainer.train_data.data[i][:2])
         logits = ref(input_ids=ids).logits[0, :-1]
         target = labels[0, 1:]
         keep = target != IGNORE_INDEX
