@@ -16,7 +16,7 @@ from shardtune.batch import supervised_count
 from shardtune.checkpoint import check_run_dir
 from shardtune.config import Config, Source
 from shardtune.data import build
-from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template
+from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template, weights_of
 from shardtune.data.dataset import TokenizedDataset, build_source, tokenize_sources
 from shardtune.data.formats import detect_format
 from shardtune.data.loader import batch_sampler, planned_steps
@@ -222,7 +222,7 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
     for k, tok in enumerate(samples):
         part = f", sample {k + 1} of {len(samples)}" if len(samples) > 1 else ""
         print(f"# {row.path}, row {row.index}{part} (format {fmt}; spans from {method})")
-        print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color, image_token, tok.weights))
+        print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color, image_token, weights_of(tok)))
         n_trained = supervised_count(np.asarray(tok.labels))
         pictures = [int(lab) != IGNORE_INDEX for t, lab in zip(tok.input_ids, tok.labels) if int(t) == image_token]
         print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained"

@@ -307,9 +307,31 @@ def test_validate_names_the_row_and_render_shows_the_weights(tiny_model, data, t
 
 @pytest.mark.parametrize("extra,needle", [
     (["data.message_weight_key=content"], "names a key the trainer already reads"),
-    (["data.message_weight_key=' '"], "data.message_weight_key is empty"),
+    (["data.message_weight_key="], "data.message_weight_key is empty"),
     ([f"data.message_weight_key={KEY}", "model.use_liger=true"], "Liger's fused loss does not do"),
 ])
 def test_bad_weight_configs_are_refused_before_any_model_loads(tmp_path, extra, needle):
     with pytest.raises(ConfigError, match=needle):
         validate(load_config(None, overrides("/nowhere", tmp_path / "d.jsonl", tmp_path / "run", *extra)))
+
+
+def test_picture_tokens_keep_the_turn_weights_aligned(tmp_path):
+    """Image tokens put in place of a marker weigh 0 and leave the trained tokens' weights where they were."""
+    pytest.importorskip("PIL")
+    from test_images import verl_rows
+
+    from shardtune.config import ModelConfig
+    from shardtune.data.chat import resolve_chat_template
+    from shardtune.data.tokenize import row_samples
+    from shardtune.model import load_tokenizer
+    from shardtune.tiny import save_tiny_vlm
+
+    tokenizer = load_tokenizer(ModelConfig(path=str(save_tiny_vlm(tmp_path / "vlm", seed=0))))
+    template = resolve_chat_template(None, tokenizer)
+    for k, row in enumerate(verl_rows(3)):
+        row["messages"][1][KEY] = 0.5 * k
+        (sample,), _ = row_samples(Row("r.jsonl", k, row), None, tokenizer, DataConfig(message_weight_key=KEY),
+                                   template)
+        assert len(sample.images) == len(row["images"]) and len(sample.weights) == len(sample.input_ids)
+        labels = np.asarray(sample.labels)
+        assert np.array_equal(np.asarray(sample.weights), turn_weights(labels, row["messages"]))

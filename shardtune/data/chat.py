@@ -40,8 +40,8 @@ from shardtune.data.template import TemplateView
 from shardtune.data.turns import Tokens, turn_spans
 from shardtune.errors import DataError, TemplateMismatch
 
-__all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "audit_totals", "conversation_samples",
-           "tokenize_conversation"]
+__all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "Weighted", "audit_totals",
+           "conversation_samples", "tokenize_conversation", "weights_of"]
 # rows, samples, per_turn_expansions, trained_turns, turns_without_end (as the template renders them),
 # eos_appended (samples), closed_by_eos (turns without an end that the appended EOS closes), and how spans were
 # found: method_markers, method_sentinels, method_assistant_sentinels, method_search (the last two fallbacks)
@@ -62,7 +62,23 @@ def audit_totals(per_file: dict[str, dict[str, int]]) -> dict[str, Any]:
 class Tokenized(NamedTuple):
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids (not shifted); IGNORE_INDEX where not trained
-    weights: list[float] | None = None  # aligned with labels: the loss weight of each trained token (None: all 1)
+
+
+class Weighted(NamedTuple):
+    """A `Tokenized` sample of weighted data (data.message_weight_key)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    weights: list[float]  # aligned with labels: each trained token's loss weight, 0 where nothing is trained
+
+
+def weights_of(sample: Any) -> list[float] | None:
+    """The per-token loss weights of a sample (None: unweighted data, every trained token weighs 1)."""
+    return getattr(sample, "weights", None)
+
+
+def _tokenized(ids: list[int], labels: list[int], weights: list[float] | None) -> Tokenized | Weighted:
+    return Tokenized(ids, labels) if weights is None else Weighted(ids, labels, weights)
 
 
 @dataclass(frozen=True)
@@ -179,10 +195,10 @@ def _sample(view: TemplateView, msgs: list[dict[str, Any]], turns: list[int], ap
             audit["closed_by_eos"] += not spans[last].closed
             labels = _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs])
             token_weights = _weigh_tokens(len(ids), tokens, ranges, weights)
-            return Tokenized(ids + [eos], labels + [eos],
-                             None if token_weights is None else token_weights + [weights[last]])
-    return Tokenized(ids, _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs]),
-                     _weigh_tokens(len(ids), tokens, ranges, weights))
+            return _tokenized(ids + [eos], labels + [eos],
+                              None if token_weights is None else token_weights + [weights[last]])
+    return _tokenized(ids, _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs]),
+                      _weigh_tokens(len(ids), tokens, ranges, weights))
 
 
 def _pieces(start: int, end: int, holes: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:

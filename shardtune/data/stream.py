@@ -36,7 +36,7 @@ from shardtune import remote
 from shardtune.batch import supervised_count
 from shardtune.config import DataConfig, Source
 from shardtune.data.batching import GlobalBatch
-from shardtune.data.chat import resolve_chat_template
+from shardtune.data.chat import resolve_chat_template, weights_of
 from shardtune.data.readers import Start, data_files, read_file, reread
 from shardtune.data.tokenize import FileFormats, tokenize_row
 from shardtune.data.vision import images_of
@@ -339,6 +339,7 @@ def _arrays(tok: Any) -> Sample:
     cache stores them, so both paths train the same numbers)."""
     arrays = np.asarray(tok.input_ids, dtype=np.int32), np.asarray(tok.labels, dtype=np.int32)
     pictures = images_of(tok)
-    if tok.weights is not None:
-        return *arrays, list(pictures), np.asarray(tok.weights, dtype=np.float32)
+    weights = weights_of(tok)
+    if weights is not None:
+        return *arrays, list(pictures), np.asarray(weights, dtype=np.float32)
     return (*arrays, list(pictures)) if pictures else arrays
