@@ -175,7 +175,7 @@ QWEN_VL_SPECIALS = CHATML_SPECIALS + ["<|vision_start|>", "<|vision_end|>", "<|i
 def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
     """A tiny config of a Qwen-VL family: the language model 64 wide (head 16, mrope sections 2+3+3), the vision
     tower 32 wide, merging 2 x 2 patches into one image token."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIALS}
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
@@ -190,12 +190,24 @@ def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
         cls, vision = Qwen2_5_VLConfig, dict(depth=vision_depth, hidden_size=32, intermediate_size=64, patch_size=14,
                                              out_hidden_size=64, window_size=56,
                                              fullatt_block_indexes=[vision_depth - 1], **merge)
-    elif family == "qwen3_vl":
+    elif family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
+        import transformers
+
         text["head_dim"] = 16
         rope["mrope_interleaved"] = True
-        cls, vision = Qwen3VLConfig, dict(depth=vision_depth, hidden_size=32, intermediate_size=64, patch_size=16,
-                                          out_hidden_size=64, num_position_embeddings=64,
-                                          deepstack_visual_indexes=list(range(min(2, vision_depth))), **merge)
+        cls = getattr(transformers, {"qwen3_vl": "Qwen3VLConfig", "qwen3_vl_moe": "Qwen3VLMoeConfig",
+                                     "qwen3_5": "Qwen3_5Config"}[family])
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, patch_size=16, out_hidden_size=64,
+                      num_position_embeddings=64, **merge)
+        if family != "qwen3_5":  # Qwen3.5's tower has no deepstack features
+            vision["deepstack_visual_indexes"] = list(range(min(2, vision_depth)))
+        if family == "qwen3_vl_moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        if family == "qwen3_5":  # Gated DeltaNet and attention layers; rope over the whole head (mrope 2+3+3)
+            rope["partial_rotary_factor"] = 1.0
+            text.update(layer_types=(["linear_attention", "full_attention"] * layers)[:layers],
+                        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                        linear_value_head_dim=16)
     else:
         raise ValueError(f"unknown tiny vision-language family {family!r}")
     return cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
@@ -207,8 +219,8 @@ def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
 def save_tiny_vlm(out: str | Path, seed: int = 0, layers: int = 2, vision_depth: int = 2,
                   family: str = "qwen2_vl") -> Path:
     """A randomly initialised tiny Qwen-VL model (vision tower, merger, language model: `family` qwen2_vl,
-    qwen2_5_vl or qwen3_vl) with the byte tokenizer and the family's image processor (small pictures: 4 to 16
-    image tokens each), as a Hugging Face folder; `family` gemma3: see `save_tiny_gemma3_vlm`."""
+    qwen2_5_vl, qwen3_vl, qwen3_vl_moe or qwen3_5) with the byte tokenizer and the family's image processor
+    (small pictures: 4 to 16 image tokens each), as a Hugging Face folder; gemma3: `save_tiny_gemma3_vlm`."""
     from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
