@@ -26,6 +26,7 @@ from shardtune.batch import IGNORE_INDEX
 from shardtune.data.media import decode
 from shardtune.data.readers import Row
 from shardtune.errors import DataError, row_error
+from shardtune.vision import PROCESSOR_FILES, has_image_processor
 
 _PROBE = ("\x01shardtune-before\x01", "\x01shardtune-after\x01")
 
@@ -94,7 +95,9 @@ class ImageProcessing:
         """The tokens one image becomes in place of the marker."""
         picture = decode(image)
         if self.processor is not None:
-            return self.processor(text=[self.marker], images=[picture])["input_ids"][0].tolist()
+            # no special tokens: a tokenizer that adds <bos> to every text (Gemma's) would put one in each image
+            out = self.processor(text=[self.marker], images=[picture], add_special_tokens=False)
+            return list(out["input_ids"][0])
         out = self.image_processor(images=[picture], return_tensors="pt")
         if "image_grid_thw" not in out:
             raise DataError(f"The processor of {self.folder} cannot be loaded and its image processor "
@@ -148,17 +151,18 @@ def _find(ids: list[int], pattern: list[int]) -> list[int]:
 
 
 def processor_folder(tokenizer: Any) -> str | None:
-    """The tokenizer's folder when it holds an image processor (preprocessor_config.json)."""
+    """The tokenizer's folder when it holds an image processor."""
     folder = getattr(tokenizer, "name_or_path", "") or ""
-    return folder if folder and (Path(folder) / "preprocessor_config.json").is_file() else None
+    return folder if folder and has_image_processor(folder) else None
 
 
 def fingerprint(tokenizer: Any) -> str:
-    """The image processor's settings (they decide the image token counts), for cache keys; '' without one."""
+    """The image and processor settings (they decide the image token counts), for cache keys; '' without them."""
     folder = processor_folder(tokenizer)
     if folder is None:
         return ""
-    return hashlib.sha256((Path(folder) / "preprocessor_config.json").read_bytes()).hexdigest()
+    files = [Path(folder) / name for name in PROCESSOR_FILES if (Path(folder) / name).is_file()]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 class Pixels:
