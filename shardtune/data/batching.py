@@ -311,4 +311,4 @@ def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: i
     return MicroBatch(mb.input_ids[:, part], local_targets, mb.position_ids[:, part], None, mb.cu_seqlens,
                       mb.max_seqlen, mb.num_tokens, int((local_targets != IGNORE_INDEX).sum()), mb.num_padded,
                       mb.seq_lengths, mb.vision, mb.input_ids if mb.vision is not None else None,
-                      None if mb.weights is None else mb.weights[:, part])
+                      weights=None if mb.weights is None else mb.weights[:, part])
