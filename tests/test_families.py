@@ -283,6 +283,22 @@ def test_qwen_vl_export_round_trip_and_chat_on_text(family, family_dirs, tmp_pat
     assert said.getvalue() == want[0] + "\n"
 
 
+def test_generation_during_training_uses_eager_for_a_model_without_sdpa(family_dirs):
+    """Evaluation and chat switch a training model to plain attention for generation: eager for Gemma 2 (no
+    sdpa in its class), whose answers are then those of the model loaded with eager; the packed-row kernel after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shardtune.generate import Sampling, generate
+
+    path = family_dirs["gemma2"]
+    model, tokenizer = build(path).train(), AutoTokenizer.from_pretrained(path)
+    prompt = [[{"role": "user", "content": "What is 1+2?"}]]
+    got = generate(model, tokenizer, prompt, Sampling(max_new_tokens=4))
+    assert model.config._attn_implementation == "shardtune_varlen" and model.training
+    eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    assert got == generate(eager, tokenizer, prompt, Sampling(max_new_tokens=4))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Mixture of experts: the router's aux loss as the model defines it, and the routing metrics
 
