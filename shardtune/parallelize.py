@@ -142,11 +142,12 @@ def add_lora(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.n
 
 
 def add_neftune(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.Module:
-    """NEFTune's noise on the input embeddings in training mode (hooks, so every wrapper after it keeps them)."""
+    """NEFTune's noise on the input embeddings in training mode (hooks, so every wrapper after it keeps them);
+    `model.neftune` is where the engine tells it the step."""
     if cfg.model.neftune_noise_alpha > 0:
         from shardtune.neftune import install_neftune
 
-        install_neftune(model, cfg.model.neftune_noise_alpha)
+        model.neftune = install_neftune(model, cfg.model.neftune_noise_alpha, cfg.trainer.seed)
     return model
 
 

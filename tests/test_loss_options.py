@@ -3,6 +3,7 @@ detached probability) by hand on a tiny model, through the chunked loss head, an
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -98,43 +99,52 @@ def test_dft_with_liger_is_refused(tiny_model, data, tmp_path):
 NEFT = 5.0
 
 
-def test_neftune_step_equals_the_hand_computation(tiny_model, data, tmp_path):
-    """One packed micro-batch: the engine's loss and gradient norm equal a plain transformers model fed, one
-    sequence at a time, its embeddings plus the same U(-1, 1) draw scaled by alpha / sqrt(len * hidden)."""
+def neftune_noise(seed: int, step: int, ids: list[int], hidden: int) -> torch.Tensor:
+    """The definition, written out: a sequence's [L, hidden] noise is U(-1, 1) from a generator seeded with
+    63 bits of blake2b over (seed, step, its token ids) as little-endian int64, times NEFT / sqrt(L * hidden)."""
+    digest = hashlib.blake2b(b"".join(int(v).to_bytes(8, "little", signed=True) for v in [seed, step, *ids]),
+                             digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
+    return (torch.rand((len(ids), hidden), generator=gen) * 2 - 1) * NEFT / math.sqrt(len(ids) * hidden)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_neftune_steps_equal_the_hand_computation(tiny_model, data, tmp_path, packed):
+    """Three steps, packed and padded: the engine's loss and gradient norm equal a plain transformers model fed,
+    one unpadded sample at a time, its embeddings plus that sample's noise drawn from the definition."""
     from transformers import AutoModelForCausalLM
 
     trainer = trainer_for(tiny_model, data, tmp_path / "run", f"model.neftune_noise_alpha={NEFT}",
-                          "data.micro_batch_size_per_gpu=8")
-    batch = next(iter(trainer.loader))
-    (mb,) = batch.micro_batches
-    torch.manual_seed(123)
-    got = trainer.train_step(batch)
-
+                          f"model.use_remove_padding={str(packed).lower()}")
     ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager")
-    hidden = ref.config.hidden_size
-    torch.manual_seed(123)
-    noise = torch.rand((1, mb.input_ids.shape[1], hidden)) * 2 - 1
-    bounds = mb.cu_seqlens.tolist()
-    total = 0.0
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        emb = ref.get_input_embeddings()(mb.input_ids[:, s:e]) + noise[:, s:e] * NEFT / math.sqrt((e - s) * hidden)
-        logits = ref(inputs_embeds=emb).logits[0]
-        total = total + F.cross_entropy(logits, mb.targets[0, s:e], ignore_index=IGNORE_INDEX, reduction="sum")
-    loss = total / batch.num_targets
-    loss.backward()
-    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))
-    assert math.isclose(got["train/loss"], loss.item(), rel_tol=1e-5)
-    assert math.isclose(got["train/grad_norm"], norm.item(), rel_tol=1e-5)
+    hidden, seed = ref.config.hidden_size, trainer.cfg.trainer.seed
+    batches = iter(trainer.loader)
+    for step in range(3):
+        ref.load_state_dict(trainer.engine.model.state_dict())
+        ref.zero_grad(set_to_none=True)
+        total, count = 0.0, 0
+        for i in trainer.loader.batches.sampler.batch(0, step):
+            ids, labels = (torch.as_tensor(x.astype("int64")) for x in trainer.train_data.data[i][:2])
+            emb = ref.get_input_embeddings()(ids) + neftune_noise(seed, step, ids.tolist(), hidden)
+            logits = ref(inputs_embeds=emb[None]).logits[0, :-1]
+            total = total + F.cross_entropy(logits, labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+            count += int((labels[1:] != IGNORE_INDEX).sum())
+        loss = total / count
+        loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]))
+        got = trainer.train_step(next(batches))
+        assert math.isclose(got["train/loss"], loss.item(), rel_tol=1e-5), (step, got["train/loss"], loss.item())
+        assert math.isclose(got["train/grad_norm"], norm.item(), rel_tol=1e-5), (step, got, norm.item())
 
 
 def test_neftune_is_off_outside_training(tiny_model, data, tmp_path):
-    from shardtune.neftune import sequence_lengths
+    from shardtune.neftune import sequences
 
     trainer = trainer_for(tiny_model, data, tmp_path / "run", f"model.neftune_noise_alpha={NEFT}")
     plain = trainer_for(tiny_model, data, tmp_path / "plain")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    assert sequence_lengths(pos, None).tolist() == [[3, 3, 3, 2, 2, 1]]
+    assert [(r, i.tolist()) for r, i in sequences(ids, pos, None)] == [(0, [0, 1, 2]), (0, [3, 4]), (0, [5])]
     noisy, clean = trainer.engine.model, plain.engine.model
     with torch.no_grad():
         noisy.eval()

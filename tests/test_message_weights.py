@@ -1,7 +1,7 @@
 """data.message_weight_key: each trained turn's token losses times its message's weight, the step's sum still
 divided by its supervised-token count. Against a hand reference from a plain model's logits over several steps,
-all weights 1 against no weights, packed against padded, 1 against 2 processes and Ulysses SP=2, through the
-cache and the stream; bad weights named by file, row, message and key."""
+all weights 1 against no weights, packed against padded, 1 against 2 processes (also with NEFTune) and
+Ulysses SP=2, through the cache and the stream; bad weights named by file, row, message and key."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from shardtune.tiny import byte_tokenizer
 from shardtune.trainer import Trainer
 
 KEY = "loss_weight"
+NEFTUNE = "model.neftune_noise_alpha=5"
 STEPS = 3
 
 
@@ -181,13 +182,20 @@ def test_two_processes_and_ulysses_sp2_equal_one(tiny_model, data, tmp_path, one
     """One torchrun launch, two runs: 2 data-parallel ranks (the divisor counts both ranks' tokens), and one
     Ulysses SP=2 group with the chunked loss head and bucket padding (each rank weighs its slice)."""
     runs = {"dp2": [], "sp2": ["engine.ulysses_sequence_parallel_size=2", "model.loss_chunk_size=5",
-                               "data.pad_to_length_bucket=16"]}
+                               "data.pad_to_length_bucket=16"], "dp2_neftune": [NEFTUNE]}
     specs = [overrides(tiny_model, data["weighted"], tmp_path / name, f"data.message_weight_key={KEY}", *extra)
              for name, extra in runs.items()]
     r = torchrun(2, json.dumps(specs), script=str(Path(__file__).parent / "scripts" / "train_runs.py"))
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in runs:
+    for name in ("dp2", "sp2"):
         assert_close(one_process, read_metrics(tmp_path / name))
+    # NEFTune (in this launch, which costs more than its run): each sample's noise depends on the seed, the step
+    # and the sample, not on the rank it lands on, so 2 ranks train what 1 does (and not what no noise does)
+    neftune = trainer_for(tiny_model, data["weighted"], tmp_path / "neftune", f"data.message_weight_key={KEY}",
+                          NEFTUNE).fit()
+    assert_close(neftune, read_metrics(tmp_path / "dp2_neftune"))
+    # the noise moves the loss by more than these checks' tolerance (alpha 5 on a tiny model: ~5e-5 at step 1)
+    assert not math.isclose(neftune[0]["train/loss"], one_process[0]["train/loss"], rel_tol=1e-5)
 
 
 # ---- the data path: cache, stream, formats -----------------------------------------------------------------

@@ -54,6 +54,7 @@ class FSDP2Engine(Engine):
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.routing = moe.routing(self.model.config)
+        self.neftune = getattr(self.model, "neftune", None)  # NEFTune's noise depends on the step
 
     # ------------------------------------------------------------------------------------------------------
     def _build_model(self) -> torch.nn.Module:
@@ -132,6 +133,8 @@ class FSDP2Engine(Engine):
 
     def train_batch(self, micro_batches: list[MicroBatch], num_targets: int) -> StepResult:
         self.model.train()
+        if self.neftune is not None:  # the steps taken before this one: the schedule's position, kept on resume
+            self.neftune.step = self.scheduler.last_epoch
         denom = float(max(num_targets, 1))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
