@@ -137,6 +137,18 @@ def test_neftune_steps_equal_the_hand_computation(tiny_model, data, tmp_path, pa
         assert math.isclose(got["train/grad_norm"], norm.item(), rel_tol=1e-5), (step, got, norm.item())
 
 
+def test_neftune_resumed_step_draws_the_uninterrupted_noise(tiny_model, data, tmp_path):
+    """The step the noise is drawn for is the restored schedule's position: step 3 resumed from step 2's
+    checkpoint trains what the uninterrupted run's step 3 did."""
+    neft = f"model.neftune_noise_alpha={NEFT}"
+    full = trainer_for(tiny_model, data, tmp_path / "full", neft, "trainer.save_freq=2").fit()
+    resumed = trainer_for(tiny_model, data, tmp_path / "resumed", neft, "trainer.resume_mode=resume_path",
+                          f"trainer.resume_from_path={tmp_path / 'full' / 'global_step_2'}").fit()
+    assert [x["step"] for x in resumed] == [3]
+    assert math.isclose(resumed[0]["train/loss"], full[2]["train/loss"], rel_tol=1e-5)
+    assert math.isclose(resumed[0]["train/grad_norm"], full[2]["train/grad_norm"], rel_tol=1e-5)
+
+
 def test_neftune_is_off_outside_training(tiny_model, data, tmp_path):
     from shardtune.neftune import sequences
 
