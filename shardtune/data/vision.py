@@ -37,6 +37,7 @@ class WithImages(NamedTuple):
     input_ids: list[int]
     labels: list[int]
     images: tuple[bytes, ...]
+    weights: list[float] | None = None  # as Tokenized's: the loss weight of each trained token
 
 
 def images_of(sample: Any) -> tuple[bytes, ...]:
@@ -66,24 +67,29 @@ class ImageProcessing:
                             f"(id {self.image_token_id}) of the model. Fix: use the model's own chat template "
                             "(data.chat_template).")
 
-    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row) -> WithImages:
-        """Each image marker of a sample's tokens replaced by that image's tokens, with no label. A sample cut
-        from the conversation (thinking_history=per_turn) holds the first images only: they are returned."""
+    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row,
+               weights: list[float] | None = None) -> WithImages:
+        """Each image marker of a sample's tokens replaced by that image's tokens, with no label (and weight 0).
+        A sample cut from the conversation (thinking_history=per_turn) holds the first images only: they are
+        returned."""
         places = _find(ids, self.marker_ids)
         if len(places) > len(images):
             raise row_error(row.path, row.index, None,
                             f"the rendered chat holds {len(places)} image markers {self.marker!r} for {len(images)} "
                             "images (a message text writes the marker itself)",
                             "write images as <image> placeholders or image parts, not as the template's tokens")
-        out_ids, out_labels, at = [], [], 0
+        out_ids, out_labels, out_weights, at = [], [], [], 0
         for start, image in zip(places, images):
             out_ids += ids[at:start]
             out_labels += labels[at:start]
             tokens = self.image_tokens(image)
             out_ids += tokens
             out_labels += [IGNORE_INDEX] * len(tokens)
+            if weights is not None:
+                out_weights += weights[at:start] + [0.0] * len(tokens)
             at = start + len(self.marker_ids)
-        return WithImages(out_ids + ids[at:], out_labels + labels[at:], tuple(images[: len(places)]))
+        return WithImages(out_ids + ids[at:], out_labels + labels[at:], tuple(images[: len(places)]),
+                          None if weights is None else out_weights + weights[at:])
 
     def image_tokens(self, image: bytes) -> list[int]:
         """The tokens one image becomes in place of the marker."""

@@ -89,15 +89,23 @@ class FSDP2Engine(Engine):
                       attention_mask=self._to_device(mb.attention_mask), use_cache=False, **packed)
         if self.vision is not None:  # pixel tensors, image-token types, 3-D rope positions
             inputs.update(self.vision.inputs(mb, self._to_device))
-        # DFT shapes the training loss only: validation reports the plain cross-entropy
+        # DFT and message weights shape the training loss only: validation reports the plain cross-entropy
         dft = self.cfg.optim.loss_type == "dft" and self.model.training
+        weights = mb.weights if self.model.training else None
         if self.loss_head is not None:
-            return self._fused_loss_sum(inputs, mb.targets.flatten(), dft)
+            return self._fused_loss_sum(inputs, mb.targets.flatten(), dft, weights)
         with self._autocast():
             out = self.model(**inputs)
+        plain = not dft and weights is None
         ce = F.cross_entropy(out.logits.flatten(0, 1).float(), self._to_device(mb.targets).flatten(),
-                             ignore_index=IGNORE_INDEX, reduction="none" if dft else "sum")  # 0 where untrained
-        return ((ce * torch.exp(-ce).detach()).sum() if dft else ce), out
+                             ignore_index=IGNORE_INDEX, reduction="sum" if plain else "none")  # 0 where untrained
+        if plain:
+            return ce, out
+        if dft:
+            ce = ce * torch.exp(-ce).detach()
+        if weights is not None:
+            ce = ce * self._to_device(weights).flatten()
+        return ce.sum(), out
 
     def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """Host to device without stalling the host: a pinned staging copy and an asynchronous transfer on
@@ -106,11 +114,13 @@ class FSDP2Engine(Engine):
             return t
         return (t if t.is_pinned() else t.pin_memory()).to(self.world.device, non_blocking=True)
 
-    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor, dft: bool) -> tuple[torch.Tensor, Any]:
+    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor, dft: bool,
+                        weights: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         """The loss head computes the loss of the supervised positions (found on the host, so no sync)."""
         positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        weights = None if weights is None else self._to_device(weights.flatten()[positions])
         with self._autocast(), self.loss_head.computing_loss(self._to_device(positions),
-                                                             self._to_device(targets[positions]), dft):
+                                                             self._to_device(targets[positions]), dft, weights):
             out = self.model(**inputs)
         loss = out.logits
         if loss is not self.loss_head.last_loss:
