@@ -83,6 +83,11 @@ _MOE = dict(num_experts_per_tok=2)
 def _text_families() -> dict[str, tuple[str, dict]]:
     """family -> (config class name in transformers, its fields beyond `_TEXT`)."""
     sliding = dict(sliding_window=_WINDOW, layer_types=["sliding_attention", "full_attention"])
+    deltanet = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                    linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
+    per_layer = dict(sliding, hidden_size_per_layer_input=8, num_kv_shared_layers=0)  # Gemma 3n/4's per-layer inputs
+    moe_shared = dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, **_MOE)
+    mamba2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8)
     return {
         "llama": ("LlamaConfig", {}),
         "qwen3": ("Qwen3Config", {}),
@@ -99,9 +104,30 @@ def _text_families() -> dict[str, tuple[str, dict]]:
         "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, moe_intermediate_size=32, **_MOE)),
         "mixtral": ("MixtralConfig", dict(num_local_experts=4, **_MOE)),
         "olmoe": ("OlmoeConfig", dict(num_experts=4, **_MOE)),
-        "qwen3_5_text": ("Qwen3_5TextConfig", dict(layer_types=["linear_attention", "full_attention"],
-                                                   linear_num_value_heads=4, linear_num_key_heads=2,
-                                                   linear_key_head_dim=16, linear_value_head_dim=16)),
+        "qwen3_5_text": ("Qwen3_5TextConfig", dict(deltanet)),
+        # more families users fine-tune (Phi-4 and Phi-4-mini are Phi-3's class; SmolLM3 has NoPE layers)
+        "mistral": ("MistralConfig", dict(sliding_window=_WINDOW)),
+        "olmo3": ("Olmo3Config", sliding),
+        "cohere2": ("Cohere2Config", sliding),  # + logit_scale
+        "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0])),
+        "granite": ("GraniteConfig", dict(embedding_multiplier=4.0, residual_multiplier=0.5, logits_scaling=2.0,
+                                          attention_multiplier=0.25)),
+        "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
+                                           first_k_dense_replace=1, n_group=1, topk_group=1, **_MOE)),
+        "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
+                                                    moe_num_shared_experts=1, moe_layer_start_index=1)),
+        "qwen3_next": ("Qwen3NextConfig", dict(deltanet, **moe_shared)),
+        "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(deltanet, **moe_shared)),
+        "granitemoehybrid": ("GraniteMoeHybridConfig", dict(layer_types=["mamba", "attention"], **mamba2,
+                                                            num_local_experts=4, shared_intermediate_size=32, **_MOE)),
+        "falcon_h1": ("FalconH1Config", dict(mamba2, mamba_d_ssm=128)),  # attention and mamba side by side
+        "jamba": ("JambaConfig", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                      expert_layer_offset=1, num_experts=4, mamba_d_state=8, mamba_dt_rank=8,
+                                      use_mamba_kernels=False, **_MOE)),
+        "lfm2": ("Lfm2Config", dict(layer_types=["conv", "full_attention"], conv_L_cache=3)),  # short convolutions
+        "gemma3n_text": ("Gemma3nTextConfig", dict(per_layer, laurel_rank=4, altup_num_inputs=2,
+                                                   activation_sparsity_pattern=[0.0, 0.0])),
+        "gemma4_text": ("Gemma4TextConfig", per_layer),
     }
 
 
@@ -119,11 +145,22 @@ def _multimodal_families() -> dict[str, tuple[str, str, dict]]:
         "qwen2_5_vl": ("Qwen2_5_VLConfig", "qwen3", dict(_QWEN_VISION, window_size=16, fullatt_block_indexes=[0])),
         "qwen3_vl": ("Qwen3VLConfig", "qwen3", dict(_QWEN_VISION, num_position_embeddings=16,
                                                     deepstack_visual_indexes=[0])),
+        "gemma4": ("Gemma4Config", "gemma4_text", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                       num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                                       patch_size=8, pooling_kernel_size=2,
+                                                       position_embedding_size=64)),
     }
 
 
 TEXT_FAMILIES = tuple(_text_families())
 MULTIMODAL_FAMILIES = tuple(_multimodal_families())
+
+
+def _text_fields(fields: dict, ids: dict) -> dict:
+    text = {**_TEXT, **ids, **fields}
+    if "hidden_size_per_layer_input" in text:  # Gemma 3n/4 embed per-layer inputs from the same vocabulary
+        text["vocab_size_per_layer_input"] = ids["vocab_size"]
+    return text
 
 
 def tiny_family_config(family: str, tokenizer) -> object:
@@ -134,10 +171,10 @@ def tiny_family_config(family: str, tokenizer) -> object:
                bos_token_id=tokenizer.bos_token_id)
     if family in _text_families():
         name, fields = _text_families()[family]
-        return getattr(transformers, name)(**{**_TEXT, **ids, **fields})
+        return getattr(transformers, name)(**_text_fields(fields, ids))
     name, text_family, vision = _multimodal_families()[family]
     text_name, fields = _text_families()[text_family]
-    text = {**_TEXT, **ids, **fields}
+    text = _text_fields(fields, ids)
     if family in ("qwen2_5_vl", "qwen3_vl"):  # their text configs are Qwen2-/Qwen3-shaped with mrope
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         text.pop("layer_types", None)

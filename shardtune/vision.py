@@ -37,7 +37,8 @@ from shardtune.errors import ConfigError
 
 # module-name pieces of the vision tower and of its projector, as the families name them
 TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder")
-PROJECTOR_NAMES = ("merger", "deepstack_merger_list", "multi_modal_projector", "mm_projector", "projector")
+PROJECTOR_NAMES = ("merger", "deepstack_merger_list", "multi_modal_projector", "mm_projector", "projector",
+                   "embed_vision")
 
 
 def is_vision_config(hf_config: Any) -> bool:
