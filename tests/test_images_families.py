@@ -146,3 +146,24 @@ def test_qwen3_vl_moe_and_qwen3_5_packed_equal_padded_and_the_pictures_matter(tm
     packed = losses(tmp_path / "qwen3_5_packed")
     # further apart than the parity tolerance (the tiny tower's features move the loss by ~1e-4 relative)
     assert not math.isclose(losses(tmp_path / "qwen3_5_swapped")[0], packed[0], rel_tol=1e-5)
+
+
+def test_videos_are_refused_by_file_row_and_key_and_a_missing_pillow_says_how_to_install_it(gemma3, tmp_path,
+                                                                                           monkeypatch):
+    from shardtune.config import DataConfig
+    from shardtune.data.dataset import build_dataset
+    from shardtune.errors import ConfigError, DataError
+
+    tok = load_tokenizer(ModelConfig(path=str(gemma3)))
+    rows = verl_rows(4)
+    rows[2]["messages"][0]["content"] = "<video>" + rows[2]["messages"][0]["content"]
+    rows[2]["videos"] = [[{"bytes": b"frame", "path": "f.png"}]]
+    for r in rows[:2] + rows[3:]:
+        r["videos"] = []
+    path = write_parquet(tmp_path / "train.parquet", rows)
+    with pytest.raises(DataError, match=f"{path}, row 2, key 'videos': the row has videos.*Fix: "):
+        build_dataset([str(path)], DataConfig(train_files=[str(path)], cache_dir=None), tok)
+    row = verl_rows(1)[0]
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as without Pillow: `import PIL` raises ImportError
+    with pytest.raises(ConfigError, match=r"needs Pillow.*pip install 'shardtune\[vision\]'"):
+        samples_of(row, tok)
