@@ -48,18 +48,6 @@ def template_tokenizer(name: str):
                           pad_token="<|endoftext|>", bos_token=bos)
 
 
-def pytest_collection_modifyitems(config, items):
-    """The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup` in pyproject's addopts: most tests
-    use one core, as OMP_NUM_THREADS=1 above asks). A module-scoped fixture of a test module (a reference run,
-    a server, data files) is built once per worker that runs its tests, so the tests that use one stay on one
-    worker: they form one xdist group per module. The other tests go to whichever worker is free."""
-    for item in items:
-        module = getattr(item, "module", None)
-        used = [defs[-1] for defs in item._fixtureinfo.name2fixturedefs.values() if defs]
-        if module and any(d.scope == "module" and d.func.__module__ == module.__name__ for d in used):
-            item.add_marker(pytest.mark.xdist_group(module.__name__))
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from shardtune.tiny import save_tiny_model
