@@ -136,8 +136,8 @@ def applicable(tok, template: str, msgs: list[dict], tools, **kwargs) -> str | N
         return f"rejects it ({type(e).__name__})"
     if any(m["role"] == "assistant" and visible(m)[0] not in full for m in msgs):
         return "drops an assistant text"
-    if any(m["role"] == "user" and text_of(m["content"]).strip() not in full for m in msgs):
-        return "drops a user text (the conversation is not rendered as turns)"
+    if any(m["role"] in ("user", "tool") and text_of(m["content"]).strip() not in full for m in msgs):
+        return "drops a user text or tool result (the conversation is not rendered as turns)"
     if tools and "Quitoville" not in full:
         return "drops the tool call"
     if re.search(r"""['"]type['"]: ['"]text['"]""", full):

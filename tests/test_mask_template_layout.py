@@ -9,6 +9,9 @@ rules they test:
     (Hy-Embodied's `</tool_responses>`): a final turn ends with its end-of-turn token, never with that;
 17. tool-call arguments the template rewrites (a pythonic Llama 3.2 template slices a JSON string into
     `name(city: value)`): the turn is found from the other texts, the rewritten call trained as rendered.
+18. a template that writes the user header twice (llama-cpp-python's LLaVA-style format: a string is
+    iterable, so both branches print `USER: `): the repeated header is not a closing of the user message that
+    history turns close with.
 Also class 13's whitespace: what the template writes between the prompt and the turn's text is not trained.
 """
 
@@ -60,3 +63,12 @@ def test_class13_template_whitespace_before_the_text_is_not_trained():
     # the history writes `</think>` and 4 spaces of the template's indentation before the text
     assert masks("class13_prompt_whitespace", "two_turns") == ["Wombat answer one.<｜end▁of▁sentence｜>",
                                                               "Wombat answer two.<｜end▁of▁sentence｜>"]
+
+
+def test_class18_user_header_written_twice_is_no_closing():
+    template = (TEMPLATES / "class18_header_written_twice.jinja").read_text()
+    msgs, _ = SHAPES["two_turns"]
+    assert "Quokka question one?USER: ASSISTANT: " in tokenizer_for_template(template).apply_chat_template(
+        msgs, chat_template=template, tokenize=False)
+    # no end-of-turn token: the history turn ends at its text, the final one with the appended EOS
+    assert masks("class18_header_written_twice", "two_turns") == ["Wombat answer one.", "Wombat answer two.</s>"]

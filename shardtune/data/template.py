@@ -159,7 +159,9 @@ def _next_header(view: TemplateView, rest: str, header_token: str | None, prelud
     shared = common_suffix(rest, prelude)
     if rest[len(rest) - shared:].strip():
         at.append(_snap_forward(view, rest, len(rest) - shared))
-    if user_closing.strip() and rest.startswith(user_closing):
+    # (not the header the first user message's text is preceded by: a template that writes it twice)
+    if user_closing.strip() and rest.startswith(user_closing) and \
+            not prelude.rstrip().endswith(user_closing.strip()):
         at.append(len(user_closing))
     return max(at, default=0)
 
