@@ -46,10 +46,11 @@ def sequence_bounds(length: int, cu_seq_lens_q: torch.Tensor | None, position_id
 
 def _masked_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       window: int | None, softcap: float | None, sinks: torch.Tensor | None,
-                      dropout: float) -> torch.Tensor:
+                      dropout: float, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of one sequence with the variants sdpa lacks, computed as the models' eager code
-    does: scores (soft-capped), the causal and sliding-window mask, a softmax in fp32 over the scores and a
-    learnt sink logit per head (dropped after the softmax). [B, H, T, D] -> [B, H, T, Dv]."""
+    does: scores (soft-capped), the causal mask widened to the whole picture for image tokens (`blocks` [B, T]:
+    each token's picture, -1 for text; Gemma 3), the sliding-window mask over that, a softmax in fp32 over the
+    scores and a learnt sink logit per head (dropped after the softmax). [B, H, T, D] -> [B, H, T, Dv]."""
     if k.shape[1] != q.shape[1]:
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     scores = (q @ k.transpose(-1, -2)) * scale
@@ -58,6 +59,8 @@ def _masked_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor,
     t = q.shape[2]
     i = torch.arange(t, device=q.device)
     allowed = i[None, :] <= i[:, None]
+    if blocks is not None:  # transformers' blockwise overlay: OR(causal, same picture), then AND(window)
+        allowed = (allowed | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)))[:, None]
     if window:
         allowed &= i[None, :] > i[:, None] - window  # transformers' sliding_window_overlay
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -76,12 +79,15 @@ def varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                    cu_seq_lens_q: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                    sliding_window: int | None = None, softcap: float | None = None, s_aux: torch.Tensor | None = None,
+                   image_blocks: torch.Tensor | None = None, image_blocks_on: str = "all",
                    **kwargs) -> tuple[torch.Tensor, None]:
     """query [B, H, T, D], key [B, Hkv, T, D], value [B, Hkv, T, Dv] -> [B, T, H, Dv]: causal attention
     of each sequence on its own slice. Packed rows have B == 1 and their boundaries in `cu_seq_lens_q` (or
     `position_ids` restarting at 0); right-padded rows need no mask (causal: no real token sees a pad).
     Plain sequences run sdpa; sliding windows, soft-capping (Gemma 2) and sinks (gpt-oss, `s_aux`) run
-    `_masked_attention`. The cost is the sum of the squares of the sequence lengths."""
+    `_masked_attention`, as do sequences holding pictures whose tokens attend both ways (`image_blocks`
+    [B, T], shardtune/vision.py; on every layer, or only on sliding-window layers when `image_blocks_on` is
+    'sliding'). The cost is the sum of the squares of the sequence lengths."""
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         raise ValueError(f"{VARLEN} is a training kernel for packed or unpadded rows without a KV cache. "
                          "Fix: model.set_attn_implementation('sdpa') (or 'eager') before generating.")
@@ -94,8 +100,11 @@ def varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
-        if sliding_window or softcap or sinks is not None:
-            outs.append(_masked_attention(module, q, k, v, scale, sliding_window, softcap, sinks, p))
+        blocks = None
+        if image_blocks is not None and (image_blocks_on == "all" or sliding_window):
+            blocks = image_blocks[:, s:e] if bool((image_blocks[:, s:e] >= 0).any()) else None
+        if sliding_window or softcap or sinks is not None or blocks is not None:
+            outs.append(_masked_attention(module, q, k, v, scale, sliding_window, softcap, sinks, p, blocks))
         else:
             outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale,
                                                        enable_gqa=q.shape[1] != k.shape[1]))
@@ -114,7 +123,7 @@ def torch_varlen_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     from torch.nn.attention.varlen import varlen_attn
 
     causal, gqa = _varlen_flags(varlen_attn)
-    unsupported = (kwargs.get("softcap") or kwargs.get("s_aux") is not None
+    unsupported = (kwargs.get("softcap") or kwargs.get("s_aux") is not None or kwargs.get("image_blocks") is not None
                    or getattr(module, "sinks", None) is not None
                    or value.shape[-1] != query.shape[-1] or (sliding_window and "window_size" not in causal))
     if cu_seq_lens_q is None or query.shape[0] != 1 or unsupported:

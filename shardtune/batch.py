@@ -56,6 +56,9 @@ class MicroBatch:
     # under sequence parallelism with pictures: the whole row's input_ids (the pictures' features are placed
     # into the whole row's embeddings before the row is split; see shardtune/vision.py)
     full_input_ids: torch.Tensor | None = None
+    # [rows, T] float32 beside `targets` (data.message_weight_key): each target's loss weight, 0 where nothing is
+    # trained; None: every target weighs 1. The loss divisor stays the supervised-token count (num_targets)
+    weights: torch.Tensor | None = None
 
     def pin_memory(self) -> MicroBatch:
         """Page-locked copies of the tensors, so the host-to-GPU copies can run asynchronously."""
@@ -64,7 +67,7 @@ class MicroBatch:
         return replace(self, input_ids=self.input_ids.pin_memory(), targets=self.targets.pin_memory(),
                        position_ids=self.position_ids.pin_memory(), cu_seqlens=_pinned(self.cu_seqlens),
                        attention_mask=_pinned(self.attention_mask), vision=vision,
-                       full_input_ids=_pinned(self.full_input_ids))
+                       full_input_ids=_pinned(self.full_input_ids), weights=_pinned(self.weights))
 
 
 def _pinned(t: torch.Tensor | None) -> torch.Tensor | None:

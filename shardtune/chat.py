@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
 from shardtune.checkpoint import is_complete
 from shardtune.errors import ShardtuneError
@@ -35,7 +35,11 @@ def load_model_for_chat(path: str, device: torch.device, dtype: torch.dtype = to
             model = model.merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(folder / "huggingface")
     elif (folder / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+        from shardtune.model import auto_class
+
+        # a vision-language export loads as its own class (tower included), as its checkpoint was trained
+        model = auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype,
+                                                                              use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     else:
         raise ShardtuneError(f"'{path}' is neither a complete shardtune checkpoint (global_step_N) nor a Hugging "

@@ -170,9 +170,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 def checked_config(path: str | None, overrides: list[str], world_size: int):
     """The config, checked across keys for `world_size` processes and against the model folder."""
     from shardtune.config import load_config, validate
-    from shardtune.model import check_architecture, check_loss_head, check_model_path, check_sequence_parallel
 
     cfg = validate(load_config(path, overrides), world_size=world_size)
+    # imported after the rules that need no model, so their errors answer before torch and transformers load
+    from shardtune.model import check_architecture, check_loss_head, check_model_path, check_sequence_parallel
+
     check_model_path(cfg.model)
     check_sequence_parallel(cfg.model, cfg.sp_size)
     check_architecture(cfg.model)

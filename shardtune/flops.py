@@ -21,12 +21,23 @@ GPU_PEAK_BF16 = {"B200": 2.25e15, "H200": 989e12, "H100": 989e12, "H800": 989e12
 GPU_PEAK_FP32 = {"B200": 80e12, "H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "MI300X": 163e12}
 
 
-def _attr(config: Any, *names: str, default: Any = None) -> Any:
+def config_value(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` the config sets. A per-layer value (a list, as Gemma 3n's intermediate_size, or set
+    per layer, as Gemma 4's head_dim) gives its mean over the layers, rounded."""
     for n in names:
-        v = getattr(config, n, None)
+        try:
+            v = getattr(config, n, None)
+        except RuntimeError:  # transformers refuses one global value of an attribute that varies per layer
+            layers = config.per_layer_config
+            v = [getattr(layers[i], n) for i in range(len(layers))]
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v):
+            v = round(sum(v) / len(v))
         if v is not None:
             return v
     return default
+
+
+_attr = config_value
 
 
 def matmul_params_per_token(config: Any) -> int:
@@ -45,7 +56,7 @@ def matmul_params_per_token(config: Any) -> int:
         shared = _attr(config, "shared_expert_intermediate_size", default=0)
         mlp += 3 * h * shared
     else:
-        mlp = 3 * h * config.intermediate_size  # gate, up, down (SwiGLU / GeGLU)
+        mlp = 3 * h * _attr(config, "intermediate_size")  # gate, up, down (SwiGLU / GeGLU)
     return layers * (attn + mlp) + config.vocab_size * h
 
 

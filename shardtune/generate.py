@@ -3,10 +3,11 @@ training both use.
 
 Prompts are rendered with `add_generation_prompt=True`, left-padded into batches and decoded with
 `model.generate` (greedy unless a temperature is given). A training model is switched to inference for
-the call (eval mode, which also turns NEFTune's noise off, KV cache on, plain `sdpa` attention, since the
-packed-row kernels take no cache or padding mask) and switched back after it. Under FSDP2 every rank must
-run the same number of forward passes: the caller gives every rank the same number of prompts and
-`synced=True` keeps each `generate` call stepping until every rank's sequences are done.
+the call (eval mode, which also turns NEFTune's noise off, KV cache on, plain `sdpa` attention, or `eager`
+for models without sdpa, since the packed-row kernels take no cache or padding mask) and switched back
+after it. Under FSDP2 every rank must run the same number of forward passes: the caller gives every rank
+the same number of prompts and `synced=True` keeps each `generate` call stepping until every rank's
+sequences are done.
 """
 
 from __future__ import annotations
@@ -47,20 +48,28 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 @contextmanager
 def inference_mode(model: torch.nn.Module):
-    """Eval mode, KV cache on and plain sdpa attention for the block; the training settings after it."""
-    config = model.config
-    was_training, cache, attn = model.training, config.use_cache, config._attn_implementation
+    """Eval mode, KV cache on and plain sdpa (or eager) attention for the block; the training settings after it."""
+    config = model.config.get_text_config()  # a vision-language model's cache switch is its language model's
+    was_training, cache, attn = model.training, config.use_cache, _attention(model.config)
+    plain = "sdpa" if getattr(model, "_supports_sdpa", True) else "eager"  # Gemma 2, gpt-oss: no sdpa
     model.eval()
     config.use_cache = True
-    if attn != "sdpa":
-        model.set_attn_implementation("sdpa")
+    if attn != plain:
+        model.set_attn_implementation(plain)
     try:
         yield
     finally:
-        if attn != "sdpa":
+        if attn != plain:
             model.set_attn_implementation(attn)
         config.use_cache = cache
         model.train(was_training)
+
+
+def _attention(config: Any) -> str | dict[str, str]:
+    """The attention of each part (a vision-language model's tower keeps its own), to restore after the block."""
+    parts = {k: getattr(config, k, None) for k in getattr(config, "sub_configs", {})}
+    parts = {k: c._attn_implementation for k, c in parts.items() if c is not None}
+    return parts or config._attn_implementation
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from shardtune.errors import ConfigError
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compute_dtype: torch.dtype, grads: bool,
-                dft: bool = False):
+                dft: bool = False, token_weights: torch.Tensor | None = None):
         # `grads` is false under no_grad (validation), where a Parameter still reports needs_input_grad
         need_h, need_w, need_b = (grads and n for n in ctx.needs_input_grad[:3])
         w = weight.to(compute_dtype)
@@ -44,6 +44,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             ce = lse - logits.gather(1, t[:, None]).squeeze(1)
             scale = torch.exp(-ce) if dft else None  # DFT: each token's CE times its (constant) probability
+            if token_weights is not None:  # data.message_weight_key: times its turn's weight
+                tw = token_weights[start:start + chunk_size].to(acc)
+                scale = tw if scale is None else scale * tw
             loss += (ce if scale is None else scale * ce).sum()
             if not (need_h or need_w or need_b):
                 continue
@@ -70,19 +73,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         out = [None if g is None else (g * grad_loss.to(g.dtype)) for g in (grad_h, grad_w, grad_b)]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk_size: int, dft: bool = False) -> torch.Tensor:
+                         targets: torch.Tensor, chunk_size: int, dft: bool = False,
+                         token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """sum_i CE(hidden[i] @ weight.T + bias, targets[i]) in fp32, `chunk_size` rows of logits at a time (with
-    `dft`, each CE_i times exp(-CE_i), a constant in the gradient). The matmuls run in the autocast dtype when
-    autocast is on (as `lm_head` would), else in hidden's dtype."""
+    `dft`, each CE_i times exp(-CE_i), a constant in the gradient; with `token_weights`, each CE_i times w_i).
+    The matmuls run in the autocast dtype when autocast is on (as `lm_head` would), else in hidden's dtype."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, dtype,
-                                                torch.is_grad_enabled(), dft)
+                                                torch.is_grad_enabled(), dft, token_weights)
 
 
 def _liger_cross_entropy(hidden, weight, bias, targets):
@@ -102,14 +106,16 @@ class LossHead(torch.nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.chunk_size, self.use_liger = chunk_size, use_liger
-        self._request: tuple[torch.Tensor, torch.Tensor, bool] | None = None
+        self._request: tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None] | None = None
         self.last_loss: torch.Tensor | None = None
 
     @contextmanager
-    def computing_loss(self, positions: torch.Tensor, targets: torch.Tensor, dft: bool = False):
+    def computing_loss(self, positions: torch.Tensor, targets: torch.Tensor, dft: bool = False,
+                       weights: torch.Tensor | None = None):
         """Within this block a forward returns sum(CE) over `positions` (flat token indices) against
-        `targets` (their next tokens) instead of logits (with `dft`: the DFT-scaled sum)."""
-        self._request = (positions, targets, dft)
+        `targets` (their next tokens) instead of logits (with `dft`: the DFT-scaled sum; with `weights`, one per
+        position: the weighted sum)."""
+        self._request = (positions, targets, dft, weights)
         try:
             yield
         finally:
@@ -118,7 +124,7 @@ class LossHead(torch.nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._request is None:
             return F.linear(hidden, self.weight, self.bias)
-        positions, targets, dft = self._request
+        positions, targets, dft, weights = self._request
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         if positions.numel() == 0:  # an empty micro-batch: a zero that still reaches the graph (FSDP2's hooks)
             # (and gives the head's parameters a zero gradient, as on the ranks whose micro-batch is not empty)
@@ -127,7 +133,7 @@ class LossHead(torch.nn.Module):
         elif self.use_liger:
             self.last_loss = _liger_cross_entropy(h, self.weight, self.bias, targets)
         else:
-            self.last_loss = linear_cross_entropy(h, self.weight, self.bias, targets, self.chunk_size, dft)
+            self.last_loss = linear_cross_entropy(h, self.weight, self.bias, targets, self.chunk_size, dft, weights)
         return self.last_loss
 
     def extra_repr(self) -> str:

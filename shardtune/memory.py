@@ -28,6 +28,7 @@ import torch
 
 from shardtune import quantize
 from shardtune.config import Config
+from shardtune.flops import config_value
 from shardtune.loss import LossHead
 from shardtune.model import build_from_config, compute_dtype, load_hf_config
 from shardtune.parallel import World, decoder_layers
@@ -128,9 +129,9 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
 
     units = [*decoder_layers(model), model.get_input_embeddings(), model.get_output_embeddings()]
     return ModelShape(
-        hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
-        heads=c.num_attention_heads, kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, vocab=c.vocab_size,
+        hidden=c.hidden_size, intermediate=config_value(c, "intermediate_size"), layers=c.num_hidden_layers,
+        heads=c.num_attention_heads, kv_heads=config_value(c, "num_key_value_heads", default=c.num_attention_heads),
+        head_dim=config_value(c, "head_dim", default=c.hidden_size // c.num_attention_heads), vocab=c.vocab_size,
         params=sum(p.numel() for p in params), param_bytes=sum(nbytes(p) for p in params),
         trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
         linear_weight_params=sum(m.weight.numel() for m in model.modules()  # 4-bit ones save no bf16 copy
@@ -154,7 +155,7 @@ def experts_of(c: Any) -> dict[str, int]:
     shared = getattr(c, "shared_expert_intermediate_size", None) or (
         (getattr(c, "n_shared_experts", None) or 0) * (getattr(c, "moe_intermediate_size", None) or 0))
     return dict(experts=experts, experts_per_token=getattr(c, "num_experts_per_tok", None) or 1,
-                expert_intermediate=getattr(c, "moe_intermediate_size", None) or c.intermediate_size,
+                expert_intermediate=config_value(c, "moe_intermediate_size", "intermediate_size"),
                 shared_intermediate=shared)
 
 

@@ -16,7 +16,7 @@ from shardtune.batch import supervised_count
 from shardtune.checkpoint import check_run_dir
 from shardtune.config import Config, Source
 from shardtune.data import build
-from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template
+from shardtune.data.chat import IGNORE_INDEX, resolve_chat_template, weights_of
 from shardtune.data.dataset import TokenizedDataset, build_source, tokenize_sources
 from shardtune.data.formats import detect_format
 from shardtune.data.loader import batch_sampler, planned_steps
@@ -87,6 +87,11 @@ def print_source(source: Source, data: TokenizedDataset, weighted: bool, append_
           f": {s.get('rows_read', '?')} rows read, {s.get('rows_kept', '?')} kept, {len(data)} samples; "
           f"dropped: {dropped}; truncated {s.get('truncated', 0)}" + (" [cache hit]" if s.get("cache_hit") else ""))
     print(f"    {tokens} tokens, {supervised} supervised ({supervised / max(tokens, 1):.1%})")
+    if source.data.message_weight_key:
+        weight = sum(c.get("trained_weight", 0.0) for c in s.get("mask", {}).values())
+        print(f"    message weights (data.message_weight_key='{source.data.message_weight_key}'): mean "
+              f"{weight / max(supervised, 1):.3g} per supervised token; the loss is divided by the supervised "
+              "token count, whatever the weights")
     images = sum(c.get("images", 0) for c in s.get("mask", {}).values())
     if images:
         image_tokens, trained = (sum(c.get(k, 0) for c in s.get("mask", {}).values())
@@ -217,7 +222,7 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
     for k, tok in enumerate(samples):
         part = f", sample {k + 1} of {len(samples)}" if len(samples) > 1 else ""
         print(f"# {row.path}, row {row.index}{part} (format {fmt}; spans from {method})")
-        print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color, image_token))
+        print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color, image_token, weights_of(tok)))
         n_trained = supervised_count(np.asarray(tok.labels))
         pictures = [int(lab) != IGNORE_INDEX for t, lab in zip(tok.input_ids, tok.labels) if int(t) == image_token]
         print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained"
@@ -257,11 +262,14 @@ def mask_audit(per_file: dict[str, dict[str, int]], append_eos: str) -> list[str
     return lines
 
 
-def mark_trained(tokenizer, input_ids, labels, use_color: bool, image_token_id: int | None = None) -> str:
-    """The decoded sample with each trained span in green (terminal) or between [[ and ]]; each run of image
-    tokens shown as one `<image: N tokens>` placeholder."""
+def mark_trained(tokenizer, input_ids, labels, use_color: bool, image_token_id: int | None = None,
+                 weights: list[float] | None = None) -> str:
+    """The decoded sample with each trained span in green (terminal) or between [[ and ]], followed by its loss
+    weight `{weight W}` when the data has weights (data.message_weight_key); each run of image tokens shown as one
+    `<image: N tokens>` placeholder."""
     open_, close = (GREEN, RESET) if use_color else ("[[", "]]")
-    out, run, trained_run = [], [], False
+    weights = [None] * len(labels) if weights is None else [float(w) for w in weights]
+    out, run, trained_run, run_weight = [], [], False, None
 
     def flush() -> None:
         if not run:
@@ -270,14 +278,17 @@ def mark_trained(tokenizer, input_ids, labels, use_color: bool, image_token_id: 
             text = f"<image: {len(run)} tokens>"
         else:
             text = tokenizer.decode(run)
-        out.append(open_ + text + close if trained_run else text)
+        tag = "" if run_weight is None else f"{{weight {run_weight:g}}}"
+        out.append(open_ + text + close + tag if trained_run else text)
         run.clear()
 
-    for tid, label in zip(input_ids, labels):
+    for tid, label, weight in zip(input_ids, labels, weights):
         trained = label != IGNORE_INDEX
-        if run and (trained != trained_run or (int(tid) == image_token_id) != (run[0] == image_token_id)):
+        weight = weight if trained else None
+        if run and (trained != trained_run or weight != run_weight
+                    or (int(tid) == image_token_id) != (run[0] == image_token_id)):
             flush()
         run.append(int(tid))
-        trained_run = trained
+        trained_run, run_weight = trained, weight
     flush()
     return "".join(out)

@@ -83,6 +83,11 @@ _MOE = dict(num_experts_per_tok=2)
 def _text_families() -> dict[str, tuple[str, dict]]:
     """family -> (config class name in transformers, its fields beyond `_TEXT`)."""
     sliding = dict(sliding_window=_WINDOW, layer_types=["sliding_attention", "full_attention"])
+    deltanet = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                    linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
+    per_layer = dict(sliding, hidden_size_per_layer_input=8, num_kv_shared_layers=0)  # Gemma 3n/4's per-layer inputs
+    moe_shared = dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, **_MOE)
+    mamba2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8)
     return {
         "llama": ("LlamaConfig", {}),
         "qwen3": ("Qwen3Config", {}),
@@ -99,9 +104,30 @@ def _text_families() -> dict[str, tuple[str, dict]]:
         "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, moe_intermediate_size=32, **_MOE)),
         "mixtral": ("MixtralConfig", dict(num_local_experts=4, **_MOE)),
         "olmoe": ("OlmoeConfig", dict(num_experts=4, **_MOE)),
-        "qwen3_5_text": ("Qwen3_5TextConfig", dict(layer_types=["linear_attention", "full_attention"],
-                                                   linear_num_value_heads=4, linear_num_key_heads=2,
-                                                   linear_key_head_dim=16, linear_value_head_dim=16)),
+        "qwen3_5_text": ("Qwen3_5TextConfig", dict(deltanet)),
+        # more families users fine-tune (Phi-4 and Phi-4-mini are Phi-3's class; SmolLM3 has NoPE layers)
+        "mistral": ("MistralConfig", dict(sliding_window=_WINDOW)),
+        "olmo3": ("Olmo3Config", sliding),
+        "cohere2": ("Cohere2Config", sliding),  # + logit_scale
+        "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0])),
+        "granite": ("GraniteConfig", dict(embedding_multiplier=4.0, residual_multiplier=0.5, logits_scaling=2.0,
+                                          attention_multiplier=0.25)),
+        "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
+                                           first_k_dense_replace=1, n_group=1, topk_group=1, **_MOE)),
+        "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
+                                                    moe_num_shared_experts=1, moe_layer_start_index=1)),
+        "qwen3_next": ("Qwen3NextConfig", dict(deltanet, **moe_shared)),
+        "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(deltanet, **moe_shared)),
+        "granitemoehybrid": ("GraniteMoeHybridConfig", dict(layer_types=["mamba", "attention"], **mamba2,
+                                                            num_local_experts=4, shared_intermediate_size=32, **_MOE)),
+        "falcon_h1": ("FalconH1Config", dict(mamba2, mamba_d_ssm=128)),  # attention and mamba side by side
+        "jamba": ("JambaConfig", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                      expert_layer_offset=1, num_experts=4, mamba_d_state=8, mamba_dt_rank=8,
+                                      use_mamba_kernels=False, **_MOE)),
+        "lfm2": ("Lfm2Config", dict(layer_types=["conv", "full_attention"], conv_L_cache=3)),  # short convolutions
+        "gemma3n_text": ("Gemma3nTextConfig", dict(per_layer, laurel_rank=4, altup_num_inputs=2,
+                                                   activation_sparsity_pattern=[0.0, 0.0])),
+        "gemma4_text": ("Gemma4TextConfig", per_layer),
     }
 
 
@@ -119,11 +145,22 @@ def _multimodal_families() -> dict[str, tuple[str, str, dict]]:
         "qwen2_5_vl": ("Qwen2_5_VLConfig", "qwen3", dict(_QWEN_VISION, window_size=16, fullatt_block_indexes=[0])),
         "qwen3_vl": ("Qwen3VLConfig", "qwen3", dict(_QWEN_VISION, num_position_embeddings=16,
                                                     deepstack_visual_indexes=[0])),
+        "gemma4": ("Gemma4Config", "gemma4_text", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                       num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                                       patch_size=8, pooling_kernel_size=2,
+                                                       position_embedding_size=64)),
     }
 
 
 TEXT_FAMILIES = tuple(_text_families())
 MULTIMODAL_FAMILIES = tuple(_multimodal_families())
+
+
+def _text_fields(fields: dict, ids: dict) -> dict:
+    text = {**_TEXT, **ids, **fields}
+    if "hidden_size_per_layer_input" in text:  # Gemma 3n/4 embed per-layer inputs from the same vocabulary
+        text["vocab_size_per_layer_input"] = ids["vocab_size"]
+    return text
 
 
 def tiny_family_config(family: str, tokenizer) -> object:
@@ -134,10 +171,10 @@ def tiny_family_config(family: str, tokenizer) -> object:
                bos_token_id=tokenizer.bos_token_id)
     if family in _text_families():
         name, fields = _text_families()[family]
-        return getattr(transformers, name)(**{**_TEXT, **ids, **fields})
+        return getattr(transformers, name)(**_text_fields(fields, ids))
     name, text_family, vision = _multimodal_families()[family]
     text_name, fields = _text_families()[text_family]
-    text = {**_TEXT, **ids, **fields}
+    text = _text_fields(fields, ids)
     if family in ("qwen2_5_vl", "qwen3_vl"):  # their text configs are Qwen2-/Qwen3-shaped with mrope
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         text.pop("layer_types", None)
@@ -175,7 +212,7 @@ QWEN_VL_SPECIALS = CHATML_SPECIALS + ["<|vision_start|>", "<|vision_end|>", "<|i
 def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
     """A tiny config of a Qwen-VL family: the language model 64 wide (head 16, mrope sections 2+3+3), the vision
     tower 32 wide, merging 2 x 2 patches into one image token."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIALS}
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
@@ -190,12 +227,24 @@ def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
         cls, vision = Qwen2_5_VLConfig, dict(depth=vision_depth, hidden_size=32, intermediate_size=64, patch_size=14,
                                              out_hidden_size=64, window_size=56,
                                              fullatt_block_indexes=[vision_depth - 1], **merge)
-    elif family == "qwen3_vl":
+    elif family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5"):
+        import transformers
+
         text["head_dim"] = 16
         rope["mrope_interleaved"] = True
-        cls, vision = Qwen3VLConfig, dict(depth=vision_depth, hidden_size=32, intermediate_size=64, patch_size=16,
-                                          out_hidden_size=64, num_position_embeddings=64,
-                                          deepstack_visual_indexes=list(range(min(2, vision_depth))), **merge)
+        cls = getattr(transformers, {"qwen3_vl": "Qwen3VLConfig", "qwen3_vl_moe": "Qwen3VLMoeConfig",
+                                     "qwen3_5": "Qwen3_5Config"}[family])
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, patch_size=16, out_hidden_size=64,
+                      num_position_embeddings=64, **merge)
+        if family != "qwen3_5":  # Qwen3.5's tower has no deepstack features
+            vision["deepstack_visual_indexes"] = list(range(min(2, vision_depth)))
+        if family == "qwen3_vl_moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        if family == "qwen3_5":  # Gated DeltaNet and attention layers; rope over the whole head (mrope 2+3+3)
+            rope["partial_rotary_factor"] = 1.0
+            text.update(layer_types=(["linear_attention", "full_attention"] * layers)[:layers],
+                        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                        linear_value_head_dim=16)
     else:
         raise ValueError(f"unknown tiny vision-language family {family!r}")
     return cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
@@ -207,11 +256,13 @@ def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
 def save_tiny_vlm(out: str | Path, seed: int = 0, layers: int = 2, vision_depth: int = 2,
                   family: str = "qwen2_vl") -> Path:
     """A randomly initialised tiny Qwen-VL model (vision tower, merger, language model: `family` qwen2_vl,
-    qwen2_5_vl or qwen3_vl) with the byte tokenizer and the family's image processor (small pictures: 4 to 16
-    image tokens each), as a Hugging Face folder."""
+    qwen2_5_vl, qwen3_vl, qwen3_vl_moe or qwen3_5) with the byte tokenizer and the family's image processor
+    (small pictures: 4 to 16 image tokens each), as a Hugging Face folder; gemma3: `save_tiny_gemma3_vlm`."""
     from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if family == "gemma3":
+        return save_tiny_gemma3_vlm(out, seed, layers)
     tok = byte_tokenizer(QWEN_VL_TEMPLATE, QWEN_VL_SPECIALS)
     config = _vlm_config(family, tok, layers, vision_depth)
     torch.manual_seed(seed)
@@ -223,4 +274,66 @@ def save_tiny_vlm(out: str | Path, seed: int = 0, layers: int = 2, vision_depth:
     side = patch * 2  # one image token per merged 2 x 2 patches
     Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=side * side * 4,
                              max_pixels=side * side * 16).save_pretrained(out)
+    return out
+
+
+# Gemma 3's chat template as released with its instruction-tuned checkpoints (an image part is <start_of_image>)
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n"
+)
+GEMMA3_SPECIALS = ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>"]
+GEMMA3_IMAGE_TOKENS = 16  # a 32 x 32 picture in 8 x 8 patches, one token each: longer than the sliding window
+
+
+def save_tiny_gemma3_vlm(out: str | Path, seed: int = 0, layers: int = 2) -> Path:
+    """A randomly initialised tiny Gemma 3 (SigLIP tower, projector, a language model with a sliding window of
+    8 tokens, shorter than a picture's 16 tokens) with a byte tokenizer naming Gemma's image tokens, and the
+    family's own processor (Gemma3Processor: AutoProcessor loads it from the folder)."""
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Gemma3Config, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    out = Path(out)
+    byte_tokenizer(GEMMA3_TEMPLATE, GEMMA3_SPECIALS, eos_token="<eos>", pad_token="<pad>",
+                   bos_token="<bos>").save_pretrained(out)
+    # the processor finds the image tokens by name, as in Gemma's own tokenizer_config.json
+    meta = json.loads((out / "tokenizer_config.json").read_text())
+    meta["extra_special_tokens"] = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                    "image_token": "<image_soft_token>"}
+    (out / "tokenizer_config.json").write_text(json.dumps(meta, indent=2))
+    tok = AutoTokenizer.from_pretrained(out)
+    text = {**_TEXT, "num_hidden_layers": layers, "vocab_size": len(tok), "sliding_window": _WINDOW,
+            "layer_types": (["sliding_attention", "full_attention"] * layers)[:layers],
+            "query_pre_attn_scalar": 16, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id, "use_cache": False}
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA3_IMAGE_TOKENS,
+                          image_token_id=tok.image_token_id, boi_token_id=tok.boi_token_id,
+                          eoi_token_id=tok.eoi_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    # transformers starts the projector at zero (every picture then looks alike); a released one is trained
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=32 ** -0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
+                    chat_template=GEMMA3_TEMPLATE, image_seq_length=GEMMA3_IMAGE_TOKENS).save_pretrained(out)
     return out

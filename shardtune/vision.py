@@ -9,6 +9,10 @@ model's inputs.
   `get_rope_index` and concatenated for a packed row, with the plain positions (restarting per sequence) as the
   first of four rows, which is how transformers takes packed mrope positions; padded rows let the model compute
   them itself from the attention mask.
+- Gemma 3 attends both ways among the tokens of one picture (and Gemma 4 on its sliding-window layers): the model
+  is given `token_type_ids` (its padded rows then get transformers' own mask), and packed rows give the
+  per-sequence kernel each token's picture (`image_blocks`, attention.py), so a picture's tokens see each other
+  while the sequences of the row stay apart.
 - Every rank runs the vision tower once in every micro-batch: FSDP2 gathers the tower's blocks when they run, so
   a rank whose micro-batch has no picture runs it on one blank picture (its features times zero join the input
   embeddings) while another rank runs it on real ones; otherwise the ranks' collectives would not pair up.
@@ -20,6 +24,7 @@ model's inputs.
 from __future__ import annotations
 
 import inspect
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +37,8 @@ from shardtune.errors import ConfigError
 
 # module-name pieces of the vision tower and of its projector, as the families name them
 TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder")
-PROJECTOR_NAMES = ("merger", "deepstack_merger_list", "multi_modal_projector", "mm_projector", "projector")
+PROJECTOR_NAMES = ("merger", "deepstack_merger_list", "multi_modal_projector", "mm_projector", "projector",
+                   "embed_vision")
 
 
 def is_vision_config(hf_config: Any) -> bool:
@@ -84,7 +90,11 @@ class VisionInputsBuilder:
         if self.image_token_id is None:
             self.image_token_id = getattr(config, "image_token_index", None)
         self.rope = next((m for m in self.base.modules() if hasattr(m, "get_rope_index")), None)
-        self.takes_types = "mm_token_type_ids" in inspect.signature(self.base.forward).parameters
+        self.takes = set(inspect.signature(self.base.forward).parameters)
+        self.type_key = next((k for k in ("mm_token_type_ids", "token_type_ids") if k in self.takes), None)
+        self.image_attention = bidirectional_images(config)
+        # the image processor's tensors the model takes (not e.g. Gemma 3's `num_crops`, which its processor drops)
+        blank = None if blank is None else {k: v for k, v in blank.items() if k in self.takes}
         self.blank = blank
         self.sp_rank = sp_rank
         self._pending_blank: dict[str, torch.Tensor] | None = None
@@ -98,23 +108,29 @@ class VisionInputsBuilder:
             self._pending_blank = None if self.blank is None else {k: to_device(v) for k, v in self.blank.items()}
             return {}
         self._pending_blank = None
-        if self.rope is None:
+        if self.rope is None and self.image_attention is None:
             raise ConfigError(
                 f"{type(self.base).__name__} is given pictures, and shardtune trains pictures for the Qwen-VL families "
-                "only (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: their 3-D rope positions are computed per packed sequence); "
-                "other families' image attention (e.g. Gemma 3's bidirectional image tokens) is not proven here. "
-                "Fix: train a Qwen-VL checkpoint, or drop the pictures (data.image_key).")
+                "(their 3-D rope positions are computed per packed sequence) and Gemma 3/4 (their bidirectional "
+                "image attention is kept per packed sequence); this family's image attention is not proven here. "
+                "Fix: train a Qwen-VL or Gemma 3 checkpoint, or drop the pictures (data.image_key).")
         ids = mb.full_input_ids if mb.full_input_ids is not None else mb.input_ids
-        out: dict[str, Any] = {k: to_device(v) for k, v in mb.vision.tensors.items()}
+        out: dict[str, Any] = {k: to_device(v) for k, v in mb.vision.tensors.items() if k in self.takes}
         if mb.full_input_ids is not None:  # the whole row goes in; the language model gets this rank's part
             width = mb.input_ids.shape[1]
             self._part = slice(self.sp_rank * width, (self.sp_rank + 1) * width)
             out["input_ids"] = to_device(ids)
-        if self.takes_types:
-            out["mm_token_type_ids"] = to_device((ids == self.image_token_id).int())
+        types = (ids == self.image_token_id).int()
+        if self.type_key is not None:
+            out[self.type_key] = to_device(types)
+        if self.image_attention is not None:  # read by the per-sequence kernel; other kernels ignore it
+            out["image_blocks"] = to_device(image_blocks(types))
+            out["image_blocks_on"] = self.image_attention
         if self.rope is not None:
             # packed rows: per-sequence 3-D positions; padded rows: the model computes them from the mask
             out["position_ids"] = to_device(self.packed_positions(mb, ids)) if mb.cu_seqlens is not None else None
+        elif mb.full_input_ids is not None:  # the whole row's positions; the language model gets this rank's part
+            out["position_ids"] = to_device(_plain_positions(mb, ids.shape[1]))
         return out
 
     def packed_positions(self, mb: MicroBatch, ids: torch.Tensor) -> torch.Tensor:
@@ -146,6 +162,25 @@ class VisionInputsBuilder:
         features = self.base.get_image_features(**blank)
         zero = sum(t.float().sum() for t in _tensors(features)) * 0.0
         return {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] + zero.to(kwargs["inputs_embeds"].dtype)}
+
+
+def bidirectional_images(hf_config: Any) -> str | None:
+    """Where a family attends both ways among one picture's tokens: 'all' layers (Gemma 3), the 'sliding'
+    window layers (Gemma 4 with use_bidirectional_attention='vision'), or None (causal, e.g. Qwen-VL)."""
+    if hf_config.model_type == "gemma3":
+        return "all"
+    text = hf_config.get_text_config()
+    if hf_config.model_type.startswith("gemma4") and getattr(text, "use_bidirectional_attention", None) == "vision":
+        return "sliding"
+    return None
+
+
+def image_blocks(types: torch.Tensor) -> torch.Tensor:
+    """[B, T] image-token flags -> the index of each token's picture in its row (-1 for text), numbered as
+    transformers numbers them for Gemma's mask: a new picture at every run of image tokens."""
+    is_image = types.bool()
+    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+    return torch.where(is_image, starts.long().cumsum(dim=1) - 1, -1)
 
 
 def _split_for_rank(kwargs: dict, part: slice) -> dict:
@@ -192,12 +227,26 @@ def copy_processor_files(src: str | Path, dst: str | Path) -> None:
             shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
+def has_image_processor(folder: str | Path) -> bool:
+    """Whether a model folder holds an image processor: its own preprocessor_config.json, or inside the
+    processor's processor_config.json (how transformers 5 saves a processor)."""
+    folder = Path(folder)
+    if (folder / "preprocessor_config.json").is_file():
+        return True
+    try:
+        return "image_processor" in json.loads((folder / "processor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def blank_picture(folder: str) -> dict[str, torch.Tensor] | None:
     """The tensors the model folder's image processor makes of one small black picture (None without one)."""
-    from PIL import Image
     from transformers import AutoImageProcessor
 
-    if not (Path(folder) / "preprocessor_config.json").is_file():
+    from shardtune.data.media import pil_image
+
+    if not has_image_processor(folder):
         return None
+    Image = pil_image()
     out = AutoImageProcessor.from_pretrained(folder)(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
     return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}

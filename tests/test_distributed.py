@@ -65,18 +65,27 @@ def test_offload_equals_no_offload_and_cli_nproc(tiny_model, data, tmp_path, one
     assert_steps_close(one_process, read_metrics(tmp_path / "run"))
 
 
+def reductions_per_step(tiny_model, data, run_dir, *extra) -> float:
+    """Train the common config on 2 processes under the profiler: FSDP2's gradient reductions per step."""
+    r = torchrun(2, *args(tiny_model, data, run_dir, *extra), script=str(SCRIPTS / "count_reductions.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return float(r.stdout.split("reductions_per_step=")[1].split()[0])
+
+
+@pytest.fixture(scope="module")
+def reductions_every_micro_batch(tiny_model, data, tmp_path_factory):
+    """The default (a reduction per micro-batch), counted once for both settings compared with it."""
+    return reductions_per_step(tiny_model, data, tmp_path_factory.mktemp("every") / "run")
+
+
 @pytest.mark.parametrize("setting", ["engine.reduce_grads_every_micro_batch=false", "engine.fsdp_size=1"],
                          ids=["sharded", "replicated"])
-def test_gradients_reduced_once_per_step_equal_one_process(tiny_model, data, tmp_path, one_process, setting):
+def test_gradients_reduced_once_per_step_equal_one_process(tiny_model, data, tmp_path, one_process, setting,
+                                                           reductions_every_micro_batch):
     """Gradients accumulated locally and reduced once per step (asked for, or implied by whole replicas) give
     the same steps; FSDP2 runs one reduction per unit per step instead of one per micro-batch (2 here)."""
-    counts = {}
-    for name, extra in (("every", ()), ("once", (setting,))):
-        r = torchrun(2, *args(tiny_model, data, tmp_path / name, *extra),
-                     script=str(SCRIPTS / "count_reductions.py"))
-        assert r.returncode == 0, r.stderr[-3000:]
-        counts[name] = float(r.stdout.split("reductions_per_step=")[1].split()[0])
-    assert counts["once"] > 0 and counts["every"] == pytest.approx(2 * counts["once"], rel=0.2)
+    once = reductions_per_step(tiny_model, data, tmp_path / "once", setting)
+    assert once > 0 and reductions_every_micro_batch == pytest.approx(2 * once, rel=0.2)
     assert_steps_close(one_process, read_metrics(tmp_path / "once"))
 
 

@@ -156,3 +156,94 @@ def test_auto_on_gpu_never_hands_sinks_or_softcapping_to_a_kernel_without_them()
                             (Gemma2Config(), {"shardtune_varlen", "flash_attention_2"}),
                             (LlamaConfig(), {"shardtune_torch_varlen", "flash_attention_2", "shardtune_varlen"})):
         assert choose("auto", True, cuda, torch.bfloat16, config) in allowed, type(config).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packed rows of the model families on CUDA in bf16: each GPU kernel against the per-sequence path
+
+LENGTHS = [37, 5, 120, 70]  # across fla's 64-token chunks; longer and shorter than the tiny sliding window (8)
+
+
+def family_model(family, tmp_path, attn):
+    from transformers import AutoModelForCausalLM
+
+    from shardtune import attention
+    from shardtune.tiny import save_tiny_family
+
+    path = save_tiny_family(family, tmp_path / family)
+    name = attention.register(attn) if attn.startswith("shardtune") else attn
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation=name).cuda()
+
+
+def packed_row(vocab=250):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (1, sum(LENGTHS)), generator=g).cuda()
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    pos = torch.cat([torch.arange(n) for n in LENGTHS])[None].cuda()
+    return dict(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS),
+                max_length_k=max(LENGTHS), use_cache=False)
+
+
+def logits_and_grads(model, inputs):
+    model.zero_grad()
+    logits = model(**inputs).logits.float()
+    (logits.logsumexp(-1).sum() / logits.shape[1]).backward()
+    return logits.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_bf16_close(a, b, what):
+    """bf16 agreement: relative to the tensor's scale (two kernels round differently)."""
+    err = ((a - b).norm() / b.norm().clamp(min=1e-6)).item()
+    assert err < 3e-2, f"{what}: relative difference {err:.2e}"
+
+
+def test_fla_gated_deltanet_matches_the_per_sequence_path_on_packed_rows(tmp_path):
+    """flash-linear-attention's varlen convolution and delta rule over the whole row (Qwen3.5's Gated DeltaNet)
+    against transformers' layer run once per sequence: logits and every gradient."""
+    pytest.importorskip("fla")
+    from shardtune.linear_attention import isolate_recurrent_layers
+
+    models = []
+    for use_fla in (False, True):
+        model = family_model("qwen3_5_text", tmp_path / str(use_fla), "shardtune_varlen").train()
+        assert isolate_recurrent_layers(model, use_fla=use_fla) == 1
+        models.append(model)
+    inputs = packed_row()
+    ref, ref_grads = logits_and_grads(models[0], inputs)
+    got, grads = logits_and_grads(models[1], inputs)
+    assert_bf16_close(got, ref, "logits")
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_bf16_close(grads[name], ref_grads[name], name)
+    # the path is the fla one: a row whose boundaries are ignored would differ
+    whole = {k: v for k, v in inputs.items() if k in ("input_ids", "use_cache")}
+    with torch.no_grad():
+        joined = models[1](**whole, position_ids=torch.arange(sum(LENGTHS), device="cuda")[None]).logits.float()
+    assert ((joined - ref).norm() / ref.norm()).item() > 3e-2
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_flash_attn_window_and_softcap_match_the_per_sequence_kernel(family, tmp_path):
+    """flash-attn's varlen kernel with transformers' sliding window and soft-capping (Gemma 2) on a packed row
+    against shardtune's per-sequence kernel: logits and every gradient."""
+    pytest.importorskip("flash_attn")
+    inputs = packed_row()
+    ref, ref_grads = logits_and_grads(family_model(family, tmp_path / "ref", "shardtune_varlen").train(), inputs)
+    got, grads = logits_and_grads(family_model(family, tmp_path / "fa", "flash_attention_2").train(), inputs)
+    assert_bf16_close(got, ref, "logits")
+    for name in grads:
+        assert_bf16_close(grads[name], ref_grads[name], name)
+
+
+def test_sinks_on_packed_rows_match_gpt_oss_eager_attention_per_sequence(tmp_path):
+    """gpt-oss's sinks on CUDA in bf16: the packed row through the per-sequence kernel (what `auto` picks for
+    sinks on a GPU) against each sequence alone through gpt-oss's own eager attention."""
+    inputs = packed_row()
+    model = family_model("gpt_oss", tmp_path, "shardtune_varlen").eval()
+    with torch.no_grad():
+        packed = model(**inputs).logits.float()[0]
+        model.set_attn_implementation("eager")
+        cu = inputs["cu_seq_lens_q"].tolist()
+        for s, e in zip(cu[:-1], cu[1:]):
+            alone = model(input_ids=inputs["input_ids"][:, s:e], use_cache=False).logits.float()[0]
+            assert_bf16_close(packed[s:e], alone, f"sequence {s}:{e}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 from shardtune.config.schema import ENGINE_ALIASES, LOGGER_PACKAGES, LOGGERS, Config, ModelConfig
-from shardtune.config.sources import resolve_sources
+from shardtune.config.sources import resolve_sources, weight_key_problem
 from shardtune.config.urls import check_url, is_url
 from shardtune.errors import ConfigError
 
@@ -107,7 +107,18 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          "always stores the block scales in 8 bits (0.13 instead of 0.5 bit per weight). Fix: set it true."),
         (data.system_prompt is None or data.format in ("auto", "prompt_response", "alpaca"),
          "data.system_prompt applies to prompt/response and alpaca rows only."),
+        (weight_key_problem(data) is None, weight_key_problem(data) or ""),
+        (not (_weighted(cfg) and cfg.model.use_liger),
+         "data.message_weight_key weighs each token's loss, which Liger's fused loss does not do. Fix: "
+         "model.use_liger=false (with model.loss_chunk_size=4096 for a memory-lean loss), or drop the weights."),
     ]
+
+
+def _weighted(cfg: Config) -> bool:
+    """Some training data carries message weights (the data section's key, or a source's own)."""
+    entries = cfg.data.train_files
+    return bool(cfg.data.message_weight_key) or any(isinstance(e, dict) and e.get("message_weight_key")
+                                                    for e in entries)
 
 
 def _fused_head(m: ModelConfig) -> bool:

@@ -43,6 +43,9 @@ class DataConfig:
     # per_turn: one sample per trained assistant turn, cut after it, so each turn's reasoning is trained as the
     # template renders a final turn
     thinking_history: THINKING_HISTORY = "as_rendered"
+    # a numeric field of each message (of the row, for prompt/response and alpaca rows) that multiplies the loss
+    # of that turn's tokens; the step's loss is still divided by its supervised-token count. null = off
+    message_weight_key: str | None = None
     max_length: int = 1024
     truncation: Literal["error", "left", "right", "drop"] = "error"
     on_bad_row: Literal["error", "skip"] = "error"

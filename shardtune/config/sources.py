@@ -30,7 +30,7 @@ from shardtune.config.urls import DATA_SUFFIXES
 from shardtune.errors import ConfigError
 
 FORMAT_KEYS = ("format", "messages_key", "tools_key", "enable_thinking_key", "prompt_key", "response_key",
-               "prompt_dict_keys", "response_dict_keys", "system_prompt")
+               "prompt_dict_keys", "response_dict_keys", "system_prompt", "message_weight_key")
 SOURCE_KEYS = ("path", "name", "weight", "max_samples", *FORMAT_KEYS)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # names go into metric keys such as data/samples/<name>
 _DATA_SUFFIXES = (*DATA_SUFFIXES, ".arrow")  # stripped from a file name to name its source
@@ -92,10 +92,34 @@ def _parse_entry(label: str, entry: dict[str, Any], data: DataConfig, max_sample
     hints = typing.get_type_hints(DataConfig)
     overrides = {k: coerce(f"{label}.{k}", entry[k], hints[k]) for k in FORMAT_KEYS if k in entry}
     source_data = dataclasses.replace(data, **overrides)
+    problem = weight_key_problem(source_data, f"{label}.message_weight_key")
+    if problem:
+        raise ConfigError(problem)
     if source_data.system_prompt and source_data.format not in ("auto", "prompt_response", "alpaca"):
         raise ConfigError(f"{label}: system_prompt applies to prompt/response and alpaca rows only, and this "
                           f"source's format is {source_data.format}.")
     return {"name": name, "paths": paths, "weight": weight, "max_samples": rows, "data": source_data}
+
+
+# what a message's key means to the trainer already: a weight cannot live there
+_MESSAGE_KEYS = ("role", "content", "train", "loss_mask", "trainable", "tool_calls", "reasoning_content", "name",
+                 "from", "value")
+
+
+def weight_key_problem(data: DataConfig, where: str = "data.message_weight_key") -> str | None:
+    """Why the weight key cannot be used with these data settings (None when it can)."""
+    key = data.message_weight_key
+    if key is None:
+        return None
+    if not key.strip():
+        return f"{where} is empty. Fix: name the numeric field of each message that holds its weight, or null (off)."
+    taken = {*_MESSAGE_KEYS, data.messages_key, data.prompt_key, data.response_key, data.tools_key,
+             data.enable_thinking_key, data.image_key, data.video_key, "instruction", "input", "output", "system",
+             "conversations"}
+    if key in taken:
+        return (f"{where}='{key}' names a key the trainer already reads (a message's or the row's). Fix: store the "
+                "weights under a key of their own, e.g. loss_weight.")
+    return None
 
 
 def _default_name(paths: tuple[str, ...]) -> str:

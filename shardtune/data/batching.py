@@ -201,8 +201,9 @@ def plan_micro_batches(indices: np.ndarray, lengths: np.ndarray, dp_size: int, c
 
 def collate(samples: list[tuple[Any, ...]], packed: bool, pad_id: int,
             pixels: Callable[[list[bytes]], dict[str, torch.Tensor]] | None = None) -> MicroBatch:
-    """Sequences (input_ids, labels[, pictures]) -> one packed row (padding-free) or a right-padded batch; the
-    pictures of all sequences become the micro-batch's vision tensors (`pixels`: the image processor)."""
+    """Sequences (input_ids, labels[, pictures[, weights]]) -> one packed row (padding-free) or a right-padded
+    batch; the pictures of all sequences become the micro-batch's vision tensors (`pixels`: the image
+    processor)."""
     mb = _collate_tokens(samples, packed, pad_id)
     pictures = [list(s[2]) if len(s) > 2 else [] for s in samples]
     if any(pictures):
@@ -221,6 +222,7 @@ def _collate_tokens(samples: list[tuple[Any, ...]], packed: bool, pad_id: int) -
         real = sum(len(s[0]) for s in samples)
     ids = [torch.from_numpy(np.array(s[0], dtype=np.int64)) for s in samples]  # copies out of the mmap
     targets = [_shift(torch.from_numpy(np.array(s[1], dtype=np.int64))) for s in samples]
+    weights = _target_weights(samples)
     lengths = [len(x) for x in ids]
     num_targets = sum(supervised_count(s[1]) for s in samples)
     positions = [torch.arange(n) for n in lengths]
@@ -228,7 +230,8 @@ def _collate_tokens(samples: list[tuple[Any, ...]], packed: bool, pad_id: int) -
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
         return MicroBatch(torch.cat(ids)[None], torch.cat(targets)[None], torch.cat(positions)[None], None, cu,
-                          max(lengths), real, num_targets, 0, lengths if real else [])
+                          max(lengths), real, num_targets, 0, lengths if real else [],
+                          weights=None if weights is None else torch.cat(weights)[None])
     width = max(lengths)
     batch = torch.full((len(ids), width), pad_id, dtype=torch.long)
     tgt = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
@@ -236,8 +239,28 @@ def _collate_tokens(samples: list[tuple[Any, ...]], packed: bool, pad_id: int) -
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for r, (x, t, p) in enumerate(zip(ids, targets, positions)):
         batch[r, : len(x)], tgt[r, : len(x)], pos[r, : len(x)], mask[r, : len(x)] = x, t, p, 1
+    wts = None
+    if weights is not None:
+        wts = torch.zeros((len(ids), width), dtype=torch.float32)
+        for r, w in enumerate(weights):
+            wts[r, : len(w)] = w
     return MicroBatch(batch, tgt, pos, mask, None, width, real, num_targets, len(ids) * width - real,
-                      lengths if real else [])
+                      lengths if real else [], weights=wts)
+
+
+def _target_weights(samples: list[tuple[Any, ...]]) -> list[torch.Tensor] | None:
+    """Each sequence's loss weights shifted as its targets are (float32, 0 where nothing is trained), when any
+    sequence has weights; a sequence without (a source without data.message_weight_key) weighs its targets 1."""
+    if not any(len(s) > 3 for s in samples):
+        return None
+    out = []
+    for s in samples:
+        w = (torch.from_numpy(np.array(s[3], dtype=np.float32)) if len(s) > 3
+             else torch.from_numpy((np.asarray(s[1]) != IGNORE_INDEX).astype(np.float32)))
+        shifted = torch.zeros_like(w)
+        shifted[:-1] = w[1:]
+        out.append(shifted)
+    return out
 
 
 def _shift(labels: torch.Tensor) -> torch.Tensor:
@@ -266,8 +289,9 @@ def _append_dummy(mb: MicroBatch, pad: int, pad_id: int) -> MicroBatch:
     targets = torch.cat([mb.targets, torch.full((1, pad), IGNORE_INDEX, dtype=mb.targets.dtype)], dim=1)
     positions = torch.cat([mb.position_ids, torch.arange(pad)[None]], dim=1)
     cu = torch.cat([mb.cu_seqlens, torch.tensor([total + pad], dtype=mb.cu_seqlens.dtype)])
+    weights = None if mb.weights is None else torch.cat([mb.weights, mb.weights.new_zeros((1, pad))], dim=1)
     return MicroBatch(ids, targets, positions, None, cu, max(mb.max_seqlen, pad), mb.num_tokens, mb.num_targets,
-                      mb.num_padded + pad, mb.seq_lengths, mb.vision)
+                      mb.num_padded + pad, mb.seq_lengths, mb.vision, weights=weights)
 
 
 def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: int) -> MicroBatch:
@@ -286,4 +310,5 @@ def slice_for_sequence_parallel(mb: MicroBatch, sp: int, sp_rank: int, pad_id: i
     # which are split before the language model: shardtune/vision.py)
     return MicroBatch(mb.input_ids[:, part], local_targets, mb.position_ids[:, part], None, mb.cu_seqlens,
                       mb.max_seqlen, mb.num_tokens, int((local_targets != IGNORE_INDEX).sum()), mb.num_padded,
-                      mb.seq_lengths, mb.vision, mb.input_ids if mb.vision is not None else None)
+                      mb.seq_lengths, mb.vision, mb.input_ids if mb.vision is not None else None,
+                      weights=None if mb.weights is None else mb.weights[:, part])

@@ -8,6 +8,7 @@
             stats.json                   rows read/kept, drops by reason, truncations, mask audit counters
             images.bin, image_offsets.npy  only when a sample has pictures: their encoded bytes concatenated,
             sample_images.npy            and n_images + 1 byte boundaries, n + 1 image boundaries per sample
+            weights.bin                  only with data.message_weight_key: float32, each token's loss weight
         lengths.npy, num_targets.npy     int64 per sample over all shards (read every step by the planner)
         meta.json                        the index: shards in order and the totals; written last
 
@@ -34,7 +35,8 @@ from shardtune.config import DataConfig
 from shardtune.data import vision
 from shardtune.data.readers import files_fingerprint
 
-CACHE_VERSION = 4  # 2: sharded cache; 3: loss masks from sentinel renders (append_eos, ...); 4: closed_by_eos audited
+# 2: sharded cache; 3: loss masks from sentinel renders (append_eos, ...); 4: closed_by_eos audited; 5: weights.bin
+CACHE_VERSION = 5
 SHARD_ROWS = 16384  # rows read per shard: what an interrupted tokenization can lose
 # data keys that do not change the tokenized samples (batching, sampling, where the cache lives)
 _NOT_IN_KEY = ("train_files", "val_files", "train_max_samples", "val_max_samples", "train_batch_size",
@@ -50,6 +52,7 @@ class Shard(NamedTuple):
     images: np.ndarray | None = None  # uint8, the encoded pictures concatenated (memory-mapped)
     image_offsets: np.ndarray | None = None  # int64, n_images + 1 byte boundaries into `images`
     sample_images: np.ndarray | None = None  # int64, n + 1 boundaries: sample i has images [a, b)
+    weights: np.ndarray | None = None  # float32, aligned with labels (data.message_weight_key; None: off)
 
     def images_of(self, j: int) -> list[bytes]:
         """The encoded pictures of the shard's sample j (none for a text shard)."""
@@ -131,6 +134,7 @@ class ShardWriter:
         self.tmp.mkdir(parents=True)
         self.ids = open(self.tmp / "input_ids.bin", "wb")  # closed by close() or abort()
         self.labels = open(self.tmp / "labels.bin", "wb")
+        self.weights: Any = None  # opened at the first weighted chunk
         self.lengths: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         self.stats: dict[str, Any] = {}
@@ -139,9 +143,14 @@ class ShardWriter:
         self.images_per_sample: list[int] = []
 
     def append(self, ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, targets: np.ndarray,
-               stats: dict[str, Any], images: list[list[bytes]] | None = None) -> None:
+               stats: dict[str, Any], images: list[list[bytes]] | None = None,
+               weights: np.ndarray | None = None) -> None:
         self.ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
         self.labels.write(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
+        if weights is not None:  # every chunk of a source has them, or none does (one data config)
+            if self.weights is None:
+                self.weights = open(self.tmp / "weights.bin", "wb")  # closed by close() or abort()
+            self.weights.write(np.ascontiguousarray(weights, dtype=np.float32).tobytes())
         self.lengths.append(np.asarray(lengths, dtype=np.int64))
         self.targets.append(np.asarray(targets, dtype=np.int64))
         add_stats(self.stats, stats)
@@ -164,6 +173,8 @@ class ShardWriter:
     def close(self) -> None:
         self.ids.close()
         self.labels.close()
+        if self.weights is not None:
+            self.weights.close()
         self._close_images()
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -181,6 +192,8 @@ class ShardWriter:
     def abort(self) -> None:
         self.ids.close()
         self.labels.close()
+        if self.weights is not None:
+            self.weights.close()
         if self.images is not None:
             self.images.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -226,10 +239,12 @@ def read_index(folder: Path) -> tuple[list[Shard], np.ndarray, np.ndarray, dict[
         shard = folder / t["name"]
         pictures = ((np.memmap(shard / "images.bin", dtype=np.uint8, mode="r"),
                      np.load(shard / "image_offsets.npy"), np.load(shard / "sample_images.npy"))
-                    if (shard / "images.bin").is_file() else ())
+                    if (shard / "images.bin").is_file() else (None, None, None))
+        weights = (np.memmap(shard / "weights.bin", dtype=np.float32, mode="r")
+                   if (shard / "weights.bin").is_file() else None)
         shards.append(Shard(np.memmap(shard / "input_ids.bin", dtype=np.int32, mode="r"),
                             np.memmap(shard / "labels.bin", dtype=np.int32, mode="r"),
-                            np.load(shard / "offsets.npy", mmap_mode="r"), *pictures))
+                            np.load(shard / "offsets.npy", mmap_mode="r"), *pictures, weights))
     lengths = np.load(folder / "lengths.npy", mmap_mode="r")
     targets = np.load(folder / "num_targets.npy", mmap_mode="r")
     return shards, lengths, targets, meta["stats"]

@@ -12,6 +12,9 @@ Policies on top of the spans:
   writes none there (only before a following turn, only under a flag, or never), the tokenizer's EOS is
   appended and trained (`append_eos`: auto = only then, always, never);
 - which turns: `train_on_turns` all or last; a message's own `train: true|false` overrides;
+- weights (`weight_key`, data.message_weight_key): each trained token gets its turn's weight (1 when the message
+  has none), the appended EOS the last turn's; untrained tokens 0. Masks decide what is trained, weights only
+  scale it;
 - `thinking_history: per_turn` makes one sample per trained turn, the conversation cut after that turn and
   only it trained, so every turn's reasoning is trained as the template renders a final turn.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,8 +40,8 @@ from shardtune.data.template import TemplateView
 from shardtune.data.turns import Tokens, turn_spans
 from shardtune.errors import DataError, TemplateMismatch
 
-__all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "audit_totals", "conversation_samples",
-           "tokenize_conversation"]
+__all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "Weighted", "audit_totals",
+           "conversation_samples", "tokenize_conversation", "weights_of"]
 # rows, samples, per_turn_expansions, trained_turns, turns_without_end (as the template renders them),
 # eos_appended (samples), closed_by_eos (turns without an end that the appended EOS closes), and how spans were
 # found: method_markers, method_sentinels, method_assistant_sentinels, method_search (the last two fallbacks)
@@ -58,6 +62,23 @@ def audit_totals(per_file: dict[str, dict[str, int]]) -> dict[str, Any]:
 class Tokenized(NamedTuple):
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids (not shifted); IGNORE_INDEX where not trained
+
+
+class Weighted(NamedTuple):
+    """A `Tokenized` sample of weighted data (data.message_weight_key)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    weights: list[float]  # aligned with labels: each trained token's loss weight, 0 where nothing is trained
+
+
+def weights_of(sample: Any) -> list[float] | None:
+    """The per-token loss weights of a sample (None: unweighted data, every trained token weighs 1)."""
+    return getattr(sample, "weights", None)
+
+
+def _tokenized(ids: list[int], labels: list[int], weights: list[float] | None) -> Tokenized | Weighted:
+    return Tokenized(ids, labels) if weights is None else Weighted(ids, labels, weights)
 
 
 @dataclass(frozen=True)
@@ -96,20 +117,24 @@ def conversation_samples(
     *,
     chat_template: str | None = None,
     options: MaskOptions = MaskOptions(),
+    weight_key: str | None = None,
     **template_kwargs: Any,
 ) -> tuple[list[Tokenized], Counter]:
     """The samples of one conversation (several with `thinking_history=per_turn`, none when it has no turn to
-    train) and its audit counts."""
+    train) and its audit counts. `weight_key`: the message field holding a turn's loss weight (checked by
+    data/formats.py); the samples then carry per-token weights."""
     template = resolve_chat_template(chat_template, tokenizer)
-    msgs = [{k: v for k, v in m.items() if k != "train" and v is not None} for m in messages]
+    # the weight is the trainer's, not the template's: removed before rendering, like `train`
+    msgs = [{k: v for k, v in m.items() if k not in ("train", weight_key) and v is not None} for m in messages]
     trained = _trained_turns(messages, options.train_on_turns)
+    weights = None if weight_key is None else {i: float(messages[i].get(weight_key, 1.0)) for i in trained}
     view = TemplateView(tokenizer, template, tools, template_kwargs)
     audit: Counter = Counter(rows=1)
     if options.thinking_history == "per_turn":
-        samples = [_sample(view, msgs[: i + 1], [i], options.append_eos, audit) for i in trained]
+        samples = [_sample(view, msgs[: i + 1], [i], options.append_eos, audit, weights) for i in trained]
         audit["per_turn_expansions"] += max(0, len(samples) - 1)
     else:
-        samples = [_sample(view, msgs, trained, options.append_eos, audit)]
+        samples = [_sample(view, msgs, trained, options.append_eos, audit, weights)]
     audit["samples"] += len(samples)
     return samples, audit
 
@@ -146,7 +171,7 @@ def _trained_turns(messages: list[dict[str, Any]], train_on_turns: str) -> list[
 
 
 def _sample(view: TemplateView, msgs: list[dict[str, Any]], turns: list[int], append_eos: str,
-            audit: Counter) -> Tokenized:
+            audit: Counter, weights: dict[int, float] | None = None) -> Tokenized:
     tokenizer = view.tokenizer
     real = view.render(msgs)
     enc = tokenizer(real, add_special_tokens=False, return_offsets_mapping=True)
@@ -169,8 +194,11 @@ def _sample(view: TemplateView, msgs: list[dict[str, Any]], turns: list[int], ap
             audit["eos_appended"] += 1
             audit["closed_by_eos"] += not spans[last].closed
             labels = _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs])
-            return Tokenized(ids + [eos], labels + [eos])
-    return Tokenized(ids, _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs]))
+            token_weights = _weigh_tokens(len(ids), tokens, ranges, weights)
+            return _tokenized(ids + [eos], labels + [eos],
+                              None if token_weights is None else token_weights + [weights[last]])
+    return _tokenized(ids, _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs]),
+                      _weigh_tokens(len(ids), tokens, ranges, weights))
 
 
 def _pieces(start: int, end: int, holes: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
@@ -183,8 +211,27 @@ def _pieces(start: int, end: int, holes: tuple[tuple[int, int], ...]) -> list[tu
 
 
 def _label_tokens(input_ids: list[int], tokens: Tokens, spans: list[tuple[int, int]]) -> list[int]:
-    """Label a token when it overlaps a trained span (a zero-width token: when it starts inside one)."""
+    """Label the tokens of the trained spans."""
     labels = [IGNORE_INDEX] * len(input_ids)
+    for t in _covered(tokens, spans):
+        labels[t] = input_ids[t]
+    return labels
+
+
+def _weigh_tokens(n: int, tokens: Tokens, ranges: dict[int, list[tuple[int, int]]],
+                  weights: dict[int, float] | None) -> list[float] | None:
+    """Each trained token's weight: its turn's (the tokens `_label_tokens` labels, turn by turn); 0 elsewhere."""
+    if weights is None:
+        return None
+    out = [0.0] * n
+    for turn, spans in ranges.items():
+        for t in _covered(tokens, spans):
+            out[t] = weights[turn]
+    return out
+
+
+def _covered(tokens: Tokens, spans: list[tuple[int, int]]) -> Iterator[int]:
+    """The tokens that overlap a trained span (a zero-width token: that start inside one)."""
     offsets, starts = tokens.offsets, tokens.starts
     for s, e in spans:
         for t in range(max(0, bisect_left(starts, s) - 1), len(offsets)):
@@ -192,5 +239,4 @@ def _label_tokens(input_ids: list[int], tokens: Tokens, spans: list[tuple[int, i
             if a >= e:
                 break
             if (b > a and b > s) or (a == b and s <= a):
-                labels[t] = input_ids[t]
-    return labels
+                yield t

@@ -47,11 +47,12 @@ class TokenizedDataset:
     batch planner reads them without touching the tokens."""
 
     def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray,
-                 stats: dict[str, Any] | None = None):
+                 stats: dict[str, Any] | None = None, weights: np.ndarray | None = None):
         """One shard from flat arrays: samples i spans offsets[i]:offsets[i + 1]."""
         offsets = np.asarray(offsets, dtype=np.int64)
         lengths = np.diff(offsets)
-        self._setup([Shard(input_ids, labels, offsets)], lengths, supervised_counts(labels, offsets), stats)
+        self._setup([Shard(input_ids, labels, offsets, weights=weights)], lengths, supervised_counts(labels, offsets),
+                    stats)
 
     @classmethod
     def from_shards(cls, shards: list[Shard], lengths: np.ndarray, target_counts: np.ndarray,
@@ -72,11 +73,14 @@ class TokenizedDataset:
         return len(self.lengths)
 
     def __getitem__(self, i: int) -> tuple:
-        """(input_ids, labels), and the encoded pictures as a third item when the sample has any."""
+        """(input_ids, labels), the encoded pictures as a third item when the sample has any, and the tokens' loss
+        weights as a fourth when the source has them (data.message_weight_key; the pictures then may be [])."""
         k = 0 if len(self.shards) == 1 else int(np.searchsorted(self._first, i, side="right")) - 1
         shard, j = self.shards[k], i - int(self._first[k])
         a, b = shard.offsets[j], shard.offsets[j + 1]
         pictures = shard.images_of(j)
+        if shard.weights is not None:
+            return shard.input_ids[a:b], shard.labels[a:b], pictures, shard.weights[a:b]
         return (shard.input_ids[a:b], shard.labels[a:b], pictures) if pictures else (shard.input_ids[a:b],
                                                                                       shard.labels[a:b])
 

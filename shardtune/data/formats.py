@@ -8,6 +8,7 @@ format from the first row of each file. Every problem names the file, the row an
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,7 @@ def _from_messages(row: Row, cfg: DataConfig) -> Conversation:
     if not isinstance(raw, list):
         raise row_error(row.path, row.index, key, f"expected a list of messages, got {type(raw).__name__}",
                         "store the conversation as a list of {role, content} objects")
-    messages = [_clean_message(row, key, i, m) for i, m in enumerate(raw)]
+    messages = [_clean_message(row, key, i, m, cfg.message_weight_key) for i, m in enumerate(raw)]
     tools = row.data.get(cfg.tools_key)
     if isinstance(tools, str):
         tools = _json_or_error(row, cfg.tools_key, tools)
@@ -92,7 +93,7 @@ def _from_messages(row: Row, cfg: DataConfig) -> Conversation:
     return Conversation(messages, tools or None, kwargs)
 
 
-def _clean_message(row: Row, key: str, i: int, m: Any) -> dict[str, Any]:
+def _clean_message(row: Row, key: str, i: int, m: Any, weight_key: str | None = None) -> dict[str, Any]:
     where = f"{key}[{i}]"
     if not isinstance(m, dict):
         raise row_error(row.path, row.index, where, f"expected a message object, got {type(m).__name__}",
@@ -101,6 +102,8 @@ def _clean_message(row: Row, key: str, i: int, m: Any) -> dict[str, Any]:
     m = {k: v for k, v in m.items() if v is not None}
     if "content" not in m:
         m["content"] = ""
+    if weight_key in m:
+        m[weight_key] = message_weight(row, f"{where}.{weight_key}", m[weight_key])
     for alias in TRAIN_ALIASES:  # verl's per-message `loss_mask` (0/1) and the common `trainable`
         if alias in m:
             value = m.pop(alias)
@@ -148,6 +151,26 @@ def _clean_tool_call(row: Row, where: str, call: Any) -> dict[str, Any]:
     return call
 
 
+def message_weight(row: Row, where: str, value: Any) -> float:
+    """A message's loss weight: a finite number >= 0 (not a boolean, not text)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if not ok:
+        got = f"{type(value).__name__} {value!r}" if isinstance(value, (str, bool)) else repr(value)
+        raise row_error(row.path, row.index, where, f"a message weight must be a finite number >= 0, got {got}",
+                        "store a number such as 0.5 (1 = the default, 0 = no loss from the turn), drop the key to "
+                        "weigh the turn 1, or set data.on_bad_row=skip to drop such rows")
+    return float(value)
+
+
+def _row_weight(row: Row, cfg: DataConfig) -> dict[str, float]:
+    """A prompt/response or alpaca row's weight (data.message_weight_key names a column of the row), put on its
+    response: {key: weight}, or nothing when the row has none."""
+    key = cfg.message_weight_key
+    if key is None or row.data.get(key) is None:
+        return {}
+    return {key: message_weight(row, key, row.data[key])}
+
+
 def _json_or_error(row: Row, key: str, text: str) -> Any:
     try:
         return json.loads(text)
@@ -176,7 +199,7 @@ def _from_prompt_response(row: Row, cfg: DataConfig) -> Conversation:
     response = _nested(row, cfg.response_key, cfg.response_dict_keys, "response")
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     if isinstance(prompt, list):  # a chat list as prompt, e.g. verl's RL-style `prompt` column
-        messages += [_clean_message(row, cfg.prompt_key, i, m) for i, m in enumerate(prompt)]
+        messages += [_clean_message(row, cfg.prompt_key, i, m, cfg.message_weight_key) for i, m in enumerate(prompt)]
     elif isinstance(prompt, str):
         messages.append({"role": "user", "content": prompt})
     else:
@@ -185,7 +208,7 @@ def _from_prompt_response(row: Row, cfg: DataConfig) -> Conversation:
     if not isinstance(response, str):
         raise row_error(row.path, row.index, cfg.response_key, f"expected a string, got {type(response).__name__}",
                         "point data.response_key/response_dict_keys at a text field")
-    messages.append({"role": "assistant", "content": response})
+    messages.append({"role": "assistant", "content": response, **_row_weight(row, cfg)})
     return Conversation(messages)
 
 
@@ -201,7 +224,8 @@ def _from_alpaca(row: Row, cfg: DataConfig) -> Conversation:
     user = parts["instruction"] + (f"\n\n{parts['input']}" if parts["input"] else "")
     system = parts["system"] or cfg.system_prompt
     messages = [{"role": "system", "content": system}] if system else []
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": parts["output"]}]
+    messages += [{"role": "user", "content": user},
+                 {"role": "assistant", "content": parts["output"], **_row_weight(row, cfg)}]
     return Conversation(messages)
 
 
@@ -219,7 +243,10 @@ def _from_sharegpt(row: Row, cfg: DataConfig) -> Conversation:
         if role is None:
             raise row_error(row.path, row.index, f"{key}[{i}].from", f"unknown speaker {turn['from']!r}",
                             f"use one of {sorted(SHAREGPT_ROLES)}")
-        messages.append({"role": role, "content": turn["value"]})
+        weight = cfg.message_weight_key
+        weighed = ({weight: message_weight(row, f"{key}[{i}].{weight}", turn[weight])}
+                   if turn.get(weight) is not None else {})
+        messages.append({"role": role, "content": turn["value"], **weighed})
     tools = row.data.get(cfg.tools_key)
     if isinstance(tools, str):
         tools = _json_or_error(row, cfg.tools_key, tools)

@@ -26,7 +26,7 @@ from typing import Any
 
 from shardtune import remote
 from shardtune.data.readers import Row
-from shardtune.errors import row_error
+from shardtune.errors import ConfigError, row_error
 
 IMAGE_PLACEHOLDER = "<image>"
 _IMAGE_PART_KEYS = ("image", "path", "url", "image_url")
@@ -157,8 +157,19 @@ def _local_candidates(data_file: str, path: str) -> list[str]:
     return [path, os.path.join(os.path.dirname(os.path.abspath(data_file)), path)]
 
 
+def pil_image() -> Any:
+    """PIL's Image module, or one clear error saying how to install it (Pillow is the `vision` extra)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ConfigError("The data holds images, and reading them needs Pillow, which is not installed. "
+                          "Fix: pip install 'shardtune[vision]' (or pip install pillow).") from None
+    return Image
+
+
 def check_image(row: Row, data: bytes, where: str) -> None:
-    from PIL import Image, UnidentifiedImageError
+    Image = pil_image()
+    from PIL import UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -170,7 +181,5 @@ def check_image(row: Row, data: bytes, where: str) -> None:
 
 def decode(data: bytes) -> Any:
     """Encoded bytes -> an RGB PIL image (what image processors take)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
+    with pil_image().open(io.BytesIO(data)) as im:
         return im.convert("RGB")

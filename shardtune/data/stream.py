@@ -36,7 +36,7 @@ from shardtune import remote
 from shardtune.batch import supervised_count
 from shardtune.config import DataConfig, Source
 from shardtune.data.batching import GlobalBatch
-from shardtune.data.chat import resolve_chat_template
+from shardtune.data.chat import resolve_chat_template, weights_of
 from shardtune.data.readers import Start, data_files, read_file, reread
 from shardtune.data.tokenize import FileFormats, tokenize_row
 from shardtune.data.vision import images_of
@@ -46,7 +46,7 @@ from shardtune.errors import ConfigError, DataError
 CONTINUE_WEIGHTS = ("to continue the weights on other data, start a new trainer.default_local_dir with "
                     "trainer.resume_from_path=<that checkpoint> and checkpoint.load_contents=[model,optimizer] "
                     "(data, schedule and step count start over)")
-Sample = tuple  # (input_ids, labels) int32 arrays[, the sample's encoded pictures]
+Sample = tuple  # (input_ids, labels) int32 arrays[, the sample's encoded pictures[, float32 loss weights]]
 Ref = tuple[int, int, int, int, int]  # (file, row, byte offset, line, sample of the row): where a sample came from
 
 
@@ -334,8 +334,12 @@ class _Rows:
 
 
 def _arrays(tok: Any) -> Sample:
-    """(input_ids, labels) as int32 arrays, and the sample's encoded pictures when it has any (the buffer holds
-    a picture only while its sample waits there)."""
+    """(input_ids, labels) as int32 arrays, the sample's encoded pictures when it has any (the buffer holds
+    a picture only while its sample waits there) and its tokens' loss weights when it has them (float32, as the
+    cache stores them, so both paths train the same numbers)."""
     arrays = np.asarray(tok.input_ids, dtype=np.int32), np.asarray(tok.labels, dtype=np.int32)
     pictures = images_of(tok)
+    weights = weights_of(tok)
+    if weights is not None:
+        return *arrays, list(pictures), np.asarray(weights, dtype=np.float32)
     return (*arrays, list(pictures)) if pictures else arrays

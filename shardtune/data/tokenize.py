@@ -27,7 +27,7 @@ from tqdm import tqdm
 from shardtune.batch import IGNORE_INDEX, supervised_count, supervised_counts
 from shardtune.config import DataConfig
 from shardtune.data.cache import ShardSpec, ShardWriter
-from shardtune.data.chat import MaskOptions, TemplateMismatch, Tokenized, conversation_samples
+from shardtune.data.chat import MaskOptions, TemplateMismatch, Tokenized, Weighted, conversation_samples, weights_of
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.media import place_images, row_has_media
 from shardtune.data.readers import Row
@@ -47,6 +47,7 @@ class Chunk:
     num_targets: np.ndarray
     stats: dict[str, Any] = field(default_factory=dict)
     images: list[list[bytes]] | None = None  # the encoded pictures of each sample (None: no sample has one)
+    weights: np.ndarray | None = None  # float32, aligned with labels (data.message_weight_key; None: off)
 
 
 def tokenize_to_shards(rows: Iterator[Row], folder: Path, cfg: DataConfig, tokenizer: Any, template: str,
@@ -63,7 +64,8 @@ def tokenize_to_shards(rows: Iterator[Row], folder: Path, cfg: DataConfig, token
                 if writer is not None:
                     writer.close()
                 writer = ShardWriter(folder, spec)
-            writer.append(chunk.input_ids, chunk.labels, chunk.lengths, chunk.num_targets, chunk.stats, chunk.images)
+            writer.append(chunk.input_ids, chunk.labels, chunk.lengths, chunk.num_targets, chunk.stats, chunk.images,
+                          chunk.weights)
             bar.update(chunk.stats["rows_read"])
         if writer is not None:
             writer.close()
@@ -186,6 +188,7 @@ def _tokenize_chunk(rows: list[tuple[Row, str | None]]) -> Chunk:
     tokenizer, cfg, template = _JOB
     ids: list[list[int]] = []
     labels: list[list[int]] = []
+    weights: list[list[float]] = []
     images: list[list[bytes]] = []
     dropped: Counter[str] = Counter()
     masks: dict[str, Counter] = {}  # mask audit per data file (chat.AUDIT_KEYS, tokens, trained_tokens)
@@ -198,15 +201,18 @@ def _tokenize_chunk(rows: list[tuple[Row, str | None]]) -> Chunk:
             masks.setdefault(row.path, Counter()).update(out.audit)
         ids += [tok.input_ids for tok in out.samples]
         labels += [tok.labels for tok in out.samples]
+        weights += [weights_of(tok) for tok in out.samples if weights_of(tok) is not None]
         images += [list(images_of(tok)) for tok in out.samples]
         kept_rows += bool(out.samples)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     flat_labels = np.fromiter((t for x in labels for t in x), dtype=np.int32, count=int(lengths.sum()))
     stats = {"rows_read": len(rows), "rows_kept": kept_rows, "truncated": truncated, "dropped": dict(dropped),
              "mask": {path: dict(counts) for path, counts in masks.items()}}
+    flat_weights = (np.fromiter((w for x in weights for w in x), dtype=np.float32, count=int(lengths.sum()))
+                    if cfg.message_weight_key else None)
     return Chunk(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum())), flat_labels,
                  lengths, supervised_counts(flat_labels, np.concatenate([[0], np.cumsum(lengths)])), stats,
-                 images if any(images) else None)
+                 images if any(images) else None, flat_weights)
 
 
 @dataclass
@@ -214,7 +220,7 @@ class RowResult:
     """What one row gives: its samples as trained (truncated where the policy says), the drops by reason, the
     samples cut by truncation, and its mask-audit counters (None for a row that could not be read)."""
 
-    samples: list[Tokenized]
+    samples: list[Tokenized | Weighted]
     dropped: Counter
     truncated: int = 0
     audit: Counter | None = None
@@ -237,6 +243,8 @@ def tokenize_row(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, tem
             continue
         out.truncated += reason == "truncated"
         out.audit.update(tokens=len(tok.labels), trained_tokens=supervised_count(np.asarray(tok.labels)))
+        if weights_of(tok) is not None:  # the weights of the supervised tokens (a sample's first token is none)
+            out.audit["trained_weight"] += float(np.sum(weights_of(tok)[1:], dtype=np.float64))
         out.samples.append(tok)
     return out
 
@@ -258,10 +266,10 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
                             "train a vision-language model folder, or drop the images column")
         messages, images = place_images(row, messages, cfg.image_key, cfg.video_key, vision.marker)
     samples, audit = conversation_samples(messages, tokenizer, conv.tools, chat_template=template,
-                                          options=MaskOptions.from_config(cfg),
+                                          options=MaskOptions.from_config(cfg), weight_key=cfg.message_weight_key,
                                           **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
     if vision is not None:
-        samples = [vision.expand(s.input_ids, s.labels, images, row) for s in samples]
+        samples = [vision.expand(s.input_ids, s.labels, images, row, weights_of(s)) for s in samples]
         audit.update(images=sum(len(s.images) for s in samples),
                      image_tokens=sum(s.input_ids.count(vision.image_token_id) for s in samples),
                      trained_image_tokens=sum(t == vision.image_token_id and lab != IGNORE_INDEX
@@ -296,7 +304,9 @@ def truncate(tok: Tokenized, max_length: int, policy: str, row: Row) -> tuple[To
         if images_of(tok):  # cutting would leave a picture with part of its tokens, or tokens without their picture
             return tok, "too_long_with_images"
         keep = slice(0, max_length) if policy == "right" else slice(n - max_length, n)
-        tok = Tokenized(tok.input_ids[keep], tok.labels[keep])
+        weights = weights_of(tok)
+        tok = (Tokenized(tok.input_ids[keep], tok.labels[keep]) if weights is None
+               else Weighted(tok.input_ids[keep], tok.labels[keep], weights[keep]))
         reason = "truncated"
     if supervised_count(np.asarray(tok.labels)) == 0:
         return tok, "no_trained_tokens"

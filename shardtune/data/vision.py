@@ -26,6 +26,7 @@ from shardtune.batch import IGNORE_INDEX
 from shardtune.data.media import decode
 from shardtune.data.readers import Row
 from shardtune.errors import DataError, row_error
+from shardtune.vision import PROCESSOR_FILES, has_image_processor
 
 _PROBE = ("\x01shardtune-before\x01", "\x01shardtune-after\x01")
 
@@ -36,6 +37,7 @@ class WithImages(NamedTuple):
     input_ids: list[int]
     labels: list[int]
     images: tuple[bytes, ...]
+    weights: list[float] | None = None  # as Tokenized's: the loss weight of each trained token
 
 
 def images_of(sample: Any) -> tuple[bytes, ...]:
@@ -65,30 +67,37 @@ class ImageProcessing:
                             f"(id {self.image_token_id}) of the model. Fix: use the model's own chat template "
                             "(data.chat_template).")
 
-    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row) -> WithImages:
-        """Each image marker of a sample's tokens replaced by that image's tokens, with no label. A sample cut
-        from the conversation (thinking_history=per_turn) holds the first images only: they are returned."""
+    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row,
+               weights: list[float] | None = None) -> WithImages:
+        """Each image marker of a sample's tokens replaced by that image's tokens, with no label (and weight 0).
+        A sample cut from the conversation (thinking_history=per_turn) holds the first images only: they are
+        returned."""
         places = _find(ids, self.marker_ids)
         if len(places) > len(images):
             raise row_error(row.path, row.index, None,
                             f"the rendered chat holds {len(places)} image markers {self.marker!r} for {len(images)} "
                             "images (a message text writes the marker itself)",
                             "write images as <image> placeholders or image parts, not as the template's tokens")
-        out_ids, out_labels, at = [], [], 0
+        out_ids, out_labels, out_weights, at = [], [], [], 0
         for start, image in zip(places, images):
             out_ids += ids[at:start]
             out_labels += labels[at:start]
             tokens = self.image_tokens(image)
             out_ids += tokens
             out_labels += [IGNORE_INDEX] * len(tokens)
+            if weights is not None:
+                out_weights += weights[at:start] + [0.0] * len(tokens)
             at = start + len(self.marker_ids)
-        return WithImages(out_ids + ids[at:], out_labels + labels[at:], tuple(images[: len(places)]))
+        return WithImages(out_ids + ids[at:], out_labels + labels[at:], tuple(images[: len(places)]),
+                          None if weights is None else out_weights + weights[at:])
 
     def image_tokens(self, image: bytes) -> list[int]:
         """The tokens one image becomes in place of the marker."""
         picture = decode(image)
         if self.processor is not None:
-            return self.processor(text=[self.marker], images=[picture])["input_ids"][0].tolist()
+            # no special tokens: a tokenizer that adds <bos> to every text (Gemma's) would put one in each image
+            out = self.processor(text=[self.marker], images=[picture], add_special_tokens=False)
+            return list(out["input_ids"][0])
         out = self.image_processor(images=[picture], return_tensors="pt")
         if "image_grid_thw" not in out:
             raise DataError(f"The processor of {self.folder} cannot be loaded and its image processor "
@@ -142,17 +151,18 @@ def _find(ids: list[int], pattern: list[int]) -> list[int]:
 
 
 def processor_folder(tokenizer: Any) -> str | None:
-    """The tokenizer's folder when it holds an image processor (preprocessor_config.json)."""
+    """The tokenizer's folder when it holds an image processor."""
     folder = getattr(tokenizer, "name_or_path", "") or ""
-    return folder if folder and (Path(folder) / "preprocessor_config.json").is_file() else None
+    return folder if folder and has_image_processor(folder) else None
 
 
 def fingerprint(tokenizer: Any) -> str:
-    """The image processor's settings (they decide the image token counts), for cache keys; '' without one."""
+    """The image and processor settings (they decide the image token counts), for cache keys; '' without them."""
     folder = processor_folder(tokenizer)
     if folder is None:
         return ""
-    return hashlib.sha256((Path(folder) / "preprocessor_config.json").read_bytes()).hexdigest()
+    files = [Path(folder) / name for name in PROCESSOR_FILES if (Path(folder) / name).is_file()]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 class Pixels:

@@ -89,15 +89,23 @@ class FSDP2Engine(Engine):
                       attention_mask=self._to_device(mb.attention_mask), use_cache=False, **packed)
         if self.vision is not None:  # pixel tensors, image-token types, 3-D rope positions
             inputs.update(self.vision.inputs(mb, self._to_device))
-        # DFT shapes the training loss only: validation reports the plain cross-entropy
+        # DFT and message weights shape the training loss only: validation reports the plain cross-entropy
         dft = self.cfg.optim.loss_type == "dft" and self.model.training
+        weights = mb.weights if self.model.training else None
         if self.loss_head is not None:
-            return self._fused_loss_sum(inputs, mb.targets.flatten(), dft)
+            return self._fused_loss_sum(inputs, mb.targets.flatten(), dft, weights)
         with self._autocast():
             out = self.model(**inputs)
+        plain = not dft and weights is None
         ce = F.cross_entropy(out.logits.flatten(0, 1).float(), self._to_device(mb.targets).flatten(),
-                             ignore_index=IGNORE_INDEX, reduction="none" if dft else "sum")  # 0 where untrained
-        return ((ce * torch.exp(-ce).detach()).sum() if dft else ce), out
+                             ignore_index=IGNORE_INDEX, reduction="sum" if plain else "none")  # 0 where untrained
+        if plain:
+            return ce, out
+        if dft:
+            ce = ce * torch.exp(-ce).detach()
+        if weights is not None:
+            ce = ce * self._to_device(weights).flatten()
+        return ce.sum(), out
 
     def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """Host to device without stalling the host: a pinned staging copy and an asynchronous transfer on
@@ -106,11 +114,13 @@ class FSDP2Engine(Engine):
             return t
         return (t if t.is_pinned() else t.pin_memory()).to(self.world.device, non_blocking=True)
 
-    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor, dft: bool) -> tuple[torch.Tensor, Any]:
+    def _fused_loss_sum(self, inputs: dict[str, Any], targets: torch.Tensor, dft: bool,
+                        weights: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         """The loss head computes the loss of the supervised positions (found on the host, so no sync)."""
         positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        weights = None if weights is None else self._to_device(weights.flatten()[positions])
         with self._autocast(), self.loss_head.computing_loss(self._to_device(positions),
-                                                             self._to_device(targets[positions]), dft):
+                                                             self._to_device(targets[positions]), dft, weights):
             out = self.model(**inputs)
         loss = out.logits
         if loss is not self.loss_head.last_loss:
@@ -126,11 +136,11 @@ class FSDP2Engine(Engine):
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
-        router = _RouterStats(self.routing, self.world.device)
+        router = _RouterStats(self.routing, self.world, self.model)
         for i, mb in enumerate(micro_batches):
             self._set_gradient_sync(last=i == len(micro_batches) - 1)
             loss, out = self._loss_sum(mb)
-            aux = router.add(out, mb.num_targets)
+            aux = router.add(out, mb)
             ((loss + aux) / denom).backward()
             loss_sum += loss.detach()
         max_norm = self.cfg.optim.clip_grad or math.inf
@@ -212,23 +222,39 @@ class _RouterStats:
     """One step's routing of an MoE model: the aux loss terms added to the loss (moe.py) and the expert
     counts, gathered per micro-batch on the device and summed over ranks with the loss (no extra sync)."""
 
-    def __init__(self, routing: moe.Routing | None, device: torch.device):
-        self.routing, self.device = routing, device
-        self.aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+    def __init__(self, routing: moe.Routing | None, world: parallel.World, model: torch.nn.Module):
+        self.routing, self.world, self.device = routing, world, world.device
+        self.aux_fn = moe.aux_function(model) if routing is not None and world.sp_size > 1 else None
+        self.aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.counts: torch.Tensor | None = None
 
-    def add(self, out: Any, num_targets: int) -> torch.Tensor | float:
-        """This micro-batch's aux term for the loss sum (coef x aux x its supervised tokens), or 0."""
+    def add(self, out: Any, mb: MicroBatch) -> torch.Tensor | float:
+        """This micro-batch's aux term for the loss sum (coef x aux x its supervised tokens), or 0. Under
+        sequence parallelism the aux loss is the whole row's, and each of the group's ranks adds 1/sp of
+        its term (coef x aux x the row's supervised tokens)."""
         r = self.routing
         if r is None or getattr(out, "router_logits", None) is None:
             return 0.0
-        counts = moe.expert_counts(tuple(x.detach() for x in out.router_logits), r)
+        counts = moe.expert_counts(tuple(x.detach() for x in out.router_logits), r, self._real_tokens(mb))
         self.counts = counts if self.counts is None else self.counts + counts
-        aux = getattr(out, "aux_loss", None)
+        aux, num_targets = getattr(out, "aux_loss", None), mb.num_targets
         if aux is None:
             return 0.0
+        if self.aux_fn is not None:
+            aux = moe.whole_row_aux(self.aux_fn, out.router_logits, r, mb.num_tokens, self.world.sp_group)
+            row_targets = torch.tensor(float(mb.num_targets), dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(row_targets, group=self.world.sp_group)
+            num_targets = row_targets / self.world.sp_size
         self.aux_sum += aux.detach().to(torch.float64) * num_targets
         return r.aux_coef * aux * num_targets if r.aux_coef else 0.0
+
+    def _real_tokens(self, mb: MicroBatch) -> Any:
+        """The index of this rank's real tokens among its positions: a packed row's padding (to divide by the
+        sequence-parallel size, or fill a bucket) comes last; padded rows have their attention mask."""
+        if mb.cu_seqlens is None:
+            return slice(None) if mb.attention_mask is None else mb.attention_mask.flatten().bool().to(self.device)
+        width = mb.input_ids.shape[1]
+        return slice(0, min(max(mb.num_tokens - self.world.sp_rank * width, 0), width))
 
     def sums(self) -> torch.Tensor:
         if self.routing is None:

@@ -1,0 +1,148 @@
+"""Pictures on families beyond Qwen-VL: Gemma 3 (its processor loads through AutoProcessor; its picture tokens
+attend both ways, which packed rows keep per sequence) and the processor fallback of Qwen-VL."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_metrics, torchrun, write_parquet
+from test_images import samples_of, verl_rows
+
+from shardtune.batch import IGNORE_INDEX
+from shardtune.config import ModelConfig
+from shardtune.data.chat import resolve_chat_template
+from shardtune.data.vision import image_processing, pixels_for
+from shardtune.model import load_tokenizer
+from shardtune.tiny import GEMMA3_IMAGE_TOKENS, save_tiny_vlm
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_images.py"
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    return save_tiny_vlm(tmp_path_factory.mktemp("gemma3") / "model", family="gemma3")
+
+
+def test_gemma3_samples_are_its_processors_own_tokens_and_pixels_and_train_no_picture(gemma3, capsys):
+    from transformers import AutoProcessor
+
+    from shardtune.data.media import decode
+
+    tok = load_tokenizer(ModelConfig(path=str(gemma3)))
+    vision = image_processing(tok, resolve_chat_template(None, tok))
+    assert vision.processor is not None  # the AutoProcessor path
+    processor = AutoProcessor.from_pretrained(gemma3)
+    picture_ids = {tok.image_token_id, tok.boi_token_id, tok.eoi_token_id}
+    for row in verl_rows(4):
+        (sample,), audit = samples_of(row, tok)
+        pictures = [decode(im["bytes"]) for im in row["images"]]
+        # the whole rendered chat through Gemma's processor: the same tokens, the same pixels
+        chat = [{**m, "content": m["content"].replace("<image>", "<start_of_image>")} for m in row["messages"]]
+        text = tok.apply_chat_template(chat, tokenize=False)
+        own = processor(text=[text], images=[pictures], add_special_tokens=False, return_tensors="pt")
+        assert sample.input_ids == own["input_ids"][0].tolist()
+        assert torch.equal(pixels_for(tok)([im["bytes"] for im in row["images"]])["pixel_values"],
+                           own["pixel_values"])
+        n = sample.input_ids.count(tok.image_token_id)
+        assert audit["image_tokens"] == GEMMA3_IMAGE_TOKENS * len(pictures) == n
+        assert all(lab == IGNORE_INDEX for t, lab in zip(sample.input_ids, sample.labels) if t in picture_ids)
+        # the text rules of the same chat without pictures: the same tokens trained
+        bare = {"messages": [{**m, "content": m["content"].replace("<image>", "")} for m in row["messages"]]}
+        (plain,), _ = samples_of(bare, tok)
+        trained = [t for t, lab in zip(sample.input_ids, sample.labels) if lab != IGNORE_INDEX]
+        assert trained == [t for t, lab in zip(plain.input_ids, plain.labels) if lab != IGNORE_INDEX] != []
+
+
+def test_render_shows_gemma3_pictures_with_their_token_counts(gemma3, tmp_path, capsys):
+    from shardtune.config import load_config, validate
+    from shardtune.preview import render_sample
+
+    path = write_parquet(tmp_path / "train.parquet", verl_rows(3))
+    render_sample(validate(load_config(None, [f"model.path={gemma3}", f"data.train_files=[{path}]"])), 1, "never")
+    out = capsys.readouterr().out
+    assert out.count(f"<start_of_image><image: {GEMMA3_IMAGE_TOKENS} tokens><end_of_image>") == 2
+    assert "<image_soft_token>" not in out and "2 images, 32 image tokens, 0 of them trained" in out
+
+
+def test_qwen_vl_falls_back_to_the_image_processor_where_its_processor_needs_torchvision(tmp_path):
+    from transformers import AutoProcessor
+
+    vlm = save_tiny_vlm(tmp_path / "qwen", family="qwen2_vl")
+    tok = load_tokenizer(ModelConfig(path=str(vlm)))
+    try:
+        AutoProcessor.from_pretrained(vlm)
+        loads = True
+    except ImportError as e:  # Qwen2-VL's processor builds a video processor, which imports torchvision
+        assert "torchvision" in str(e).lower()
+        loads = False
+    vision = image_processing(tok, resolve_chat_template(None, tok))
+    assert (vision.processor is not None) == loads
+    (sample,), audit = samples_of(verl_rows(2)[1], tok)
+    assert audit["images"] == 2 and audit["image_tokens"] > 0 and audit["trained_image_tokens"] == 0
+
+
+def losses(run_dir) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(run_dir)]
+
+
+def same(a: list[float], b: list[float], rel: float = 1e-5) -> bool:
+    return len(a) == len(b) == 3 and all(math.isclose(x, y, rel_tol=rel) for x, y in zip(a, b))
+
+
+def swapped_pictures(rows: list[dict]) -> list[dict]:
+    """Each row with the next picture row's pictures (as many as it had)."""
+    with_pictures = [i for i, r in enumerate(rows) if r["images"]]
+    out = [dict(r) for r in rows]
+    for a, b in zip(with_pictures, with_pictures[1:] + with_pictures[:1]):
+        out[a]["images"] = (rows[b]["images"] * 2)[: len(rows[a]["images"])]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_gemma3_packed_equals_padded_equals_two_processes_and_the_pictures_matter(gemma3, tmp_path):
+    """Packed rows (the per-sequence kernel, picture tokens both ways) = padded rows (transformers' own Gemma 3
+    mask from token_type_ids) = 2 processes (data parallel; Ulysses SP 2), fp32; other pictures, other loss."""
+    import subprocess
+
+    rows = verl_rows(18, text_every=4)
+    data = write_parquet(tmp_path / "train.parquet", rows)
+    other = write_parquet(tmp_path / "swapped.parquet", swapped_pictures(rows))
+    one = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), str(gemma3), str(data), "packed",
+                          "padded,model.use_remove_padding=false", f"swapped,data.train_files=[{other}]"],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, str(tmp_path), str(gemma3), str(data), "dp2", "sp2,engine.ulysses_sequence_parallel_size=2",
+                   script=str(SCRIPT), timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    packed = losses(tmp_path / "packed")
+    for name in ("padded", "dp2", "sp2"):
+        assert same(losses(tmp_path / name), packed), (name, losses(tmp_path / name), packed)
+    assert abs(losses(tmp_path / "swapped")[0] - packed[0]) > 1e-4 * packed[0]
+
+
+@pytest.mark.slow
+def test_qwen3_vl_moe_and_qwen3_5_packed_equal_padded_and_the_pictures_matter(tmp_path):
+    """Qwen3-VL MoE (experts in the language model) and Qwen3.5 (Gated DeltaNet layers beside attention, its
+    own tower): packed rows with per-sequence 3-D rope positions = padded rows, fp32; other pictures, other loss."""
+    import subprocess
+
+    rows = verl_rows(18, text_every=4)
+    data = write_parquet(tmp_path / "train.parquet", rows)
+    other = write_parquet(tmp_path / "swapped.parquet", swapped_pictures(rows))
+    models = {f: save_tiny_vlm(tmp_path / f, family=f) for f in ("qwen3_vl_moe", "qwen3_5")}
+    runs = [f"{f}_{kind},model.path={path}" + extra for f, path in models.items()
+            for kind, extra in (("packed", ""), ("padded", ",model.use_remove_padding=false"))]
+    runs.append(f"qwen3_5_swapped,model.path={models['qwen3_5']},data.train_files=[{other}]")
+    r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "unused", str(data), *runs],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in models:
+        assert same(losses(tmp_path / f"{f}_padded"), losses(tmp_path / f"{f}_packed")), f
+    packed = losses(tmp_path / "qwen3_5_packed")
+    # further apart than the parity tolerance (the tiny tower's features move the loss by ~1e-4 relative)
+    assert not math.isclose(losses(tmp_path / "qwen3_5_swapped")[0], packed[0], rel_tol=1e-5)
