@@ -241,7 +241,9 @@ def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mi
             return end
         # the turn ends with its end-of-turn token and the added tokens right after it; a closing tag whose
         # opening is not in the turn closes something else (a tool-results block left open across the turn)
-        ender = next((m for m in view.added_re.finditer(text, mine[-1].end, end) if m.group() in facts.enders), None)
+        # (the last one: the turn's own text may hold such tokens)
+        ender = next((m for m in reversed(list(view.added_re.finditer(text, mine[-1].end, end)))
+                      if m.group() in facts.enders), None)
         return _closing_run_end(view, text, start, ender.end(), end, facts.openers) if ender else end
     anchor = _anchor(view.try_render(loc.sent.messages[: i + 1]), loc)
     if anchor is None:  # the template cannot render the turn as the final message (gpt-oss, a call with text
