@@ -154,8 +154,12 @@ def _turn_start(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, 
     if mine and loc.sent.calls:  # another message's text written in the turn before its own (a template that
         # restates the system text in every message's header) is prompt, as the header around it; only where
         # the turn's tool calls are located too (a tool result written after the call is not before the turn)
-        owner = [loc.sent.pieces[o.piece].message for o in occ]
-        start = max([start] + [o.end for o, m in zip(occ, owner) if m != i and start < o.start < mine[0].start])
+        k = occ.index(mine[0]) - 1  # the texts before the turn's first one, back to the turn's start
+        while k >= 0 and occ[k].start > start:
+            if loc.sent.pieces[occ[k].piece].message != i:
+                start = occ[k].end
+                break
+            k -= 1
         if not facts.prompt:
             start = max(start, _user_header_end(loc, start, mine[0].start))
     return start
