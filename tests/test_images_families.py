@@ -113,10 +113,10 @@ def test_gemma3_packed_equals_padded_equals_two_processes_and_the_pictures_matte
     data = write_parquet(tmp_path / "train.parquet", rows)
     other = write_parquet(tmp_path / "swapped.parquet", swapped_pictures(rows))
     one = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), str(gemma3), str(data), "packed",
-                          "padded,model.use_remove_padding=false", f"swapped,data.train_files=[{other}]"],
+                          "padded;model.use_remove_padding=false", f"swapped;data.train_files=[{other}]"],
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, str(tmp_path), str(gemma3), str(data), "dp2", "sp2,engine.ulysses_sequence_parallel_size=2",
+    two = torchrun(2, str(tmp_path), str(gemma3), str(data), "dp2", "sp2;engine.ulysses_sequence_parallel_size=2",
                    script=str(SCRIPT), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     packed = losses(tmp_path / "packed")
@@ -135,9 +135,9 @@ def test_qwen3_vl_moe_and_qwen3_5_packed_equal_padded_and_the_pictures_matter(tm
     data = write_parquet(tmp_path / "train.parquet", rows)
     other = write_parquet(tmp_path / "swapped.parquet", swapped_pictures(rows))
     models = {f: save_tiny_vlm(tmp_path / f, family=f) for f in ("qwen3_vl_moe", "qwen3_5")}
-    runs = [f"{f}_{kind},model.path={path}" + extra for f, path in models.items()
-            for kind, extra in (("packed", ""), ("padded", ",model.use_remove_padding=false"))]
-    runs.append(f"qwen3_5_swapped,model.path={models['qwen3_5']},data.train_files=[{other}]")
+    runs = [f"{f}_{kind};model.path={path}" + extra for f, path in models.items()
+            for kind, extra in (("packed", ""), ("padded", ";model.use_remove_padding=false"))]
+    runs.append(f"qwen3_5_swapped;model.path={models['qwen3_5']};data.train_files=[{other}]")
     r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "unused", str(data), *runs],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -146,3 +146,24 @@ def test_qwen3_vl_moe_and_qwen3_5_packed_equal_padded_and_the_pictures_matter(tm
     packed = losses(tmp_path / "qwen3_5_packed")
     # further apart than the parity tolerance (the tiny tower's features move the loss by ~1e-4 relative)
     assert not math.isclose(losses(tmp_path / "qwen3_5_swapped")[0], packed[0], rel_tol=1e-5)
+
+
+def test_videos_are_refused_by_file_row_and_key_and_a_missing_pillow_says_how_to_install_it(gemma3, tmp_path,
+                                                                                           monkeypatch):
+    from shardtune.config import DataConfig
+    from shardtune.data.dataset import build_dataset
+    from shardtune.errors import ConfigError, DataError
+
+    tok = load_tokenizer(ModelConfig(path=str(gemma3)))
+    rows = verl_rows(4)
+    rows[2]["messages"][0]["content"] = "<video>" + rows[2]["messages"][0]["content"]
+    rows[2]["videos"] = [[{"bytes": b"frame", "path": "f.png"}]]
+    for r in rows[:2] + rows[3:]:
+        r["videos"] = []
+    path = write_parquet(tmp_path / "train.parquet", rows)
+    with pytest.raises(DataError, match=f"{path}, row 2, key 'videos': the row has videos.*Fix: "):
+        build_dataset([str(path)], DataConfig(train_files=[str(path)], cache_dir=None), tok)
+    row = verl_rows(1)[0]
+    monkeypatch.setitem(sys.modules, "PIL", None)  # as without Pillow: `import PIL` raises ImportError
+    with pytest.raises(ConfigError, match=r"needs Pillow.*pip install 'shardtune\[vision\]'"):
+        samples_of(row, tok)

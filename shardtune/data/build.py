@@ -21,6 +21,7 @@ from shardtune.data.loader import BatchSource, SampledBatches
 from shardtune.data.readers import Row, expand_paths, read_rows
 from shardtune.data.stream import SampleStream
 from shardtune.data.stream_mixture import MixedStream
+from shardtune.errors import ShardtuneError
 
 
 class DataSources(NamedTuple):
@@ -47,13 +48,18 @@ def build_data(cfg: Config, tokenizer: Any, world: parallel.World) -> tuple[Batc
 
     if not cfg.data.cache_dir:
         return build()
+    # rank 0's bad-input error (a corrupt row, a missing file) is every rank's: the others, waiting for the cache,
+    # are handed it and stop with the same message (not with a broken connection when rank 0 exits)
+    failure, out = None, None
     if world.is_main:
-        out = build()
-        parallel.barrier(world)
-    else:
-        parallel.barrier(world)
-        out = build()
-    return out
+        try:
+            out = build()
+        except ShardtuneError as e:
+            failure = e
+    failure = parallel.all_gather_objects(failure, world)[0]
+    if failure is not None:
+        raise failure
+    return out if world.is_main else build()
 
 
 def train_batches(sources: list[Source], cfg: Config, tokenizer: Any, progress: bool = True) -> BatchSource:

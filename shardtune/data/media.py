@@ -2,7 +2,8 @@
 
 Three layouts are read (any mix within a row):
 - verl's: an `images` column (data.image_key) holding a list of images, and `<image>` placeholders inside the
-  message texts, matched to the list in order (`videos` / `<video>` the same, data.video_key);
+  message texts, matched to the list in order (a row with `videos`, data.video_key, is refused by name: no
+  video path is proven here);
 - TRL's: the same column, with `{"type": "image"}` parts in the message contents in place of the placeholders;
 - OpenAI-style content parts carrying the picture themselves: `{"type": "image", "image" | "path" | "url": ...}`,
   `{"type": "image_url", "image_url": {"url": ...}}`.
@@ -44,8 +45,10 @@ def place_images(row: Row, messages: list[dict[str, Any]], image_key: str, video
                  marker: str) -> tuple[list[dict[str, Any]], list[bytes]]:
     """The messages with every image written as `marker`, and the images' encoded bytes in chat order."""
     if row.data.get(video_key):
-        raise row_error(row.path, row.index, video_key, "the row has videos, which shardtune does not train yet",
-                        "drop the videos column (or the rows), or set data.on_bad_row=skip to skip such rows")
+        raise row_error(row.path, row.index, video_key, "the row has videos, which shardtune does not train (the "
+                        "Qwen-VL video processors need torchvision, and no video path is proven here)",
+                        "drop the videos column (or the rows), give the frames as images, or set "
+                        "data.on_bad_row=skip to skip such rows")
     column = _column(row, image_key)
     used = 0  # images of the column placed so far
     images: list[bytes] = []
