@@ -8,7 +8,7 @@ every trained run ends with an end-of-turn token or the EOS, except a history tu
 none; and no end-of-turn token right after a trained run is left out. With {% generation %} markers the
 mask must be the marked blocks.
 
-A reference built from other renders is compared case by case (`_check_reference`), piece by piece (tokens,
+A reference built from other renders is compared case by case (mask_reference.check_reference), piece by piece (tokens,
 token-like literals whether or not the tokenizer holds them, words), so that neither special tokens nor
 whitespace decide: (a) after a turn's end-of-turn token nothing but further closing tokens is trained;
 (b) no piece of the generation prompt (the prefix render with add_generation_prompt) found before the turn's
@@ -136,6 +136,8 @@ def applicable(tok, template: str, msgs: list[dict], tools, **kwargs) -> str | N
         return f"rejects it ({type(e).__name__})"
     if any(m["role"] == "assistant" and visible(m)[0] not in full for m in msgs):
         return "drops an assistant text"
+    if any(m["role"] in ("user", "tool") and text_of(m["content"]).strip() not in full for m in msgs):
+        return "drops a user text or tool result (the conversation is not rendered as turns)"
     if tools and "Quitoville" not in full:
         return "drops the tool call"
     if re.search(r"""['"]type['"]: ['"]text['"]""", full):
@@ -148,6 +150,8 @@ def _not_a_chat(tok, template, msgs, tools, full, kwargs) -> str | None:
     it, a user simulator) rather than as turns the model generates, or None: the header its generation prompt
     opens (after the prompt's last end token: its opening piece and the role named after it) is not written
     before an assistant text."""
+    from mask_reference import _is_end, _locate, _piece_re, _pieces
+
     added = sorted({t.content for t in tok.added_tokens_decoder.values()}, key=len, reverse=True)
     rx = _piece_re(added)
     loc = _locate(full, msgs)
@@ -174,6 +178,8 @@ def _not_a_chat(tok, template, msgs, tools, full, kwargs) -> str | None:
 
 
 def check_mask(tok, template: str, msgs: list[dict], tools, ids: list[int], labels: list[int], **kwargs) -> list[str]:
+    import mask_reference
+
     full = render(tok, template, msgs, tools, **kwargs)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     n = len(enc["input_ids"])
@@ -222,7 +228,7 @@ def check_mask(tok, template: str, msgs: list[dict], tools, ids: list[int], labe
         n += 1
     # what every render ends with, with or without the prompt, is the template's text after the conversation
     problems += _check_ends(tok, msgs, full, trained, added, bool(extra), closing, len(full) - n if gen != full else 0)
-    problems += _check_reference(tok, template, msgs, tools, full, trained, added, kwargs)
+    problems += mask_reference.check_reference(tok, template, msgs, tools, full, trained, added, kwargs)
     return problems
 
 
@@ -235,6 +241,8 @@ def _find_all(text: str, needle: str) -> list[int]:
 
 
 def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs, closing=frozenset()) -> list[str]:
+    from mask_reference import _is_end
+
     problems = []
     first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     head = prompt = None
@@ -271,6 +279,8 @@ def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs, clo
 def _final_only(tok, template, msgs, tools, full, added, kwargs) -> set[str]:
     """Tokens written only after the conversation's end of this render, not by the generation-prompt render
     (Phi-3's and Hunyuan's closing of the final turn): they close it."""
+    from mask_reference import _texts
+
     last = max((full.find(t) + len(t) for m in msgs for t in _texts(m) if full.find(t) >= 0), default=0)
     gen = render(tok, template, msgs, tools, True, **kwargs)
     return {t for t in added if t in full[last:] and t not in gen[last:]}
@@ -279,6 +289,8 @@ def _final_only(tok, template, msgs, tools, full, added, kwargs) -> set[str]:
 def _after_every_turn(msgs, full, added) -> set[str]:
     """The token the template writes right after every assistant message's text, the final one's included (a
     role suffix such as `</assistant>`, `</longcat_s>`): it closes the turn."""
+    from mask_reference import _locate
+
     loc = _locate(full, msgs)
     after = {next((t for t in added if full.startswith(t, x[1] + len(full[x[1]:]) - len(full[x[1]:].lstrip()))),
                   None) for m, x in zip(msgs, loc) if m["role"] == "assistant" and x}
@@ -363,147 +375,3 @@ def _check_markers(tok, template, msgs, tools, full, trained, added, kwargs) -> 
             want[c] = True
     bad = next((c for c in range(len(full)) if want[c] != trained[c] and full[c].strip()), None)
     return [] if bad is None else [f"mask differs from the generation markers at {full[max(0, bad - 20):bad + 20]!r}"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The reference: prefix renders and the template's own repetitions, compared piece by piece (added tokens and
-# runs of other non-whitespace text), so that neither the tokenizer's special tokens nor whitespace decide
-
-
-def _piece_re(added: list[str]) -> re.Pattern:
-    """Added tokens, token-like literals the tokenizer does not hold, and runs of other non-whitespace text."""
-    alt = "|".join([re.escape(t) for t in added if t.strip()] + TOKEN_RES)
-    return re.compile(f"{alt}|(?:(?!{alt})\\S)+")
-
-
-def _pieces(rx: re.Pattern, text: str, lo: int, hi: int) -> list[tuple[int, int]]:
-    return [(m.start(), m.end()) for m in rx.finditer(text, lo, hi)]
-
-
-def _texts(m: dict) -> list[str]:
-    if m["role"] != "assistant":
-        return [t for t in (text_of(m["content"]).strip(),) if t]
-    return [t for t in (*visible(m)[::-1], "Quitoville" if m.get("tool_calls") else "") if t]
-
-
-def _locate(text: str, msgs: list[dict]) -> list[tuple[int, int] | None]:
-    """(first start, last end) of each message's texts, searched in order; None for a message without text."""
-    out, cursor = [], 0
-    for m in msgs:
-        spans = [(q, q + len(t)) for t in _texts(m) for q in (text.find(t, cursor),) if q >= 0]
-        out.append((min(spans)[0], max(e for _, e in spans)) if spans else None)
-        cursor = out[-1][1] if spans else cursor
-    return out
-
-
-def _is_end(tok, t: str) -> bool:
-    return bool(END_RE.search(t)) or t == tok.eos_token
-
-
-def _check_reference(tok, template, msgs, tools, full, trained, added, kwargs) -> list[str]:
-    """(a) after a turn's end-of-turn token only closing tokens are trained (never the next header, nor what
-    the template always writes after the conversation); (b) no piece of the generation prompt (the prefix
-    render with add_generation_prompt, from the last text on) found before the turn's text, and no piece of
-    another message's header (what its gap shares with an earlier message of that role) is trained; (c) the
-    closing a history turn is followed by, before the next message's header, is trained."""
-    rx, problems = _piece_re(added), []
-    loc = _locate(full, msgs)
-    piece = lambda a, b: full[a:b]  # noqa: E731
-    located = [i for i, x in enumerate(loc) if x]
-    # tokens written only after the conversation's end in this render (a final-only closing, Phi-3's
-    # <|endoftext|>), not by the generation-prompt render
-    last_end = loc[located[-1]][1] if located else 0
-    gen = render(tok, template, msgs, tools, True, **kwargs)
-    final_only = {full[a:b] for a, b in _pieces(rx, full, last_end, len(full))} - set(rx.findall(gen[last_end:]))
-    headers = _role_headers(tok, rx, full, msgs, loc)
-    # the closing the final turn is trained with (after its last text), as pieces
-    last = located[-1] if located else None
-    closing = [full[a:b] for a, b in _pieces(rx, full, loc[last][1], len(full)) if all(trained[a:b])] \
-        if last is not None and msgs[last]["role"] == "assistant" and msgs[last].get("train", True) else []
-    for i in located:
-        m = msgs[i]
-        prev = max((j for j in located if j < i), default=None)
-        if m["role"] == "assistant" and prev is not None:
-            prefix = render(tok, template, msgs[:i], tools, True, **kwargs)
-            ploc = _locate(prefix, msgs[:i])[prev]
-            if ploc:
-                # the pieces the prompt and the history share from the last text on, whatever the whitespace
-                want = [prefix[a:b] for a, b in _pieces(rx, prefix, ploc[1], len(prefix))]
-                have = _pieces(rx, full, loc[prev][1], loc[i][0])
-                for w, (a, b) in zip(want, have):
-                    if w != full[a:b]:
-                        break
-                    if any(trained[a:b]):
-                        problems.append(f"generation prompt text {w!r} trained")
-                # the prompt's last header (after its last end token), wherever the history writes it
-                ends = [k for k, w in enumerate(want) if w in added and _is_end(tok, w)]
-                header = want[ends[-1] + 1:] if ends else want
-                texts = [full[a:b] for a, b in have]
-                at = max((k for k in range(len(have) - len(header) + 1) if texts[k:k + len(header)] == header),
-                         default=None) if header else None
-                if at is not None and any(any(trained[a:b]) for a, b in have[at:at + len(header)]):
-                    problems.append(f"assistant header {' '.join(header)!r} trained")
-        if m["role"] != "assistant" or not m.get("train", True):
-            continue
-        nxt = min((loc[j][0] for j in located if j > i), default=len(full))
-        after = _pieces(rx, full, loc[i][1], nxt)
-        end = next((k for k, (a, b) in enumerate(after) if piece(a, b) in added and _is_end(tok, piece(a, b))), None)
-        if end is not None:
-            for a, b in after[end + 1:]:
-                t = piece(a, b)
-                if any(trained[a:b]) and not (t in added and (_is_end(tok, t) or t in final_only)):
-                    problems.append(f"{t!r} trained after the end-of-turn token")
-                    break
-        # (c) a history turn closes as the final one does wherever the template writes that closing too,
-        # whether or not the tokenizer holds it as a token
-        if i != last and closing:
-            k, hits = 0, []
-            for c in closing:
-                k = next((h for h in range(k, len(after)) if piece(*after[h]) == c), None)
-                if k is None:
-                    break
-                hits.append(after[k])
-                k += 1
-            if k is not None and any(not all(trained[a:b]) for a, b in hits):
-                problems.append(f"closing {' '.join(closing)!r} of the final turn not trained after a history turn")
-        j = next((j for j in located if j > i), None)
-        if j is not None and headers.get(j):
-            closing = [(a, b) for a, b in after if a < headers[j][0][0]]
-            ends = [k for k, (a, b) in enumerate(closing) if _is_end(tok, full[a:b])]
-            closing = closing[:ends[-1] + 1] if ends else closing  # what follows the last end opens the header
-            # (LongCat's `[Round 1]`)
-            if any(not all(trained[a:b]) for a, b in closing):
-                problems.append(f"history closing {full[closing[0][0]:closing[-1][1]]!r} not (wholly) trained")
-    for j, pieces in headers.items():
-        if any(any(trained[a:b]) for a, b in pieces):
-            problems.append(f"header {full[pieces[0][0]:pieces[-1][1]]!r} of a {msgs[j]['role']} message trained")
-    return problems
-
-
-def _role_headers(tok, rx, full, msgs, loc) -> dict[int, list[tuple[int, int]]]:
-    """Per non-assistant message after the first of its role: its header, the pieces its gap ends with in
-    common with the gap before the first message of that role, after the last end-of-turn token among them."""
-    out, first, gaps = {}, {}, {}
-    cursor = 0
-    for j, x in enumerate(loc):
-        if x is None:
-            continue
-        gaps[j] = _pieces(rx, full, cursor, x[0])
-        cursor = x[1]
-        role = msgs[j]["role"]
-        if role == "assistant":
-            continue
-        if role not in first:
-            first[role] = j
-            continue
-        mine, theirs = gaps[j], gaps[first[role]]
-        n = 0
-        while n < min(len(mine), len(theirs)) and full.__getitem__(slice(*mine[-1 - n])) == \
-                full.__getitem__(slice(*theirs[-1 - n])):
-            n += 1
-        common = mine[len(mine) - n:]
-        ends = [k for k, (a, b) in enumerate(common) if _is_end(tok, full[a:b])]
-        common = common[ends[-1] + 1:] if ends else common
-        if common:
-            out[j] = common
-    return out

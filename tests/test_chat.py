@@ -26,7 +26,7 @@ MULTI = [
 # What each family renders around an assistant turn's content: the trained text is prefix+content+end.
 TURN_FORMAT = {
     "chatml_generation": "{c}<|im_end|>", "chatml": "{c}<|im_end|>", "qwen25_default_system": "{c}<|im_end|>",
-    "llama3": "{c}<|eot_id|>", "gemma_no_system": "{c}<end_of_turn>", "mistral_inst": " {c}</s>",
+    "llama3": "{c}<|eot_id|>", "gemma_no_system": "{c}<end_of_turn>", "mistral_inst": "{c}</s>",
     "phi3": "{c}<|end|>", "qwen3_thinking": "{c}<|im_end|>",
 }
 
@@ -191,12 +191,12 @@ def test_append_eos_where_the_template_writes_no_end_of_turn():
     render_ids = whole_render_ids(tok, msgs)
     (sample,), audit = conversation_samples(msgs, tok)
     assert sample.input_ids == render_ids + [tok.eos_token_id]
-    assert trained_texts(tok, *sample) == ["\n4, since 2+2=4.", "\n6\nDone.<|endoftext|>"]
+    assert trained_texts(tok, *sample) == ["4, since 2+2=4.", "6\nDone.<|endoftext|>"]
     assert audit["eos_appended"] == 1 and audit["turns_without_end"] == 2 and audit["trained_turns"] == 2
     assert audit["closed_by_eos"] == 1  # the last turn; the history turn stays as the template renders it
     (never,), audit = conversation_samples(msgs, tok, options=MaskOptions(append_eos="never"))
     assert never.input_ids == render_ids and audit["eos_appended"] == 0
-    assert trained_texts(tok, *never) == ["\n4, since 2+2=4.", "\n6\nDone."]
+    assert trained_texts(tok, *never) == ["4, since 2+2=4.", "6\nDone."]
 
 
 def test_append_eos_auto_keeps_the_templates_own_end_and_always_adds_one():
@@ -224,7 +224,7 @@ def test_no_eos_is_appended_after_an_untrained_last_turn():
     msgs[-1]["train"] = False
     (sample,), audit = conversation_samples(msgs, tok)
     assert sample.input_ids == whole_render_ids(tok, MULTI[1:])  # EOS after an untrained turn would be wrong
-    assert trained_texts(tok, *sample) == ["\n4, since 2+2=4."] and audit["eos_appended"] == 0
+    assert trained_texts(tok, *sample) == ["4, since 2+2=4."] and audit["eos_appended"] == 0
 
 
 def test_train_on_last_turn_and_per_message_override():

@@ -82,7 +82,7 @@ def test_class2_end_token_written_only_before_a_following_turn():
 def test_class2_turn_ends_where_the_next_header_begins():
     tok = tokenizer("class2_header_only", ["[gMASK]", "<sop>", *PHI[:3]], eos="<|endoftext|>")
     # the history turn stops before <|user|>; the last one gets the EOS the template never writes
-    assert masks(tok, TWO_TURNS) == ["\nA1.", "\nA2.<|endoftext|>"]
+    assert masks(tok, TWO_TURNS) == ["A1.", "A2.<|endoftext|>"]
 
 
 def test_class2_template_without_any_end_marker():
@@ -99,7 +99,7 @@ def test_class3_prompt_prefills_text_the_history_turn_does_not_have():
 
 def test_class3_indented_plain_text_headers():
     tok = tokenizer("class3_indented_prompt", [])
-    assert masks(tok, TWO_TURNS) == [" A1.</s>", " A2.</s>"]
+    assert masks(tok, TWO_TURNS) == ["A1.</s>", "A2.</s>"]
 
 
 @pytest.mark.parametrize("think_is_a_token", [True, False])
@@ -150,7 +150,7 @@ def test_class6_tool_call_turn_closes_with_one_more_token():
     tok = tokenizer("class6_tool_call_stop", ["<|im_start|>", "<|im_end|>", "<|stop|>"], eos="<|im_end|>")
     msgs = [TWO_TURNS[0], TOOL_CALL, {"role": "tool", "content": "Ibex result"}, TWO_TURNS[1]]
     # the prompt "<|im_start|>assistant" stops before the newline or the call marker the model writes
-    assert masks(tok, msgs) == [' -> call\nget_weather {"city": "Quitoville"}<|im_end|><|stop|>', "\nA1.<|im_end|>"]
+    assert masks(tok, msgs) == [' -> call\nget_weather {"city": "Quitoville"}<|im_end|><|stop|>', "A1.<|im_end|>"]
     # as the final turn (one sample per turn) it is closed by the template: no EOS appended
     samples, audit = conversation_samples(msgs, tok, options=MaskOptions(thinking_history="per_turn"))
     assert trained(tok, *samples[0]) == [' -> call\nget_weather {"city": "Quitoville"}<|im_end|><|stop|>']

@@ -84,7 +84,8 @@ def test_class13_prompt_differs_from_the_history_header_only_in_whitespace():
     render = tok.apply_chat_template(TWO_TURNS, tokenize=False)
     header = "<｜Assistant｜>" + " " * 6 + "</think>"  # the history writes 8 spaces
     assert header in prompt and header not in render and "</think>" in render
-    assert masks(tok, TWO_TURNS) == ["    A1.<｜end▁of▁sentence｜>", "    A2.<｜end▁of▁sentence｜>"]
+    # the history's whitespace after `</think>` is template text (the prompt ends before it): never trained
+    assert masks(tok, TWO_TURNS) == ["A1.<｜end▁of▁sentence｜>", "A2.<｜end▁of▁sentence｜>"]
 
 
 @pytest.mark.parametrize(("name", "closer", "msgs", "expected"), [

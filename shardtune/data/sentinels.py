@@ -34,6 +34,7 @@ class Occurrence(NamedTuple):
 class Piece(NamedTuple):
     message: int  # index of the message the text belongs to
     text: str  # the text (without its leading/trailing whitespace) that the sentinel stands for
+    lead: int = 0  # how much leading whitespace of the message's text goes before it
 
 
 @lru_cache(maxsize=32)
@@ -47,13 +48,13 @@ class Sentinels:
     """Message texts replaced by unique markers (`replace=False` keeps the texts and only lists them)."""
 
     def __init__(self, messages: list[dict[str, Any]], markup: re.Pattern, avoid: str, roles: set[str] | None,
-                 replace: bool = True):
+                 replace: bool = True, calls: bool = True):
         salt = "sNtL"
         while salt in avoid:
             salt += "q"
         self.open, self.close = salt, salt[::-1]
         self.regex = re.compile(re.escape(self.open) + r"(\d+)" + re.escape(self.close))
-        self.markup, self.replace = markup, replace
+        self.markup, self.replace, self.calls = markup, replace, calls
         self.pieces: list[Piece] = []
         self.messages = [self._message(i, m) if roles is None or m.get("role") in roles else m
                          for i, m in enumerate(messages)]
@@ -74,7 +75,7 @@ class Sentinels:
         for key in REASONING_FIELDS:
             if isinstance(m.get(key), str):
                 out[key] = self._text(i, m[key])
-        if isinstance(m.get("tool_calls"), list):
+        if self.calls and isinstance(m.get("tool_calls"), list):
             out["tool_calls"] = [self._call(i, c) for c in m["tool_calls"]]
         return out
 
@@ -106,7 +107,7 @@ class Sentinels:
                 continue
             lead = part[: len(part) - len(part.lstrip())]
             trail = part[len(part.rstrip()):]
-            self.pieces.append(Piece(i, core))
+            self.pieces.append(Piece(i, core, len(lead)))
             out.append(f"{lead}{self.open}{len(self.pieces) - 1}{self.close}{trail}" if self.replace else part)
         return "".join(out)
 
@@ -196,14 +197,17 @@ def sentinel_avoid(view: TemplateView, msgs: list[dict[str, Any]]) -> str:
 
 
 def locate(view: TemplateView, msgs: list[dict[str, Any]], real: str, level: str, avoid: str) -> Located | None:
-    """Message texts in the whole render: `all` texts as sentinels, `assistant` texts only, or `search`."""
+    """Message texts in the whole render: `all` texts as sentinels, `assistant` texts only, `no_calls` (all but
+    tool-call arguments, which the template may rewrite: a pythonic call made of a JSON string's slice), or
+    `search`."""
     if level == "search":
         sent = Sentinels(msgs, view.markup, avoid, roles=None, replace=False)
         occ = sent.occurrences(real)
         if len(occ) < len(sent.pieces):  # a text not found in order: the search cannot be trusted
             return None
         return Located(sent, real, occ, Alignment(occ, [(o.start, o.end) for o in occ]))
-    sent = Sentinels(msgs, view.markup, avoid, roles=None if level == "all" else {"assistant"})
+    sent = Sentinels(msgs, view.markup, avoid, roles={"assistant"} if level == "assistant" else None,
+                     calls=level != "no_calls")
     text = view.try_render(sent.messages)
     if text is None:
         return None

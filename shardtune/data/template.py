@@ -156,10 +156,12 @@ def _next_header(view: TemplateView, rest: str, header_token: str | None, prelud
     ends with as well begins, and after the closing a user message ends with (when the turn's starts alike:
     the template closes every role the same way, Apriel's `\n<|end|>\n`)."""
     at = [rest.index(header_token)] if header_token and header_token in rest else []
-    shared = _common_suffix(rest, prelude)
+    shared = common_suffix(rest, prelude)
     if rest[len(rest) - shared:].strip():
         at.append(_snap_forward(view, rest, len(rest) - shared))
-    if user_closing.strip() and rest.startswith(user_closing):
+    # (not the header the first user message's text is preceded by: a template that writes it twice)
+    if user_closing.strip() and rest.startswith(user_closing) and \
+            not prelude.rstrip().endswith(user_closing.strip()):
         at.append(len(user_closing))
     return max(at, default=0)
 
@@ -185,7 +187,7 @@ def _always_after_header(final: str, history: str, t_gen: str, t_nogen: str, ope
     the history form after the turn does not (it is not the turn's own closing, a user's `### End`)."""
     if not opener:
         return ""
-    shared = final[len(final) - _common_suffix(final, t_nogen):]
+    shared = final[len(final) - common_suffix(final, t_nogen):]
     k = shared.find(opener)
     if k < 0:
         return ""
@@ -198,7 +200,7 @@ def _always_after_header(final: str, history: str, t_gen: str, t_nogen: str, ope
 def _always_after_all(view: TemplateView, final: str, history: str, t_gen: str, t_nogen: str) -> str:
     """Text every render ends with after its last message, with or without the prompt, which the history form
     does not write after a turn (InternLM2-reward's `<|reward|>`); it starts where markup does, never inside."""
-    n = min(_common_suffix(final, t_nogen), _common_suffix(final, t_gen))
+    n = min(common_suffix(final, t_nogen), common_suffix(final, t_gen))
     k = len(final) - n
     for m in view.markup.finditer(final, max(0, k - 64), k + 64):
         if m.start() < k < m.end():
@@ -213,7 +215,7 @@ def _always_appended(view, full, t_gen, t_nogen, gap_after, gap_before) -> str:
     """A template that ignores add_generation_prompt=False ends every render with the assistant header."""
     if t_gen != t_nogen:
         return ""
-    suffix = full[len(full) - _common_suffix(full, t_nogen):]
+    suffix = full[len(full) - common_suffix(full, t_nogen):]
     return suffix if suffix.strip() and suffix in gap_before and suffix not in gap_after else ""
 
 
@@ -232,7 +234,7 @@ def common_prefix(a: str, b: str, b_start: int, b_end: int) -> int:
     return lo
 
 
-def _common_suffix(a: str, b: str) -> int:
+def common_suffix(a: str, b: str) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
         n += 1

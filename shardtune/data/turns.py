@@ -68,7 +68,8 @@ def turn_spans(view: TemplateView, msgs: list[dict[str, Any]], real: str, tokens
     facts = template_facts(view)
     avoid = sentinel_avoid(view, msgs)
     why = None  # the first failure (the most precise way of locating texts that got that far)
-    for level, method in (("all", "sentinels"), ("assistant", "assistant_sentinels"), ("search", "search")):
+    for level, method in (("all", "sentinels"), ("assistant", "assistant_sentinels"), ("no_calls", "sentinels"),
+                          ("search", "search")):
         loc = locate(view, msgs, real, level, avoid)
         if loc is None:
             continue
@@ -111,6 +112,12 @@ def raw_turn_span(view: TemplateView, loc: Located, i: int, facts: TemplateFacts
     owner = [loc.sent.pieces[o.piece].message for o in loc.occ]
     mine = [o for o, m in zip(loc.occ, owner) if m == i]
     start = _turn_start(view, loc, i, facts, mine)
+    if mine:  # whitespace the template writes before the turn's first text (not the text's own) is template
+        # text, never generated: DeepSeek-V3.2's indentation after the `</think>` its prompt ends with
+        own = loc.sent.pieces[mine[0].piece].lead
+        gap = loc.text[start:mine[0].start - own]
+        if not gap.strip():
+            start += len(gap)
     end = max(markup_start(view, loc.text, _turn_end(view, loc, i, facts, mine, start)), start)
     if any(o.start < start or o.end > end for o in mine):
         raise _Unsure(i, "its text lies outside the place where the template opens and closes the turn")
@@ -144,7 +151,33 @@ def _turn_start(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, 
         header = text.rfind(facts.prompt, base, bound)
         start = max(start, header + len(facts.prompt) if header >= 0 else _renamed_header_end(view, text, base, bound,
                                                                                                 facts.prompt))
+    if mine and loc.sent.calls:  # another message's text written in the turn before its own (a template that
+        # restates the system text in every message's header) is prompt, as the header around it; only where
+        # the turn's tool calls are located too (a tool result written after the call is not before the turn)
+        k = occ.index(mine[0]) - 1  # the texts before the turn's first one, back to the turn's start
+        while k >= 0 and occ[k].start > start:
+            if loc.sent.pieces[occ[k].piece].message != i:
+                start = occ[k].end
+                break
+            k -= 1
+        if not facts.prompt:
+            start = max(start, _user_header_end(loc, start, mine[0].start))
     return start
+
+
+def _user_header_end(loc: Located, start: int, text_start: int) -> int:
+    """A template that announces no assistant header and writes every message alike (`[INST] ... [/INST]`
+    whatever the role): the text before the turn's own text that the first user message's text is also
+    preceded by (from the text before it) is a header, not generated, when the turn opens with it; where it
+    ends (`start` when there is none)."""
+    owner = [loc.sent.pieces[o.piece].message for o in loc.occ]
+    first_user = next((k for k, m in enumerate(owner) if loc.sent.messages[m].get("role") == "user"), None)
+    if first_user is None:
+        return start
+    lo = loc.occ[first_user - 1].end if first_user else 0
+    header = loc.text[lo:loc.occ[first_user].start].strip()
+    k = loc.text.find(header, start, text_start) if header else -1
+    return k + len(header) if k >= 0 and not loc.text[start:k].strip() else start
 
 
 def _prompt_pieces_end(view: TemplateView, prompt: str, text: str, base: int, start: int,
@@ -207,7 +240,15 @@ def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mi
     text, occ = loc.text, loc.occ
     if i == len(loc.sent.messages) - 1:
         base = occ[-1].end if occ else 0
-        return base + len(drop_suffix(text[base:], facts.always))
+        end = base + len(drop_suffix(text[base:], facts.always))
+        if not mine:
+            return end
+        # the turn ends with its end-of-turn token and the added tokens right after it; a closing tag whose
+        # opening is not in the turn closes something else (a tool-results block left open across the turn)
+        # (the last one: the turn's own text may hold such tokens)
+        ender = next((m for m in reversed(list(view.added_re.finditer(text, mine[-1].end, end)))
+                      if m.group() in facts.enders), None)
+        return _closing_run_end(view, text, start, ender.end(), end, facts.openers) if ender else end
     anchor = _anchor(view.try_render(loc.sent.messages[: i + 1]), loc)
     if anchor is None:  # the template cannot render the turn as the final message (gpt-oss, a call with text
         # parts): it closes as in history
@@ -268,6 +309,18 @@ def _token_run_end(view: TemplateView, text: str, pos: int, limit: int, openers:
     end before `limit`, up to a header's opening token; `pos` when none does."""
     for m in view.added_re.finditer(text, pos, limit):
         if m.end() > limit or text[pos:m.start()].strip() or m.group() in openers:
+            break
+        pos = m.end()
+    return pos
+
+
+def _closing_run_end(view: TemplateView, text: str, start: int, pos: int, limit: int,
+                     openers: frozenset[str]) -> int:
+    """The end of the added tokens that follow `pos` one after another (whitespace between them allowed), up
+    to a header's opening token or a closing tag that closes no tag opened since `start`."""
+    for m in view.added_re.finditer(text, pos, limit):
+        t = m.group()
+        if text[pos:m.start()].strip() or t in openers or (t.startswith("</") and "<" + t[2:] not in text[start:pos]):
             break
         pos = m.end()
     return pos
