@@ -68,7 +68,8 @@ def _masked_attention(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor,
         sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
         scores = torch.cat([scores, sink], dim=-1)
         scores = scores - scores.amax(dim=-1, keepdim=True)  # as gpt-oss's eager code
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    # at least fp32 (as the models' eager code), and fp64 kept: fp64 parity checks need every op in fp64
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     if sinks is not None:
         probs = probs[..., :-1]
     probs = F.dropout(probs, p=dropout)

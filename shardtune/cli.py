@@ -156,8 +156,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from shardtune.preview import print_memory_estimate, validate_data
 
-        validate_data(cfg)
-        print_memory_estimate(cfg, world_size, args.device_memory)
+        image_share = validate_data(cfg)
+        print_memory_estimate(cfg, world_size, args.device_memory, image_share)
         return 0
     if args.command == "render":
         from shardtune.preview import render_sample

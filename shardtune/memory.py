@@ -8,7 +8,8 @@ The logits terms were measured on CPU (peak resident memory of the plain and the
 
 MoE layers count every expert's weights, gradients and optimizer state, and activations for the top-k
 experts of each token (`moe_bytes_per_token`); a multimodal checkpoint's frozen vision tower counts as
-parameters only (no gradients, no optimizer state, not run on text).
+parameters only (no gradients, no optimizer state), and its activations on the micro-batch's pictures are
+counted by shardtune/memory_vision.py.
 
 What is not modelled: T x T attention scores (the kernels shardtune picks never materialise them, but
 padded rows with an attention mask may fall back to one that does; nor per-sequence soft-capped or sink
@@ -30,6 +31,7 @@ from shardtune import quantize
 from shardtune.config import Config
 from shardtune.flops import config_value
 from shardtune.loss import LossHead
+from shardtune.memory_vision import VisionShape, vision_bytes, vision_shape
 from shardtune.model import build_from_config, compute_dtype, load_hf_config
 from shardtune.parallel import World, decoder_layers
 from shardtune.parallelize import parallelize
@@ -77,6 +79,7 @@ class ModelShape:
     experts_per_token: int = 0
     expert_intermediate: int = 0
     shared_intermediate: int = 0
+    vision: VisionShape | None = None  # a vision-language model's tower (shardtune/memory_vision.py)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class MemoryEstimate:
     device_type: str
     compute_dtype: str
     host_activations: float = 0.0  # saved activations held in host memory (model.enable_activation_offload)
+    vision_activations: float = 0.0  # the vision tower on the micro-batch's pictures (in `activations` too)
+    image_tokens: int = 0  # of `tokens`, the image tokens the estimate assumes
 
     @property
     def transient(self) -> float:
@@ -142,7 +147,7 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
         head_trainable=model.get_output_embeddings().weight.requires_grad, **experts_of(c),
         four_bit_params=sum(p.numel() for p in four_bit), four_bit_bytes=sum(nbytes(p) for p in four_bit),
         largest_unit_4bit_params=max(count(u, only_4bit=True) for u in units),
-        largest_4bit_weight=max((p.numel() for p in four_bit), default=0),
+        largest_4bit_weight=max((p.numel() for p in four_bit), default=0), vision=vision_shape(model),
     )
 
 
@@ -243,9 +248,10 @@ def loss_chunk(cfg: Any, s: ModelShape, tokens: int, device_type: str) -> int:
 
 
 def estimate(cfg: Any, model: ModelShape | torch.nn.Module, world_size: int = 1,
-             device_type: str | None = None) -> MemoryEstimate:
+             device_type: str | None = None, image_share: float = 0.0) -> MemoryEstimate:
     """Bytes one device needs to train `cfg` on `world_size` processes (`device_type`: cuda | cpu, default:
-    what this machine has)."""
+    what this machine has). `image_share`: the fraction of the data's tokens that are image tokens (what
+    `shardtune validate` measured); that share of the micro-batch's tokens runs through the vision tower."""
     s = model if isinstance(model, ModelShape) else shape_of(model)
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = cfg.engine
@@ -257,6 +263,10 @@ def estimate(cfg: Any, model: ModelShape | torch.nn.Module, world_size: int = 1,
     state = [s.param_bytes / shard, s.trainable_bytes / shard, 2 * s.trainable_bytes / shard]
     tokens = tokens_per_micro_batch(cfg)
     activations = activation_bytes(s, tokens, act, residual, autocast, cfg.model.enable_gradient_checkpointing)
+    image_tokens = round(tokens * cfg.sp_size * image_share)  # the tower runs on the whole row under Ulysses
+    vision = 0.0 if s.vision is None else vision_bytes(s.vision, image_tokens, act,
+                                                       cfg.model.enable_gradient_checkpointing)
+    activations += vision
     host_activations = 0.0
     if cfg.model.enable_activation_offload and device_type == "cuda":  # on the CPU nothing moves
         moved, kept = offloaded_bytes(s, tokens, act, residual, autocast, cfg.model.enable_gradient_checkpointing)
@@ -268,7 +278,8 @@ def estimate(cfg: Any, model: ModelShape | torch.nn.Module, world_size: int = 1,
         activations=activations, logits=logits,
         runtime=RUNTIME_FIXED[device_type] + ALLOCATOR_SLACK[device_type] * transient,
         host=sum(state) if offload else 0.0, tokens=tokens, device_type=device_type,
-        compute_dtype="bf16" if act == 2 else "fp32", host_activations=host_activations)
+        compute_dtype="bf16" if act == 2 else "fp32", host_activations=host_activations,
+        vision_activations=vision, image_tokens=image_tokens)
 
 
 def offloaded_bytes(s: ModelShape, tokens: int, act: int, residual: int, autocast: bool,

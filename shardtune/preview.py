@@ -30,8 +30,11 @@ from shardtune.model import check_token_ids, load_tokenizer
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
-def validate_data(cfg: Config) -> None:
+def validate_data(cfg: Config) -> float:
+    """Check and report the data; returns the largest share of image tokens among the training sources (what
+    the memory estimate runs through the vision tower)."""
     check_run_dir(cfg.run_dir)
+    image_share = 0.0
     tokenizer = load_tokenizer(cfg.model)
     data_cfg = cfg.data
     for name, sources in zip(("train", "val"), build.data_sources(cfg)):
@@ -52,11 +55,19 @@ def validate_data(cfg: Config) -> None:
         for source, data in zip(ds.sources, ds.datasets):
             print_source(source, data, weighted=name == "train" and len(ds.sources) > 1,
                          append_eos=data_cfg.append_eos)
+            if name == "train":
+                image_share = max(image_share, _image_share(data))
         if name == "train":
             per_epoch = batch_sampler(ds, data_cfg, cfg.trainer.seed).steps_per_epoch
             total = planned_steps(cfg.trainer.total_training_steps, cfg.trainer.total_epochs, per_epoch)
             print(f"train: {per_epoch} steps per epoch, {total} optimizer steps in all")
     print("config and data OK")
+    return image_share
+
+
+def _image_share(data: TokenizedDataset) -> float:
+    image_tokens = sum(c.get("image_tokens", 0) for c in data.stats.get("mask", {}).values())
+    return image_tokens / max(int(data.lengths.sum()), 1)
 
 
 def validate_stream_head(cfg: Config, sources: list[Source], tokenizer: Any) -> None:
@@ -123,8 +134,10 @@ def default_device_memory() -> tuple[float, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
 
 
-def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float | None = None) -> bool:
-    """Print the per-device memory table of `memory.estimate` and whether it fits; returns whether it fits."""
+def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float | None = None,
+                          image_share: float = 0.0) -> bool:
+    """Print the per-device memory table of `memory.estimate` and whether it fits; returns whether it fits.
+    `image_share`: the data's fraction of image tokens (validate_data)."""
     available, what = default_device_memory()
     if device_memory_gib is not None:
         available, what = device_memory_gib * GIB, "--device-memory"
@@ -133,7 +146,7 @@ def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float
     except (AttributeError, ValueError) as e:  # an architecture the estimate does not know (no decoder layers...)
         print(f"memory per device: no estimate for this model ({e})")
         return True
-    est = estimate(cfg, shape, world_size)
+    est = estimate(cfg, shape, world_size, image_share=image_share)
     procs = f"{world_size} processes" if world_size > 1 else "1 process"
     print(f"memory per device (estimate; {procs} on {est.device_type}; {est.tokens} tokens per micro-batch; "
           f"weights {cfg.model.dtype}, compute {est.compute_dtype}):")
@@ -183,6 +196,9 @@ def _memory_rows(cfg: Config, est, world_size: int) -> list[tuple[str, float, st
     activations = f"gradient checkpointing {'on' if model.enable_gradient_checkpointing else 'off'}"
     if model.enable_activation_offload:
         activations += ", offloaded" if est.device_type == "cuda" else ", offload moves nothing on a CPU"
+    if est.vision_activations:
+        activations += (f"; of it vision tower {est.vision_activations / GIB:.2f} GiB on {est.image_tokens} image "
+                        f"tokens, {'trained' if not model.freeze_vision_model else 'frozen'}")
     return [
         ("parameters", est.parameters, "; ".join(["sharded"] * (world_size > 1) + ["4-bit base"] * model.load_in_4bit)),
         ("gradients", est.gradients, "trainable parameters only"),

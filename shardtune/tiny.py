@@ -209,9 +209,9 @@ QWEN_VL_TEMPLATE = (
 QWEN_VL_SPECIALS = CHATML_SPECIALS + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
+def _vlm_config(family: str, tok, layers: int, vision_depth: int, vision_width: int = 32) -> Any:
     """A tiny config of a Qwen-VL family: the language model 64 wide (head 16, mrope sections 2+3+3), the vision
-    tower 32 wide, merging 2 x 2 patches into one image token."""
+    tower `vision_width` wide (Qwen2-VL's; the others 32), merging 2 x 2 patches into one image token."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIALS}
@@ -221,8 +221,8 @@ def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None, use_cache=False)
     merge = dict(spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_heads=2)
     if family == "qwen2_vl":
-        cls, vision = Qwen2VLConfig, dict(depth=vision_depth, embed_dim=32, hidden_size=64, mlp_ratio=2, patch_size=14,
-                                          in_chans=3, **merge)
+        cls, vision = Qwen2VLConfig, dict(depth=vision_depth, embed_dim=vision_width, hidden_size=64, mlp_ratio=2,
+                                          patch_size=14, in_chans=3, **merge)
     elif family == "qwen2_5_vl":
         cls, vision = Qwen2_5_VLConfig, dict(depth=vision_depth, hidden_size=32, intermediate_size=64, patch_size=14,
                                              out_hidden_size=64, window_size=56,
@@ -254,17 +254,18 @@ def _vlm_config(family: str, tok, layers: int, vision_depth: int) -> Any:
 
 
 def save_tiny_vlm(out: str | Path, seed: int = 0, layers: int = 2, vision_depth: int = 2,
-                  family: str = "qwen2_vl") -> Path:
+                  family: str = "qwen2_vl", vision_width: int = 32, max_image_tokens: int = 16) -> Path:
     """A randomly initialised tiny Qwen-VL model (vision tower, merger, language model: `family` qwen2_vl,
     qwen2_5_vl, qwen3_vl, qwen3_vl_moe or qwen3_5) with the byte tokenizer and the family's image processor
-    (small pictures: 4 to 16 image tokens each), as a Hugging Face folder; gemma3: `save_tiny_gemma3_vlm`."""
+    (small pictures: 4 to `max_image_tokens` image tokens each), as a Hugging Face folder; gemma3:
+    `save_tiny_gemma3_vlm`."""
     from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if family == "gemma3":
         return save_tiny_gemma3_vlm(out, seed, layers)
     tok = byte_tokenizer(QWEN_VL_TEMPLATE, QWEN_VL_SPECIALS)
-    config = _vlm_config(family, tok, layers, vision_depth)
+    config = _vlm_config(family, tok, layers, vision_depth, vision_width)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     out = Path(out)
@@ -273,7 +274,7 @@ def save_tiny_vlm(out: str | Path, seed: int = 0, layers: int = 2, vision_depth:
     patch = config.vision_config.patch_size
     side = patch * 2  # one image token per merged 2 x 2 patches
     Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=side * side * 4,
-                             max_pixels=side * side * 16).save_pretrained(out)
+                             max_pixels=side * side * max_image_tokens).save_pretrained(out)
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import arithmetic_rows, run_cli, write_jsonl
+from conftest import arithmetic_rows, run_cli, write_jsonl, write_parquet
 
 from shardtune.config import load_config
 from shardtune.memory import GIB, estimate, layer_bytes_per_token, model_shape, shape_of
@@ -198,6 +198,16 @@ MEASURED_MODES = {
 }
 
 
+def measured_peak(overrides: list[str]) -> float:
+    """Bytes `shardtune train OVERRIDES` adds to the resident set at its peak, in a fresh process (glibc told to
+    return large blocks at once, so resident memory follows the live tensors)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, str(MEMORY_PEAK), *overrides], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])["added_gib"] * GIB
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("which", "mode"), [*(("dense", m) for m in MEASURED_MODES), ("moe", "plain"),
                                              ("moe", "checkpointing")])
@@ -212,11 +222,7 @@ def test_estimate_is_within_30_percent_of_the_measured_peak(request, which, mode
                  "data.train_batch_size=4", "data.shuffle=false", "trainer.total_training_steps=2",
                  "trainer.logger=[jsonl]", "trainer.progress_bar=false", *MEASURED_MODES[mode],
                  f"trainer.default_local_dir={d}/run_{which}_{mode}"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, str(MEMORY_PEAK), *overrides], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    measured = json.loads(out.stdout.strip().splitlines()[-1])["added_gib"] * GIB
+    measured = measured_peak(overrides)
     cfg = load_config(None, overrides)
     est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu")
     predicted = est.total - est.runtime + est.host_activations
@@ -241,3 +247,87 @@ def test_validate_prints_the_table_and_whether_it_fits(tiny_model, tmp_path):
     assert ": no (short by" in small.stdout and "to fit: model.enable_gradient_checkpointing=true" in small.stdout
     bad = run_cli(*args, "--device-memory", "0")
     assert bad.returncode == 2 and "--device-memory must be > 0" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def picture_rows(tmp_path_factory):
+    """A Qwen2-VL whose vision tower dominates (192 wide, 2 blocks; 256 image tokens = 1024 patches a picture)
+    and rows of one 448 x 448 picture and a short exchange each."""
+    from test_images import png
+
+    from shardtune.tiny import save_tiny_vlm
+
+    d = tmp_path_factory.mktemp("vision_memory")
+    model = save_tiny_vlm(d / "model", vision_width=192, max_image_tokens=256)
+    rows = [{"messages": [{"role": "user", "content": f"<image>What is in picture {i}?"},
+                          {"role": "assistant", "content": f"Picture {i} shows colours."}],
+             "images": [{"bytes": png(i, 448, 448), "path": f"p{i}.png"}]} for i in range(8)]
+    return model, write_parquet(d / "train.parquet", rows), d
+
+
+def picture_overrides(model, data, d, *extra):
+    return [f"model.path={model}", f"data.train_files=[{data}]", "data.cache_dir=null", "data.num_proc=1",
+            "data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=1200", "data.train_batch_size=4",
+            "data.shuffle=false", "trainer.logger=[jsonl]", "trainer.progress_bar=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def image_share(picture_rows):
+    """`shardtune validate` on the picture rows: it prints the vision tower's line; the data's image-token share."""
+    model, data, d = picture_rows
+    validated = run_cli("validate", *picture_overrides(model, data, d, "model.freeze_vision_model=false"))
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "of it vision tower" in validated.stdout and "image tokens, trained" in validated.stdout
+    return float(validated.stdout.split(" image tokens (")[1].split("%")[0]) / 100
+
+
+@pytest.mark.parametrize("tower", ["trained", pytest.param("frozen", marks=pytest.mark.slow)])
+def test_estimate_with_pictures_is_within_30_percent_of_the_measured_peak(picture_rows, image_share, tower):
+    """As for text: two AdamW steps of micro-batches of ~4 pictures (~4000 patches), the tower trained or frozen.
+    Without the vision term the estimate would be a sixth of the measured peak."""
+    model, data, d = picture_rows
+    overrides = picture_overrides(model, data, d, "trainer.total_training_steps=2",
+                                  f"model.freeze_vision_model={tower == 'frozen'}",
+                                  f"trainer.default_local_dir={d}/run_{tower}")
+    measured = measured_peak(overrides)
+    cfg = load_config(None, overrides)
+    est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu", image_share=image_share)
+    predicted = est.total - est.runtime
+    print(f"{tower}: estimated {predicted / GIB:.3f} GiB (vision {est.vision_activations / GIB:.3f}), "
+          f"measured {measured / GIB:.3f} GiB")
+    assert est.vision_activations > (predicted - est.vision_activations)  # the pictures dominate this run
+    assert predicted == pytest.approx(measured, rel=0.30)
+
+
+def test_the_vision_term_grows_with_the_pictures_and_shrinks_with_freezing_and_checkpointing(picture_rows):
+    model, data, d = picture_rows
+
+    def vision(share, *extra):
+        cfg = load_config(None, picture_overrides(model, data, d, *extra))
+        return estimate(cfg, model_shape(cfg.model), device_type="cpu", image_share=share).vision_activations
+
+    assert vision(0.0, "model.freeze_vision_model=false") == 0
+    trained = vision(0.8, "model.freeze_vision_model=false")
+    assert vision(0.4, "model.freeze_vision_model=false") == pytest.approx(trained / 2, rel=0.01)
+    checkpointed = vision(0.8, "model.freeze_vision_model=false", "model.enable_gradient_checkpointing=true")
+    frozen = vision(0.8)
+    assert frozen < checkpointed < trained
+    bigger = vision(0.8, "data.max_token_len_per_gpu=2400")
+    assert bigger == pytest.approx(2 * frozen, rel=0.01)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_vision_shape_reads_patches_per_image_token_from_the_config(family, tmp_path):
+    """Qwen-VL merges spatial_merge_size^2 patches into a token; Gemma 3 pools (image_size / patch)^2 patches
+    into mm_tokens_per_image tokens."""
+    from shardtune.model import load_hf_config
+    from shardtune.tiny import save_tiny_vlm
+
+    cfg = config(save_tiny_vlm(tmp_path / family, family=family))
+    c, v = load_hf_config(cfg.model), model_shape(cfg.model).vision
+    vc = c.vision_config
+    per_token = (vc.spatial_merge_size ** 2 if family != "gemma3"
+                 else (vc.image_size // vc.patch_size) ** 2 // c.mm_tokens_per_image)
+    assert (v.patches_per_token, v.depth, v.hidden, v.trained) == (
+        per_token, getattr(vc, "depth", None) or vc.num_hidden_layers, vc.hidden_size, False)
+    assert v.gated == (family == "qwen2_5_vl")  # Qwen2.5-VL's tower has a SiLU-gated MLP
