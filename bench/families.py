@@ -139,11 +139,12 @@ def export_check(family: str, src: Path, run_dir: Path, out: Path) -> str:
     arch_in, arch_out = (json.loads((d / "config.json").read_text())["architectures"] for d in (src, out))
     before = {k: v for f in glob.glob(str(src / "*.safetensors")) for k, v in load_file(f).items()}
     after = {k: v for f in glob.glob(str(out / "*.safetensors")) for k, v in load_file(f).items()}
-    vision = [k for k in before if part_of(k) != "language"]
-    kept = sum(torch.equal(before[k], after[k]) for k in vision if k in after)
-    trained = sum(k in after and not torch.equal(before[k], after[k]) for k in before if part_of(k) == "language")
     auto = transformers.AutoModelForImageTextToText
     model = auto.from_pretrained(out, dtype=torch.float32).eval()
+    buffers = {n for n, _ in model.named_buffers()}  # saved constants (Gemma 4's layer_scalar): kept, not trained
+    vision = [k for k in before if part_of(k) != "language" or k in buffers]
+    kept = sum(torch.equal(before[k], after[k]) for k in vision if k in after)
+    trained = sum(k in after and not torch.equal(before[k], after[k]) for k in before if k not in vision)
     with torch.no_grad():
         got = model(input_ids=PROBE, use_cache=False).logits
     live = torch.load(run_dir / "live_logits.pt")
@@ -151,7 +152,8 @@ def export_check(family: str, src: Path, run_dir: Path, out: Path) -> str:
     ok = (arch_in == arch_out == [type(model).__name__] and before.keys() == after.keys() and kept == len(vision)
           and vision and trained == len(before) - len(vision) and logit_diff < 1e-5)
     return (f"export {'ok' if ok else 'FAILS'}: {arch_out[0]} via {auto.__name__}, {len(after)}/{len(before)} tensors, "
-            f"vision {kept}/{len(vision)} bitwise, language {trained} trained, logits vs live {logit_diff:.1e}")
+            f"vision + buffers {kept}/{len(vision)} bitwise, language {trained} trained, logits vs live "
+            f"{logit_diff:.1e}")
 
 
 def report(family: str, path: Path, root: Path, multimodal: bool) -> str:
