@@ -175,6 +175,11 @@ def shard(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.M
         return model
     ecfg = cfg.engine
     head = find_loss_head(model)
+    gathered = [head] if head is not None else []
+    if getattr(model.config.get_text_config(), "hidden_size_per_layer_input", None):
+        # Gemma 4's multimodal forward reads the input embedding's pad row directly, after the embedding's own
+        # forward: a resharded embedding would hand it a DTensor
+        gathered.append(model.get_input_embeddings())
     return apply_fsdp2(
         # compute in the weights' dtype unless mixed precision asks for bf16 (as on one process)
         model, parallel.build_mesh(world, ecfg.fsdp_size), param_dtype=compute_dtype(cfg),
@@ -182,7 +187,7 @@ def shard(model: torch.nn.Module, cfg: Any, world: parallel.World) -> torch.nn.M
         reshard_after_forward=ecfg.reshard_after_forward,
         # the chunked loss head forms its weight's gradient in the forward and never reads the weight in
         # backward: keeping it gathered saves an all-gather of the largest matrix (freed after backward)
-        keep_gathered=[head] if head is not None else [])
+        keep_gathered=gathered)
 
 
 def apply_fsdp2(model: torch.nn.Module, mesh: Any, param_dtype: torch.dtype | None = None,
