@@ -262,9 +262,11 @@ def _check_headers(tok, template, msgs, tools, full, trained, added, kwargs, clo
         p = min(found)[0]
         before = full[cursor:p]
         if m["role"] == "assistant":
-            # the head token that opens the prompt's text when the turn has it (the same token may open markup
-            # the model generates further on, Kimi K3's `<|open|>response`), else the last one
-            q = before.rfind(prompt) if prompt and prompt in before else before.rfind(head) if head else -1
+            # the first copy of the prompt's text after the previous message: later copies are segments the model
+            # writes inside its own turn (functionary v2's `<|from|>assistant` before each tool call); without
+            # the prompt, the last head token (the same token may open markup the model generates further on,
+            # Kimi K3's `<|open|>response`)
+            q = before.find(prompt) if prompt and prompt in before else before.rfind(head) if head else -1
             if q >= 0 and any(trained[cursor + q: cursor + q + len(head)]):
                 problems.append(f"assistant header {head!r} trained")
         else:

@@ -150,11 +150,13 @@ def _check_prompt(tok, template, msgs, tools, full, trained, added, kwargs, rx, 
             break
         if any(trained[a:b]):
             problems.append(f"generation prompt text {w!r} trained")
-    # the prompt's last header (after its last end token), wherever the history writes it
+    # the prompt's last header (after its last end token), wherever the history writes it: its first copy after
+    # message prev (later copies are segments the model writes inside its own turn, functionary v2's
+    # `<|from|>assistant` before each tool call)
     ends = [k for k, w in enumerate(want) if w in added and _is_end(tok, w)]
     header = want[ends[-1] + 1:] if ends else want
     texts = [full[a:b] for a, b in have]
-    at = max((k for k in range(len(have) - len(header) + 1) if texts[k:k + len(header)] == header),
+    at = min((k for k in range(len(have) - len(header) + 1) if texts[k:k + len(header)] == header),
              default=None) if header else None
     if at is not None and any(any(trained[a:b]) for a, b in have[at:at + len(header)]):
         problems.append(f"assistant header {' '.join(header)!r} trained")

@@ -58,3 +58,23 @@ def test_families_and_end_tokens_of_jamba_and_hunyuan():
     tok = tokenizer_for_template(hunyuan)
     assert (tok.bos_token, tok.eos_token) == ("<｜hy_begin▁of▁sentence｜>", "<｜hy_place▁holder▁no▁2｜>")
     assert ("<|eom|>", "<|startoftext|>", "<|endoftext|>") in FAMILIES
+
+
+def test_a_header_the_assistant_writes_inside_its_own_turn_is_not_the_prompt():
+    """functionary v2 writes an assistant turn as segments, each opened by `<|from|>assistant` (an empty text,
+    then the tool call): the model writes the later ones itself, so training them is right; the first copy,
+    the header its generation prompt writes, must not be trained."""
+    from mask_checks import SHAPES
+
+    msgs, tools = SHAPES["tool_call_json_args"]
+    tok = tokenizer("class19_segments_in_turn", "<|stop|>")
+    ids, labels = tokenize_conversation(msgs, tok, tools=tools)
+    assert not check_mask(tok, tok.chat_template, msgs, tools, ids, labels)
+    render = tok.apply_chat_template(msgs, tools=tools, tokenize=False)
+    header = "<|from|>assistant\n<|recipient|>"
+    first_answer = render.index(header, render.index("Quokka weather in Quito?"))
+    nth = [m.start() for m in re.finditer(re.escape(header), render)].index(first_answer)
+    wrong = relabel(tok, msgs, ids, labels, header, nth, True)
+    assert wrong != labels
+    assert any("assistant header" in p or "generation prompt text" in p
+               for p in check_mask(tok, tok.chat_template, msgs, tools, ids, wrong))
