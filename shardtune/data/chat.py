@@ -41,7 +41,7 @@ from shardtune.data.turns import Tokens, turn_spans
 from shardtune.errors import DataError, TemplateMismatch
 
 __all__ = ["IGNORE_INDEX", "MaskOptions", "TemplateMismatch", "Tokenized", "Weighted", "audit_totals",
-           "conversation_samples", "tokenize_conversation", "weights_of"]
+           "conversation_samples", "make_sample", "tokenize_conversation", "weights_of"]
 # rows, samples, per_turn_expansions, trained_turns, turns_without_end (as the template renders them),
 # eos_appended (samples), closed_by_eos (turns without an end that the appended EOS closes), and how spans were
 # found: method_markers, method_sentinels, method_assistant_sentinels, method_search (the last two fallbacks)
@@ -77,7 +77,8 @@ def weights_of(sample: Any) -> list[float] | None:
     return getattr(sample, "weights", None)
 
 
-def _tokenized(ids: list[int], labels: list[int], weights: list[float] | None) -> Tokenized | Weighted:
+def make_sample(ids: list[int], labels: list[int], weights: list[float] | None) -> Tokenized | Weighted:
+    """A `Tokenized` sample, or a `Weighted` one when it carries weights."""
     return Tokenized(ids, labels) if weights is None else Weighted(ids, labels, weights)
 
 
@@ -195,9 +196,9 @@ def _sample(view: TemplateView, msgs: list[dict[str, Any]], turns: list[int], ap
             audit["closed_by_eos"] += not spans[last].closed
             labels = _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs])
             token_weights = _weigh_tokens(len(ids), tokens, ranges, weights)
-            return _tokenized(ids + [eos], labels + [eos],
+            return make_sample(ids + [eos], labels + [eos],
                               None if token_weights is None else token_weights + [weights[last]])
-    return _tokenized(ids, _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs]),
+    return make_sample(ids, _label_tokens(ids, tokens, [r for rs in ranges.values() for r in rs]),
                       _weigh_tokens(len(ids), tokens, ranges, weights))
 
 

@@ -27,7 +27,15 @@ from tqdm import tqdm
 from shardtune.batch import IGNORE_INDEX, supervised_count, supervised_counts
 from shardtune.config import DataConfig
 from shardtune.data.cache import ShardSpec, ShardWriter
-from shardtune.data.chat import MaskOptions, TemplateMismatch, Tokenized, Weighted, conversation_samples, weights_of
+from shardtune.data.chat import (
+    MaskOptions,
+    TemplateMismatch,
+    Tokenized,
+    Weighted,
+    conversation_samples,
+    make_sample,
+    weights_of,
+)
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.media import place_images, row_has_media
 from shardtune.data.readers import Row
@@ -305,8 +313,7 @@ def truncate(tok: Tokenized, max_length: int, policy: str, row: Row) -> tuple[To
             return tok, "too_long_with_images"
         keep = slice(0, max_length) if policy == "right" else slice(n - max_length, n)
         weights = weights_of(tok)
-        tok = (Tokenized(tok.input_ids[keep], tok.labels[keep]) if weights is None
-               else Weighted(tok.input_ids[keep], tok.labels[keep], weights[keep]))
+        tok = make_sample(tok.input_ids[keep], tok.labels[keep], None if weights is None else weights[keep])
         reason = "truncated"
     if supervised_count(np.asarray(tok.labels)) == 0:
         return tok, "no_trained_tokens"
