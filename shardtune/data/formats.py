@@ -102,8 +102,7 @@ def _clean_message(row: Row, key: str, i: int, m: Any, weight_key: str | None = 
     m = {k: v for k, v in m.items() if v is not None}
     if "content" not in m:
         m["content"] = ""
-    if weight_key in m:
-        m[weight_key] = message_weight(row, f"{where}.{weight_key}", m[weight_key])
+    m.update(_weight_entry(row, f"{where}.{weight_key}", m, weight_key))
     for alias in TRAIN_ALIASES:  # verl's per-message `loss_mask` (0/1) and the common `trainable`
         if alias in m:
             value = m.pop(alias)
@@ -162,13 +161,12 @@ def message_weight(row: Row, where: str, value: Any) -> float:
     return float(value)
 
 
-def _row_weight(row: Row, cfg: DataConfig) -> dict[str, float]:
-    """A prompt/response or alpaca row's weight (data.message_weight_key names a column of the row), put on its
-    response: {key: weight}, or nothing when the row has none."""
-    key = cfg.message_weight_key
-    if key is None or row.data.get(key) is None:
+def _weight_entry(row: Row, where: str, data: dict[str, Any], key: str | None) -> dict[str, float]:
+    """{key: the checked weight} when `data` (a message, a turn, or the row of a prompt/response or alpaca row,
+    whose weight goes on its response) holds one; {} when it has none or weights are off."""
+    if key is None or data.get(key) is None:
         return {}
-    return {key: message_weight(row, key, row.data[key])}
+    return {key: message_weight(row, where, data[key])}
 
 
 def _json_or_error(row: Row, key: str, text: str) -> Any:
@@ -208,7 +206,8 @@ def _from_prompt_response(row: Row, cfg: DataConfig) -> Conversation:
     if not isinstance(response, str):
         raise row_error(row.path, row.index, cfg.response_key, f"expected a string, got {type(response).__name__}",
                         "point data.response_key/response_dict_keys at a text field")
-    messages.append({"role": "assistant", "content": response, **_row_weight(row, cfg)})
+    weight = cfg.message_weight_key
+    messages.append({"role": "assistant", "content": response, **_weight_entry(row, weight, row.data, weight)})
     return Conversation(messages)
 
 
@@ -224,8 +223,9 @@ def _from_alpaca(row: Row, cfg: DataConfig) -> Conversation:
     user = parts["instruction"] + (f"\n\n{parts['input']}" if parts["input"] else "")
     system = parts["system"] or cfg.system_prompt
     messages = [{"role": "system", "content": system}] if system else []
+    weight = cfg.message_weight_key
     messages += [{"role": "user", "content": user},
-                 {"role": "assistant", "content": parts["output"], **_row_weight(row, cfg)}]
+                 {"role": "assistant", "content": parts["output"], **_weight_entry(row, weight, row.data, weight)}]
     return Conversation(messages)
 
 
@@ -244,9 +244,8 @@ def _from_sharegpt(row: Row, cfg: DataConfig) -> Conversation:
             raise row_error(row.path, row.index, f"{key}[{i}].from", f"unknown speaker {turn['from']!r}",
                             f"use one of {sorted(SHAREGPT_ROLES)}")
         weight = cfg.message_weight_key
-        weighed = ({weight: message_weight(row, f"{key}[{i}].{weight}", turn[weight])}
-                   if turn.get(weight) is not None else {})
-        messages.append({"role": role, "content": turn["value"], **weighed})
+        messages.append({"role": role, "content": turn["value"],
+                         **_weight_entry(row, f"{key}[{i}].{weight}", turn, weight)})
     tools = row.data.get(cfg.tools_key)
     if isinstance(tools, str):
         tools = _json_or_error(row, cfg.tools_key, tools)
