@@ -37,26 +37,24 @@ def config_value(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-_attr = config_value
-
 
 def matmul_params_per_token(config: Any) -> int:
     """Weights a token is multiplied with (per forward), for dense and mixture-of-experts decoders."""
     h = config.hidden_size
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
-    head_dim = _attr(config, "head_dim", default=h // heads)
-    kv = _attr(config, "num_key_value_heads", default=heads)
+    head_dim = config_value(config, "head_dim", default=h // heads)
+    kv = config_value(config, "num_key_value_heads", default=heads)
     attn = h * head_dim * (2 * heads + 2 * kv)  # q, o + k, v projections
-    experts = _attr(config, "num_experts", "num_local_experts", "n_routed_experts")
+    experts = config_value(config, "num_experts", "num_local_experts", "n_routed_experts")
     if experts:
-        active = _attr(config, "num_experts_per_tok", "num_experts_per_token", default=1)
-        moe_inter = _attr(config, "moe_intermediate_size", "intermediate_size")
+        active = config_value(config, "num_experts_per_tok", "num_experts_per_token", default=1)
+        moe_inter = config_value(config, "moe_intermediate_size", "intermediate_size")
         mlp = active * 3 * h * moe_inter + h * experts  # routed experts + router
-        shared = _attr(config, "shared_expert_intermediate_size", default=0)
+        shared = config_value(config, "shared_expert_intermediate_size", default=0)
         mlp += 3 * h * shared
     else:
-        mlp = 3 * h * _attr(config, "intermediate_size")  # gate, up, down (SwiGLU / GeGLU)
+        mlp = 3 * h * config_value(config, "intermediate_size")  # gate, up, down (SwiGLU / GeGLU)
     return layers * (attn + mlp) + config.vocab_size * h
 
 
@@ -65,7 +63,7 @@ def training_flops(config: Any, seq_lengths: list[int] | Any) -> float:
     tokens = int(sum(seq_lengths))
     config = config.get_text_config()  # a vision-language model: its language model (the tower is not counted)
     heads = config.num_attention_heads
-    head_dim = _attr(config, "head_dim", default=config.hidden_size // heads)
+    head_dim = config_value(config, "head_dim", default=config.hidden_size // heads)
     squares = float(sum(int(s) ** 2 for s in seq_lengths))
     return 6.0 * matmul_params_per_token(config) * tokens + 6.0 * config.num_hidden_layers * heads * head_dim * squares
 
