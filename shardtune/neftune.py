@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shardtune.attention import sequence_bounds
+
 
 def sequence_seed(seed: int, step: int, ids: list[int]) -> int:
     """The generator seed of one sequence's noise: 63 bits of blake2b over (seed, step, token ids) as int64."""
@@ -60,14 +62,11 @@ def sequences(ids: torch.Tensor, position_ids: torch.Tensor | None,
     """(row, the positions of its tokens in order) of every sequence: a padded row's real tokens, each run of
     a packed row that starts where `position_ids` is 0 (a row without either: one sequence)."""
     rows, width = ids.shape
+    if attention_mask is not None:
+        return [(r, attention_mask[r].cpu().nonzero().squeeze(1)) for r in range(rows)]
     out = []
-    for r in range(rows):
-        if attention_mask is not None:
-            out.append((r, attention_mask[r].cpu().nonzero().squeeze(1)))
-            continue
-        starts = torch.zeros(width, dtype=torch.bool) if position_ids is None else position_ids[r].cpu() == 0
-        starts[0] = True
-        bounds = [*starts.nonzero().squeeze(1).tolist(), width]
+    for r in range(rows):  # the packed-row boundaries the attention kernels use (mrope positions included)
+        bounds = sequence_bounds(width, None, None if position_ids is None else position_ids[..., r:r + 1, :].cpu(), 1)
         out.extend((r, torch.arange(s, e)) for s, e in zip(bounds[:-1], bounds[1:]))
     return out
 
