@@ -248,7 +248,7 @@ def _turn_end(view: TemplateView, loc: Located, i: int, facts: TemplateFacts, mi
         # (the last one: the turn's own text may hold such tokens)
         ender = next((m for m in reversed(list(view.added_re.finditer(text, mine[-1].end, end)))
                       if m.group() in facts.enders), None)
-        return _closing_run_end(view, text, start, ender.end(), end, facts.openers) if ender else end
+        return _token_run_end(view, text, ender.end(), end, facts.openers, start) if ender else end
     anchor = _anchor(view.try_render(loc.sent.messages[: i + 1]), loc)
     if anchor is None:  # the template cannot render the turn as the final message (gpt-oss, a call with text
         # parts): it closes as in history
@@ -304,23 +304,16 @@ def _closed_as_in_history(view: TemplateView, loc: Located, facts: TemplateFacts
     return header if header >= 0 else mine[-1].end
 
 
-def _token_run_end(view: TemplateView, text: str, pos: int, limit: int, openers: frozenset[str]) -> int:
+def _token_run_end(view: TemplateView, text: str, pos: int, limit: int, openers: frozenset[str],
+                   opened_from: int | None = None) -> int:
     """The end of the added tokens that follow `pos` one after another (whitespace between them allowed) and
-    end before `limit`, up to a header's opening token; `pos` when none does."""
-    for m in view.added_re.finditer(text, pos, limit):
-        if m.end() > limit or text[pos:m.start()].strip() or m.group() in openers:
-            break
-        pos = m.end()
-    return pos
-
-
-def _closing_run_end(view: TemplateView, text: str, start: int, pos: int, limit: int,
-                     openers: frozenset[str]) -> int:
-    """The end of the added tokens that follow `pos` one after another (whitespace between them allowed), up
-    to a header's opening token or a closing tag that closes no tag opened since `start`."""
+    end before `limit`, up to a header's opening token (and, with `opened_from`, up to a closing tag that closes
+    no tag opened since then); `pos` when none does."""
     for m in view.added_re.finditer(text, pos, limit):
         t = m.group()
-        if text[pos:m.start()].strip() or t in openers or (t.startswith("</") and "<" + t[2:] not in text[start:pos]):
+        if m.end() > limit or text[pos:m.start()].strip() or t in openers:
+            break
+        if opened_from is not None and t.startswith("</") and "<" + t[2:] not in text[opened_from:pos]:
             break
         pos = m.end()
     return pos
