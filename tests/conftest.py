@@ -140,6 +140,17 @@ def torchrun(nproc: int, *args: str, script: str | None = None, module: str = "s
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+TRAIN_RUNS = Path(__file__).parent / "scripts" / "train_runs.py"
+
+
+def train_runs(runs: list[list[str]], timeout: int = 600):
+    """Train several override lists one after another in one process (one start-up for all; tests/scripts/
+    train_runs.py, which `torchrun(..., script=str(TRAIN_RUNS))` runs on several)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(TRAIN_RUNS), json.dumps(runs)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 SLOW_STEPS = Path(__file__).parent / "scripts" / "slow_steps.py"
 
 

@@ -3,13 +3,14 @@ attend both ways, which packed rows keep per sequence) and the processor fallbac
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, torchrun, write_parquet
+from conftest import TRAIN_RUNS, read_metrics, torchrun, train_runs, write_parquet
 from test_images import samples_of, verl_rows
 
 from shardtune.batch import IGNORE_INDEX
@@ -19,7 +20,16 @@ from shardtune.data.vision import image_processing, pixels_for
 from shardtune.model import load_tokenizer
 from shardtune.tiny import GEMMA3_IMAGE_TOKENS, save_tiny_vlm
 
-SCRIPT = Path(__file__).parent / "scripts" / "train_images.py"
+
+def image_run(root: Path, name: str, model: Path | str, data: Path, *extra: str) -> list[str]:
+    """The overrides of one small training on picture data (batches of 6 in micro-batches of 2, 3 steps) that
+    writes root/name; `extra` (`key=value`) replace the defaults."""
+    keys = {"model.path": str(model), "data.train_files": f"[{data}]", "data.cache_dir": "null", "data.num_proc": "1",
+            "data.train_batch_size": "6", "data.micro_batch_size_per_gpu": "2", "trainer.total_training_steps": "3",
+            "optim.lr": "2e-3", "optim.lr_warmup_steps": "0", "trainer.logger": "[jsonl]",
+            "trainer.progress_bar": "false", "trainer.default_local_dir": f"{root}/{name}"}
+    keys.update(item.split("=", 1) for item in extra)
+    return [f"{k}={v}" for k, v in keys.items()]
 
 
 @pytest.fixture(scope="module")
@@ -107,17 +117,16 @@ def swapped_pictures(rows: list[dict]) -> list[dict]:
 def test_gemma3_packed_equals_padded_equals_two_processes_and_the_pictures_matter(gemma3, tmp_path):
     """Packed rows (the per-sequence kernel, picture tokens both ways) = padded rows (transformers' own Gemma 3
     mask from token_type_ids) = 2 processes (data parallel; Ulysses SP 2), fp32; other pictures, other loss."""
-    import subprocess
-
     rows = verl_rows(18, text_every=4)
     data = write_parquet(tmp_path / "train.parquet", rows)
     other = write_parquet(tmp_path / "swapped.parquet", swapped_pictures(rows))
-    one = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), str(gemma3), str(data), "packed",
-                          "padded;model.use_remove_padding=false", f"swapped;data.train_files=[{other}]"],
-                         capture_output=True, text=True, timeout=600)
+    one = train_runs([image_run(tmp_path, "packed", gemma3, data),
+                      image_run(tmp_path, "padded", gemma3, data, "model.use_remove_padding=false"),
+                      image_run(tmp_path, "swapped", gemma3, data, f"data.train_files=[{other}]")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, str(tmp_path), str(gemma3), str(data), "dp2", "sp2;engine.ulysses_sequence_parallel_size=2",
-                   script=str(SCRIPT), timeout=600)
+    two = torchrun(2, json.dumps([image_run(tmp_path, "dp2", gemma3, data),
+                                  image_run(tmp_path, "sp2", gemma3, data, "engine.ulysses_sequence_parallel_size=2")]),
+                   script=str(TRAIN_RUNS), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     packed = losses(tmp_path / "packed")
     for name in ("padded", "dp2", "sp2"):
@@ -129,17 +138,14 @@ def test_gemma3_packed_equals_padded_equals_two_processes_and_the_pictures_matte
 def test_qwen3_vl_moe_and_qwen3_5_packed_equal_padded_and_the_pictures_matter(tmp_path):
     """Qwen3-VL MoE (experts in the language model) and Qwen3.5 (Gated DeltaNet layers beside attention, its
     own tower): packed rows with per-sequence 3-D rope positions = padded rows, fp32; other pictures, other loss."""
-    import subprocess
-
     rows = verl_rows(18, text_every=4)
     data = write_parquet(tmp_path / "train.parquet", rows)
     other = write_parquet(tmp_path / "swapped.parquet", swapped_pictures(rows))
     models = {f: save_tiny_vlm(tmp_path / f, family=f) for f in ("qwen3_vl_moe", "qwen3_5")}
-    runs = [f"{f}_{kind};model.path={path}" + extra for f, path in models.items()
-            for kind, extra in (("packed", ""), ("padded", ";model.use_remove_padding=false"))]
-    runs.append(f"qwen3_5_swapped;model.path={models['qwen3_5']};data.train_files=[{other}]")
-    r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "unused", str(data), *runs],
-                       capture_output=True, text=True, timeout=600)
+    runs = [image_run(tmp_path, f"{f}_{kind}", path, data, *extra) for f, path in models.items()
+            for kind, extra in (("packed", ()), ("padded", ("model.use_remove_padding=false",)))]
+    runs.append(image_run(tmp_path, "qwen3_5_swapped", models["qwen3_5"], data, f"data.train_files=[{other}]"))
+    r = train_runs(runs)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in models:
         assert same(losses(tmp_path / f"{f}_padded"), losses(tmp_path / f"{f}_packed")), f

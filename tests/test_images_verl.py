@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, torchrun
+from conftest import read_metrics, torchrun, train_runs
 from test_images import png
 
+from shardtune.verl.translate import ENGINE, translate
+
 ROOT = Path(__file__).parents[1]
-SCRIPT = Path(__file__).parent / "scripts" / "train_images.py"
 ROWS = 96  # the line's global batch: one step per epoch, its 10 epochs 10 steps
 
 
@@ -83,14 +82,13 @@ def test_verls_vlm_line_runs_unchanged_on_two_processes_and_equals_packed_and_pa
     # the first step of the same rows with each other's pictures
     one = with_keys(line, engine__ulysses_sequence_parallel_size="1", trainer__logger="[console]")
     swapped = pokemon_parquet(tmp_path / "swapped.parquet", shift=1)
-    specs = [";".join(["packed", "verl", *with_keys(one, trainer__default_local_dir=str(tmp_path / "packed"))]),
-             ";".join(["padded", "verl", *with_keys(one, trainer__default_local_dir=str(tmp_path / "padded"),
-                                                    model__use_remove_padding="False")]),
-             ";".join(["swapped", "verl", *with_keys(one, trainer__default_local_dir=str(tmp_path / "swapped"),
-                                                     data__train_files=str(swapped),
-                                                     trainer__total_training_steps="1")])]
-    r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "unused", "unused", *specs],
-                       capture_output=True, text=True, timeout=600)
+    # each translated as shardtune.verl.sft_trainer translates a line, and run in one process
+    runs = [translate(with_keys(one, trainer__default_local_dir=str(tmp_path / "packed")), ENGINE),
+            translate(with_keys(one, trainer__default_local_dir=str(tmp_path / "padded"),
+                                model__use_remove_padding="False"), ENGINE),
+            translate(with_keys(one, trainer__default_local_dir=str(tmp_path / "swapped"),
+                                data__train_files=str(swapped), trainer__total_training_steps="1"), ENGINE)]
+    r = train_runs(runs)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("packed", "padded"):
         assert len(losses(tmp_path / name)) == 10

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import arithmetic_rows, read_metrics, torchrun, write_jsonl, write_parquet
+from conftest import TRAIN_RUNS, arithmetic_rows, read_metrics, torchrun, write_jsonl, write_parquet
 
 from shardtune.batch import IGNORE_INDEX
 from shardtune.config import DataConfig, load_config, resolve_sources, validate
@@ -185,7 +184,7 @@ def test_two_processes_and_ulysses_sp2_equal_one(tiny_model, data, tmp_path, one
                                "data.pad_to_length_bucket=16"], "dp2_neftune": [NEFTUNE]}
     specs = [overrides(tiny_model, data["weighted"], tmp_path / name, f"data.message_weight_key={KEY}", *extra)
              for name, extra in runs.items()]
-    r = torchrun(2, json.dumps(specs), script=str(Path(__file__).parent / "scripts" / "train_runs.py"))
+    r = torchrun(2, json.dumps(specs), script=str(TRAIN_RUNS))
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("dp2", "sp2"):
         assert_close(one_process, read_metrics(tmp_path / name))
