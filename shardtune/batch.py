@@ -34,10 +34,11 @@ def supervised_counts(labels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 class VisionInputs:
     """The pictures of a micro-batch: the image processor's tensors for all of them in sequence order (e.g.
     pixel_values, image_grid_thw), passed to the model as keyword arguments, and how many belong to each
-    sequence (per-sequence positions such as Qwen's 3-D rope need them)."""
+    sequence (per-sequence positions such as Qwen's 3-D rope need them); videos likewise."""
 
     tensors: dict[str, torch.Tensor]
     images_per_sequence: list[int]
+    videos_per_sequence: list[int] | None = None  # the same for videos (pixel_values_videos, video_grid_thw)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class MicroBatch:
     def pin_memory(self) -> MicroBatch:
         """Page-locked copies of the tensors, so the host-to-GPU copies can run asynchronously."""
         vision = self.vision and VisionInputs({k: v.pin_memory() for k, v in self.vision.tensors.items()},
-                                              self.vision.images_per_sequence)
+                                              self.vision.images_per_sequence, self.vision.videos_per_sequence)
         return replace(self, input_ids=self.input_ids.pin_memory(), targets=self.targets.pin_memory(),
                        position_ids=self.position_ids.pin_memory(), cu_seqlens=_pinned(self.cu_seqlens),
                        attention_mask=_pinned(self.attention_mask), vision=vision,

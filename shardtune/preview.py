@@ -22,6 +22,7 @@ from shardtune.data.formats import detect_format
 from shardtune.data.loader import batch_sampler, planned_steps
 from shardtune.data.readers import data_files
 from shardtune.data.tokenize import tokenize_row
+from shardtune.data.video import is_video
 from shardtune.data.vision import image_processing, images_of
 from shardtune.errors import DataError
 from shardtune.memory import GIB, estimate, model_shape
@@ -66,7 +67,8 @@ def validate_data(cfg: Config) -> float:
 
 
 def _image_share(data: TokenizedDataset) -> float:
-    image_tokens = sum(c.get("image_tokens", 0) for c in data.stats.get("mask", {}).values())
+    # video tokens run through the vision tower as image tokens do
+    image_tokens = sum(c.get("image_tokens", 0) + c.get("video_tokens", 0) for c in data.stats.get("mask", {}).values())
     return image_tokens / max(int(data.lengths.sum()), 1)
 
 
@@ -103,13 +105,13 @@ def print_source(source: Source, data: TokenizedDataset, weighted: bool, append_
         print(f"    message weights (data.message_weight_key='{source.data.message_weight_key}'): mean "
               f"{weight / max(supervised, 1):.3g} per supervised token; the loss is divided by the supervised "
               "token count, whatever the weights")
-    images = sum(c.get("images", 0) for c in s.get("mask", {}).values())
-    if images:
-        image_tokens, trained = (sum(c.get(k, 0) for c in s.get("mask", {}).values())
-                                 for k in ("image_tokens", "trained_image_tokens"))
-        print(f"    {images} images, {image_tokens} image tokens ({image_tokens / max(tokens, 1):.1%} of tokens, "
-              f"{image_tokens / images:.0f} per image, {images / max(len(data), 1):.2f} images per sample; "
-              f"{trained} of them trained)")
+    for kind in ("image", "video"):
+        images, image_tokens, trained = (sum(c.get(k, 0) for c in s.get("mask", {}).values())
+                                         for k in (f"{kind}s", f"{kind}_tokens", f"trained_{kind}_tokens"))
+        if images:
+            print(f"    {images} {kind}s, {image_tokens} {kind} tokens ({image_tokens / max(tokens, 1):.1%} of "
+                  f"tokens, {image_tokens / images:.0f} per {kind}, {images / max(len(data), 1):.2f} {kind}s per "
+                  f"sample; {trained} of them trained)")
     for line in length_histogram(data.lengths):
         print("    " + line)
     for line in mask_audit(s.get("mask", {}), append_eos):
@@ -229,8 +231,9 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
     template = resolve_chat_template(source_cfg.chat_template, tokenizer)
     result = tokenize_row(row, fmt, tokenizer, source_cfg, template)  # as tokenization does it
     samples, audit = result.samples, result.audit
-    vision = image_processing(tokenizer, template) if audit.get("images") else None
+    vision = image_processing(tokenizer, template) if audit.get("images") or audit.get("videos") else None
     image_token = vision.image_token_id if vision is not None else None
+    video_token = vision.video_token_id if vision is not None else None
     use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
     method = next((k.removeprefix("method_") for k in audit if k.startswith("method_")), "none")
     eos_reason = ("data.append_eos=always" if source_cfg.append_eos == "always"
@@ -238,12 +241,10 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
     for k, tok in enumerate(samples):
         part = f", sample {k + 1} of {len(samples)}" if len(samples) > 1 else ""
         print(f"# {row.path}, row {row.index}{part} (format {fmt}; spans from {method})")
-        print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color, image_token, weights_of(tok)))
+        print(mark_trained(tokenizer, tok.input_ids, tok.labels, use_color, image_token, weights_of(tok),
+                           video_token))
         n_trained = supervised_count(np.asarray(tok.labels))
-        pictures = [int(lab) != IGNORE_INDEX for t, lab in zip(tok.input_ids, tok.labels) if int(t) == image_token]
-        print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained"
-              + (f"; {len(images_of(tok))} images, {len(pictures)} image tokens, {sum(pictures)} of them trained"
-                 if images_of(tok) else "")
+        print(f"\n# {len(tok.input_ids)} tokens, {n_trained} trained" + _media_summary(tok, image_token, video_token)
               + (f"; EOS appended ({eos_reason})" if audit["eos_appended"] and k == len(samples) - 1 else ""))
     dropped = {reason: n for reason, n in result.dropped.items() if reason != "no_trained_tokens"}
     if result.truncated or dropped:
@@ -252,6 +253,17 @@ def render_sample(cfg: Config, index: int, color: str = "auto") -> None:
             + [f"{n} dropped ({reason})" for reason, n in sorted(dropped.items())]))
     elif not samples:
         print(f"# {row.path}, row {row.index}: no assistant turn to train")
+
+
+def _media_summary(tok: Any, image_token: int | None, video_token: int | None) -> str:
+    """'; N images, M image tokens, K of them trained' and the same for videos, for the kinds the sample has."""
+    out = ""
+    for kind, token in (("image", image_token), ("video", video_token)):
+        n = sum((kind == "video") == is_video(b) for b in images_of(tok))
+        if n:
+            flags = [int(lab) != IGNORE_INDEX for t, lab in zip(tok.input_ids, tok.labels) if int(t) == token]
+            out += f"; {n} {kind}s, {len(flags)} {kind} tokens, {sum(flags)} of them trained"
+    return out
 
 
 _METHODS = {"method_markers": "generation markers", "method_sentinels": "sentinels",
@@ -279,10 +291,10 @@ def mask_audit(per_file: dict[str, dict[str, int]], append_eos: str) -> list[str
 
 
 def mark_trained(tokenizer, input_ids, labels, use_color: bool, image_token_id: int | None = None,
-                 weights: list[float] | None = None) -> str:
+                 weights: list[float] | None = None, video_token_id: int | None = None) -> str:
     """The decoded sample with each trained span in green (terminal) or between [[ and ]], followed by its loss
     weight `{weight W}` when the data has weights (data.message_weight_key); each run of image tokens shown as one
-    `<image: N tokens>` placeholder."""
+    `<image: N tokens>` placeholder (and of video tokens as `<video: N tokens>`)."""
     open_, close = (GREEN, RESET) if use_color else ("[[", "]]")
     weights = [None] * len(labels) if weights is None else [float(w) for w in weights]
     out, run, trained_run, run_weight = [], [], False, None
@@ -292,6 +304,8 @@ def mark_trained(tokenizer, input_ids, labels, use_color: bool, image_token_id: 
             return
         if run[0] == image_token_id:
             text = f"<image: {len(run)} tokens>"
+        elif run[0] == video_token_id:
+            text = f"<video: {len(run)} tokens>"
         else:
             text = tokenizer.decode(run)
         tag = "" if run_weight is None else f"{{weight {run_weight:g}}}"
@@ -302,7 +316,8 @@ def mark_trained(tokenizer, input_ids, labels, use_color: bool, image_token_id: 
         trained = label != IGNORE_INDEX
         weight = weight if trained else None
         if run and (trained != trained_run or weight != run_weight
-                    or (int(tid) == image_token_id) != (run[0] == image_token_id)):
+                    or (int(tid) == image_token_id) != (run[0] == image_token_id)
+                    or (int(tid) == video_token_id) != (run[0] == video_token_id)):
             flush()
         run.append(int(tid))
         trained_run, run_weight = trained, weight

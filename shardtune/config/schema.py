@@ -27,7 +27,7 @@ class DataConfig:
     tools_key: str = "tools"
     enable_thinking_key: str = "enable_thinking"
     image_key: str = "images"  # the column of a row's pictures, matched in order to its <image> placeholders
-    video_key: str = "videos"  # the column of a row's videos (refused: videos are not trained yet)
+    video_key: str = "videos"  # the column of a row's videos (lists of frames), matched to its <video> placeholders
     prompt_key: str = "prompt"
     response_key: str = "response"
     prompt_dict_keys: list[str] = field(default_factory=list)

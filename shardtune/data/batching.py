@@ -20,6 +20,7 @@ import torch
 
 from shardtune.batch import IGNORE_INDEX, MicroBatch, VisionInputs, supervised_count
 from shardtune.config import DataConfig
+from shardtune.data.video import is_video
 from shardtune.errors import ConfigError, DataError
 
 # rank -> micro-batch -> positions in the global batch: every data-parallel rank's micro-batches for one step
@@ -210,7 +211,9 @@ def collate(samples: list[tuple[Any, ...]], packed: bool, pad_id: int,
         if pixels is None:
             raise DataError("The data holds pictures, and the model folder has no image processor. Fix: train a "
                             "vision-language model folder (with preprocessor_config.json).")
-        mb.vision = VisionInputs(pixels([p for ps in pictures for p in ps]), [len(ps) for ps in pictures])
+        videos = [sum(map(is_video, ps)) for ps in pictures]
+        mb.vision = VisionInputs(pixels([p for ps in pictures for p in ps]),
+                                 [len(ps) - v for ps, v in zip(pictures, videos)], videos if any(videos) else None)
     return mb
 
 

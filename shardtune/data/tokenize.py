@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from shardtune.batch import IGNORE_INDEX, supervised_count, supervised_counts
+from shardtune.batch import supervised_count, supervised_counts
 from shardtune.config import DataConfig
 from shardtune.data.cache import ShardSpec, ShardWriter
 from shardtune.data.chat import (
@@ -37,9 +37,9 @@ from shardtune.data.chat import (
     weights_of,
 )
 from shardtune.data.formats import detect_format, to_conversation
-from shardtune.data.media import place_images, row_has_media
+from shardtune.data.media import check_video_places, place_media, row_has_media, row_has_videos
 from shardtune.data.readers import Row
-from shardtune.data.vision import image_processing, images_of
+from shardtune.data.vision import image_processing, images_of, media_audit
 from shardtune.errors import DataError, row_error
 
 CHUNK_ROWS = 64  # rows per unit of work handed to a worker (what it holds, times two per worker, in flight)
@@ -264,24 +264,27 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
     if row.error is not None:
         raise DataError(row.error)
     conv = to_conversation(row, fmt or detect_format(row, cfg), cfg)
-    messages, images, vision = conv.messages, [], None
+    messages, media, vision = conv.messages, [], None
+    check_video_places(row, messages, cfg.video_key)
     if row_has_media(row, messages, cfg.image_key, cfg.video_key):
         vision = image_processing(tokenizer, template)
         if vision is None:
             raise row_error(row.path, row.index, cfg.image_key,
-                            "the row has images, and the model folder has no image processor "
+                            "the row has images or videos, and the model folder has no image processor "
                             "(preprocessor_config.json): a text model cannot see them",
-                            "train a vision-language model folder, or drop the images column")
-        messages, images = place_images(row, messages, cfg.image_key, cfg.video_key, vision.marker)
+                            "train a vision-language model folder, or drop the images and videos columns")
+        if row_has_videos(row, messages, cfg.video_key) and vision.video_marker is None:
+            raise row_error(row.path, row.index, cfg.video_key, vision.video_refusal,
+                            "train a Qwen2-VL or Qwen2.5-VL checkpoint, give the frames as images, drop the "
+                            "videos, or set data.on_bad_row=skip")
+        messages, media = place_media(row, messages, cfg.image_key, cfg.video_key, vision.marker,
+                                      vision.video_marker)
     samples, audit = conversation_samples(messages, tokenizer, conv.tools, chat_template=template,
                                           options=MaskOptions.from_config(cfg), weight_key=cfg.message_weight_key,
                                           **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
     if vision is not None:
-        samples = [vision.expand(s.input_ids, s.labels, images, row, weights_of(s)) for s in samples]
-        audit.update(images=sum(len(s.images) for s in samples),
-                     image_tokens=sum(s.input_ids.count(vision.image_token_id) for s in samples),
-                     trained_image_tokens=sum(t == vision.image_token_id and lab != IGNORE_INDEX
-                                              for s in samples for t, lab in zip(s.input_ids, s.labels)))
+        samples = [vision.expand(s.input_ids, s.labels, media, row, weights_of(s)) for s in samples]
+        audit.update(media_audit(samples, vision))
     return samples, audit
 
 

@@ -10,6 +10,8 @@ The chat template decides what an image looks like in the text: `ImageProcessing
 one `{"type": "image"}` part (found by rendering one), e.g. `<|vision_start|><|image_pad|><|vision_end|>` or
 `<start_of_image>`. data/media.py writes that marker where each picture sits, the loss masks are derived on
 that text, and `expand` then replaces each marker's tokens by the image's tokens, none of them trained.
+Videos (lists of frames, data/video.py) go the same way for Qwen2-VL and Qwen2.5-VL: the template's marker for a
+`{"type": "video"}` part becomes the video's grid / merge_size^2 video tokens; other families refuse them by name.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from shardtune.batch import IGNORE_INDEX
 from shardtune.data.media import decode
 from shardtune.data.readers import Row
+from shardtune.data.video import VIDEO_FAMILIES, VideoPatches, is_video, video_tensors
 from shardtune.errors import DataError, row_error
 from shardtune.vision import PROCESSOR_FILES, has_image_processor
 
@@ -66,30 +69,63 @@ class ImageProcessing:
             raise DataError(f"The chat template writes {self.marker!r} for an image, which holds no image token "
                             f"(id {self.image_token_id}) of the model. Fix: use the model's own chat template "
                             "(data.chat_template).")
+        self.video_token_id = getattr(config, "video_token_id", None)
+        self.video_marker, self.video_marker_ids, self.video_refusal = self._video_marker(config, template)
+        self.videos = VideoPatches(self.image_processor, folder) if self.video_marker else None
 
-    def expand(self, ids: list[int], labels: list[int], images: list[bytes], row: Row,
+    def _video_marker(self, config: Any, template: str) -> tuple[str | None, list[int], str]:
+        """What the template writes for a video, its tokens, and why videos are refused where they are."""
+        family = config.model_type
+        if family not in VIDEO_FAMILIES:
+            why = ("its video tokens carry a timestamp per frame group, which is not built here"
+                   if family.startswith("qwen3") else "its video tokens are not built here")
+            return None, [], (f"the row has videos, and shardtune trains videos for {', '.join(VIDEO_FAMILIES)} "
+                              f"only; {family} is refused ({why})")
+        try:
+            marker = template_marker(self.tokenizer, template, "video")
+        except DataError as e:
+            return None, [], f"the row has videos, and {e}"
+        ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if self.video_token_id not in ids:
+            return None, [], (f"the row has videos, and the chat template writes {marker!r} for a video, which "
+                              f"holds no video token (id {self.video_token_id}) of the model")
+        return marker, ids, ""
+
+    def expand(self, ids: list[int], labels: list[int], media: list[bytes], row: Row,
                weights: list[float] | None = None) -> WithImages:
-        """Each image marker of a sample's tokens replaced by that image's tokens, with no label (and weight 0).
-        A sample cut from the conversation (thinking_history=per_turn) holds the first images only: they are
-        returned."""
-        places = _find(ids, self.marker_ids)
-        if len(places) > len(images):
+        """Each image or video marker of a sample's tokens replaced by that picture's or video's tokens, with no
+        label (and weight 0). A sample cut from the conversation (thinking_history=per_turn) holds the first
+        ones only: they are returned."""
+        places = sorted([(at, False) for at in _find(ids, self.marker_ids)]
+                        + ([(at, True) for at in _find(ids, self.video_marker_ids)] if self.video_marker else []))
+        if len(places) > len(media):
             raise row_error(row.path, row.index, None,
-                            f"the rendered chat holds {len(places)} image markers {self.marker!r} for {len(images)} "
-                            "images (a message text writes the marker itself)",
-                            "write images as <image> placeholders or image parts, not as the template's tokens")
+                            f"the rendered chat holds {len(places)} image or video markers ({self.marker!r}, "
+                            f"{self.video_marker!r}) for {len(media)} images and videos (a message text writes the "
+                            "marker itself)", "write images and videos as <image>/<video> placeholders or parts, "
+                            "not as the template's tokens")
         out_ids, out_labels, out_weights, at = [], [], [], 0
-        for start, image in zip(places, images):
+        for (start, video), blob in zip(places, media):
+            if video != is_video(blob):
+                raise row_error(row.path, row.index, None, "the rendered chat's image and video markers are not "
+                                "in the order of the row's images and videos (a message text writes a marker "
+                                "itself)", "write images and videos as <image>/<video> placeholders or parts")
             out_ids += ids[at:start]
             out_labels += labels[at:start]
-            tokens = self.image_tokens(image)
+            tokens = self.video_tokens(blob) if video else self.image_tokens(blob)
             out_ids += tokens
             out_labels += [IGNORE_INDEX] * len(tokens)
             if weights is not None:
                 out_weights += weights[at:start] + [0.0] * len(tokens)
-            at = start + len(self.marker_ids)
-        return WithImages(out_ids + ids[at:], out_labels + labels[at:], tuple(images[: len(places)]),
+            at = start + len(self.video_marker_ids if video else self.marker_ids)
+        return WithImages(out_ids + ids[at:], out_labels + labels[at:], tuple(media[: len(places)]),
                           None if weights is None else out_weights + weights[at:])
+
+    def video_tokens(self, video: bytes) -> list[int]:
+        """The tokens one packed video becomes in place of its marker: grid tokens / merge_size^2 video tokens."""
+        k = self.video_marker_ids.index(self.video_token_id)
+        n = self.videos.tokens(video)
+        return self.video_marker_ids[:k] + [self.video_token_id] * n + self.video_marker_ids[k + 1:]
 
     def image_tokens(self, image: bytes) -> list[int]:
         """The tokens one image becomes in place of the marker."""
@@ -109,6 +145,19 @@ class ImageProcessing:
 
 
 
+def media_audit(samples: list[WithImages], vision: ImageProcessing) -> dict[str, int]:
+    """The pictures and videos of a row's samples, their tokens, and how many of those are trained (none)."""
+    out = {}
+    for kind, token in (("image", vision.image_token_id), ("video", vision.video_token_id)):
+        out[kind + "s"] = sum((kind == "video") == is_video(b) for s in samples for b in s.images)
+        out[kind + "_tokens"] = sum(s.input_ids.count(token) for s in samples) if token is not None else 0
+        out[f"trained_{kind}_tokens"] = sum(t == token and lab != IGNORE_INDEX
+                                            for s in samples for t, lab in zip(s.input_ids, s.labels))
+    if not out["videos"]:  # a row without videos keeps the picture-only audit it had
+        out = {k: v for k, v in out.items() if "video" not in k}
+    return out
+
+
 def _image_token_id(config: Any, tokenizer: Any) -> int:
     for name in ("image_token_id", "image_token_index"):
         value = getattr(config, name, None)
@@ -118,23 +167,23 @@ def _image_token_id(config: Any, tokenizer: Any) -> int:
                     "folder whose config.json sets image_token_id.")
 
 
-def template_marker(tokenizer: Any, template: str) -> str:
-    """What the chat template writes for one image part of a user message."""
+def template_marker(tokenizer: Any, template: str, kind: str = "image") -> str:
+    """What the chat template writes for one image (or video) part of a user message."""
     before, after = _PROBE
-    messages = [{"role": "user", "content": [{"type": "text", "text": before}, {"type": "image"},
+    messages = [{"role": "user", "content": [{"type": "text", "text": before}, {"type": kind},
                                              {"type": "text", "text": after}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
     except Exception as e:
-        raise DataError(f"The chat template cannot render an image part ({type(e).__name__}: {e}). Fix: use the "
+        raise DataError(f"The chat template cannot render an {kind} part ({type(e).__name__}: {e}). Fix: use the "
                         "model's own multimodal chat template (data.chat_template).") from None
     if before not in text or after not in text:
         raise DataError("The chat template does not write the text parts of a message's content list, so it cannot "
-                        "place images. Fix: use the model's own multimodal chat template (data.chat_template).")
+                        f"place {kind}s. Fix: use the model's own multimodal chat template (data.chat_template).")
     marker = text.split(before, 1)[1].split(after, 1)[0]
     if not marker.strip():
-        raise DataError("The chat template writes nothing for an image part. Fix: use the model's own multimodal "
+        raise DataError(f"The chat template writes nothing for an {kind} part. Fix: use the model's own multimodal "
                         "chat template (data.chat_template).")
     return marker
 
@@ -173,10 +222,16 @@ class Pixels:
         from transformers import AutoImageProcessor
 
         self.image_processor = AutoImageProcessor.from_pretrained(folder)
+        self.videos = VideoPatches(self.image_processor, folder)
 
-    def __call__(self, images: list[bytes]) -> dict[str, torch.Tensor]:
-        parts = [self.image_processor(images=[decode(b)], return_tensors="pt") for b in images]
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0].keys() if isinstance(parts[0][k], torch.Tensor)}
+    def __call__(self, media: list[bytes]) -> dict[str, torch.Tensor]:
+        """The tensors of the pictures, then of the videos (pixel_values_videos, video_grid_thw, ...), each kind
+        in sequence order."""
+        parts = [self.image_processor(images=[decode(b)], return_tensors="pt") for b in media if not is_video(b)]
+        out = {k: torch.cat([p[k] for p in parts]) for k in (parts[0].keys() if parts else ())
+               if isinstance(parts[0][k], torch.Tensor)}
+        videos = [b for b in media if is_video(b)]
+        return {**out, **video_tensors(self.videos, videos)} if videos else out
 
 
 def pixels_for(tokenizer: Any) -> Pixels | None:
