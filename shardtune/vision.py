@@ -4,7 +4,8 @@ model's inputs.
 - Parts: the vision tower (patch embedding and blocks), the projector into the language model (Qwen's merger,
   Gemma's multi-modal projector) and the language model; model.freeze_vision_model / freeze_vision_projection /
   freeze_language_model say which get no gradient (the tower and projector are frozen by default).
-- Inputs: the image processor's tensors (pixel_values, image_grid_thw, ...) and which tokens are image tokens
+- Inputs: the image processor's tensors (pixel_values, image_grid_thw, ...; for videos pixel_values_videos,
+  video_grid_thw and Qwen2.5-VL's second_per_grid_ts) and which tokens are image (1) or video (2) tokens
   (`mm_token_type_ids`). Qwen-VL's 3-D rope positions ("mrope") are computed per sequence by the model's own
   `get_rope_index` and concatenated for a packed row, with the plain positions (restarting per sequence) as the
   first of four rows, which is how transformers takes packed mrope positions; padded rows let the model compute
@@ -15,7 +16,9 @@ model's inputs.
   while the sequences of the row stay apart.
 - Every rank runs the vision tower once in every micro-batch: FSDP2 gathers the tower's blocks when they run, so
   a rank whose micro-batch has no picture runs it on one blank picture (its features times zero join the input
-  embeddings) while another rank runs it on real ones; otherwise the ranks' collectives would not pair up.
+  embeddings) while another rank runs it on real ones; otherwise the ranks' collectives would not pair up. A
+  family that trains videos runs the tower once for pictures and once for videos: the ranks share (one small
+  all-reduce) which kinds any of them has, and each runs a blank for a kind it lacks.
 - Ulysses sequence parallelism: the micro-batch keeps the whole row's tokens (`full_input_ids`); the model embeds
   the whole row and places the pictures' features, and a pre-hook on the language model hands it this rank's part
   of the embeddings and positions (and of Qwen3-VL's deepstack features); attention gathers the row as for text.
@@ -24,6 +27,7 @@ model's inputs.
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import shutil
 from collections.abc import Callable
@@ -81,14 +85,18 @@ def attention_per_part(hf_config: Any, text_attention: str) -> str | dict[str, s
 class VisionInputsBuilder:
     """What a vision-language model takes beside input_ids for one micro-batch."""
 
-    def __init__(self, model: torch.nn.Module, blank: dict[str, torch.Tensor] | None = None, sp_rank: int = 0):
+    def __init__(self, model: torch.nn.Module, blank: dict[str, torch.Tensor] | None = None, sp_rank: int = 0,
+                 blank_video: dict[str, torch.Tensor] | None = None):
         """`blank`: the image processor's tensors of a blank picture, run through the tower by a micro-batch
-        without pictures (needed only when several ranks run FSDP2)."""
+        without pictures (needed only when several ranks run FSDP2); `blank_video` the same for a family that
+        trains videos (a micro-batch may then run the tower twice, once for its pictures and once for its
+        videos)."""
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = self.base.config
         self.image_token_id = getattr(config, "image_token_id", None)
         if self.image_token_id is None:
             self.image_token_id = getattr(config, "image_token_index", None)
+        self.video_token_id = getattr(config, "video_token_id", None)
         self.rope = next((m for m in self.base.modules() if hasattr(m, "get_rope_index")), None)
         self.takes = set(inspect.signature(self.base.forward).parameters)
         self.type_key = next((k for k in ("mm_token_type_ids", "token_type_ids") if k in self.takes), None)
@@ -96,18 +104,19 @@ class VisionInputsBuilder:
         # the image processor's tensors the model takes (not e.g. Gemma 3's `num_crops`, which its processor drops)
         blank = None if blank is None else {k: v for k, v in blank.items() if k in self.takes}
         self.blank = blank
+        self.blank_video = blank_video
         self.sp_rank = sp_rank
-        self._pending_blank: dict[str, torch.Tensor] | None = None
+        self._pending_blank: list[tuple[str, dict[str, torch.Tensor]]] = []  # (tower call, its blank tensors)
         self._part: slice | None = None  # this rank's part of the whole row (sequence parallelism with pictures)
         self.base.get_decoder().register_forward_pre_hook(self._before_language_model, with_kwargs=True)
 
     def inputs(self, mb: MicroBatch, to_device: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
         """The vision keyword arguments (and mrope position_ids for packed rows) of one micro-batch."""
         self._part = None
+        self._pending_blank = [(call, {k: to_device(v) for k, v in blank.items()})
+                               for call, blank in self._blank_runs(mb, to_device)]
         if mb.vision is None:
-            self._pending_blank = None if self.blank is None else {k: to_device(v) for k, v in self.blank.items()}
             return {}
-        self._pending_blank = None
         if self.rope is None and self.image_attention is None:
             raise ConfigError(
                 f"{type(self.base).__name__} is given pictures, and shardtune trains pictures for the Qwen-VL families "
@@ -121,6 +130,8 @@ class VisionInputsBuilder:
             self._part = slice(self.sp_rank * width, (self.sp_rank + 1) * width)
             out["input_ids"] = to_device(ids)
         types = (ids == self.image_token_id).int()
+        if self.video_token_id is not None:  # transformers' token types: text 0, image 1, video 2
+            types = types + 2 * (ids == self.video_token_id).int()
         if self.type_key is not None:
             out[self.type_key] = to_device(types)
         if self.image_attention is not None:  # read by the per-sequence kernel; other kernels ignore it
@@ -135,31 +146,58 @@ class VisionInputsBuilder:
 
     def packed_positions(self, mb: MicroBatch, ids: torch.Tensor) -> torch.Tensor:
         """[4, 1, T]: the plain positions, then the 3-D rope positions of each sequence, concatenated."""
-        grids = mb.vision.tensors.get("image_grid_thw")
-        rows, at, first = [], 0, 0
-        for n, k in zip(mb.seq_lengths, mb.vision.images_per_sequence):
+        tensors, vision = mb.vision.tensors, mb.vision
+        videos = vision.videos_per_sequence or [0] * len(mb.seq_lengths)
+        rows, at, first, first_video = [], 0, 0, 0
+        for n, k, v in zip(mb.seq_lengths, vision.images_per_sequence, videos):
             seq = ids[:, at:at + n]
-            pos, _ = self.rope.get_rope_index(seq, (seq == self.image_token_id).int(),
-                                              image_grid_thw=grids[first:first + k] if k else None)
+            types = (seq == self.image_token_id).int()
+            if self.video_token_id is not None:
+                types = types + 2 * (seq == self.video_token_id).int()
+            # only what the sequence has: not every family's get_rope_index takes second_per_grid_ts
+            per_video = {key: tensors[key][first_video:first_video + v] for key in ("video_grid_thw",
+                                                                                 "second_per_grid_ts")
+                         if v and key in tensors and key in self.takes}
+            pos, _ = self.rope.get_rope_index(seq, types, image_grid_thw=tensors["image_grid_thw"][first:first + k]
+                                              if k else None, **per_video)
             rows.append(pos)
-            at, first = at + n, first + k
+            at, first, first_video = at + n, first + k, first_video + v
         if at < ids.shape[1]:  # padding after the sequences (sequence parallelism): plain positions
             rows.append(torch.arange(ids.shape[1] - at).view(1, 1, -1).expand(3, 1, -1))
         plain = mb.position_ids if mb.full_input_ids is None else _plain_positions(mb, ids.shape[1])
         return torch.cat([plain[None], torch.cat(rows, dim=2)], dim=0)
 
+    def _blank_runs(self, mb: MicroBatch, to_device: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        """The blank tower runs that make this rank run the tower as often as every other rank (their FSDP2
+        collectives pair up): a picture family runs it once per micro-batch; a video family runs it for
+        pictures where any rank has pictures (or none has anything) and for videos where any rank has videos,
+        which the ranks tell each other in one small all-reduce."""
+        if self.blank is None:
+            return []
+        tensors = mb.vision.tensors if mb.vision is not None else {}
+        here = ["pixel_values" in tensors, "pixel_values_videos" in tensors]
+        if self.blank_video is None:
+            return [] if any(here) else [("get_image_features", self.blank)]
+        flags = to_device(torch.tensor(here, dtype=torch.int32))
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        images, videos = (bool(x) for x in flags.tolist())
+        return ([("get_image_features", self.blank)] if (images or not videos) and not here[0] else []) + (
+            [("get_video_features", self.blank_video)] if videos and not here[1] else [])
+
     def _before_language_model(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._part is not None:
             kwargs = _split_for_rank(kwargs, self._part)
-        blank, self._pending_blank = self._pending_blank, None
-        if blank is not None and kwargs.get("inputs_embeds") is not None:
-            kwargs = self._with_blank_picture(kwargs, blank)
+        blanks, self._pending_blank = self._pending_blank, []
+        if kwargs.get("inputs_embeds") is not None:
+            for call, blank in blanks:
+                kwargs = self._with_blank_run(kwargs, call, blank)
         return args, kwargs
 
-    def _with_blank_picture(self, kwargs: dict, blank: dict[str, torch.Tensor]) -> dict:
-        """For a micro-batch without pictures: the vision tower on the blank picture, its features times zero
-        added to the input embeddings (so its gradients are zeros, not missing)."""
-        features = self.base.get_image_features(**blank)
+    def _with_blank_run(self, kwargs: dict, call: str, blank: dict[str, torch.Tensor]) -> dict:
+        """For a micro-batch without pictures (or videos): the vision tower on the blank picture (or video), its
+        features times zero added to the input embeddings (so its gradients are zeros, not missing)."""
+        features = getattr(self.base, call)(**blank)
         zero = sum(t.float().sum() for t in _tensors(features)) * 0.0
         return {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] + zero.to(kwargs["inputs_embeds"].dtype)}
 
@@ -237,6 +275,22 @@ def has_image_processor(folder: str | Path) -> bool:
         return "image_processor" in json.loads((folder / "processor_config.json").read_text())
     except (OSError, ValueError):
         return False
+
+
+def blank_video(folder: str, hf_config: Any) -> dict[str, torch.Tensor] | None:
+    """What the video tower call takes for one black frame (None for a family that trains no videos)."""
+    from transformers import AutoImageProcessor
+
+    from shardtune.data import video
+    from shardtune.data.media import pil_image
+
+    if hf_config.model_type not in video.VIDEO_FAMILIES or not has_image_processor(folder):
+        return None
+    buf = io.BytesIO()
+    pil_image().new("RGB", (32, 32)).save(buf, format="PNG")
+    patches = video.VideoPatches(AutoImageProcessor.from_pretrained(folder), folder)
+    out = video.video_tensors(patches, [video.pack([buf.getvalue()])])
+    return {k: out[k] for k in ("pixel_values_videos", "video_grid_thw")}
 
 
 def blank_picture(folder: str) -> dict[str, torch.Tensor] | None:

@@ -33,7 +33,7 @@ from shardtune.loss import find_loss_head
 from shardtune.model import build_from_config, compute_dtype, liger_usable, load_hf_config, load_model
 from shardtune.optim import build_optimizer, build_scheduler
 from shardtune.parallelize import parallelize
-from shardtune.vision import VisionInputsBuilder, blank_picture, is_vision_config
+from shardtune.vision import VisionInputsBuilder, blank_picture, blank_video, is_vision_config
 
 
 class FSDP2Engine(Engine):
@@ -48,7 +48,8 @@ class FSDP2Engine(Engine):
         self.vision = None
         if is_vision_config(self.model.config):  # the image processor lives beside the tokenizer
             blank = blank_picture(tokenizer.name_or_path) if world.distributed else None
-            self.vision = VisionInputsBuilder(self.model, blank, world.sp_rank)
+            video = blank_video(tokenizer.name_or_path, self.model.config) if world.distributed else None
+            self.vision = VisionInputsBuilder(self.model, blank, world.sp_rank, video)
         self.loss_head = find_loss_head(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
