@@ -79,8 +79,9 @@ class ImageProcessing:
         if family not in VIDEO_FAMILIES:
             why = ("its video tokens carry a timestamp per frame group, which is not built here"
                    if family.startswith("qwen3") else "its video tokens are not built here")
-            return None, [], (f"the row has videos, and shardtune trains videos for {', '.join(VIDEO_FAMILIES)} "
-                              f"only; {family} is refused ({why})")
+            return None, [], ("the row has videos, and shardtune trains videos (as lists of frames) for Qwen2-VL "
+                              f"and Qwen2.5-VL only (model types {', '.join(VIDEO_FAMILIES)}); {family} is refused "
+                              f"({why})")
         try:
             marker = template_marker(self.tokenizer, template, "video")
         except DataError as e:
@@ -221,8 +222,15 @@ class Pixels:
     def __init__(self, folder: str):
         from transformers import AutoImageProcessor
 
+        self.folder = folder
         self.image_processor = AutoImageProcessor.from_pretrained(folder)
-        self.videos = VideoPatches(self.image_processor, folder)
+        self._videos: VideoPatches | None = None  # made at the first video (only Qwen-VL's processors have them)
+
+    @property
+    def videos(self) -> VideoPatches:
+        if self._videos is None:
+            self._videos = VideoPatches(self.image_processor, self.folder)
+        return self._videos
 
     def __call__(self, media: list[bytes]) -> dict[str, torch.Tensor]:
         """The tensors of the pictures, then of the videos (pixel_values_videos, video_grid_thw, ...), each kind
