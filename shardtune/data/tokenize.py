@@ -273,6 +273,7 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
                             "(preprocessor_config.json): a text model cannot see them",
                             "train a vision-language model folder, or drop the images column")
         messages, images = place_images(row, messages, cfg.image_key, cfg.video_key, vision.marker)
+        messages = marker_parts(messages, vision.marker)
     samples, audit = conversation_samples(messages, tokenizer, conv.tools, chat_template=template,
                                           options=MaskOptions.from_config(cfg), weight_key=cfg.message_weight_key,
                                           **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
@@ -283,6 +284,22 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
                      trained_image_tokens=sum(t == vision.image_token_id and lab != IGNORE_INDEX
                                               for s in samples for t, lab in zip(s.input_ids, s.labels)))
     return samples, audit
+
+
+def marker_parts(messages: list[dict[str, Any]], marker: str) -> list[dict[str, Any]]:
+    """Each message holding image markers with its content as text parts: the texts between the pictures and each
+    marker a part of its own, as an image part renders it. A template treats each part of a list on its own
+    (Gemma 3 trims every text part: `Look: ` + image + ` what?` is `Look:<start_of_image>what?`), so the pictures
+    must reach it as parts, as the family's processor chat (and verl's split of `<image>`) gives them."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str) and marker in content:
+            pieces = content.split(marker)
+            content = [{"type": "text", "text": t} for k, piece in enumerate(pieces)
+                       for t in ([marker] if k else []) + ([piece] if piece else [])]
+        out.append({**m, "content": content})
+    return out
 
 
 def _bad_row_reason(row: Row, e: DataError, cfg: DataConfig) -> str:
