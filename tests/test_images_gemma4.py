@@ -91,7 +91,8 @@ def test_gemma4_samples_are_its_processors_own_tokens_and_pixels_and_train_no_pi
 @pytest.mark.dist
 def test_gemma4_packed_equals_padded_equals_two_processes_and_the_pictures_matter(gemma4, tmp_path):
     """Packed rows (the per-sequence kernel; picture tokens both ways on the sliding-window layers) = padded
-    rows (transformers' own Gemma 4 masks from mm_token_type_ids, sdpa) = 2 processes, fp32, 3 steps; other
+    rows (transformers' own Gemma 4 masks from mm_token_type_ids, sdpa) = 2 processes (data parallel; Ulysses
+    SP 2, each rank handed its part of the whole row's embeddings and per-layer inputs), fp32, 3 steps; other
     pictures, other loss."""
     rows = verl_rows(18, text_every=4)
     data = write_parquet(tmp_path / "train.parquet", rows)
@@ -100,13 +101,15 @@ def test_gemma4_packed_equals_padded_equals_two_processes_and_the_pictures_matte
                       image_run(tmp_path, "padded", gemma4, data, "model.use_remove_padding=false"),
                       image_run(tmp_path, "swapped", gemma4, data, f"data.train_files=[{other}]")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, json.dumps([image_run(tmp_path, "dp2", gemma4, data)]), script=str(TRAIN_RUNS), timeout=600)
+    two = torchrun(2, json.dumps([image_run(tmp_path, "dp2", gemma4, data),
+                                  image_run(tmp_path, "sp2", gemma4, data, "engine.ulysses_sequence_parallel_size=2")]),
+                   script=str(TRAIN_RUNS), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     packed = losses(tmp_path / "packed")
-    # measured: padded 1.1e-6 and 2 processes 4e-8 relative at step 3 (the fp32 rounding that Gemma 4 text's
-    # training grows, README, stays this small here); packed rows without the picture blocks are 3.5e-4 off at
-    # step 1 and 1e-2 at step 3, so rel 1e-5 tells the blocks' presence apart
-    for name in ("padded", "dp2"):
+    # measured at step 3: padded 1.1e-6, 2 processes 3e-8, SP 2 1.2e-7 relative (the fp32 rounding that Gemma 4
+    # text's training grows, README, stays this small here); packed rows without the picture blocks were 3.5e-4
+    # off at step 1 and 1e-2 at step 3, so rel 1e-5 tells the blocks' presence apart; swapped pictures: 5e-4
+    for name in ("padded", "dp2", "sp2"):
         assert same(losses(tmp_path / name), packed), (name, losses(tmp_path / name), packed)
     assert abs(losses(tmp_path / "swapped")[0] - packed[0]) > 1e-4 * packed[0]
 
