@@ -2,14 +2,16 @@
 
 Read from the tokenizer's folder (model.path, or model.tokenizer_path when set): the image processor of its
 `preprocessor_config.json`, and the processor (`AutoProcessor`) when it loads. The processor is the model's
-own rule for expanding an image into tokens; Qwen-VL processors also build a video processor that needs
-torchvision, so where the processor cannot load the rule is derived from the image processor itself
-(Qwen-style processors report each image's patch grid: grid tokens / merge_size^2 image tokens).
+own rule for expanding an image into tokens; Qwen-VL and Gemma 4 processors also build a video processor that
+needs torchvision, so where the processor cannot load the rule is derived from the image processor itself
+(Qwen-style processors report each image's patch grid: grid tokens / merge_size^2 image tokens; Gemma 4's its
+`num_soft_tokens_per_image`, which its processor writes between its begin- and end-of-image tokens).
 
 The chat template decides what an image looks like in the text: `ImageProcessing.marker` is what it writes for
 one `{"type": "image"}` part (found by rendering one), e.g. `<|vision_start|><|image_pad|><|vision_end|>` or
-`<start_of_image>`. data/media.py writes that marker where each picture sits, the loss masks are derived on
-that text, and `expand` then replaces each marker's tokens by the image's tokens, none of them trained.
+`<start_of_image>`. data/media.py writes that marker (without the whitespace around it, `placed`) where each
+picture sits, the loss masks are derived on that text, and `expand` then replaces each marker's tokens by the
+image's tokens (the whole marker's, expanded), none of them trained.
 """
 
 from __future__ import annotations
