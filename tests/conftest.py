@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 LONGEST_FIRST = (
     "test_distributed.py", "test_memory.py", "test_checkpoint.py", "test_training.py", "test_bad_inputs.py",
     "test_verl.py", "test_tokenize_scale.py", "test_preempt.py", "test_families.py", "test_demo.py",
-    "test_images.py", "test_remote.py", "test_qlora.py", "test_images_verl.py", "test_lora.py",
+    "test_images.py", "test_images_gemma4.py", "test_remote.py", "test_qlora.py", "test_images_verl.py", "test_lora.py",
 )
 
 
