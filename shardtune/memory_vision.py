@@ -17,14 +17,24 @@ depends on whether the tower trains (model.freeze_vision_model=false):
 Always live: the pixel values (fp32, from the image processor, and their cast), the patch embeddings, the
 tower's output and the projector's output (one vector of the language model's width per image token, which
 the input embeddings take in).
+
+The tower's peak is set by the micro-batch with the most image tokens, not by the data's average: a token
+budget filled with pictures costs many times one of mostly text. `worst_micro_batch_image_tokens` finds it by
+planning one epoch's micro-batches exactly as the trainer's loader plans them (the same sampler, the same
+balancing over ranks, the same token budget); a stream, whose epoch is not known ahead, gets the bound from
+the densest sample of its head.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from shardtune.data.dataset import CombinedDataset, TokenizedDataset
 
 
 @dataclass(frozen=True)
@@ -98,3 +108,46 @@ def vision_bytes(v: VisionShape, image_tokens: int, act: int, checkpointing: boo
     if checkpointing:
         return v.depth * patches * act * v.hidden + block + outside
     return v.depth * block + outside
+
+
+def image_token_counts(data: TokenizedDataset, token_ids: list[int]) -> np.ndarray:
+    """The tower-fed tokens (image pads) of each sample, read only from the samples that hold pictures."""
+    counts = []
+    for shard in data.shards:
+        n = len(shard.offsets) - 1
+        mine = np.zeros(n, dtype=np.int64)
+        if shard.sample_images is not None:
+            for j in np.flatnonzero(np.diff(shard.sample_images)):
+                a, b = shard.offsets[j], shard.offsets[j + 1]
+                mine[j] = np.isin(np.asarray(shard.input_ids[a:b]), token_ids).sum()
+        counts.append(mine)
+    return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+
+def worst_micro_batch_image_tokens(data: CombinedDataset, per_sample: np.ndarray, cfg: Any, dp_size: int,
+                                   packed: bool) -> int:
+    """The most image tokens any rank's micro-batch holds over one epoch, planned as the loader plans it."""
+    from shardtune.data.batching import plan_micro_batches
+    from shardtune.data.loader import batch_sampler
+
+    if not per_sample.any():
+        return 0
+    sampler = batch_sampler(data, cfg.data, cfg.trainer.seed)
+    worst = 0
+    for step in range(sampler.steps_per_epoch):
+        indices = sampler.batch(0, step)
+        lengths, images = data.lengths[indices], per_sample[indices]
+        plans = plan_micro_batches(np.arange(len(indices)), lengths, dp_size, cfg.data, padded=not packed)
+        worst = max([worst] + [int(images[m].sum()) for plan in plans for m in plan if m])
+    return worst
+
+
+def densest_micro_batch_bound(data: TokenizedDataset, per_sample: np.ndarray, cfg: Any) -> int:
+    """For a stream: the image tokens of a micro-batch filled with the head's densest samples (by share of
+    the token budget, or the fixed micro-batch's count of the samples richest in pictures)."""
+    if not per_sample.any():
+        return 0
+    d = cfg.data
+    if d.use_dynamic_bsz:
+        return int(d.max_token_len_per_gpu * float((per_sample / np.maximum(data.lengths, 1)).max()))
+    return int(np.sort(per_sample)[::-1][:d.micro_batch_size_per_gpu].sum())

@@ -272,8 +272,8 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
                             "the row has images, and the model folder has no image processor "
                             "(preprocessor_config.json): a text model cannot see them",
                             "train a vision-language model folder, or drop the images column")
-        messages, images = place_images(row, messages, cfg.image_key, cfg.video_key, vision.marker)
-        messages = marker_parts(messages, vision.marker)
+        messages, images = place_images(row, messages, cfg.image_key, cfg.video_key, vision.placed)
+        messages = marker_parts(messages, vision.placed)
     samples, audit = conversation_samples(messages, tokenizer, conv.tools, chat_template=template,
                                           options=MaskOptions.from_config(cfg), weight_key=cfg.message_weight_key,
                                           **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
