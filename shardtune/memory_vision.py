@@ -2,7 +2,9 @@
 
 A picture reaches the tower as patches: Qwen-VL cuts it into patch_size x patch_size (x temporal_patch_size)
 patches and merges spatial_merge_size^2 of them into one image token; Gemma 3's SigLIP tower sees a fixed
-image_size crop, (image_size / patch_size)^2 patches pooled to mm_tokens_per_image tokens. So the patches the
+image_size crop, (image_size / patch_size)^2 patches pooled to mm_tokens_per_image tokens; Gemma 4's pools
+pooling_kernel_size^2 patches into a token (it pads each picture's patches to the image processor's
+max_soft_tokens budget, which its resize nearly fills, so the padding is left out). So the patches the
 tower runs on are the micro-batch's image tokens times `patches_per_token`, read from the vision config.
 
 Per patch, a vision block (pre-norm attention and MLP, as every family's tower is built) keeps about what a
@@ -65,16 +67,24 @@ def vision_shape(model: torch.nn.Module) -> VisionShape | None:
         per_token = v.spatial_merge_size ** 2
         channels = _first(v, "in_channels", "in_chans", default=3)
         pixels = channels * _first(v, "temporal_patch_size", default=1) * patch**2
+    elif getattr(v, "pooling_kernel_size", None):  # Gemma 4: k x k patches pooled into one token
+        per_token = v.pooling_kernel_size ** 2
+        pixels = 3 * patch**2
     else:  # SigLIP (Gemma 3): a fixed crop pooled to mm_tokens_per_image tokens
         per_token = max(1, (v.image_size // patch) ** 2 // _first(config, "mm_tokens_per_image", default=1))
         pixels = _first(v, "num_channels", default=3) * patch**2
     text = config.get_text_config()
     return VisionShape(
         hidden=hidden, intermediate=intermediate, depth=_first(v, "depth", "num_hidden_layers"),
-        heads=_first(v, "num_heads", "num_attention_heads"), gated=getattr(v, "hidden_act", "") == "silu",
+        heads=_first(v, "num_heads", "num_attention_heads"), gated=_gated(v),
         patches_per_token=per_token, pixels_per_patch=pixels,
         out_hidden=_first(v, "out_hidden_size", default=0) or text.hidden_size,
         trained=any(p.requires_grad for n, p in model.named_parameters() if part_of(n) == "tower"))
+
+
+def _gated(v: Any) -> bool:
+    """Whether the tower's MLP is gated (Qwen2.5-VL's SiLU MLP, Gemma 4's GELU gate and up projections)."""
+    return getattr(v, "hidden_act", "") == "silu" or v.model_type == "gemma4_vision"
 
 
 def _first(c: Any, *names: str, default: Any = None) -> Any:

@@ -381,3 +381,23 @@ def test_vision_shape_reads_patches_per_image_token_from_the_config(family, tmp_
     assert (v.patches_per_token, v.depth, v.hidden, v.trained) == (
         per_token, getattr(vc, "depth", None) or vc.num_hidden_layers, vc.hidden_size, False)
     assert v.gated == (family == "qwen2_5_vl")  # Qwen2.5-VL's tower has a SiLU-gated MLP
+
+
+def test_gemma4_vision_shape_counts_the_patches_its_image_processor_makes_per_token(tmp_path):
+    """Gemma 4 pools k x k patches into a token: the picture's real (unpadded) patches from its own image
+    processor are its tokens times patches_per_token; its tower's MLP is gated (gate and up projections)."""
+    import io
+
+    from PIL import Image
+    from test_images import png
+    from transformers import AutoImageProcessor
+
+    from shardtune.tiny import save_tiny_vlm
+
+    folder = save_tiny_vlm(tmp_path / "gemma4", family="gemma4")
+    v = model_shape(config(folder).model).vision
+    out = AutoImageProcessor.from_pretrained(folder)(images=[Image.open(io.BytesIO(png(1, 60, 40))).convert("RGB")],
+                                                     return_tensors="pt")
+    real_patches = int((out["image_position_ids"][0, :, 0] >= 0).sum())
+    assert real_patches == int(out["num_soft_tokens_per_image"][0]) * v.patches_per_token
+    assert v.pixels_per_patch == out["pixel_values"].shape[-1] and v.gated
