@@ -30,7 +30,25 @@ from shardtune.data.readers import Row
 from shardtune.errors import ConfigError, row_error
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 _IMAGE_PART_KEYS = ("image", "path", "url", "image_url")
+
+
+def check_video_placeholders(row: Row, messages: list[dict[str, Any]], video_key: str) -> None:
+    """A `<video>` placeholder in a text with no videos in the row is refused (it would reach the model as the
+    plain text '<video>', which no model sees as a video)."""
+    if row.data.get(video_key):
+        return  # place_images names the videos column itself
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        texts = [content] if isinstance(content, str) else [
+            p.get("text") for p in content or [] if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if any(VIDEO_PLACEHOLDER in t for t in texts if isinstance(t, str)):
+            raise row_error(row.path, row.index, f"messages[{i}].content",
+                            f"a {VIDEO_PLACEHOLDER} placeholder, and the row has no videos (column '{video_key}', "
+                            "data.video_key); shardtune does not train videos",
+                            "drop the placeholder (or the row), give the frames as images with <image> "
+                            "placeholders, or set data.on_bad_row=skip to skip such rows")
 
 
 def row_has_media(row: Row, messages: list[dict[str, Any]], image_key: str, video_key: str) -> bool:

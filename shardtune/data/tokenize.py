@@ -37,9 +37,9 @@ from shardtune.data.chat import (
     weights_of,
 )
 from shardtune.data.formats import detect_format, to_conversation
-from shardtune.data.media import place_images, row_has_media
+from shardtune.data.media import check_video_placeholders, place_images, row_has_media
 from shardtune.data.readers import Row
-from shardtune.data.vision import image_processing, images_of
+from shardtune.data.vision import image_processing, images_of, processor_folder
 from shardtune.errors import DataError, row_error
 
 CHUNK_ROWS = 64  # rows per unit of work handed to a worker (what it holds, times two per worker, in flight)
@@ -265,6 +265,8 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
         raise DataError(row.error)
     conv = to_conversation(row, fmt or detect_format(row, cfg), cfg)
     messages, images, vision = conv.messages, [], None
+    if processor_folder(tokenizer) is not None:  # to a text model '<video>' is text (an HTML tag, say)
+        check_video_placeholders(row, messages, cfg.video_key)
     if row_has_media(row, messages, cfg.image_key, cfg.video_key):
         vision = image_processing(tokenizer, template)
         if vision is None:
