@@ -156,8 +156,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from shardtune.preview import print_memory_estimate, validate_data
 
-        image_share = validate_data(cfg)
-        print_memory_estimate(cfg, world_size, args.device_memory, image_share)
+        image_tokens = validate_data(cfg, world_size)
+        print_memory_estimate(cfg, world_size, args.device_memory, image_tokens)
         return 0
     if args.command == "render":
         from shardtune.preview import render_sample

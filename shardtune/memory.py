@@ -248,10 +248,11 @@ def loss_chunk(cfg: Any, s: ModelShape, tokens: int, device_type: str) -> int:
 
 
 def estimate(cfg: Any, model: ModelShape | torch.nn.Module, world_size: int = 1,
-             device_type: str | None = None, image_share: float = 0.0) -> MemoryEstimate:
+             device_type: str | None = None, image_tokens: int = 0) -> MemoryEstimate:
     """Bytes one device needs to train `cfg` on `world_size` processes (`device_type`: cuda | cpu, default:
-    what this machine has). `image_share`: the fraction of the data's tokens that are image tokens (what
-    `shardtune validate` measured); that share of the micro-batch's tokens runs through the vision tower."""
+    what this machine has). `image_tokens`: the image tokens of the micro-batch richest in pictures (what
+    `shardtune validate` planned, memory_vision.worst_micro_batch_image_tokens); the vision tower runs on
+    them, on the whole row under Ulysses."""
     s = model if isinstance(model, ModelShape) else shape_of(model)
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = cfg.engine
@@ -263,7 +264,6 @@ def estimate(cfg: Any, model: ModelShape | torch.nn.Module, world_size: int = 1,
     state = [s.param_bytes / shard, s.trainable_bytes / shard, 2 * s.trainable_bytes / shard]
     tokens = tokens_per_micro_batch(cfg)
     activations = activation_bytes(s, tokens, act, residual, autocast, cfg.model.enable_gradient_checkpointing)
-    image_tokens = round(tokens * cfg.sp_size * image_share)  # the tower runs on the whole row under Ulysses
     vision = 0.0 if s.vision is None else vision_bytes(s.vision, image_tokens, act,
                                                        cfg.model.enable_gradient_checkpointing)
     activations += vision

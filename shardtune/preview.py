@@ -26,23 +26,24 @@ from shardtune.data.video import is_video
 from shardtune.data.vision import image_processing, images_of
 from shardtune.errors import DataError
 from shardtune.memory import GIB, estimate, model_shape
+from shardtune.memory_vision import densest_micro_batch_bound, image_token_counts, worst_micro_batch_image_tokens
 from shardtune.model import check_token_ids, load_tokenizer
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
-def validate_data(cfg: Config) -> float:
-    """Check and report the data; returns the largest share of image tokens among the training sources (what
-    the memory estimate runs through the vision tower)."""
+def validate_data(cfg: Config, world_size: int = 1) -> int:
+    """Check and report the data; returns the image tokens of the training micro-batch richest in pictures on
+    `world_size` processes (what the memory estimate runs through the vision tower)."""
     check_run_dir(cfg.run_dir)
-    image_share = 0.0
+    worst_images = 0
     tokenizer = load_tokenizer(cfg.model)
     data_cfg = cfg.data
     for name, sources in zip(("train", "val"), build.data_sources(cfg)):
         if not sources:
             continue
         if name == "train" and data_cfg.streaming:
-            validate_stream_head(cfg, sources, tokenizer)
+            worst_images = validate_stream_head(cfg, sources, tokenizer)
             continue
         ds = tokenize_sources(sources, data_cfg, tokenizer)
         check_token_ids(cfg.model, tokenizer, [ds])
@@ -56,26 +57,35 @@ def validate_data(cfg: Config) -> float:
         for source, data in zip(ds.sources, ds.datasets):
             print_source(source, data, weighted=name == "train" and len(ds.sources) > 1,
                          append_eos=data_cfg.append_eos)
-            if name == "train":
-                image_share = max(image_share, _image_share(data))
         if name == "train":
             per_epoch = batch_sampler(ds, data_cfg, cfg.trainer.seed).steps_per_epoch
             total = planned_steps(cfg.trainer.total_training_steps, cfg.trainer.total_epochs, per_epoch)
             print(f"train: {per_epoch} steps per epoch, {total} optimizer steps in all")
+            per_sample = _image_counts(ds.datasets, tokenizer, data_cfg)
+            worst_images = worst_micro_batch_image_tokens(ds, per_sample, cfg, world_size // cfg.sp_size,
+                                                          packed=cfg.model.use_remove_padding)
+            if worst_images:
+                print(f"train: {worst_images} image tokens in the micro-batch richest in pictures (one epoch "
+                      f"planned on {world_size // cfg.sp_size} data-parallel rank(s))")
     print("config and data OK")
-    return image_share
+    return worst_images
 
 
-def _image_share(data: TokenizedDataset) -> float:
-    # video tokens run through the vision tower as image tokens do
-    image_tokens = sum(c.get("image_tokens", 0) + c.get("video_tokens", 0) for c in data.stats.get("mask", {}).values())
-    return image_tokens / max(int(data.lengths.sum()), 1)
+def _image_counts(datasets: list[TokenizedDataset], tokenizer: Any, data_cfg: Any) -> np.ndarray:
+    """Each sample's image and video tokens (zeros for a text model): both run through the vision tower."""
+    vision = image_processing(tokenizer, resolve_chat_template(data_cfg.chat_template, tokenizer))
+    if vision is None:
+        return np.zeros(sum(len(d) for d in datasets), dtype=np.int64)
+    tokens = [t for t in (vision.image_token_id, vision.video_token_id) if t is not None]
+    return np.concatenate([image_token_counts(d, tokens) for d in datasets])
 
 
-def validate_stream_head(cfg: Config, sources: list[Source], tokenizer: Any) -> None:
+def validate_stream_head(cfg: Config, sources: list[Source], tokenizer: Any) -> int:
     """Streamed training data is not tokenized ahead: check the head of each streamed source (one shuffle
-    buffer's worth of rows) with the same per-source report, in a temporary folder."""
+    buffer's worth of rows) with the same per-source report, in a temporary folder. Returns the image tokens of
+    a micro-batch of the heads' samples densest in pictures (the epoch is not known ahead to plan)."""
     data_cfg = cfg.data
+    worst_images = 0
     files = [f for source in sources for f in data_files(list(source.paths))]
     print(f"train: streamed (data.streaming=true) from {len(files)} file(s), read and tokenized as it trains"
           + (f"; a mixture of {len(sources)} sources drawn by weight" if len(sources) > 1 else ""))
@@ -87,8 +97,14 @@ def validate_stream_head(cfg: Config, sources: list[Source], tokenizer: Any) -> 
         print(f"  checked the first {data.stats.get('rows_read', '?')} rows of '{source.name}' "
               f"(data.shuffle_buffer={data_cfg.shuffle_buffer})")
         print_source(source, data, weighted=len(sources) > 1, append_eos=data_cfg.append_eos)
+        per_sample = _image_counts([data], tokenizer, data_cfg)
+        worst_images = max(worst_images, densest_micro_batch_bound(data, per_sample, cfg))
     print(f"train: {cfg.trainer.total_training_steps} optimizer steps (trainer.total_training_steps; a pass's "
           "length is known once it has been read)")
+    if worst_images:
+        print(f"train: {worst_images} image tokens in the micro-batch richest in pictures (bounded: a micro-batch "
+              "of the heads' samples densest in pictures)")
+    return worst_images
 
 
 def print_source(source: Source, data: TokenizedDataset, weighted: bool, append_eos: str) -> None:
@@ -137,9 +153,9 @@ def default_device_memory() -> tuple[float, str]:
 
 
 def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float | None = None,
-                          image_share: float = 0.0) -> bool:
+                          image_tokens: int = 0) -> bool:
     """Print the per-device memory table of `memory.estimate` and whether it fits; returns whether it fits.
-    `image_share`: the data's fraction of image tokens (validate_data)."""
+    `image_tokens`: those of the micro-batch richest in pictures (validate_data)."""
     available, what = default_device_memory()
     if device_memory_gib is not None:
         available, what = device_memory_gib * GIB, "--device-memory"
@@ -148,7 +164,7 @@ def print_memory_estimate(cfg: Config, world_size: int, device_memory_gib: float
     except (AttributeError, ValueError) as e:  # an architecture the estimate does not know (no decoder layers...)
         print(f"memory per device: no estimate for this model ({e})")
         return True
-    est = estimate(cfg, shape, world_size, image_share=image_share)
+    est = estimate(cfg, shape, world_size, image_tokens=image_tokens)
     procs = f"{world_size} processes" if world_size > 1 else "1 process"
     print(f"memory per device (estimate; {procs} on {est.device_type}; {est.tokens} tokens per micro-batch; "
           f"weights {cfg.model.dtype}, compute {est.compute_dtype}):")

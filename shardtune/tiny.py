@@ -259,12 +259,12 @@ def save_tiny_vlm(out: str | Path, seed: int = 0, layers: int = 2, vision_depth:
     """A randomly initialised tiny Qwen-VL model (vision tower, merger, language model: `family` qwen2_vl,
     qwen2_5_vl, qwen3_vl, qwen3_vl_moe or qwen3_5) with the byte tokenizer and the family's image processor
     (small pictures: 4 to `max_image_tokens` image tokens each), as a Hugging Face folder; gemma3:
-    `save_tiny_gemma3_vlm`."""
+    `save_tiny_gemma3_vlm`, gemma4: `save_tiny_gemma4_vlm`."""
     from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if family == "gemma3":
-        return save_tiny_gemma3_vlm(out, seed, layers)
+    if family in ("gemma3", "gemma4"):
+        return (save_tiny_gemma3_vlm if family == "gemma3" else save_tiny_gemma4_vlm)(out, seed, layers)
     tok = byte_tokenizer(QWEN_VL_TEMPLATE, QWEN_VL_SPECIALS)
     config = _vlm_config(family, tok, layers, vision_depth, vision_width)
     torch.manual_seed(seed)
@@ -338,4 +338,65 @@ def save_tiny_gemma3_vlm(out: str | Path, seed: int = 0, layers: int = 2) -> Pat
     model.save_pretrained(out, safe_serialization=True)
     Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
                     chat_template=GEMMA3_TEMPLATE, image_seq_length=GEMMA3_IMAGE_TOKENS).save_pretrained(out)
+    return out
+
+
+# Gemma 4's chat template as released, reduced to text and image parts (its tools, thinking channels, audio and
+# video branches left out): `<|turn>role ... <turn|>`, texts trimmed, an image part written as `\n\n<|image|>\n\n`
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}{%- set loop_messages = messages -%}\n"
+    "{%- if messages[0]['role'] in ['system', 'developer'] -%}\n"
+    "    {{- '<|turn>system\\n' + messages[0]['content'] | trim + '<turn|>\\n' -}}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}\n"
+    "    {{- '<|turn>' + role + '\\n' -}}\n"
+    "    {%- if message['content'] is string -%}\n        {{- message['content'] | trim -}}\n"
+    "    {%- elif message['content'] is sequence -%}\n        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'text' -%}\n                {{- item['text'] | trim -}}\n"
+    "            {%- elif item['type'] == 'image' -%}\n                {{- '\\n\\n<|image|>\\n\\n' -}}\n"
+    "            {%- endif -%}\n        {%- endfor -%}\n    {%- endif -%}\n    {{- '<turn|>\\n' -}}\n"
+    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{- '<|turn>model\\n' -}}\n{%- endif -%}\n"
+)
+# the special tokens Gemma 4's tokenizer_config.json names (those of pictures, audio and turns; its processor
+# reads the audio ones even for pictures)
+GEMMA4_NAMED_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                       "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+                       "sot_token": "<|turn>", "eot_token": "<turn|>"}
+GEMMA4_MAX_IMAGE_TOKENS = 70  # the smallest budget its image processor takes: pictures of 8 x 8 patches pooled 2 x 2
+
+
+def save_tiny_gemma4_vlm(out: str | Path, seed: int = 0, layers: int = 2) -> Path:
+    """A randomly initialised tiny Gemma 4 (vision tower, embedder, a language model with per-layer inputs and
+    a sliding window of 8 tokens, far shorter than a picture's up to 70, on whose layers a picture's tokens
+    attend both ways: use_bidirectional_attention='vision'), a byte tokenizer naming Gemma 4's tokens as its
+    tokenizer_config.json does, and its image processor in processor_config.json (its processor also builds a
+    video processor, which needs torchvision; without it data/vision.py uses the image processor's rule)."""
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Gemma4Config
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    out = Path(out)
+    byte_tokenizer(GEMMA4_TEMPLATE, ["<bos>", "<eos>", "<pad>", *GEMMA4_NAMED_TOKENS.values(), "<|video|>"],
+                   eos_token="<eos>", pad_token="<pad>", bos_token="<bos>").save_pretrained(out)
+    meta = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**meta, **GEMMA4_NAMED_TOKENS}, indent=2))
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    text = {**_text_fields(_text_families()["gemma4_text"][1], {"vocab_size": len(tok), **ids}),
+            "num_hidden_layers": layers, "layer_types": (["sliding_attention", "full_attention"] * layers)[:layers],
+            "use_bidirectional_attention": "vision", "use_cache": False}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=8, pooling_kernel_size=2, position_embedding_size=64)
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=tok.image_token_id,
+                          boi_token_id=tok.boi_token_id, eoi_token_id=tok.eoi_token_id,
+                          video_token_id=tok.convert_tokens_to_ids("<|video|>"), tie_word_embeddings=False, **ids)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)  # its embedder starts random, not at zero as Gemma 3's
+    images = Gemma4ImageProcessorPil(patch_size=8, pooling_kernel_size=2, max_soft_tokens=GEMMA4_MAX_IMAGE_TOKENS)
+    processor = {"processor_class": "Gemma4Processor", "image_processor": images.to_dict(),
+                 "image_seq_length": GEMMA4_MAX_IMAGE_TOKENS}
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2, default=int))
     return out

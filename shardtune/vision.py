@@ -122,7 +122,8 @@ class VisionInputsBuilder:
                 f"{type(self.base).__name__} is given pictures, and shardtune trains pictures for the Qwen-VL families "
                 "(their 3-D rope positions are computed per packed sequence) and Gemma 3/4 (their bidirectional "
                 "image attention is kept per packed sequence); this family's image attention is not proven here. "
-                "Fix: train a Qwen-VL or Gemma 3 checkpoint, or drop the pictures (data.image_key).")
+                "Fix: train a Qwen-VL, Gemma 3 or Gemma 4 (use_bidirectional_attention: vision) checkpoint, or "
+                "drop the pictures (data.image_key).")
         ids = mb.full_input_ids if mb.full_input_ids is not None else mb.input_ids
         out: dict[str, Any] = {k: to_device(v) for k, v in mb.vision.tensors.items() if k in self.takes}
         if mb.full_input_ids is not None:  # the whole row goes in; the language model gets this rank's part
@@ -222,11 +223,14 @@ def image_blocks(types: torch.Tensor) -> torch.Tensor:
 
 
 def _split_for_rank(kwargs: dict, part: slice) -> dict:
-    """The language model's inputs for this rank's part of the row: embeddings and positions, and Qwen3-VL's
-    deepstack features of the image tokens that fall in the part."""
+    """The language model's inputs for this rank's part of the row: embeddings and positions, Gemma 4's
+    per-layer inputs (made from the whole row's tokens), and Qwen3-VL's deepstack features of the image tokens
+    that fall in the part."""
     out = dict(kwargs)
     out["inputs_embeds"] = kwargs["inputs_embeds"][:, part]
     out["position_ids"] = kwargs["position_ids"][..., part]
+    if kwargs.get("per_layer_inputs") is not None:  # [B, T, layers, width]
+        out["per_layer_inputs"] = kwargs["per_layer_inputs"][:, part]
     mask = kwargs.get("visual_pos_masks")
     if mask is not None:
         out["visual_pos_masks"] = mask[:, part]

@@ -21,6 +21,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # never with one thread), so those checks would test the machine's load rather than the code.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The longest files, longest first. pytest-xdist's loadfile hands a worker whole files in collection order
+# (pyproject.toml's addopts has --no-loadscope-reorder: by default it would start with the files holding the
+# most tests, the quick parametrized ones, and leave a long single-test file to run alone at the end), so
+# these start first and the short files fill in around them. Measured with --durations; a file not named
+# keeps its place after them.
+LONGEST_FIRST = (
+    "test_distributed.py", "test_memory.py", "test_checkpoint.py", "test_training.py", "test_bad_inputs.py",
+    "test_verl.py", "test_tokenize_scale.py", "test_preempt.py", "test_families.py", "test_demo.py",
+    "test_images.py", "test_images_gemma4.py", "test_remote.py", "test_qlora.py", "test_images_verl.py", "test_lora.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
+
+
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 SPECIAL_TOKENS = [
     "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",

@@ -72,6 +72,7 @@ def test_wrong_types(override, needle):
     (BASE + ["engine.param_offload=true"], "needs a torchrun job"),
     (BASE + ["trainer.max_ckpt_to_keep=0"], "max_ckpt_to_keep"),
     (BASE + ["model.dtype=fp16"], "must be one of"),
+    (BASE + ["data.apply_chat_template_kwargs={add_vision_id: true}"], "labels would not be written"),
 ])
 def test_cross_field_rules(overrides, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -154,8 +154,9 @@ def test_qwen3_vl_moe_and_qwen3_5_packed_equal_padded_and_the_pictures_matter(tm
     assert not math.isclose(losses(tmp_path / "qwen3_5_swapped")[0], packed[0], rel_tol=1e-5)
 
 
-def test_videos_are_refused_by_file_row_and_key_and_a_missing_pillow_says_how_to_install_it(gemma3, tmp_path,
-                                                                                           monkeypatch):
+def test_videos_are_refused_by_file_row_and_key_and_a_missing_pillow_says_how_to_install_it(gemma3, chatml_tok,
+                                                                                           tmp_path, monkeypatch):
+    """Videos (a column, or a <video> placeholder without one) are refused by file, row and key."""
     from shardtune.config import DataConfig
     from shardtune.data.dataset import build_dataset
     from shardtune.errors import ConfigError, DataError
@@ -169,6 +170,25 @@ def test_videos_are_refused_by_file_row_and_key_and_a_missing_pillow_says_how_to
     path = write_parquet(tmp_path / "train.parquet", rows)
     with pytest.raises(DataError, match=f"{path}, row 2, key 'videos': the row has videos.*Fix: "):
         build_dataset([str(path)], DataConfig(train_files=[str(path)], cache_dir=None), tok)
+    # a <video> placeholder with no videos: refused by file, row and message, or skipped and counted
+    rows = verl_rows(4)
+    rows[1]["messages"][0]["content"] = "<video>" + rows[1]["messages"][0]["content"]
+    path = write_parquet(tmp_path / "placeholder.parquet", rows)
+    with pytest.raises(DataError, match=rf"{path}, row 1, key 'messages\[0\].content': a <video> placeholder, "
+                                        "and the row has no videos.*Fix: "):
+        build_dataset([str(path)], DataConfig(train_files=[str(path)], cache_dir=None), tok)
+    skipped = build_dataset([str(path)], DataConfig(train_files=[str(path)], cache_dir=None, on_bad_row="skip"), tok)
+    assert len(skipped) == 3 and sum(skipped.stats["dropped"].values()) == 1
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "See <video> here."}]},
+                          {"role": "assistant", "content": "A video."}]}
+    with pytest.raises(DataError, match=r"row 0, key 'messages\[0\].content': a <video> placeholder"):
+        samples_of(parts, tok)
+    html = {"messages": [{"role": "user", "content": "What does <video> do in HTML?"},
+                         {"role": "assistant", "content": "It embeds a video."}]}
+    (text_sample,), _ = samples_of(html, chatml_tok)  # to a text model '<video>' is only text
+    assert "<video>" in chatml_tok.decode(text_sample.input_ids)
+    with pytest.raises(DataError, match="a <video> placeholder"):
+        samples_of(html, tok)
     row = verl_rows(1)[0]
     monkeypatch.setitem(sys.modules, "PIL", None)  # as without Pillow: `import PIL` raises ImportError
     with pytest.raises(ConfigError, match=r"needs Pillow.*pip install 'shardtune\[vision\]'"):

@@ -271,18 +271,24 @@ def picture_overrides(model, data, d, *extra):
             "data.shuffle=false", "trainer.logger=[jsonl]", "trainer.progress_bar=false", *extra]
 
 
+def validated_image_tokens(stdout: str) -> int:
+    """The image tokens `shardtune validate` planned for the micro-batch richest in pictures."""
+    return int(stdout.split(" image tokens in the micro-batch richest in pictures")[0].rsplit("train: ", 1)[1])
+
+
 @pytest.fixture(scope="module")
-def image_share(picture_rows):
-    """`shardtune validate` on the picture rows: it prints the vision tower's line; the data's image-token share."""
+def worst_image_tokens(picture_rows):
+    """`shardtune validate` on the picture rows: it prints the vision tower's line; the richest micro-batch's
+    image tokens."""
     model, data, d = picture_rows
     validated = run_cli("validate", *picture_overrides(model, data, d, "model.freeze_vision_model=false"))
     assert validated.returncode == 0, validated.stderr[-3000:]
     assert "of it vision tower" in validated.stdout and "image tokens, trained" in validated.stdout
-    return float(validated.stdout.split(" image tokens (")[1].split("%")[0]) / 100
+    return validated_image_tokens(validated.stdout)
 
 
 @pytest.mark.parametrize("tower", ["trained", pytest.param("frozen", marks=pytest.mark.slow)])
-def test_estimate_with_pictures_is_within_30_percent_of_the_measured_peak(picture_rows, image_share, tower):
+def test_estimate_with_pictures_is_within_30_percent_of_the_measured_peak(picture_rows, worst_image_tokens, tower):
     """As for text: two AdamW steps of micro-batches of ~4 pictures (~4000 patches), the tower trained or frozen.
     Without the vision term the estimate would be a sixth of the measured peak."""
     model, data, d = picture_rows
@@ -291,7 +297,7 @@ def test_estimate_with_pictures_is_within_30_percent_of_the_measured_peak(pictur
                                   f"trainer.default_local_dir={d}/run_{tower}")
     measured = measured_peak(overrides)
     cfg = load_config(None, overrides)
-    est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu", image_share=image_share)
+    est = estimate(cfg, model_shape(cfg.model), world_size=1, device_type="cpu", image_tokens=worst_image_tokens)
     predicted = est.total - est.runtime
     print(f"{tower}: estimated {predicted / GIB:.3f} GiB (vision {est.vision_activations / GIB:.3f}), "
           f"measured {measured / GIB:.3f} GiB")
@@ -302,18 +308,62 @@ def test_estimate_with_pictures_is_within_30_percent_of_the_measured_peak(pictur
 def test_the_vision_term_grows_with_the_pictures_and_shrinks_with_freezing_and_checkpointing(picture_rows):
     model, data, d = picture_rows
 
-    def vision(share, *extra):
+    def vision(image_tokens, *extra):
         cfg = load_config(None, picture_overrides(model, data, d, *extra))
-        return estimate(cfg, model_shape(cfg.model), device_type="cpu", image_share=share).vision_activations
+        return estimate(cfg, model_shape(cfg.model), device_type="cpu", image_tokens=image_tokens).vision_activations
 
-    assert vision(0.0, "model.freeze_vision_model=false") == 0
-    trained = vision(0.8, "model.freeze_vision_model=false")
-    assert vision(0.4, "model.freeze_vision_model=false") == pytest.approx(trained / 2, rel=0.01)
-    checkpointed = vision(0.8, "model.freeze_vision_model=false", "model.enable_gradient_checkpointing=true")
-    frozen = vision(0.8)
+    assert vision(0, "model.freeze_vision_model=false") == 0
+    trained = vision(800, "model.freeze_vision_model=false")
+    assert vision(400, "model.freeze_vision_model=false") == pytest.approx(trained / 2, rel=0.01)
+    checkpointed = vision(800, "model.freeze_vision_model=false", "model.enable_gradient_checkpointing=true")
+    frozen = vision(800)
     assert frozen < checkpointed < trained
-    bigger = vision(0.8, "data.max_token_len_per_gpu=2400")
-    assert bigger == pytest.approx(2 * frozen, rel=0.01)
+
+
+@pytest.mark.parametrize("dp,streaming", [(2, False), (2, True)])
+def test_validate_plans_the_micro_batch_richest_in_pictures_as_the_loader_builds_it(tmp_path, dp, streaming):
+    """Rows of zero to three pictures with text rows between: the image tokens validate hands the estimate
+    are the most that any rank's collated micro-batch of the epoch holds (counted on the loader's own
+    micro-batches), more than the data's average share of the token budget would say. A stream (whose head
+    here holds every row) gets a bound no real micro-batch exceeds."""
+    from test_images import png
+
+    from shardtune.data import build
+    from shardtune.data.loader import RankLayout, StepLoader
+    from shardtune.data.vision import pixels_for
+    from shardtune.model import load_tokenizer
+    from shardtune.tiny import save_tiny_vlm
+
+    model = save_tiny_vlm(tmp_path / "model")
+    rows = [{"messages": [{"role": "user", "content": "<image>" * (i % 4) + f"Picture {i}?" + " words" * (i % 5)},
+                          {"role": "assistant", "content": f"Picture {i} shows {'dots ' * (i % 3)}colours."}],
+             "images": [{"bytes": png(7 * i + j, 28 * (2 + j), 56), "path": f"p{i}_{j}.png"} for j in range(i % 4)]}
+            for i in range(24)]
+    data = write_parquet(tmp_path / "train.parquet", rows)
+    overrides = picture_overrides(model, data, tmp_path, "data.max_token_len_per_gpu=256", "data.max_length=256",
+                                  "data.train_batch_size=8",
+                                  "data.shuffle=true", f"data.streaming={streaming}", "trainer.total_training_steps=3")
+    validated = run_cli("validate", "--nproc", str(dp), *overrides)
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    worst = validated_image_tokens(validated.stdout)
+
+    cfg = load_config(None, overrides)
+    tok = load_tokenizer(cfg.model)
+    image_id = json.loads((model / "config.json").read_text())["image_token_id"]
+    batches = build.train_batches(build.data_sources(cfg).train, cfg, tok, progress=False)
+    counts, tokens = [], 0
+    for rank in range(dp):
+        loader = StepLoader(batches, cfg.data, RankLayout(rank, dp), packed=True, pad_id=tok.pad_token_id,
+                            pixels=pixels_for(tok))
+        for drawn in batches:  # one pass
+            counts += [int((mb.input_ids == image_id).sum()) for mb in loader.micro_batches(drawn.lengths,
+                                                                                              drawn.sample)[1]]
+            tokens += int(drawn.lengths.sum()) if rank == 0 else 0
+            if drawn.ends_epoch:
+                break
+    assert (worst >= max(counts) if streaming else worst == max(counts)) and max(counts) > 0
+    # every sample sits in one micro-batch of one rank: the counts add up to the data's image tokens
+    assert worst > sum(counts) / tokens * cfg.data.max_token_len_per_gpu
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
@@ -331,3 +381,23 @@ def test_vision_shape_reads_patches_per_image_token_from_the_config(family, tmp_
     assert (v.patches_per_token, v.depth, v.hidden, v.trained) == (
         per_token, getattr(vc, "depth", None) or vc.num_hidden_layers, vc.hidden_size, False)
     assert v.gated == (family == "qwen2_5_vl")  # Qwen2.5-VL's tower has a SiLU-gated MLP
+
+
+def test_gemma4_vision_shape_counts_the_patches_its_image_processor_makes_per_token(tmp_path):
+    """Gemma 4 pools k x k patches into a token: the picture's real (unpadded) patches from its own image
+    processor are its tokens times patches_per_token; its tower's MLP is gated (gate and up projections)."""
+    import io
+
+    from PIL import Image
+    from test_images import png
+    from transformers import AutoImageProcessor
+
+    from shardtune.tiny import save_tiny_vlm
+
+    folder = save_tiny_vlm(tmp_path / "gemma4", family="gemma4")
+    v = model_shape(config(folder).model).vision
+    out = AutoImageProcessor.from_pretrained(folder)(images=[Image.open(io.BytesIO(png(1, 60, 40))).convert("RGB")],
+                                                     return_tensors="pt")
+    real_patches = int((out["image_position_ids"][0, :, 0] >= 0).sum())
+    assert real_patches == int(out["num_soft_tokens_per_image"][0]) * v.patches_per_token
+    assert v.pixels_per_patch == out["pixel_values"].shape[-1] and v.gated

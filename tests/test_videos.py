@@ -43,40 +43,6 @@ def samples_of(row: dict, tokenizer, **keys):
     return row_samples(Row("rows.jsonl", 2, row), None, tokenizer, DataConfig(cache_dir=None, **keys), template)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# <video> placeholders and videos that do not match (any model: checked before anything is read)
-
-
-@pytest.mark.parametrize("row,key,needle", [
-    ({"messages": [{"role": "user", "content": "See <video> here"}, answer()]}, "messages[0].content",
-     "a <video> placeholder (or video part), and the row has no videos"),
-    ({"messages": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}, answer()]},
-     "messages[0].content", "and the row has no videos"),
-    ({"messages": [{"role": "user", "content": "<video><video> twice"}, answer()], "videos": [[b"x"]]},
-     "videos", "1 videos but 2 placeholders"),
-    ({"messages": [{"role": "user", "content": "no placeholder"}, answer()], "videos": [[b"x"]]},
-     "videos", "1 videos but 0 placeholders"),
-])
-def test_video_placeholders_without_their_videos_name_the_row_and_key(row, key, needle):
-    with pytest.raises(DataError) as e:
-        samples_of(row, byte_tokenizer())
-    msg = str(e.value)
-    assert msg.startswith(f"rows.jsonl, row 2, key '{key}': ") and needle in msg and "Fix:" in msg, msg
-
-
-def test_rows_with_unmatched_video_placeholders_are_counted_and_skipped(tmp_path):
-    good = [{"messages": [{"role": "user", "content": f"q{i}"}, answer(i)]} for i in range(3)]
-    bad = [{"messages": [{"role": "user", "content": "a <video> clip"}, answer()]}]
-    path = write_parquet(tmp_path / "d.parquet", good + bad)
-    ds = build_dataset([str(path)], DataConfig(cache_dir=None, num_proc=1, on_bad_row="skip"),
-                       byte_tokenizer())
-    assert len(ds) == 3 and ds.stats["dropped"] == {"bad_row": 1}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Qwen2-VL / Qwen2.5-VL: tokens and tensors
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from shardtune.tiny import save_tiny_vlm
@@ -88,6 +54,41 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(models):
     return load_tokenizer(ModelConfig(path=str(models["qwen2_vl"])))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# <video> placeholders and videos that do not match (checked before anything is read)
+
+
+@pytest.mark.parametrize("row,key,needle", [
+    ({"messages": [{"role": "user", "content": "See <video> here"}, answer()]}, "messages[0].content",
+     "a <video> placeholder, and the row has no videos"),
+    ({"messages": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}, answer()]},
+     "messages[0].content", "and the row has no videos"),
+    ({"messages": [{"role": "user", "content": "<video><video> twice"}, answer()], "videos": [[b"x"]]},
+     "videos", "1 videos but 2 placeholders"),
+    ({"messages": [{"role": "user", "content": "no placeholder"}, answer()], "videos": [[b"x"]]},
+     "videos", "1 videos but 0 placeholders"),
+])
+def test_video_placeholders_without_their_videos_name_the_row_and_key(tokenizer, row, key, needle):
+    with pytest.raises(DataError) as e:
+        samples_of(row, tokenizer)
+    msg = str(e.value)
+    assert msg.startswith(f"rows.jsonl, row 2, key '{key}': ") and needle in msg and "Fix:" in msg, msg
+
+
+def test_rows_with_unmatched_video_placeholders_are_counted_and_skipped_and_are_text_to_a_text_model(tokenizer,
+                                                                                                   tmp_path):
+    good = [{"messages": [{"role": "user", "content": f"q{i}"}, answer(i)]} for i in range(3)]
+    bad = [{"messages": [{"role": "user", "content": "a <video> clip"}, answer()]}]
+    path = write_parquet(tmp_path / "d.parquet", good + bad)
+    ds = build_dataset([str(path)], DataConfig(cache_dir=None, num_proc=1, on_bad_row="skip"), tokenizer)
+    assert len(ds) == 3 and ds.stats["dropped"] == {"bad_row": 1}
+    assert len(build_dataset([str(path)], DataConfig(cache_dir=None, num_proc=1), byte_tokenizer())) == 4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL: tokens and tensors
 
 
 def video_row(i: int, frames: int = 3, seed: int = 0) -> dict:

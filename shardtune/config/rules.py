@@ -108,6 +108,12 @@ def _data_model_rules(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
         (data.system_prompt is None or data.format in ("auto", "prompt_response", "alpaca"),
          "data.system_prompt applies to prompt/response and alpaca rows only."),
         (weight_key_problem(data) is None, weight_key_problem(data) or ""),
+        # shardtune hands the template each picture as its marker text, so a template's own picture count
+        # (Qwen-VL's add_vision_id labels) never runs: refused rather than silently not written
+        (not data.apply_chat_template_kwargs.get("add_vision_id"),
+         "data.apply_chat_template_kwargs.add_vision_id=true is not offered: the 'Picture N:' labels would not be "
+         "written (pictures reach the template as its marker text). Fix: drop the key, and write the labels into "
+         "the message texts before each <image> if the model needs them."),
         (not (_weighted(cfg) and cfg.model.use_liger),
          "data.message_weight_key weighs each token's loss, which Liger's fused loss does not do. Fix: "
          "model.use_liger=false (with model.loss_chunk_size=4096 for a memory-lean loss), or drop the weights."),

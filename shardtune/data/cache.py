@@ -36,8 +36,9 @@ from shardtune.data import vision
 from shardtune.data.readers import files_fingerprint
 
 # 2: sharded cache; 3: loss masks from sentinel renders (append_eos, ...); 4: closed_by_eos audited; 5: weights.bin;
-# 6: videos (a <video> placeholder without its video, once cached as text, is now a bad row)
-CACHE_VERSION = 6
+# 6: picture markers placed as separate text parts, without their whitespace (Gemma 3/4 picture samples changed);
+# 7: videos (a <video> placeholder without its video, once cached as text, is now a bad row)
+CACHE_VERSION = 7
 SHARD_ROWS = 16384  # rows read per shard: what an interrupted tokenization can lose
 # data keys that do not change the tokenized samples (batching, sampling, where the cache lives)
 _NOT_IN_KEY = ("train_files", "val_files", "train_max_samples", "val_max_samples", "train_batch_size",

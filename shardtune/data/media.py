@@ -16,8 +16,9 @@ decoded once to check it; the bytes are what the cache and the stream carry (nev
 the list of its frames, each an image as above (data/video.py: an encoded video file is refused, there is no
 video decoder; videos are trained for Qwen2-VL and Qwen2.5-VL).
 
-`<video>` placeholders are matched to the videos before anything else (`check_video_places`), for every model:
-a placeholder without its video is an error naming the row and the message, never text sent to the model.
+`<video>` placeholders are matched to the videos before anything else (`check_video_places`) on a
+vision-language model: a placeholder without its video is an error naming the row and the message, never text
+sent to the model (to a text model `<video>` is text, an HTML tag say).
 
 Every message's content comes back as text with the chat template's own marker for an image (e.g.
 `<|vision_start|><|image_pad|><|vision_end|>`) or a video where each sits, so the loss masks see plain texts and
@@ -69,7 +70,7 @@ def _texts(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def check_video_places(row: Row, messages: list[dict[str, Any]], video_key: str) -> None:
     """Every `<video>` placeholder and column video part has one video of the column, and every video one place:
-    checked before anything is read, so a text model or a row without videos cannot pass `<video>` on as text."""
+    checked before anything is read, so a row without videos cannot pass `<video>` on to the model as text."""
     places = [where for where, text in _texts(messages) for _ in range(text.count(VIDEO_PLACEHOLDER))]
     places += [f"messages[{i}].content" for i, m in enumerate(messages) if isinstance(m.get("content"), list)
                for p in m["content"] if isinstance(p, dict) and p.get("type") == "video"
@@ -77,8 +78,8 @@ def check_video_places(row: Row, messages: list[dict[str, Any]], video_key: str)
     videos = len(_column(row, video_key, "videos"))
     if places and not videos:
         raise row_error(row.path, row.index, places[0],
-                        f"a {VIDEO_PLACEHOLDER} placeholder (or video part), and the row has no videos (no "
-                        f"'{video_key}' column, data.video_key)",
+                        f"a {VIDEO_PLACEHOLDER} placeholder, and the row has no videos (no '{video_key}' column, "
+                        "data.video_key; a {type: video} part without its video counts as one)",
                         f"give the row its videos in '{video_key}' (each a list of frames), or take the "
                         f"{VIDEO_PLACEHOLDER} placeholder out of the text (or set data.on_bad_row=skip)")
     if len(places) != videos:

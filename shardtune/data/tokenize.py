@@ -13,6 +13,7 @@ tokenized samples (a list: one conversation may become several samples), truncat
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,7 +40,7 @@ from shardtune.data.chat import (
 from shardtune.data.formats import detect_format, to_conversation
 from shardtune.data.media import check_video_places, place_media, row_has_media, row_has_videos
 from shardtune.data.readers import Row
-from shardtune.data.vision import image_processing, images_of, media_audit
+from shardtune.data.vision import image_processing, images_of, media_audit, processor_folder
 from shardtune.errors import DataError, row_error
 
 CHUNK_ROWS = 64  # rows per unit of work handed to a worker (what it holds, times two per worker, in flight)
@@ -265,7 +266,8 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
         raise DataError(row.error)
     conv = to_conversation(row, fmt or detect_format(row, cfg), cfg)
     messages, media, vision = conv.messages, [], None
-    check_video_places(row, messages, cfg.video_key)
+    if processor_folder(tokenizer) is not None:  # to a text model '<video>' is text (an HTML tag, say)
+        check_video_places(row, messages, cfg.video_key)
     if row_has_media(row, messages, cfg.image_key, cfg.video_key):
         vision = image_processing(tokenizer, template)
         if vision is None:
@@ -277,8 +279,9 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
             raise row_error(row.path, row.index, cfg.video_key, vision.video_refusal,
                             "train a Qwen2-VL or Qwen2.5-VL checkpoint, give the frames as images, drop the "
                             "videos, or set data.on_bad_row=skip")
-        messages, media = place_media(row, messages, cfg.image_key, cfg.video_key, vision.marker,
-                                      vision.video_marker)
+        messages, media = place_media(row, messages, cfg.image_key, cfg.video_key, vision.placed,
+                                      vision.video_placed)
+        messages = marker_parts(messages, [m for m in (vision.placed, vision.video_placed) if m])
     samples, audit = conversation_samples(messages, tokenizer, conv.tools, chat_template=template,
                                           options=MaskOptions.from_config(cfg), weight_key=cfg.message_weight_key,
                                           **{**cfg.apply_chat_template_kwargs, **conv.template_kwargs})
@@ -286,6 +289,22 @@ def row_samples(row: Row, fmt: str | None, tokenizer: Any, cfg: DataConfig, temp
         samples = [vision.expand(s.input_ids, s.labels, media, row, weights_of(s)) for s in samples]
         audit.update(media_audit(samples, vision))
     return samples, audit
+
+
+def marker_parts(messages: list[dict[str, Any]], markers: list[str]) -> list[dict[str, Any]]:
+    """Each message holding image (or video) markers with its content as text parts: the texts between the
+    pictures and each marker a part of its own, as an image part renders it. A template treats each part of a
+    list on its own (Gemma 3 trims every text part: `Look: ` + image + ` what?` is `Look:<start_of_image>what?`),
+    so the pictures must reach it as parts, as the family's processor chat (and verl's split of `<image>`) gives
+    them."""
+    split = re.compile("(" + "|".join(map(re.escape, markers)) + ")")
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str) and any(marker in content for marker in markers):
+            content = [{"type": "text", "text": piece} for piece in split.split(content) if piece]
+        out.append({**m, "content": content})
+    return out
 
 
 def _bad_row_reason(row: Row, e: DataError, cfg: DataConfig) -> str:

@@ -2,14 +2,16 @@
 
 Read from the tokenizer's folder (model.path, or model.tokenizer_path when set): the image processor of its
 `preprocessor_config.json`, and the processor (`AutoProcessor`) when it loads. The processor is the model's
-own rule for expanding an image into tokens; Qwen-VL processors also build a video processor that needs
-torchvision, so where the processor cannot load the rule is derived from the image processor itself
-(Qwen-style processors report each image's patch grid: grid tokens / merge_size^2 image tokens).
+own rule for expanding an image into tokens; Qwen-VL and Gemma 4 processors also build a video processor that
+needs torchvision, so where the processor cannot load the rule is derived from the image processor itself
+(Qwen-style processors report each image's patch grid: grid tokens / merge_size^2 image tokens; Gemma 4's its
+`num_soft_tokens_per_image`, which its processor writes between its begin- and end-of-image tokens).
 
 The chat template decides what an image looks like in the text: `ImageProcessing.marker` is what it writes for
 one `{"type": "image"}` part (found by rendering one), e.g. `<|vision_start|><|image_pad|><|vision_end|>` or
-`<start_of_image>`. data/media.py writes that marker where each picture sits, the loss masks are derived on
-that text, and `expand` then replaces each marker's tokens by the image's tokens, none of them trained.
+`<start_of_image>`. data/media.py writes that marker (without the whitespace around it, `placed`) where each
+picture sits, the loss masks are derived on that text, and `expand` then replaces each marker's tokens by the
+image's tokens (the whole marker's, expanded), none of them trained.
 Videos (lists of frames, data/video.py) go the same way for Qwen2-VL and Qwen2.5-VL: the template's marker for a
 `{"type": "video"}` part becomes the video's grid / merge_size^2 video tokens; other families refuse them by name.
 """
@@ -65,12 +67,20 @@ class ImageProcessing:
         self.image_token_id = _image_token_id(config, tokenizer)
         self.marker = template_marker(tokenizer, template)
         self.marker_ids = tokenizer(self.marker, add_special_tokens=False)["input_ids"]
+        # what a message's text holds for an image: the marker without the whitespace around it (Gemma 4 writes
+        # '\n\n<|image|>\n\n'), which the template's trim of the text would eat at its ends; `expand` puts the
+        # whole marker's tokens back
+        self.placed = self.marker.strip()
+        self.placed_ids = tokenizer(self.placed, add_special_tokens=False)["input_ids"]
         if self.image_token_id not in self.marker_ids and self.processor is None:
             raise DataError(f"The chat template writes {self.marker!r} for an image, which holds no image token "
                             f"(id {self.image_token_id}) of the model. Fix: use the model's own chat template "
                             "(data.chat_template).")
         self.video_token_id = getattr(config, "video_token_id", None)
         self.video_marker, self.video_marker_ids, self.video_refusal = self._video_marker(config, template)
+        self.video_placed = self.video_marker.strip() if self.video_marker else None  # as `placed` for images
+        self.video_placed_ids = (tokenizer(self.video_placed, add_special_tokens=False)["input_ids"]
+                                 if self.video_placed else [])
         self.videos = VideoPatches(self.image_processor, folder) if self.video_marker else None
 
     def _video_marker(self, config: Any, template: str) -> tuple[str | None, list[int], str]:
@@ -94,11 +104,11 @@ class ImageProcessing:
 
     def expand(self, ids: list[int], labels: list[int], media: list[bytes], row: Row,
                weights: list[float] | None = None) -> WithImages:
-        """Each image or video marker of a sample's tokens replaced by that picture's or video's tokens, with no
-        label (and weight 0). A sample cut from the conversation (thinking_history=per_turn) holds the first
-        ones only: they are returned."""
-        places = sorted([(at, False) for at in _find(ids, self.marker_ids)]
-                        + ([(at, True) for at in _find(ids, self.video_marker_ids)] if self.video_marker else []))
+        """Each image or video marker of a sample's tokens replaced by that picture's or video's tokens (the whole
+        marker's, expanded), with no label (and weight 0). A sample cut from the conversation
+        (thinking_history=per_turn) holds the first ones only: they are returned."""
+        places = sorted([(at, False) for at in _find(ids, self.placed_ids)]
+                        + ([(at, True) for at in _find(ids, self.video_placed_ids)] if self.video_marker else []))
         if len(places) > len(media):
             raise row_error(row.path, row.index, None,
                             f"the rendered chat holds {len(places)} image or video markers ({self.marker!r}, "
@@ -118,7 +128,7 @@ class ImageProcessing:
             out_labels += [IGNORE_INDEX] * len(tokens)
             if weights is not None:
                 out_weights += weights[at:start] + [0.0] * len(tokens)
-            at = start + len(self.video_marker_ids if video else self.marker_ids)
+            at = start + len(self.video_placed_ids if video else self.placed_ids)
         return WithImages(out_ids + ids[at:], out_labels + labels[at:], tuple(media[: len(places)]),
                           None if weights is None else out_weights + weights[at:])
 
@@ -136,13 +146,25 @@ class ImageProcessing:
             out = self.processor(text=[self.marker], images=[picture], add_special_tokens=False)
             return list(out["input_ids"][0])
         out = self.image_processor(images=[picture], return_tensors="pt")
-        if "image_grid_thw" not in out:
+        if "image_grid_thw" in out:  # Qwen-VL: the patch grid, merged merge_size x merge_size per token
+            n = int(out["image_grid_thw"][0].prod()) // int(getattr(self.image_processor, "merge_size", 1)) ** 2
+        elif "num_soft_tokens_per_image" in out:  # Gemma 4: the pooled patches
+            n = int(out["num_soft_tokens_per_image"][0])
+        else:
             raise DataError(f"The processor of {self.folder} cannot be loaded and its image processor "
                             f"({type(self.image_processor).__name__}) reports no patch grid to count image tokens "
                             "by. Fix: install what the processor needs (e.g. torchvision).")
-        n = int(out["image_grid_thw"][0].prod()) // int(getattr(self.image_processor, "merge_size", 1)) ** 2
         k = self.marker_ids.index(self.image_token_id)
-        return self.marker_ids[:k] + [self.image_token_id] * n + self.marker_ids[k + 1:]
+        return self.marker_ids[:k] + self._wrapped([self.image_token_id] * n) + self.marker_ids[k + 1:]
+
+    def _wrapped(self, tokens: list[int]) -> list[int]:
+        """An image's tokens as its processor writes them in place of the image token: between the tokenizer's
+        begin/end-of-image tokens where it names them and the template's marker does not write them (Gemma 4's
+        processor: <|image> + image tokens + <image|>); as they are otherwise (Qwen-VL's marker holds its own)."""
+        ends = [getattr(self.tokenizer, name, None) for name in ("boi_token_id", "eoi_token_id")]
+        if None in ends or any(t in self.marker_ids for t in ends):
+            return tokens
+        return [ends[0]] + tokens + [ends[1]]
 
 
 
