@@ -25,7 +25,7 @@ from shardtune.data.tokenize import tokenize_row
 from shardtune.data.video import is_video
 from shardtune.data.vision import image_processing, images_of
 from shardtune.errors import DataError
-from shardtune.memory import GIB, estimate, model_shape
+from shardtune.memory import GIB, estimate, model_shape, tokens_per_micro_batch
 from shardtune.memory_vision import densest_micro_batch_bound, image_token_counts, worst_micro_batch_image_tokens
 from shardtune.model import check_token_ids, load_tokenizer
 
@@ -64,9 +64,13 @@ def validate_data(cfg: Config, world_size: int = 1) -> int:
             per_sample = _image_counts(ds.datasets, tokenizer, data_cfg)
             worst_images = worst_micro_batch_image_tokens(ds, per_sample, cfg, world_size // cfg.sp_size,
                                                           packed=cfg.model.use_remove_padding)
-            if worst_images:
-                print(f"train: {worst_images} image tokens in the micro-batch richest in pictures (one epoch "
-                      f"planned on {world_size // cfg.sp_size} data-parallel rank(s))")
+            # one epoch's plan is one shuffle of many: the budget filled at the data's share bounds it from below
+            full = round(tokens_per_micro_batch(cfg) * cfg.sp_size * per_sample.sum() / max(int(lengths.sum()), 1))
+            if worst_images or full:
+                print(f"train: the memory estimate assumes {max(worst_images, full)} image tokens per micro-batch "
+                      f"(the richest of one epoch planned on {world_size // cfg.sp_size} data-parallel rank(s): "
+                      f"{worst_images}; a full token budget at the data's share of image tokens: {full})")
+                worst_images = max(worst_images, full)
     print("config and data OK")
     return worst_images
 
@@ -102,8 +106,8 @@ def validate_stream_head(cfg: Config, sources: list[Source], tokenizer: Any) -> 
     print(f"train: {cfg.trainer.total_training_steps} optimizer steps (trainer.total_training_steps; a pass's "
           "length is known once it has been read)")
     if worst_images:
-        print(f"train: {worst_images} image tokens in the micro-batch richest in pictures (bounded: a micro-batch "
-              "of the heads' samples densest in pictures)")
+        print(f"train: the memory estimate assumes {worst_images} image tokens per micro-batch (a micro-batch of "
+              "the heads' samples densest in pictures)")
     return worst_images
 
 

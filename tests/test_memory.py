@@ -273,7 +273,12 @@ def picture_overrides(model, data, d, *extra):
 
 def validated_image_tokens(stdout: str) -> int:
     """The image tokens `shardtune validate` planned for the micro-batch richest in pictures."""
-    return int(stdout.split(" image tokens in the micro-batch richest in pictures")[0].rsplit("train: ", 1)[1])
+    return int(stdout.split("the memory estimate assumes ")[1].split(" image tokens")[0])
+
+
+def planned_richest(stdout: str) -> int:
+    """The image tokens of the richest micro-batch of the epoch validate planned."""
+    return int(stdout.split("data-parallel rank(s): ")[1].split(";")[0])
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +350,7 @@ def test_validate_plans_the_micro_batch_richest_in_pictures_as_the_loader_builds
                                   "data.shuffle=true", f"data.streaming={streaming}", "trainer.total_training_steps=3")
     validated = run_cli("validate", "--nproc", str(dp), *overrides)
     assert validated.returncode == 0, validated.stderr[-3000:]
-    worst = validated_image_tokens(validated.stdout)
+    worst = validated_image_tokens(validated.stdout) if streaming else planned_richest(validated.stdout)
 
     cfg = load_config(None, overrides)
     tok = load_tokenizer(cfg.model)
